@@ -1,0 +1,28 @@
+"""Shared test setup: CPU-only, deterministic, offline, and never writing into the user's real caches."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path_factory, monkeypatch):
+    # Runs and caches of a test go to a temporary folder, not ~/.cache/hybrid-workbench.
+    cache = tmp_path_factory.getbasetemp() / "hybrid-cache"
+    monkeypatch.setenv("HYBRID_CACHE_DIR", os.environ.get("HYBRID_TEST_CACHE_DIR", str(cache)))
+    monkeypatch.setenv("HYBRID_RUNS_ROOT", str(tmp_path_factory.mktemp("runs")))
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
