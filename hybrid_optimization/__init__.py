@@ -17,11 +17,15 @@ from .clustering import ClusterBalancedSampler, KMeansClustering
 from .config import ConfigError, HybridTrainingConfig, config_errors, field_error
 from .manager import HybridOptimizationManager
 from .optim import ConstrainedOptimizer, HybridOptimizer, StepInfo
+from .precision import PrecisionPlan, build_precision_plan, layer_sensitivity, plan_precision
+from .quantization import (CodeFlipTracker, QuantLinear, export_quantized, fake_quantize, load_quantized,
+                           quantize_model, quantize_weight)
 from .state import TrainingState
 
 __all__ = [
     "AuxiliaryNeuralNetwork", "ClusterBalancedSampler", "ConfigError", "ConstrainedOptimizer", "HybridOptimizationManager",
     "HybridOptimizer", "HybridTrainingConfig", "KMeansClustering", "StepInfo", "TrainingState", "config_errors",
-    "field_error",
+    "field_error", "PrecisionPlan", "build_precision_plan", "layer_sensitivity", "plan_precision", "CodeFlipTracker",
+    "QuantLinear", "export_quantized", "fake_quantize", "load_quantized", "quantize_model", "quantize_weight",
 ]
 __version__ = "0.1.0"
