@@ -1,0 +1,26 @@
+"""Hybrid Optimization Workbench: `streamlit run app.py`.
+
+A thin router (st.navigation) over the pages in workbench/pages/. The pages read the run store; training runs are
+separate processes started through the pipeline's CLI, so this app may restart while they go on.
+"""
+import streamlit as st
+
+from workbench import ui
+
+st.set_page_config(page_title="Hybrid Optimization Workbench", page_icon=":material/memory:", layout="wide")
+
+ui.runs_root()  # puts the default ($HYBRID_RUNS_ROOT or ~/.cache/...) into session state for the widget below
+with st.sidebar:
+    st.text_input("Runs root", key="runs_root",
+                  help="Folder holding runs.db and one folder per run. Default: $HYBRID_RUNS_ROOT or "
+                       "~/.cache/hybrid-workbench/runs.")
+
+page = st.navigation({
+    "Train": [st.Page(ui.PAGES["configure"], title="Configure & launch", icon=":material/tune:", default=True),
+              st.Page(ui.PAGES["live"], title="Live run", icon=":material/monitoring:")],
+    "Analyse": [st.Page(ui.PAGES["clusters"], title="Clusters", icon=":material/bubble_chart:"),
+                st.Page(ui.PAGES["precision"], title="Precision", icon=":material/memory:"),
+                st.Page(ui.PAGES["compare"], title="Compare runs", icon=":material/compare_arrows:"),
+                st.Page(ui.PAGES["summary"], title="Run summary", icon=":material/summarize:")],
+})
+page.run()

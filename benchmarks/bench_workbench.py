@@ -1,0 +1,274 @@
+"""Workbench speed and memory, measured in a real browser (Debian Chromium + Playwright) against `streamlit run`.
+
+    python benchmarks/bench_workbench.py [--soak-minutes 10] [--latency-samples 20] [--out results.json]
+
+What it measures (issue 4, "Measure"):
+1. latency: a metric row written through RunWriter (the trainer's API, default batched commits every 1 s) ->
+   the point drawn in the browser's Loss chart, at the default refresh interval. Also reported: from the commit.
+2. open_100k: opening a run of 100,000 steps until its loss curve is drawn: in the app (picking it in the Live
+   view's run selector) and by a link (/live?run=ID, a page load in a warm browser); plus the server's part.
+3. compare_20: opening the compare view with 20 runs of 10,000 steps selected until both default charts hold
+   all 20 runs: in the app (sidebar navigation, same session) and by a link (/compare?runs=..., page load).
+4. soak: the app process's RSS (VmRSS of the streamlit process) sampled while the live view of an active run
+   refreshes for --soak-minutes, the run growing by ~20 steps/s.
+
+The runs are synthetic (tests/fixtures/workbench_runs.py writes them through the real RunWriter API into a
+temporary runs root): this measures the workbench, not training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hybrid_optimization.tracking import RunStore  # noqa: E402
+from tests.e2e.conftest import CHROMIUM, CHROMIUM_FLAGS, free_port, wait_healthy  # noqa: E402
+from tests.fixtures.workbench_runs import write_synthetic_run  # noqa: E402
+from workbench import queries  # noqa: E402
+
+POINTS_JS = """(title) => {
+  const plots = Array.from(document.querySelectorAll('.js-plotly-plot')).filter(p =>
+      p.layout && p.layout.title && String(p.layout.title.text).replace(/<[^>]+>/g, '') === title);
+  if (!plots.length || !plots[0]._fullData) return -1;
+  return Math.max(0, ...plots[0]._fullData.map(t => t._length || 0));
+}"""
+LAST_X_JS = """(title) => {
+  const plots = Array.from(document.querySelectorAll('.js-plotly-plot')).filter(p =>
+      p.layout && p.layout.title && String(p.layout.title.text).replace(/<[^>]+>/g, '') === title);
+  if (!plots.length || !plots[0]._fullData || !plots[0]._fullData.length) return -1;
+  const t = plots[0]._fullData[plots[0]._fullData.length - 1];
+  return t._length ? Number(t.x[t._length - 1]) : -1;
+}"""
+TRACES_JS = """(title) => {
+  const plots = Array.from(document.querySelectorAll('.js-plotly-plot')).filter(p =>
+      p.layout && p.layout.title && String(p.layout.title.text).replace(/<[^>]+>/g, '') === title);
+  return plots.length && plots[0]._fullData ? plots[0]._fullData.filter(t => t._length > 0).length : -1;
+}"""
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_app(runs_root: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ, HYBRID_RUNS_ROOT=str(runs_root))
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+                                 "--server.address", "127.0.0.1", "--server.headless", "true"],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc, log)
+    return proc, url
+
+
+def wait_for(page, js: str, arg, predicate: str, timeout_s: float = 60, polling: int = 25) -> None:
+    page.wait_for_function(f"(arg) => ({js})(arg) {predicate}", arg=arg, timeout=timeout_s * 1000, polling=polling)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--soak-minutes", type=float, default=10.0)
+    parser.add_argument("--latency-samples", type=int, default=20)
+    parser.add_argument("--compare-steps", type=int, default=10_000)
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = parser.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    results: dict = {"machine": f"{os.cpu_count()} CPUs", "load_average_at_start": os.getloadavg()[0],
+                     "refresh_s": queries.DEFAULT_REFRESH_S}
+    with tempfile.TemporaryDirectory(prefix="bench-workbench-") as tmp:
+        root = Path(tmp) / "runs"
+        store = RunStore(root)
+        print("writing synthetic runs ...", flush=True)
+        t0 = time.perf_counter()
+        compare_ids = [write_synthetic_run(store, args.compare_steps, seed=i, name=f"cmp-{i:02d}", eval_every=500,
+                                           n_samples=50) for i in range(20)]
+        big = write_synthetic_run(store, 100_000, seed=99, name="hundred-k", eval_every=1000, n_samples=50)
+        live = store.create_run({}, [], "tiny", name="live", total_steps=10**9)
+        print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+        # Server-side part of opening the 100k run: what the live view computes on the first read.
+        t0 = time.perf_counter()
+        steps = queries.with_derived(store.read_steps(big))
+        for column in ("loss", "learning_rate", "lr_multiplier", "trust_radius", "constraint_rate"):
+            queries.chart_series(steps, column)
+        results["open_100k_server_s"] = round(time.perf_counter() - t0, 3)
+
+        writer = store.writer(live)   # the "trainer": default batched commits (commit_every_s=1.0)
+        writer.set_pid(os.getpid())
+        writer.set_status("running")
+        step = 0
+        for step in range(1, 51):
+            writer.log_step(step, loss=3.0 / step, wall_time=time.time())
+        writer.flush()
+
+        app, url = start_app(root, Path(tmp) / "streamlit.log")
+        try:
+            with sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.set_default_timeout(120_000)
+
+                # -- 1. latency at the default refresh -------------------------------------------------------------
+                page.goto(f"{url}/live?run={live}")
+                wait_for(page, LAST_X_JS, "Loss", f">= {step}", 120)
+                from_log, from_commit = [], []
+                for _ in range(args.latency_samples):
+                    time.sleep(0.37)           # de-phase from the refresh timer
+                    step += 1
+                    logged = time.perf_counter()
+                    writer.log_step(step, loss=3.0 / step, wall_time=time.time())  # buffered, as in training
+                    committed = None
+                    while committed is None:  # the writer commits within commit_every_s (background thread)
+                        if store.max_steps_by_run([live])[live] >= step:
+                            committed = time.perf_counter()
+                        time.sleep(0.005)
+                    wait_for(page, LAST_X_JS, "Loss", f">= {step}", 30)
+                    seen = time.perf_counter()
+                    from_log.append(seen - logged)
+                    from_commit.append(seen - committed)
+                results["latency_row_logged_to_visible_s"] = summarise(from_log)
+                results["latency_row_committed_to_visible_s"] = summarise(from_commit)
+                print("latency", results["latency_row_logged_to_visible_s"], flush=True)
+
+                # -- 2. a 100,000-step run opens ---------------------------------------------------------------------
+                # (a) in the app: pick it in the Live view's run selector (no page load), until its curve is drawn.
+                page.goto(f"{url}/live?run={compare_ids[0]}")
+                wait_for(page, LAST_X_JS, "Loss", f">= {args.compare_steps}", 60)
+                switches, server = [], []
+                for i in range(3):
+                    page.get_by_role("combobox", name="Run").click()      # open the list, then time the choice
+                    option = page.get_by_role("option", name="hundred-k").first
+                    option.wait_for()
+                    t0 = time.perf_counter()
+                    option.click()
+                    wait_for(page, LAST_X_JS, "Loss", ">= 100000", 60)
+                    switches.append(time.perf_counter() - t0)
+                    caption = page.get_by_text(re.compile(r"100,000 steps read .* on the server"))
+                    caption.wait_for()
+                    server.append(float(caption.inner_text().split("took ")[1].split(" s")[0]))
+                    pick(page, "Run", f"cmp-{i + 1:02d}")
+                    wait_for(page, LAST_X_JS, "Loss", f"== {args.compare_steps}", 60)
+                results["open_100k_in_app_s"] = summarise(switches)
+                results["open_100k_in_app_server_part_s"] = summarise(server)
+                # (b) a link to it (/live?run=ID): the whole page loads, in a warm browser.
+                opens, shells = [], []
+                for _ in range(3):
+                    page.goto(f"{url}/summary")
+                    page.get_by_role("heading", name="Run summary").wait_for()
+                    t0 = time.perf_counter()
+                    page.goto(f"{url}/summary")       # the page shell alone, for reference
+                    page.get_by_role("heading", name="Run summary").wait_for()
+                    shells.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    page.goto(f"{url}/live?run={big}")
+                    wait_for(page, LAST_X_JS, "Loss", ">= 100000", 60)
+                    opens.append(time.perf_counter() - t0)
+                results["open_100k_by_link_s"] = summarise(opens)
+                results["page_shell_load_s"] = summarise(shells)
+                results["open_100k_points_drawn"] = page.evaluate(POINTS_JS, "Loss")
+                print("open 100k: in app", results["open_100k_in_app_s"], "of which server",
+                      results["open_100k_in_app_server_part_s"], "by link", results["open_100k_by_link_s"],
+                      "page shell", results["page_shell_load_s"], flush=True)
+
+                # -- 3. compare 20 runs ----------------------------------------------------------------------------
+                link = f"{url}/compare?runs={','.join(compare_ids)}"
+                compares, compare_server = [], []
+                for _ in range(3):
+                    page.goto(f"{url}/summary")
+                    page.get_by_role("heading", name="Run summary").wait_for()
+                    t0 = time.perf_counter()
+                    page.goto(link)
+                    for title in ("loss", "lr_multiplier"):
+                        wait_for(page, TRACES_JS, title, ">= 20", 60)   # a smoothed line per run
+                    compares.append(time.perf_counter() - t0)
+                    caption = page.get_by_text(re.compile(r"curves of 20 run\(s\) prepared in"))
+                    compare_server.append(float(caption.inner_text().split("prepared in ")[1].split(" s")[0]))
+                # In the app: the same session (20 runs selected) goes Summary -> Compare through the sidebar.
+                in_app = []
+                for _ in range(3):
+                    page.get_by_role("link", name="Run summary").click()
+                    page.get_by_role("heading", name="Run summary").wait_for()
+                    t0 = time.perf_counter()
+                    page.get_by_role("link", name="Compare runs").click()
+                    for title in ("loss", "lr_multiplier"):
+                        wait_for(page, TRACES_JS, title, ">= 20", 60)
+                    in_app.append(time.perf_counter() - t0)
+                results["compare_20_runs_in_app_s"] = summarise(in_app)
+                results["compare_20_runs_by_link_s"] = summarise(compares)
+                results["compare_20_runs_server_part_s"] = summarise(compare_server)
+                results["compare_20_runs_steps_each"] = args.compare_steps
+                print("compare 20: in app", results["compare_20_runs_in_app_s"], "by link",
+                      results["compare_20_runs_by_link_s"], "of which curves on the server",
+                      results["compare_20_runs_server_part_s"], flush=True)
+
+                # -- 4. RSS soak -----------------------------------------------------------------------------------
+                page.goto(f"{url}/live?run={live}")
+                wait_for(page, LAST_X_JS, "Loss", f">= {step}", 60)
+                stop = threading.Event()
+
+                def train() -> None:    # ~20 steps/s, like a fast CPU run
+                    s = step
+                    while not stop.is_set():
+                        s += 1
+                        writer.log_step(s, loss=3.0 / s, learning_rate=1e-3, lr_multiplier=1.0, trust_radius=0.01,
+                                        constraint_active=s % 3 == 0, wall_time=time.time())
+                        time.sleep(0.05)
+
+                trainer = threading.Thread(target=train, daemon=True)
+                trainer.start()
+                samples = []
+                t_end = time.monotonic() + args.soak_minutes * 60
+                while time.monotonic() < t_end:
+                    samples.append(round(rss_mb(app.pid), 1))
+                    time.sleep(10)
+                stop.set()
+                trainer.join()
+                final_points = page.evaluate(LAST_X_JS, "Loss")
+                results["soak"] = {"minutes": args.soak_minutes, "rss_mb_first": samples[0],
+                                   "rss_mb_max": max(samples), "rss_mb_last": samples[-1],
+                                   "steps_written": int(store.max_steps_by_run([live])[live]),
+                                   "last_step_drawn": final_points, "samples": samples}
+                print("soak", {k: v for k, v in results["soak"].items() if k != "samples"}, flush=True)
+                browser.close()
+        finally:
+            writer.set_status("finished")
+            writer.close()
+            os.killpg(app.pid, signal.SIGTERM)
+            app.wait(timeout=15)
+    print(json.dumps(results, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+def pick(page, label: str, option_text: str) -> None:
+    """Choose an option of a Streamlit selectbox by (part of) its text."""
+    page.get_by_role("combobox", name=label).click()
+    page.get_by_role("option", name=option_text).first.click()
+
+
+def summarise(values: list[float]) -> dict:
+    values = sorted(values)
+    return {"n": len(values), "median": round(statistics.median(values), 3), "p90": round(
+        values[min(len(values) - 1, int(0.9 * len(values)))], 3), "max": round(values[-1], 3),
+        "min": round(values[0], 3)}
+
+
+if __name__ == "__main__":
+    main()

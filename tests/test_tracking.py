@@ -1,0 +1,369 @@
+"""The run store (hybrid_optimization/tracking.py): WAL, batching, concurrency, bad stores, liveness, management."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from hybrid_optimization.tracking import (STATUSES, STEP_COLUMNS, RunNotFound, RunStore, StoreError,
+                                          default_runs_root, pid_alive)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def store(tmp_path):
+    return RunStore(tmp_path / "runs")
+
+
+def _run(store, **kwargs):
+    return store.create_run({"base_learning_rate": 0.001, "target_bits": 1.58}, ["--preset", "tiny"], "tiny", **kwargs)
+
+
+def _python(code: str, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+# -- layout and settings -------------------------------------------------------------------------------------------
+def test_new_store_uses_wal_and_records_schema_version(store):
+    conn = sqlite3.connect(store.db_path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
+    conn.close()
+    run_id = _run(store)
+    assert (store.root / run_id).is_dir()
+    assert run_id[:8].isdigit() and run_id == sorted([run_id, "0"])[1]
+
+
+def test_default_runs_root_honours_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("HYBRID_RUNS_ROOT", str(tmp_path / "elsewhere"))
+    assert default_runs_root() == tmp_path / "elsewhere"
+    monkeypatch.delenv("HYBRID_RUNS_ROOT")
+    assert default_runs_root() == Path.home() / ".cache" / "hybrid-workbench" / "runs"
+
+
+# -- bad stores give one clear StoreError ----------------------------------------------------------------------------
+def test_missing_store_for_reader(tmp_path):
+    with pytest.raises(StoreError, match="no run store at .*runs.db"):
+        RunStore(tmp_path / "nothing", create=False)
+    assert not (tmp_path / "nothing").exists()  # a reader creates nothing
+
+
+def test_empty_store_for_reader(tmp_path):
+    (tmp_path / "runs.db").write_bytes(b"")
+    with pytest.raises(StoreError, match="is empty"):
+        RunStore(tmp_path, create=False)
+    RunStore(tmp_path, create=True)  # a writer initialises it
+    assert RunStore(tmp_path, create=False).list_runs().empty
+
+
+def test_not_sqlite_file(tmp_path):
+    (tmp_path / "runs.db").write_text("this is a CSV, not a database\n" * 200)
+    with pytest.raises(StoreError, match="not an SQLite database"):
+        RunStore(tmp_path)
+
+
+def test_runs_root_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StoreError, match="must be a directory"):
+        RunStore(tmp_path / "f")
+
+
+def test_other_schema_version_is_refused(tmp_path):
+    RunStore(tmp_path)
+    conn = sqlite3.connect(tmp_path / "runs.db")
+    conn.execute("UPDATE meta SET value='0' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="written by schema version 0; this workbench reads version 1"):
+        RunStore(tmp_path, create=False)
+
+
+def test_sqlite_file_without_version(tmp_path):
+    conn = sqlite3.connect(tmp_path / "runs.db")
+    conn.execute("CREATE TABLE runs (id TEXT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="without a run-store schema version"):
+        RunStore(tmp_path)
+
+
+# -- writing and reading --------------------------------------------------------------------------------------------
+def test_round_trip_of_every_table(store):
+    run_id = _run(store, name="first", tags=["b", "a"], notes="hello", total_steps=10)
+    with store.writer(run_id) as writer:
+        writer.set_status("running")
+        writer.set_pid(os.getpid())
+        writer.set_device("cpu")
+        for step in range(10):
+            writer.log_step(step, loss=3.0 - 0.1 * step, learning_rate=1e-3, lr_multiplier=1.1,
+                            constraint_active=step % 2 == 0, cluster_id=step % 3, skipped=False, epoch=0)
+        writer.log_eval(9, val_loss=2.5, top1_agreement=0.4, val_loss_cluster_0=2.4)
+        writer.log_layers(9, [{"layer": "layers.10.q", "module_type": "q_proj", "bits": 1.58, "n_params": 64,
+                               "rel_error": 0.3, "frac_neg": 0.3, "frac_zero": 0.4, "frac_pos": 0.3},
+                              {"layer": "layers.2.q", "module_type": "q_proj", "bits": 2.0, "n_params": 64}])
+        writer.set_plan([{"layer": "layers.10.q", "module_type": "q_proj", "bits": 1.58, "cluster": 1,
+                          "n_params": 64, "features": {"qerr_1.58": 0.3}}])
+        writer.set_samples([{"idx": 0, "split": "train", "cluster": 1, "x": 0.1, "y": -0.2, "text": "hi",
+                             "n_tokens": 3, "features": [0.5, -1.0, 2.0]}])
+        writer.log("started", level="info")
+        writer.log("careful", level="warning")
+        writer.set_summary({"total_steps": 10, "final_loss": 2.1, "avg_lr_multiplier": 1.1})
+        writer.set_artifact("export", store.run_dir(run_id) / "model.ternary")
+        writer.set_status("finished")
+
+    run = store.get_run(run_id)
+    assert run["status"] == "finished" and run["started_at"] <= run["ended_at"]
+    assert run["tags"] == ["b", "a"] and run["notes"] == "hello" and run["device"] == "cpu"
+    assert run["config"]["target_bits"] == 1.58 and run["args"] == ["--preset", "tiny"]
+    assert run["summary"]["final_loss"] == 2.1 and run["step"] == 9 and run["total_steps"] == 10
+    assert run["artifacts"]["export"].endswith("model.ternary")
+
+    steps = store.read_steps(run_id)
+    assert list(steps.step) == list(range(10))
+    assert list(steps.columns) == ["step", "wall_time", *STEP_COLUMNS]
+    assert steps.constraint_active.tolist() == [1.0, 0.0] * 5
+    assert steps.quantization_error.isna().all() and steps.quantization_error.dtype == "float64"
+    assert list(store.read_steps(run_id, after_step=6, columns=["loss"]).columns) == ["step", "wall_time", "loss"]
+    assert list(store.read_steps(run_id, after_step=6).step) == [7, 8, 9]
+    assert list(store.read_steps(run_id, every=5).step) == [0, 5]
+
+    evals = store.read_evals(run_id)
+    assert set(evals.key) == {"val_loss", "top1_agreement", "val_loss_cluster_0"}
+    layers = store.read_layers(run_id)
+    assert list(layers.layer) == ["layers.10.q", "layers.2.q"]  # logged order, not string order
+    assert store.read_plan(run_id).features_json.iloc[0] == json.dumps({"qerr_1.58": 0.3})
+    assert store.read_samples(run_id).text.tolist() == ["hi"]
+    assert store.read_samples(run_id, features=True).features[0].tolist() == [0.5, -1.0, 2.0]
+    assert store.read_cluster_batches(run_id).set_index("cluster").batches.to_dict() == {0: 4, 1: 3, 2: 3}
+    logs = store.read_logs(run_id)
+    assert logs.message.tolist() == ["started", "careful"] and logs.seq.tolist() == [1, 2]
+    assert store.read_logs(run_id, after_seq=1).message.tolist() == ["careful"]
+    assert store.read_logs(run_id, limit=1, tail=True).message.tolist() == ["careful"]
+
+    table = store.list_runs()
+    row = table.iloc[0]
+    assert row["run_id"] == run_id and row["cfg.base_learning_rate"] == 0.001
+    assert row["final.final_loss"] == 2.1 and row["final.val_loss"] == 2.5 and row["final.loss"] == pytest.approx(2.1)
+
+
+def test_bad_metric_names_and_unknown_runs(store):
+    run_id = _run(store)
+    with store.writer(run_id) as writer:
+        with pytest.raises(ValueError, match="unknown step metric.*'lossy'.*allowed"):
+            writer.log_step(0, lossy=1.0)
+        with pytest.raises(ValueError, match="unknown layer field"):
+            writer.log_layers(0, [{"layer": "x", "colour": "red"}])
+    with pytest.raises(RunNotFound, match="no run 'nope'"):
+        store.get_run("nope")
+    with pytest.raises(KeyError):  # RunNotFound is KeyError-like too
+        store.get_run("nope")
+    with pytest.raises(StoreError):
+        store.writer("nope")
+    with pytest.raises(ValueError, match="status 'done' is invalid"):
+        store.create_run({}, [], "tiny", status="done")
+    with pytest.raises(ValueError, match="unknown step column"):
+        store.read_steps(run_id, columns=["nope"])
+
+
+def test_rows_are_committed_in_batches(store):
+    run_id = _run(store)
+    writer = store.writer(run_id, commit_every_s=60, max_buffer_rows=50)
+    for step in range(49):
+        writer.log_step(step, loss=1.0)
+    assert store.read_steps(run_id).empty          # buffered: no transaction per row
+    writer.log_step(49, loss=1.0)                  # the 50th row fills the buffer -> one commit
+    assert len(store.read_steps(run_id)) == 50
+    writer.log_step(50, loss=1.0)
+    writer.set_status("running")                   # a status change commits everything buffered before it
+    assert len(store.read_steps(run_id)) == 51
+    writer.close()
+
+
+def test_background_flush_makes_the_last_rows_visible(store):
+    """The trainer may pause (evaluation, checkpoint) right after logging: the rows still appear within ~1 s."""
+    run_id = _run(store)
+    writer = store.writer(run_id, commit_every_s=0.2)
+    writer.log_step(0, loss=1.0)
+    time.sleep(0.05)
+    deadline = time.monotonic() + 3
+    while store.read_steps(run_id).empty and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(store.read_steps(run_id)) == 1
+    writer.close()
+
+
+def test_a_reader_is_never_blocked_by_a_writer_transaction(store):
+    run_id = _run(store)
+    with store.writer(run_id) as writer:
+        writer.log_step(0, loss=1.0)
+    # Another process opens a write transaction, inserts a row and holds the lock without committing.
+    holder = _python(f"""
+        import sqlite3, sys, time
+        conn = sqlite3.connect({str(store.db_path)!r}, isolation_level=None)
+        # EXCLUSIVE: in a rollback-journal database this would lock readers out; in WAL mode it must not.
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("INSERT INTO steps(run_id, step, loss) VALUES (?, 1, 0.5)", ({run_id!r},))
+        conn.execute("UPDATE runs SET notes = 'uncommitted' WHERE run_id = ?", ({run_id!r},))
+        print("holding", flush=True)
+        time.sleep(20)
+    """)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        started = time.monotonic()
+        steps = store.read_steps(run_id)
+        runs = store.list_runs()
+        run = store.get_run(run_id)
+        elapsed = time.monotonic() - started
+        assert elapsed < 1.0, f"reads took {elapsed:.2f} s while a writer held a transaction"
+        assert list(steps.step) == [0]                 # the uncommitted row is invisible
+        assert run["notes"] == "" and len(runs) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_two_writer_processes_and_a_reader_lose_no_row(store):
+    """Two trainers append to the same file at once, committing often, while the workbench polls."""
+    n = 1000
+    ids = [_run(store) for _ in range(2)]
+    code = """
+        import sys
+        from hybrid_optimization.tracking import RunStore
+        store = RunStore(sys.argv[1])
+        with store.writer(sys.argv[2], commit_every_s=0.0, max_buffer_rows=7) as w:
+            w.set_status("running")
+            for step in range({n}):
+                w.log_step(step, loss=1.0 / (step + 1), cluster_id=step % 4)
+                if step % 100 == 0:
+                    w.log_eval(step, val_loss=2.0)
+                    w.log(f"step {{step}}")
+            w.set_status("finished")
+    """.replace("{n}", str(n))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(store.root), rid], env=env,
+                              stderr=subprocess.PIPE, text=True) for rid in ids]
+    seen = {rid: -1 for rid in ids}
+    counts = {rid: 0 for rid in ids}
+    while any(p.poll() is None for p in procs):   # an incremental reader, as the live view does it
+        for rid in ids:
+            new = store.read_steps(rid, after_step=seen[rid], columns=["loss"])
+            if len(new):
+                counts[rid] += len(new)
+                seen[rid] = int(new.step.iloc[-1])
+        time.sleep(0.02)
+    for p in procs:
+        assert p.wait() == 0, p.stderr.read()
+    for rid in ids:
+        counts[rid] += len(store.read_steps(rid, after_step=seen[rid]))
+        assert counts[rid] == n                   # the incremental reader saw every row exactly once
+        assert len(store.read_steps(rid)) == n
+        assert len(store.read_evals(rid)) == n // 100
+        assert len(store.read_logs(rid)) == n // 100
+        assert store.get_run(rid)["status"] == "finished"
+
+
+# -- stop, liveness -------------------------------------------------------------------------------------------------
+def test_stop_request_reaches_the_writer_and_clears_on_stop(store):
+    run_id = _run(store)
+    writer = store.writer(run_id)
+    writer.set_status("running")
+    assert writer.stop_requested() is False
+    assert store.request_stop(run_id) is True
+    writer._last_stop_poll = 0.0  # skip the 1 s throttle
+    assert writer.stop_requested() is True
+    writer.set_status("stopped")
+    writer.close()
+    run = store.get_run(run_id)
+    assert run["status"] == "stopped" and run["stop_requested"] is False  # a resume starts clean
+    assert store.request_stop(run_id) is False  # nothing to stop
+
+
+def test_liveness_marks_dead_and_silent_runs_lost(store):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exits, never reaped
+    deadline = time.monotonic() + 10
+    while pid_alive(zombie.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(zombie.pid) and pid_alive(os.getpid())
+
+    alive_id, dead_id, zombie_id, silent_id, remote_id, busy_id, done_id = (_run(store) for _ in range(7))
+    store.update_run(alive_id, pid=os.getpid())
+    store.update_run(dead_id, pid=dead.pid)
+    store.update_run(zombie_id, pid=zombie.pid)
+    store.update_run(silent_id, heartbeat=time.time() - 120)                  # no pid known: heartbeat decides
+    store.update_run(remote_id, pid=os.getpid(), host="another-host", heartbeat=time.time() - 120)
+    store.update_run(busy_id, pid=os.getpid(), heartbeat=time.time() - 120)   # alive here: a live pid wins
+    store.update_run(done_id, pid=dead.pid)
+    store.set_status(done_id, "finished")
+
+    lost = store.refresh_liveness(stale_after_s=30)
+    assert sorted(lost) == sorted([dead_id, zombie_id, silent_id, remote_id])
+    assert store.get_run(alive_id)["status"] == "queued" and store.get_run(busy_id)["status"] == "queued"
+    assert store.get_run(done_id)["status"] == "finished"
+    assert "process (pid" in store.get_run(dead_id)["error"]
+    assert "no heartbeat" in store.get_run(silent_id)["error"] and "no heartbeat" in store.get_run(remote_id)["error"]
+    assert store.refresh_liveness() == []
+    zombie.wait()
+
+
+def test_a_lost_run_can_run_again(store):
+    run_id = _run(store)
+    store.set_status(run_id, "lost", "marked lost")
+    with store.writer(run_id) as writer:   # a resumed trainer
+        writer.set_status("running")
+        writer.log("resumed")
+    run = store.get_run(run_id)
+    assert run["status"] == "running" and run["ended_at"] is None and run["error"] is None
+
+
+def test_writer_heartbeats_in_the_background(store):
+    run_id = _run(store)
+    store.update_run(run_id, heartbeat=time.time() - 1000)
+    writer = store.writer(run_id, heartbeat_every_s=0.1, commit_every_s=0.1)
+    time.sleep(0.5)
+    assert time.time() - store.get_run(run_id)["heartbeat"] < 2
+    writer.close()
+
+
+# -- management -----------------------------------------------------------------------------------------------------
+def test_tags_notes_archive_delete(store):
+    keep, gone = _run(store), _run(store)
+    store.set_tags(keep, ["ternary", " baseline ", "ternary", ""])
+    store.set_notes(keep, "lr too high?")
+    assert store.get_run(keep)["tags"] == ["baseline", "ternary"]
+    assert store.get_run(keep)["notes"] == "lr too high?"
+
+    store.archive(keep)
+    assert keep not in set(store.list_runs().run_id)
+    assert keep in set(store.list_runs(include_archived=True).run_id)
+    store.archive(keep, archived=False)
+    assert keep in set(store.list_runs().run_id)
+
+    with store.writer(gone) as writer:
+        writer.log_step(0, loss=1.0)
+        writer.log("x")
+    (store.run_dir(gone) / "stdout.log").write_text("x")
+    with pytest.raises(StoreError, match="stop it before deleting"):
+        store.delete_run(gone)                      # still queued: its trainer could still write
+    store.set_status(gone, "stopped")
+    store.delete_run(gone)
+    assert not (store.root / gone).exists()
+    assert store.read_steps(gone).empty and store.read_logs(gone).empty
+    with pytest.raises(RunNotFound):
+        store.get_run(gone)
+    assert set(store.list_runs().run_id) == {keep}
+
+
+def test_status_values_are_the_contract():
+    assert STATUSES == ("queued", "running", "finished", "failed", "stopped", "lost")

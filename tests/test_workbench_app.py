@@ -1,0 +1,250 @@
+"""Every workbench page under streamlit.testing.v1.AppTest, against run stores filled through the RunWriter API.
+The launcher's process start is stubbed: these tests check what would be started, and that nothing is started
+for a bad config."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from hybrid_optimization.config import HybridTrainingConfig, field_error
+from hybrid_optimization.tracking import RunStore
+from tests.fixtures.workbench_runs import write_synthetic_run
+from workbench import config_form, launcher, presets, queries
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+PAGES = ("configure", "live", "clusters", "precision", "compare", "summary")
+
+
+@pytest.fixture
+def runs_root() -> Path:
+    return Path(os.environ["HYBRID_RUNS_ROOT"])   # a fresh temporary folder per test (tests/conftest.py)
+
+
+@pytest.fixture
+def filled(runs_root):
+    store = RunStore(runs_root)
+    finished = write_synthetic_run(store, 400, "finished", name="baseline", seed=0)
+    failed = write_synthetic_run(store, 120, "failed", name="crashed", seed=1, config={"base_learning_rate": 0.01})
+    return store, finished, failed
+
+
+@pytest.fixture
+def started(monkeypatch):
+    """Stub for the process start: records the argv instead of starting the CLI."""
+    calls = []
+
+    class Proc:
+        pid = os.getpid()   # "alive", so liveness leaves the queued run alone
+
+        def poll(self):
+            return None
+
+    monkeypatch.setattr(launcher, "start_process", lambda argv, cwd, log_dir, env: calls.append(argv) or Proc())
+    yield calls
+    launcher._CHILDREN.clear()
+
+
+def _app() -> AppTest:
+    return AppTest.from_file(APP, default_timeout=60)
+
+
+def _open(at: AppTest, page: str) -> AppTest:
+    if page != "configure":
+        at.switch_page(f"workbench/pages/{page}.py")
+    return at.run()
+
+
+def _texts(elements) -> list[str]:
+    return [str(e.value) for e in elements]
+
+
+def test_every_page_renders_without_exception(filled):
+    at = _app().run()
+    for page in PAGES:
+        _open(at, page)
+        assert not at.exception, (page, [e.value for e in at.exception])
+        assert at.title[0].value in {"Configure & launch", "Live run", "Clusters", "Precision", "Compare runs",
+                                     "Run summary"}
+
+
+def test_form_shows_every_config_field_with_the_guides_defaults(filled):
+    at = _app().run()
+    defaults = HybridTrainingConfig().to_dict()
+    for name, value in defaults.items():
+        key = f"cfg.{name}"
+        kind = config_form.widget_kind(name)
+        widget = {"bool": at.checkbox, "choice": at.selectbox, "int": at.number_input,
+                  "number": at.text_input}[kind](key=key)
+        shown = config_form.parse_number(widget.value) if kind == "number" else widget.value
+        assert shown == value, name
+    labels = _texts(at.markdown)
+    for group in ("Quantization", "Clustering", "Auxiliary NN", "Trust Region", "Optimization", "Logging"):
+        assert f"**{group}**" in labels
+    assert at.text_input(key="cfg.base_learning_rate").help == config_form.HELP["base_learning_rate"]
+
+
+def test_invalid_config_shows_the_cores_message_and_launches_nothing(filled, started):
+    store = filled[0]
+    before = len(store.list_runs())
+    at = _app().run()
+    at.text_input(key="cfg.base_learning_rate").input("fast").run()
+    at.number_input(key="cfg.data_clusters").set_value(0).run()
+    errors = _texts(at.error)
+    assert field_error("base_learning_rate", "fast") in errors
+    assert field_error("data_clusters", 0) in errors
+    at.button(key="launch").click().run()
+    assert "Not launched: the configuration has errors (see the messages above)." in _texts(at.error)
+    assert started == [] and len(store.list_runs()) == before
+
+
+def test_launch_passes_the_form_to_the_cli_and_opens_the_live_view(filled, started, runs_root):
+    at = _app().run()
+    at.number_input(key="cfg.max_steps").set_value(60).run()
+    at.text_input(key="cfg.initial_trust_radius").input("0.05").run()
+    at.selectbox(key="cfg.target_bits").set_value(2.0).run()
+    at.text_input(key="opt.tags").input("smoke, e2e").run()
+    at.button(key="launch").click().run()
+    assert not at.exception
+    (argv,) = started
+    run_id = at.session_state["launched_run"]
+    assert argv[:2] == [sys.executable, str(launcher.DISTILLATION_SCRIPT)]
+    assert argv[argv.index("--max_steps") + 1] == "60" and argv[argv.index("--bits") + 1] == "2"
+    assert argv[argv.index("--run_id") + 1] == run_id and argv[argv.index("--runs_root") + 1] == str(runs_root)
+    assert "--quiet" in argv and argv[argv.index("--tags") + 1] == "smoke,e2e"
+    run = RunStore(runs_root).get_run(run_id)
+    assert run["status"] == "queued" and run["config"]["initial_trust_radius"] == 0.05
+    assert run["config"] == HybridTrainingConfig(max_steps=60, initial_trust_radius=0.05, target_bits=2).to_dict()
+    assert at.title[0].value == "Live run"                 # switched to the live view
+    assert at.selectbox(key="live_run").value == run_id
+
+
+def test_presets_save_and_load_through_the_form(filled, runs_root):
+    at = _app().run()
+    at.number_input(key="cfg.data_clusters").set_value(12).run()
+    at.text_input(key="preset_name").input("twelve").run()
+    at.button(key="preset_save").click().run()
+    assert presets.list_presets(runs_root) == ["twelve"]
+    at.number_input(key="cfg.data_clusters").set_value(3).run()
+    at.selectbox(key="preset_choice").set_value("twelve").run()
+    at.button(key="preset_load").click().run()
+    assert at.number_input(key="cfg.data_clusters").value == 12
+    assert any("Loaded preset 'twelve'" in s for s in _texts(at.success))
+
+
+def test_live_view_reads_only_new_rows_of_an_active_run(runs_root):
+    store = RunStore(runs_root)
+    run_id = store.create_run(HybridTrainingConfig().to_dict(), [], "tiny", name="live one", total_steps=1000)
+    writer = store.writer(run_id)
+    writer.set_pid(os.getpid())
+    writer.set_status("running")
+    for step in range(1, 51):
+        writer.log_step(step, loss=2.0, wall_time=time.time() - 50 + step, tokens_per_s=500.0)
+    writer.log("hello from the trainer")
+    writer.flush()
+    at = _open(_app().run(), "live")
+    assert not at.exception
+    cache = at.session_state["live_caches"][run_id]
+    assert len(cache.steps) == 50 and cache.last_step == 50
+    assert any(f"refreshing every {queries.DEFAULT_REFRESH_S} s" in c for c in _texts(at.caption))
+    assert [b.label for b in at.button] == ["Stop"]
+    assert "hello from the trainer" in at.code[0].value
+    for step in range(51, 76):
+        writer.log_step(step, loss=1.5)
+    writer.flush()
+    at.run()  # what the fragment timer does in a browser
+    cache = at.session_state["live_caches"][run_id]
+    assert len(cache.steps) == 75 and cache.reads >= 2
+    at.toggle(key="live_paused").set_value(True).run()
+    assert any("not refreshing" in c for c in _texts(at.caption))
+    writer.set_status("finished")
+    writer.close()
+
+
+def test_a_dead_run_shows_as_lost_and_can_be_resumed(runs_root, started):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store = RunStore(runs_root)
+    run_id = store.create_run({}, [], "tiny", name="orphan")
+    store.update_run(run_id, pid=dead.pid)
+    store.set_status(run_id, "running")
+    at = _open(_app().run(), "live")
+    assert store.get_run(run_id)["status"] == "lost"
+    assert any("process (pid" in w for w in _texts(at.warning))
+    at.button(key="live_resume").click().run()
+    (argv,) = started
+    assert argv[-5:] == ["--resume", run_id, "--runs_root", str(runs_root), "--quiet"]
+    assert store.get_run(run_id)["status"] == "queued"
+
+
+def test_failed_run_shows_its_traceback(filled):
+    at = _app().run()
+    at.session_state["selected_run"] = filled[2]
+    _open(at, "live")
+    assert "The run failed. Traceback:" in _texts(at.error)
+    assert any("RuntimeError: boom" in c for c in _texts(at.code))
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "old schema", "not sqlite"])
+def test_bad_run_stores_give_a_clear_message(runs_root, problem):
+    runs_root.mkdir(parents=True, exist_ok=True)
+    db = runs_root / "runs.db"
+    if problem == "empty":
+        db.write_bytes(b"")
+    elif problem == "old schema":
+        RunStore(runs_root)
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
+    elif problem == "not sqlite":
+        db.write_text("hello " * 1000)
+    at = _app()
+    for page in PAGES[1:]:
+        _open(at, page)
+        assert not at.exception
+        messages = " ".join(_texts(at.info) + _texts(at.error))
+        expected = {"missing": "no run store at", "empty": "is empty", "old schema": "written by schema version 0",
+                    "not sqlite": "not an SQLite database"}[problem]
+        assert expected in messages, (page, messages)
+    _open(at, "configure")               # the form still shows; a broken store is reported and blocks launching
+    assert not at.exception and (problem in ("missing", "empty")) == (not at.error)
+    assert not (runs_root / "runs.db").exists() if problem == "missing" else True
+
+
+def test_clusters_and_precision_pages_show_the_run(filled):
+    at = _app().run()
+    at.session_state["selected_run"] = filled[1]
+    _open(at, "clusters")
+    assert len(at.get("plotly_chart")) == 4
+    at.radio(key="clusters_projection").set_value("t-SNE").run()
+    assert not at.exception and len(at.get("plotly_chart")) == 4
+    _open(at, "precision")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Compression vs FP32"].endswith("×") and metrics["Average bits (linear layers)"] != "—"
+    assert len(at.get("plotly_chart")) == 6
+
+
+def test_compare_table_selection_diff_tags_and_housekeeping(filled):
+    store, finished, failed = filled
+    at = _open(_app().run(), "compare")
+    assert at.session_state["compare_selected"] == {finished, failed}
+    diff = at.dataframe[-1].value
+    assert "base_learning_rate" in diff.index and "target_bits" not in diff.index
+    assert len(at.get("plotly_chart")) == 2
+    assert at.get("download_button")
+    at.button(key="compare_archive").click().run()
+    assert store.list_runs().empty and len(store.list_runs(include_archived=True)) == 2
+
+
+def test_summary_page_shows_the_guides_block_and_the_export(filled):
+    at = _app().run()
+    at.session_state["selected_run"] = filled[1]
+    _open(at, "summary")
+    block = at.code[0].value
+    assert block.startswith("HYBRID OPTIMIZATION SUMMARY") and "Total Steps: 400" in block
+    assert "export" in " ".join(_texts(at.markdown)) and at.get("download_button")

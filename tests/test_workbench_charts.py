@@ -1,0 +1,223 @@
+"""Workbench maths (workbench/queries.py) and the pure figure builders (workbench/charts.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hybrid_optimization.tracking import RunStore
+from tests.fixtures.workbench_runs import write_synthetic_run
+from workbench import charts, queries
+
+
+# -- smoothing, rates, downsampling ---------------------------------------------------------------------------------
+def test_ema_is_tensorboards_debiased_ema():
+    values = pd.Series([1.0, 2.0, np.nan, 4.0, 3.0])
+    weight = 0.6
+    # TensorBoard: last = last*w + (1-w)*x; debiased by 1 - w^n over the n finite points seen so far.
+    expected, last, n = [], 0.0, 0
+    for x in values:
+        if np.isnan(x):
+            expected.append(np.nan)
+            continue
+        n += 1
+        last = last * weight + (1 - weight) * x
+        expected.append(last / (1 - weight ** n))
+    np.testing.assert_allclose(queries.ema(values, weight).to_numpy(), expected, equal_nan=True)
+    assert queries.ema(values, 0.0).equals(values)
+    assert queries.ema(pd.Series([5.0] * 10), 0.9).tolist() == pytest.approx([5.0] * 10)
+    with pytest.raises(ValueError, match=r"smoothing weight 1.0 is invalid: it must be in \[0, 1\)"):
+        queries.ema(values, 1.0)
+
+
+def test_running_rate_of_constraint_activation():
+    active = pd.Series([1, 0, 1, 1] + [0] * 6, dtype=float)
+    rate = queries.running_rate(active, window=4)
+    assert rate.iloc[0] == 1.0 and rate.iloc[3] == 0.75 and rate.iloc[-1] == 0.0
+
+
+def test_downsampling_keeps_shape_spikes_and_ends():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=100_000)
+    values[12_345] = 50.0      # a loss spike
+    values[77_777] = -50.0
+    idx = queries.downsample_indices(values, 2000)
+    assert len(idx) <= 2000 and np.all(np.diff(idx) > 0)
+    assert {0, 99_999, 12_345, 77_777} <= set(idx.tolist())
+    assert np.array_equal(queries.downsample_indices(values[:1500], 2000), np.arange(1500))
+
+
+def test_chart_series_smooths_every_point_then_downsamples():
+    steps = pd.DataFrame({"step": np.arange(100_000), "loss": np.linspace(5, 1, 100_000)})
+    series = queries.chart_series(steps, "loss", smoothing=0.6, run="r1")
+    assert len(series) <= queries.MAX_POINTS
+    assert list(series.columns) == ["run", "series", "x", "raw", "smooth"]
+    assert series.x.iloc[0] == 0 and series.x.iloc[-1] == 99_999
+    assert series.smooth.iloc[-1] > series.raw.iloc[-1]   # EMA of a falling line lags above it
+    assert queries.chart_series(steps, "trust_radius").empty
+    assert queries.chart_series(steps.assign(q=np.nan), "q").empty
+
+
+def test_progress_eta_and_duration():
+    steps = pd.DataFrame({"step": np.arange(1, 51), "wall_time": np.arange(50) * 0.5, "tokens_per_s": 1000.0})
+    info = queries.progress({"step": 50, "total_steps": 200, "status": "running"}, steps)
+    assert info["fraction"] == 0.25 and info["steps_per_s"] == pytest.approx(2.0)
+    assert info["eta_s"] == pytest.approx(75.0) and info["tokens_per_s"] == 1000.0
+    assert queries.progress({"step": 50, "total_steps": 200, "status": "finished"}, steps)["eta_s"] is None
+    assert queries.format_duration(75) == "1m 15s" and queries.format_duration(3 * 3600 + 60) == "3h 01m"
+    assert queries.format_duration(None) == "—"
+
+
+# -- incremental reading ----------------------------------------------------------------------------------------------
+class CountingStore:
+    """Wraps a RunStore to record the after_step of every read_steps call."""
+
+    def __init__(self, store):
+        self.store, self.after = store, []
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def read_steps(self, run_id, after_step=-1, **kwargs):
+        self.after.append(after_step)
+        return self.store.read_steps(run_id, after_step=after_step, **kwargs)
+
+
+def test_run_cache_reads_only_new_rows(tmp_path):
+    store = RunStore(tmp_path)
+    run_id = store.create_run({}, [], "tiny")
+    writer = store.writer(run_id)
+    writer.set_status("running")
+    for step in range(1, 101):
+        writer.log_step(step, loss=1.0)
+    writer.log("one")
+    writer.flush()
+    counting = CountingStore(store)
+    cache = queries.RunCache(run_id)
+    assert cache.refresh(counting, store.get_run(run_id)) == 100
+    for step in range(101, 151):
+        writer.log_step(step, loss=1.0)
+    writer.log("two")
+    writer.flush()
+    assert cache.refresh(counting, store.get_run(run_id)) == 50
+    assert cache.refresh(counting, store.get_run(run_id)) == 0
+    assert counting.after == [-1, 100, 150]
+    assert list(cache.steps.step) == list(range(1, 151)) and cache.logs.message.tolist() == ["one", "two"]
+    writer.set_status("stopped")
+    cache.refresh(counting, store.get_run(run_id))
+    writer.set_status("running")       # resumed: the steps after its checkpoint may be rewritten -> start over
+    cache.refresh(counting, store.get_run(run_id))
+    assert counting.after[-1] == -1 and len(cache.steps) == 150
+    # Only the columns on screen are read; a new chart's column triggers one full re-read with it.
+    narrow = queries.RunCache(run_id)
+    narrow.refresh(store, store.get_run(run_id), columns=("loss",))
+    assert list(narrow.steps.columns) == ["step", "wall_time", "loss"]
+    narrow.refresh(store, store.get_run(run_id), columns=("trust_radius", "loss"))
+    assert list(narrow.steps.columns) == ["step", "wall_time", "loss", "trust_radius"] and len(narrow.steps) == 150
+    assert queries.columns_for(["Loss", "Constraint activation (running rate)"]) == (
+        "loss", "constraint_active", "tokens_per_s")
+    writer.close()
+
+
+# -- summaries, sizes, diffs, CSV -------------------------------------------------------------------------------------
+def test_summary_text_matches_the_guide():
+    text = queries.summary_text({"total_steps": 20, "final_loss": 0.456789, "avg_lr_multiplier": 1.15,
+                                 "constraint_activation_rate": 0.325, "final_trust_radius": 0.012345})
+    assert text.splitlines() == ["HYBRID OPTIMIZATION SUMMARY", "=" * 60, "Total Steps: 20", "Final Loss: 0.456789",
+                                 "Avg Learning Rate Multiplier: 1.15x", "Constraint Activation Rate: 32.5%",
+                                 "Final Trust Radius: 0.012345", "=" * 60]
+    assert "Final Loss: —" in queries.summary_text({})
+
+
+def test_plan_size_is_parameter_weighted():
+    plan = pd.DataFrame({"layer": ["a", "b"], "bits": [2.0, 1.0], "n_params": [1000, 3000]})
+    size = queries.plan_size(plan)
+    assert size["avg_bits"] == pytest.approx(1.25) and size["compression"] == pytest.approx(25.6)
+    assert size["bytes"] == pytest.approx((2000 + 3000) / 8) and size["fp32_bytes"] == 16000
+    assert queries.plan_size(pd.DataFrame())["avg_bits"] is None
+
+
+def test_config_diff_keeps_only_differences():
+    runs = {"a": {"preset": "tiny", "config": {"lr": 1e-3, "bits": 1.58, "k": 8}},
+            "b": {"preset": "tiny", "config": {"lr": 5e-4, "bits": 1.58, "k": 8}}}
+    diff = queries.config_diff(runs)
+    assert list(diff.index) == ["lr"] and diff.loc["lr", "b"] == 5e-4
+    assert len(queries.config_diff({"a": runs["a"]})) == 4   # one run: its whole config
+
+
+def test_metrics_csv_and_sensitivity_table(tmp_path):
+    store = RunStore(tmp_path)
+    ids = [write_synthetic_run(store, 30, seed=i, eval_every=10) for i in range(2)]
+    frame = pd.read_csv(__import__("io").BytesIO(queries.metrics_csv(store, ids)))
+    assert len(frame) == 60 and list(frame.columns[:3]) == ["run_id", "step", "wall_time"]
+    assert set(frame.run_id) == set(ids)
+    table = queries.sensitivity_table(store.read_plan(ids[0]))
+    assert list(table.columns) == ["qerr_1.58", "fisher"] and len(table) == 12
+
+
+# -- figures ----------------------------------------------------------------------------------------------------------
+def _series(run: str, name: str = "loss", n: int = 50, smoothing: float = 0.6) -> pd.DataFrame:
+    steps = pd.DataFrame({"step": np.arange(n), name: np.linspace(3, 1, n) + np.sin(np.arange(n))})
+    return queries.chart_series(steps, name, smoothing=smoothing, run=run)
+
+
+def _validated(fig):
+    """Re-build a figure with plotly's full property validation (line_figure skips it for speed)."""
+    import plotly.graph_objects as go
+    return go.Figure(fig.to_dict())
+
+
+def test_line_figure_faint_raw_under_smoothed_with_kept_zoom():
+    fig = _validated(charts.line_figure(_series("r1"), "Loss", log_y=True, uirevision="r1:Loss"))
+    raw, smooth = fig.data
+    assert raw.opacity == charts.RAW_OPACITY and raw.showlegend is False and raw.line.width == 1
+    assert smooth.line.width == 2 and raw.line.color == smooth.line.color
+    assert fig.layout.yaxis.type == "log" and fig.layout.uirevision == "r1:Loss" and fig.layout.title.text == "Loss"
+    assert len(charts.line_figure(_series("r1", smoothing=0.0), "Loss").data) == 1   # no smoothing: one line
+    assert charts.line_figure(pd.DataFrame(), "Loss").layout.annotations[0].text == "no data yet"
+
+
+def test_one_colour_per_run_across_charts():
+    colors = charts.run_colors(["r1", "r2", "r3"])
+    loss = _validated(charts.line_figure(pd.concat([_series("r1"), _series("r3")]), "loss", colors=colors))
+    mult = _validated(charts.line_figure(pd.concat([_series("r3", "lr_multiplier"), _series("r1", "lr_multiplier")]),
+                                         "lr", colors=colors))
+    by_name = lambda fig: {t.name: t.line.color for t in fig.data if t.showlegend is not False}  # noqa: E731
+    assert by_name(loss) == by_name(mult) == {"r1": colors["r1"], "r3": colors["r3"]}
+    assert colors["r1"] != colors["r3"]
+    single = _validated(charts.line_figure(_series("r3"), "loss", colors=colors, color_by="run", raw=False))
+    assert single.data[-1].line.color == colors["r3"] and len(single.data) == 1
+    assert len(set(charts.run_colors([f"r{i}" for i in range(20)]).values())) == 20
+
+
+def test_cluster_scatter_colours_and_hover_text():
+    samples = pd.DataFrame({"x": [0.0, 1.0, 2.0], "y": [0.0, 1.0, 0.5], "cluster": [0, 2, 2],
+                            "text": ["hello there", "what is AI?", "x" * 500]})
+    fig = charts.cluster_scatter(samples)
+    assert [t.name for t in fig.data] == ["cluster 0", "cluster 2"]
+    assert fig.data[1].marker.color == charts.color_for(2)
+    assert fig.data[1].hovertext[0] == "what is AI?"
+    assert len(fig.data[1].hovertext[1].replace("<br>", "")) == 200   # long texts are cut
+    assert charts.cluster_scatter(pd.DataFrame()).layout.annotations
+
+
+def test_precision_figures(tmp_path):
+    store = RunStore(tmp_path)
+    run_id = write_synthetic_run(store, 20, eval_every=10)
+    plan, layers = store.read_plan(run_id), store.read_layers(run_id)
+    bits = charts.bits_per_layer_figure(plan)
+    assert list(bits.layout.xaxis.categoryarray) == list(plan.layer)
+    assert {t.name for t in bits.data} == set(plan.module_type)
+    by_module = charts.bits_by_module_figure(plan)
+    weighted = (plan.bits * plan.n_params).groupby(plan.module_type).sum() / plan.n_params.groupby(
+        plan.module_type).sum()
+    assert dict(zip(by_module.data[0].x, by_module.data[0].y)) == pytest.approx(weighted.to_dict())
+    heat = charts.sensitivity_heatmap(queries.sensitivity_table(plan))
+    z = np.asarray(heat.data[0].z, dtype=float)
+    assert z.min() == 0 and z.max() == 1
+    clusters = charts.param_cluster_figure(plan)
+    assert clusters.data[0].name == "cluster 0 (2 bits)"
+    codes = charts.code_distribution_figure(layers)
+    assert [t.name for t in codes.data] == ["−1", "0", "+1"] and codes.layout.barmode == "stack"
+    assert charts.layer_error_figure(layers).data[0].y[0] == pytest.approx(0.3)
+    assert charts.bits_per_layer_figure(pd.DataFrame()).layout.annotations

@@ -1,0 +1,240 @@
+"""The launcher (argv, records, real background processes: stop, SIGTERM fallback, reap, resume), presets and
+data uploads of the workbench."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from hybrid_optimization.config import ConfigError, HybridTrainingConfig, field_error
+from hybrid_optimization.tracking import RunStore, pid_alive
+from workbench import datasets, launcher, presets
+from workbench.launcher import LaunchError, LaunchOptions
+
+# A stand-in for distillation.py that talks to the store like the trainer does (FAKE_MODE picks a behaviour):
+# obedient: log steps until a stop is requested, then report "stopped" and exit 143;
+# ignore_stop: report running, then hang without polling the flag (only SIGTERM ends it);
+# bad_input: one line on stderr and exit 2, like the CLI on a bad flag.
+FAKE_CLI = textwrap.dedent("""
+    import argparse, os, sys, time
+    from hybrid_optimization.tracking import RunStore
+    p = argparse.ArgumentParser()
+    p.add_argument("--run_id"); p.add_argument("--resume"); p.add_argument("--runs_root")
+    args, _ = p.parse_known_args()
+    mode = os.environ.get("FAKE_MODE", "obedient")
+    if mode == "bad_input":
+        print("error: --data nope.jsonl: file does not exist", file=sys.stderr)
+        sys.exit(2)
+    store = RunStore(args.runs_root)
+    w = store.writer(args.run_id or args.resume, commit_every_s=0.1)
+    w.set_pid(os.getpid()); w.set_status("running")
+    step = 0
+    while True:
+        step += 1
+        w.log_step(step, loss=1.0 / step)
+        if mode == "obedient" and w.stop_requested():
+            w.set_status("stopped"); w.close(); sys.exit(143)
+        time.sleep(0.05 if mode == "obedient" else 0.5)
+""")
+
+
+@pytest.fixture
+def store(tmp_path):
+    return RunStore(tmp_path / "runs")
+
+
+@pytest.fixture
+def fake_cli(tmp_path, monkeypatch):
+    script = tmp_path / "fake_distillation.py"
+    script.write_text(FAKE_CLI)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    return script
+
+
+def _wait(predicate, timeout=20.0, every=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False
+
+
+# -- argv ------------------------------------------------------------------------------------------------------------
+def test_argv_is_a_list_built_from_config_and_options(tmp_path):
+    config = HybridTrainingConfig(max_steps=50, seed=3)
+    options = LaunchOptions(preset="tiny", tags=["a", "b"], alpha=0.3, student_size="small")
+    argv = launcher.build_argv(config, options, tmp_path / "config.json", "RID", tmp_path, python="PY",
+                               script=Path("/x/distillation.py"))
+    assert all(isinstance(a, str) for a in argv)
+    assert argv[:2] == ["PY", "/x/distillation.py"]
+    joined = " ".join(argv)
+    for piece in ("--preset tiny", f"--config {tmp_path / 'config.json'}", "--hybrid", "--qat --bits 1.58 --ternary",
+                  "--max_steps 50", "--seed 3", "--device auto", "--alpha 0.3", "--student_size small",
+                  "--tags a,b", "--export", "--save_metrics", f"--run_id RID --runs_root {tmp_path} --quiet"):
+        assert piece in joined, piece
+    assert "--epochs" not in argv and "--data" not in argv
+
+
+def test_argv_variants(tmp_path):
+    fp = HybridTrainingConfig(use_quantization=False)
+    argv = launcher.build_argv(fp, LaunchOptions(hybrid=False, epochs=3, nproc=2), tmp_path / "c.json", "R",
+                               tmp_path, python="PY", script=Path("d.py"))
+    assert argv[:5] == ["PY", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert "--qat" not in argv and "--hybrid" not in argv and "--max_steps" not in argv
+    assert argv[argv.index("--epochs") + 1] == "3"
+    two_bit = launcher.build_argv(HybridTrainingConfig(target_bits=2), LaunchOptions(), tmp_path / "c.json", "R",
+                                  tmp_path)
+    assert "--bits" in two_bit and two_bit[two_bit.index("--bits") + 1] == "2" and "--ternary" not in two_bit
+
+
+def test_option_errors_name_the_option(tmp_path):
+    errors = launcher.option_errors(LaunchOptions(preset="huge", nproc=0, device="tpu", alpha=2.0,
+                                                  data=str(tmp_path / "missing.jsonl")))
+    assert set(errors) == {"preset", "nproc", "device", "alpha", "data"}
+    assert errors["preset"] == "preset = 'huge' is invalid: it must be one of tiny, smollm2"
+    assert "does not exist" in errors["data"]
+    with pytest.raises(LaunchError, match="unknown launch option"):
+        LaunchOptions.from_dict({"gpu": True})
+
+
+# -- launching (process start stubbed) -------------------------------------------------------------------------------
+def test_launch_creates_a_queued_record_and_starts_the_cli(store, monkeypatch):
+    calls = []
+
+    class FakePopen:
+        pid = 424242
+
+        def poll(self):
+            return None
+
+    def fake_start(argv, cwd, log_dir, env):
+        calls.append((argv, cwd, log_dir, env))
+        return FakePopen()
+
+    monkeypatch.setattr(launcher, "start_process", fake_start)
+    started = time.perf_counter()
+    run_id = launcher.launch(store, {"max_steps": 25, "base_learning_rate": 5e-4}, {"preset": "tiny", "tags": ["x"]})
+    assert time.perf_counter() - started < 2
+    (argv, cwd, log_dir, env), = calls
+    run = store.get_run(run_id)
+    assert run["status"] == "queued" and run["pid"] == 424242 and run["tags"] == ["x"] and run["total_steps"] == 25
+    assert run["args"]["argv"] == argv and argv[0] == sys.executable
+    assert argv[argv.index("--run_id") + 1] == run_id and argv[argv.index("--runs_root") + 1] == str(store.root)
+    assert "--quiet" in argv and cwd == launcher.REPO_ROOT and log_dir == store.root / run_id
+    assert env["HYBRID_RUNS_ROOT"] == str(store.root) and env["HF_HUB_OFFLINE"] == "1"
+    written = json.loads(Path(argv[argv.index("--config") + 1]).read_text())
+    assert written == HybridTrainingConfig(max_steps=25, base_learning_rate=5e-4).to_dict()
+    launcher._CHILDREN.clear()
+
+
+def test_a_bad_config_or_option_starts_nothing(store, monkeypatch):
+    monkeypatch.setattr(launcher, "start_process", lambda *a: pytest.fail("a process was started"))
+    with pytest.raises(ConfigError) as info:
+        launcher.launch(store, {"initial_trust_radius": 5.0}, {})
+    assert str(info.value) == field_error("initial_trust_radius", 5.0)
+    with pytest.raises(LaunchError, match="device = 'tpu'"):
+        launcher.launch(store, {}, {"device": "tpu"})
+    with pytest.raises(LaunchError, match="training CLI .* is missing"):
+        launcher.launch(store, {}, {}, script=Path("/nonexistent/distillation.py"))
+    assert store.list_runs().empty
+
+
+# -- real background processes ---------------------------------------------------------------------------------------
+def test_stop_is_a_request_the_trainer_honours(store, fake_cli, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "obedient")
+    run_id = launcher.launch(store, {"max_steps": 1000}, {}, script=fake_cli)
+    pid = store.get_run(run_id)["pid"]
+    assert os.getpgid(pid) == pid            # its own process group (and session)
+    assert _wait(lambda: store.get_run(run_id)["status"] == "running" and store.get_run(run_id)["step"])
+    assert launcher.stop(store, run_id, grace_s=30)
+    assert _wait(lambda: store.get_run(run_id)["status"] == "stopped")
+    assert _wait(lambda: launcher.reap(store) == [] and not pid_alive(pid))
+    assert store.get_run(run_id)["error"] is None
+
+
+def test_sigterm_fallback_and_resume(store, fake_cli, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "ignore_stop")
+    run_id = launcher.launch(store, {}, {}, script=fake_cli)
+    pid = store.get_run(run_id)["pid"]
+    assert _wait(lambda: store.get_run(run_id)["status"] == "running")
+    with pytest.raises(LaunchError, match="can be resumed once it has stopped"):
+        launcher.resume(store, run_id, script=fake_cli)
+    assert launcher.stop(store, run_id, grace_s=1.0)
+    assert _wait(lambda: not pid_alive(pid), timeout=15)       # SIGTERM to its process group after the grace
+    assert _wait(lambda: (launcher.reap(store), store.get_run(run_id)["status"])[1] == "stopped", timeout=15)
+    assert "signal" in store.get_run(run_id)["error"]
+
+    monkeypatch.setenv("FAKE_MODE", "obedient")
+    new_pid = launcher.resume(store, run_id, script=fake_cli)
+    run = store.get_run(run_id)
+    assert new_pid != pid and run["pid"] == new_pid and run["status"] in ("queued", "running")
+    cmdline = Path(f"/proc/{new_pid}/cmdline").read_bytes().split(b"\0")
+    assert [b"--resume", run_id.encode()] == cmdline[cmdline.index(b"--resume"):cmdline.index(b"--resume") + 2]
+    assert _wait(lambda: store.get_run(run_id)["status"] == "running")
+    launcher.stop(store, run_id)
+    assert _wait(lambda: store.get_run(run_id)["status"] == "stopped")
+    assert _wait(lambda: not pid_alive(new_pid))
+    launcher.reap(store)
+
+
+def test_a_process_that_dies_before_reporting_is_marked_failed(store, fake_cli, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "bad_input")
+    run_id = launcher.launch(store, {}, {}, script=fake_cli)
+    assert _wait(lambda: run_id in launcher.reap(store))
+    run = store.get_run(run_id)
+    assert run["status"] == "failed"
+    assert "exited with code 2" in run["error"] and "--data nope.jsonl: file does not exist" in run["error"]
+
+
+# -- presets ---------------------------------------------------------------------------------------------------------
+def test_presets_round_trip_and_validation(tmp_path):
+    config = HybridTrainingConfig(target_bits=2, data_clusters=16).to_dict()
+    presets.save_preset(tmp_path, "ternary 16", config, LaunchOptions(preset="smollm2").to_dict())
+    assert presets.list_presets(tmp_path) == ["ternary 16"]
+    loaded_config, loaded_options = presets.load_preset(tmp_path, "ternary 16")
+    assert loaded_config == config and loaded_options["preset"] == "smollm2"
+    with pytest.raises(presets.PresetError, match="preset name '../evil' is invalid"):
+        presets.save_preset(tmp_path, "../evil", config, {})
+    with pytest.raises(ConfigError, match="data_clusters"):
+        presets.save_preset(tmp_path, "bad", {**config, "data_clusters": 0}, {})
+    (tmp_path / "presets" / "broken.json").write_text("{not json")
+    with pytest.raises(presets.PresetError, match="not valid JSON"):
+        presets.load_preset(tmp_path, "broken")
+    (tmp_path / "presets" / "old.json").write_text(json.dumps({"config": {"learning_rate": 1}}))
+    with pytest.raises(presets.PresetError, match="unknown config field.*learning_rate"):
+        presets.load_preset(tmp_path, "old")
+    presets.delete_preset(tmp_path, "ternary 16")
+    assert "ternary 16" not in presets.list_presets(tmp_path)
+
+
+# -- uploads ---------------------------------------------------------------------------------------------------------
+def test_uploads_are_capped_typed_and_stored_by_content(tmp_path):
+    good = b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}\n'
+    path = datasets.save_upload("my chats.jsonl", good, tmp_path)
+    assert path.parent == tmp_path / "uploads" and path.read_bytes() == good and path.name.endswith("my_chats.jsonl")
+    assert datasets.save_upload("again.jsonl", good, tmp_path).name.split("-")[0] == path.name.split("-")[0]
+    with pytest.raises(datasets.DataFileError, match="limited to 1 MB"):
+        datasets.save_upload("big.txt", b"x" * (1024 * 1024 + 1), tmp_path, max_mb=1)
+    with pytest.raises(datasets.DataFileError, match="unsupported file type '.csv'"):
+        datasets.save_upload("data.csv", b"a,b\n", tmp_path)
+    with pytest.raises(datasets.DataFileError, match="is empty"):
+        datasets.save_upload("empty.txt", b"  \n", tmp_path)
+
+
+def test_data_files_are_checked_by_the_pipelines_reader(tmp_path):
+    good = tmp_path / "chats.jsonl"
+    good.write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n'
+                    '{"messages": [{"role": "assistant", "content": "Yo"}]}\n')
+    assert datasets.validate_data_file(good) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "robot", "content": "Hi"}]}\n')
+    with pytest.raises(datasets.DataFileError, match="line 1: message 0 has role 'robot'; allowed roles"):
+        datasets.validate_data_file(bad)
+    with pytest.raises(datasets.DataFileError, match="does not exist"):
+        datasets.validate_data_file(tmp_path / "nope.txt")

@@ -1,0 +1,220 @@
+"""Pure figure builders: DataFrame in, plotly Figure out. No Streamlit, no store access — unit-tested directly.
+
+Conventions users bring from TensorBoard / W&B: a faint raw line under a bold smoothed one, one colour per run
+kept across every chart, per-chart log-y, and a fixed `uirevision` so zoom and pan survive live refreshes.
+"""
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+
+# 34 distinct colours: Plotly's default ten, then Dark24 without repeats. Index = run position, cluster id, ...
+PALETTE = list(dict.fromkeys(qualitative.Plotly + qualitative.Dark24))
+RAW_OPACITY = 0.25
+CODE_COLORS = {"frac_neg": "#d62728", "frac_zero": "#7f7f7f", "frac_pos": "#1f77b4"}
+SERIES_DASHES = ("solid", "dash", "dot", "dashdot", "longdash")
+_LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10), height=300, hovermode="x unified",
+               legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
+
+
+def color_for(index: int) -> str:
+    return PALETTE[index % len(PALETTE)]
+
+
+def run_colors(run_ids: list[str]) -> dict[str, str]:
+    """One colour per run, by the run's position in the given (stable, e.g. creation-ordered) list."""
+    return {run_id: color_for(i) for i, run_id in enumerate(run_ids)}
+
+
+def _empty(title: str, message: str = "no data yet") -> go.Figure:
+    fig = go.Figure()
+    fig.update_layout(title=title, **{**_LAYOUT, "hovermode": False})
+    fig.add_annotation(text=message, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+                       font=dict(color="gray"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig
+
+
+def line_figure(series: pd.DataFrame, title: str, x_title: str = "step", log_y: bool = False,
+                colors: dict[str, str] | None = None, uirevision: str | None = None,
+                labels: dict[str, str] | None = None, height: int = 300, color_by: str = "auto",
+                raw: bool = True) -> go.Figure:
+    """Curves from chart series (columns run, series, x, raw, smooth — see queries.chart_series).
+
+    Each curve is a faint raw line plus a bold smoothed line of the same colour. With one run, curves are
+    coloured by series; with several runs, by run and told apart by dash per series (color_by="run" forces the
+    run colours, e.g. in a comparison that happens to hold one run). `colors` and `labels` map that key (run id,
+    or series name when colouring by series) to a colour and a legend label. raw=False leaves the faint raw
+    lines out (many overlaid runs)."""
+    if series is None or series.empty:
+        return _empty(title)
+    runs = list(dict.fromkeys(series.run))
+    names = list(dict.fromkeys(series.series))
+    by_run = len(runs) > 1 or color_by == "run"
+    traces = []
+    for r, run in enumerate(runs):
+        for s, name in enumerate(names):
+            part = series[(series.run == run) & (series.series == name)]
+            if part.empty:
+                continue
+            key = run if by_run else name
+            color = (colors or {}).get(key, color_for(r if by_run else s))
+            label = (labels or {}).get(key, key)
+            if by_run and len(names) > 1:
+                label = f"{label} · {name}"
+            dash = SERIES_DASHES[s % len(SERIES_DASHES)] if by_run else "solid"
+            x, y_raw, y_smooth = part.x.to_numpy(), part.raw.to_numpy(), part.smooth.to_numpy()
+            if raw and not np.allclose(y_raw, y_smooth, equal_nan=True):
+                traces.append(dict(type="scatter", x=x, y=y_raw, mode="lines", name=f"{label} (raw)", legendgroup=label,
+                                   showlegend=False, hoverinfo="skip", line=dict(color=color, width=1),
+                                   opacity=RAW_OPACITY))
+            traces.append(dict(type="scatter", x=x, y=y_smooth, mode="lines", name=label, legendgroup=label,
+                               line=dict(color=color, width=2, dash=dash)))
+    layout = dict(_LAYOUT, title=dict(text=title), uirevision=uirevision or title, height=height,
+                  showlegend=len(runs) > 1 or len(names) > 1, xaxis=dict(title=dict(text=x_title)),
+                  yaxis=dict(type="log" if log_y else "linear"))
+    # Built without plotly's per-property validation: it costs ~10 ms a chart on every live refresh. The unit
+    # tests validate every builder's output (go.Figure(fig.to_dict())), so a wrong property still fails there.
+    return go.Figure(data=traces, layout=layout, _validate=False)
+
+
+def cluster_scatter(samples: pd.DataFrame, x: str = "x", y: str = "y", title: str = "Samples by cluster",
+                    text_chars: int = 200, uirevision: str | None = None) -> go.Figure:
+    """2-D projection of the training samples, one colour per cluster; hovering shows the sample's text."""
+    if samples is None or samples.empty or samples[[x, y]].dropna().empty:
+        return _empty(title, "no samples stored for this run")
+    fig = go.Figure()
+    for cluster in sorted(samples.cluster.dropna().unique()):
+        part = samples[samples.cluster == cluster]
+        hover = ["<br>".join(textwrap.wrap(str(t or "")[:text_chars], 60)) for t in part.text]
+        fig.add_trace(go.Scatter(x=part[x], y=part[y], mode="markers", name=f"cluster {int(cluster)}",
+                                 marker=dict(color=color_for(int(cluster)), size=6, opacity=0.75),
+                                 hovertext=hover, hovertemplate="%{hovertext}<extra>cluster " + str(int(cluster))
+                                 + "</extra>"))
+    fig.update_layout(title=title, uirevision=uirevision or title,
+                      **{**_LAYOUT, "height": 480, "hovermode": "closest"})
+    fig.update_xaxes(title_text="component 1")
+    fig.update_yaxes(title_text="component 2")
+    return fig
+
+
+def cluster_bar(counts: pd.DataFrame, value: str, title: str, y_title: str,
+                reference: pd.Series | None = None, reference_name: str = "") -> go.Figure:
+    """Bars per cluster (e.g. sizes, batches supplied), optionally with a reference marker per cluster."""
+    if counts is None or counts.empty:
+        return _empty(title)
+    clusters = counts.cluster.astype(int)
+    fig = go.Figure(go.Bar(x=clusters.astype(str), y=counts[value], name=y_title,
+                           marker_color=[color_for(c) for c in clusters]))
+    if reference is not None and len(reference):
+        fig.add_trace(go.Scatter(x=reference.index.astype(int).astype(str), y=reference.to_numpy(), mode="markers",
+                                 name=reference_name, marker=dict(symbol="line-ew-open", size=28, color="black")))
+    fig.update_layout(title=title, **{**_LAYOUT, "hovermode": "closest"}, showlegend=reference is not None)
+    fig.update_xaxes(title_text="cluster", type="category")
+    fig.update_yaxes(title_text=y_title)
+    return fig
+
+
+def bits_per_layer_figure(plan: pd.DataFrame, title: str = "Bits per layer") -> go.Figure:
+    """The precision plan: bits of every layer in model order, coloured by module type."""
+    if plan is None or plan.empty:
+        return _empty(title, "no precision plan stored for this run")
+    fig = go.Figure()
+    types = list(dict.fromkeys(plan.module_type.fillna("other")))
+    for i, module_type in enumerate(types):
+        part = plan[plan.module_type.fillna("other") == module_type]
+        fig.add_trace(go.Bar(x=part.layer, y=part.bits, name=module_type, marker_color=color_for(i),
+                             customdata=np.stack([part.n_params.fillna(0), part.cluster.fillna(-1)], axis=1)
+                             if "cluster" in part else None,
+                             hovertemplate="%{x}<br>%{y} bits<br>%{customdata[0]:,} params<br>"
+                                           "cluster %{customdata[1]}<extra></extra>"))
+    fig.update_layout(title=title, **{**_LAYOUT, "height": 360, "hovermode": "closest"}, barmode="overlay")
+    fig.update_xaxes(categoryorder="array", categoryarray=list(plan.layer), tickangle=-45, title_text="layer")
+    fig.update_yaxes(title_text="bits per weight")
+    return fig
+
+
+def bits_by_module_figure(plan: pd.DataFrame, title: str = "Average bits by module type") -> go.Figure:
+    """Parameter-weighted average bits per module type (q_proj, mlp, ...)."""
+    if plan is None or plan.empty:
+        return _empty(title, "no precision plan stored for this run")
+    frame = plan.assign(module_type=plan.module_type.fillna("other"), weighted=plan.bits * plan.n_params)
+    grouped = frame.groupby("module_type", sort=False).agg(weighted=("weighted", "sum"), params=("n_params", "sum"))
+    grouped["avg_bits"] = grouped.weighted / grouped.params
+    fig = go.Figure(go.Bar(x=grouped.index, y=grouped.avg_bits,
+                           marker_color=[color_for(i) for i in range(len(grouped))],
+                           customdata=grouped.params, hovertemplate="%{x}: %{y:.3f} bits<br>%{customdata:,} params"
+                                                                    "<extra></extra>"))
+    fig.update_layout(title=title, **{**_LAYOUT, "hovermode": "closest"})
+    fig.update_yaxes(title_text="bits per weight")
+    return fig
+
+
+def sensitivity_heatmap(features: pd.DataFrame, title: str = "Sensitivity features behind the plan") -> go.Figure:
+    """Layers × features; colour is each feature scaled to [0, 1] across layers, hover shows the raw value."""
+    if features is None or features.empty:
+        return _empty(title, "the plan stored no sensitivity features")
+    values = features.astype("float64")
+    span = (values.max() - values.min()).replace(0, 1)
+    scaled = (values - values.min()) / span
+    fig = go.Figure(go.Heatmap(z=scaled.to_numpy().T, x=list(values.index), y=list(values.columns),
+                               customdata=values.to_numpy().T, colorscale="Viridis",
+                               hovertemplate="%{x}<br>%{y} = %{customdata:.4g}<extra></extra>",
+                               colorbar=dict(title="scaled")))
+    fig.update_layout(title=title, **{**_LAYOUT, "height": 120 + 28 * len(values.columns), "hovermode": "closest"})
+    fig.update_xaxes(tickangle=-45)
+    return fig
+
+
+def param_cluster_figure(plan: pd.DataFrame, title: str = "Parameter cluster membership") -> go.Figure:
+    """Which parameter cluster each layer fell into (marker size ~ parameter count, colour = cluster)."""
+    if plan is None or plan.empty or "cluster" not in plan or plan.cluster.isna().all():
+        return _empty(title, "no parameter clusters stored for this run")
+    sizes = np.sqrt(plan.n_params.fillna(1).astype(float))
+    sizes = 8 + 22 * sizes / sizes.max()
+    fig = go.Figure()
+    for cluster in sorted(plan.cluster.dropna().unique()):
+        mask = plan.cluster == cluster
+        part = plan[mask]
+        bits = part.bits.iloc[0] if len(part) else None
+        fig.add_trace(go.Scatter(x=part.layer, y=[int(cluster)] * len(part), mode="markers",
+                                 name=f"cluster {int(cluster)} ({bits:g} bits)" if bits is not None else str(cluster),
+                                 marker=dict(size=sizes[mask], color=color_for(int(cluster))),
+                                 customdata=part.n_params, hovertemplate="%{x}<br>%{customdata:,} params<extra></extra>"))
+    fig.update_layout(title=title, **{**_LAYOUT, "height": 320, "hovermode": "closest"})
+    fig.update_xaxes(categoryorder="array", categoryarray=list(plan.layer), tickangle=-45)
+    fig.update_yaxes(title_text="cluster", dtick=1)
+    return fig
+
+
+def layer_error_figure(layers: pd.DataFrame, title: str = "Relative quantization error per layer") -> go.Figure:
+    if layers is None or layers.empty or layers.rel_error.isna().all():
+        return _empty(title, "no per-layer quantization statistics logged yet")
+    fig = go.Figure(go.Bar(x=layers.layer, y=layers.rel_error,
+                           marker_color=[color_for(i) for i in pd.factorize(layers.module_type.fillna("other"))[0]],
+                           hovertemplate="%{x}<br>‖W−Q(W)‖/‖W‖ = %{y:.4f}<extra></extra>"))
+    fig.update_layout(title=title, **{**_LAYOUT, "height": 340, "hovermode": "closest"})
+    fig.update_xaxes(categoryorder="array", categoryarray=list(layers.layer), tickangle=-45)
+    fig.update_yaxes(title_text="relative error")
+    return fig
+
+
+def code_distribution_figure(layers: pd.DataFrame, title: str = "Ternary code distribution per layer") -> go.Figure:
+    """Stacked fractions of −1 / 0 / +1 codes in every ternary layer."""
+    cols = ["frac_neg", "frac_zero", "frac_pos"]
+    if layers is None or layers.empty or layers[cols].isna().all().all():
+        return _empty(title, "no ternary code statistics logged yet")
+    part = layers.dropna(subset=cols, how="all")
+    fig = go.Figure()
+    for col, label in zip(cols, ("−1", "0", "+1")):
+        fig.add_trace(go.Bar(x=part.layer, y=part[col], name=label, marker_color=CODE_COLORS[col],
+                             hovertemplate="%{x}<br>" + label + ": %{y:.1%}<extra></extra>"))
+    fig.update_layout(title=title, **{**_LAYOUT, "height": 340, "hovermode": "closest"}, barmode="stack")
+    fig.update_xaxes(categoryorder="array", categoryarray=list(part.layer), tickangle=-45)
+    fig.update_yaxes(title_text="fraction of codes", range=[0, 1])
+    return fig

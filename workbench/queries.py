@@ -1,0 +1,312 @@
+"""Reading runs for the workbench: incremental reads, smoothing, downsampling and the derived numbers pages show.
+
+Everything here is plain pandas/numpy on top of `hybrid_optimization.tracking.RunStore` — no Streamlit — so it
+is unit-tested directly and shared by every page. The store is the source of truth; the `RunCache` below only
+remembers what a session has already read, so each live refresh asks SQLite for the new rows alone.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from hybrid_optimization.tracking import ACTIVE_STATUSES, STEP_COLUMNS, RunStore
+
+MAX_POINTS = 2000          # per series, after downsampling (stated in the UI)
+DEFAULT_SMOOTHING = 0.6    # EMA weight, as TensorBoard / W&B users expect
+RATE_WINDOW = 100          # steps in the running constraint-activation rate
+DEFAULT_REFRESH_S = 1      # live refresh: with the trainer's 1 s batched commits a new point shows within ~2 s
+
+# What each live chart plots: title -> step columns (several columns share one chart).
+LIVE_CHARTS: dict[str, tuple[str, ...]] = {
+    "Loss": ("loss",),
+    "Learning rate": ("learning_rate",),
+    "LR multiplier": ("lr_multiplier",),
+    "Trust radius": ("trust_radius",),
+    "Constraint activation (running rate)": ("constraint_rate",),
+    "Update magnitude ‖ΔΘ‖": ("update_magnitude",),
+    "Gradient magnitude ‖g‖": ("gradient_magnitude",),
+    "Quantization error": ("quantization_error",),
+    "Flip rate": ("flip_rate",),
+    "Tokens/s": ("tokens_per_s",),
+}
+# Evaluation charts: title -> eval keys (the trainer's log_eval names). Per-cluster losses live on the Clusters page.
+EVAL_CHARTS: dict[str, tuple[str, ...]] = {
+    "Validation loss": ("val_loss", "val_loss_fp"),
+    "Validation perplexity": ("val_ppl",),
+    "KL to the teacher": ("kl_teacher",),
+    "Top-1 agreement with the teacher": ("top1_agreement",),
+    "Quantized vs full-precision logits": ("qdiff_max", "qdiff_mean"),
+}
+OTHER_EVALS = "Other evaluation metrics"
+# Six charts by default: drawing every chart on every refresh is what makes dashboards slow.
+DEFAULT_LIVE_CHARTS = ("Loss", "Learning rate", "LR multiplier", "Trust radius",
+                       "Constraint activation (running rate)", "Validation loss")
+
+
+def other_eval_keys(keys) -> list[str]:
+    """Eval keys no named chart shows (and that are not per-cluster losses)."""
+    named = {k for members in EVAL_CHARTS.values() for k in members}
+    return sorted(k for k in keys if k not in named and not str(k).startswith("val_loss_cluster_"))
+SUMMARY_LINES = (  # the guide's HYBRID OPTIMIZATION SUMMARY block: (label, summary key, format)
+    ("Total Steps", "total_steps", "{:d}"),
+    ("Final Loss", "final_loss", "{:.6f}"),
+    ("Avg Learning Rate Multiplier", "avg_lr_multiplier", "{:.2f}x"),
+    ("Constraint Activation Rate", "constraint_activation_rate", "{:.1%}"),
+    ("Final Trust Radius", "final_trust_radius", "{:.6f}"),
+)
+
+
+# -- series maths ---------------------------------------------------------------------------------------------------
+def ema(values: pd.Series, weight: float) -> pd.Series:
+    """Debiased exponential moving average with TensorBoard's weight convention (0 = raw, 0.99 = very smooth).
+
+    pandas' `ewm(adjust=True)` normalises by the sum of weights, which is exactly TensorBoard's debiasing, so the
+    first points are not pulled towards zero. NaNs (skipped steps) are ignored, not propagated."""
+    if not 0 <= weight < 1:
+        raise ValueError(f"smoothing weight {weight!r} is invalid: it must be in [0, 1)")
+    values = pd.to_numeric(values, errors="coerce").astype("float64")
+    if weight == 0 or values.empty:
+        return values
+    return values.ewm(alpha=1 - weight, adjust=True, ignore_na=True).mean().where(values.notna())
+
+
+def running_rate(active: pd.Series, window: int = RATE_WINDOW) -> pd.Series:
+    """Fraction of the last `window` steps whose update hit the trust region (NaN-aware)."""
+    return pd.to_numeric(active, errors="coerce").rolling(window, min_periods=1).mean()
+
+
+def downsample_indices(values: np.ndarray, max_points: int = MAX_POINTS) -> np.ndarray:
+    """Indices of at most `max_points` points that keep the shape of a series: the series is cut into
+    max_points/2 - 1 equal buckets and each bucket keeps its minimum and its maximum (spikes survive, unlike
+    striding); the first and last points are always kept. Vectorised: ~2 ms for 100,000 points."""
+    n = len(values)
+    if n <= max_points:
+        return np.arange(n)
+    buckets = max(1, (max_points - 2) // 2)
+    size = -(-n // buckets)                      # ceil: the last bucket may be shorter
+    padded = np.full(buckets * size, np.nan)
+    padded[:n] = values
+    grid = padded.reshape(buckets, size)
+    missing = np.isnan(grid)
+    offsets = np.arange(buckets) * size
+    lows = np.where(missing, np.inf, grid).argmin(axis=1) + offsets
+    highs = np.where(missing, -np.inf, grid).argmax(axis=1) + offsets
+    keep = np.concatenate([[0, n - 1], lows, highs])
+    return np.unique(keep[keep < n])
+
+
+def columns_for(charts: list[str]) -> tuple[str, ...]:
+    """Step columns the given live charts need (plus tokens/s for the progress line)."""
+    needed = {"tokens_per_s"}
+    for title in charts:
+        for col in LIVE_CHARTS.get(title, ()):
+            needed.add("constraint_active" if col == "constraint_rate" else col)
+    return tuple(c for c in STEP_COLUMNS if c in needed)
+
+
+def with_derived(steps: pd.DataFrame) -> pd.DataFrame:
+    """Add columns the charts need that the trainer does not log: the running constraint-activation rate and the
+    time since the run's first step."""
+    out = steps.copy()
+    if "constraint_active" in out:
+        out["constraint_rate"] = running_rate(out["constraint_active"])
+    if "wall_time" in out and len(out):
+        out["time_s"] = out["wall_time"] - out["wall_time"].iloc[0]
+    return out
+
+
+def chart_series(steps: pd.DataFrame, y: str, x: str = "step", smoothing: float = DEFAULT_SMOOTHING,
+                 max_points: int = MAX_POINTS, run: str = "") -> pd.DataFrame:
+    """One series ready to plot: columns run, x, raw, smooth — smoothed on every point, then downsampled.
+
+    Empty when the column is missing or has no values (e.g. quantization error of a full-precision run)."""
+    if y not in steps or x not in steps or steps[y].notna().sum() == 0:
+        return pd.DataFrame(columns=["run", "series", "x", "raw", "smooth"])
+    frame = steps[[x, y]].dropna(subset=[y])
+    raw = frame[y].astype("float64").to_numpy()
+    smooth = ema(frame[y], smoothing).to_numpy()
+    idx = downsample_indices(raw, max_points)
+    return pd.DataFrame({"run": run, "series": y, "x": frame[x].to_numpy()[idx], "raw": raw[idx],
+                         "smooth": smooth[idx]})
+
+
+def eval_series(evals: pd.DataFrame, keys: list[str] | None = None, run: str = "",
+                smoothing: float = 0.0, max_points: int = MAX_POINTS) -> pd.DataFrame:
+    """Long eval rows (step, key, value) -> chart series (run, series=key, x=step, raw, smooth)."""
+    parts = []
+    if evals.empty:
+        return pd.DataFrame(columns=["run", "series", "x", "raw", "smooth"])
+    for key in keys if keys is not None else sorted(evals.key.unique()):
+        rows = evals[evals.key == key].sort_values("step")
+        if rows.empty:
+            continue
+        wide = pd.DataFrame({"step": rows.step.to_numpy(), key: rows.value.to_numpy()})
+        part = chart_series(wide, key, "step", smoothing, max_points, run)
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        columns=["run", "series", "x", "raw", "smooth"])
+
+
+# -- live progress --------------------------------------------------------------------------------------------------
+def progress(run: dict, steps: pd.DataFrame, window: int = 50) -> dict:
+    """Step, fraction done, tokens/s and ETA from the last `window` steps' wall times. Steps count completed
+    optimizer steps (the trainer logs step n after its n-th update), so step == total_steps means done."""
+    step = run.get("step")
+    total = run.get("total_steps")
+    out = {"step": step, "total": total, "fraction": None, "tokens_per_s": None, "steps_per_s": None,
+           "eta_s": None}
+    if step is not None and total:
+        out["fraction"] = min(1.0, max(0.0, step / total))
+    if len(steps) >= 2:
+        tail = steps.tail(window)
+        dt = float(tail.wall_time.iloc[-1] - tail.wall_time.iloc[0])
+        ds = float(tail.step.iloc[-1] - tail.step.iloc[0])
+        if dt > 0 and ds > 0:
+            out["steps_per_s"] = ds / dt
+            if total and step is not None and run.get("status") in ACTIVE_STATUSES:
+                out["eta_s"] = max(0.0, (total - step) / out["steps_per_s"])
+    if "tokens_per_s" in steps and steps.tokens_per_s.notna().any():
+        out["tokens_per_s"] = float(steps.tokens_per_s.dropna().iloc[-1])
+    return out
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "—"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+@dataclass
+class RunCache:
+    """What one session has read of one run so far; `refresh` appends only rows newer than the last seen.
+
+    A resumed run may rewrite the steps logged after its last checkpoint, so when a run goes from a finished
+    state back to queued/running (a new attempt), the cache starts over."""
+    run_id: str
+    steps: pd.DataFrame = field(default_factory=pd.DataFrame)
+    evals: pd.DataFrame = field(default_factory=pd.DataFrame)
+    logs: pd.DataFrame = field(default_factory=pd.DataFrame)
+    last_step: int = -1
+    last_eval_step: int = -1
+    last_seq: int = 0
+    status: str | None = None
+    reads: int = 0
+    columns: tuple[str, ...] = ()
+
+    def reset(self) -> None:
+        self.steps, self.evals, self.logs = pd.DataFrame(), pd.DataFrame(), pd.DataFrame()
+        self.last_step, self.last_eval_step, self.last_seq = -1, -1, 0
+
+    def refresh(self, store: RunStore, run: dict, columns: tuple[str, ...] | None = None,
+                log_lines: int = 200) -> int:
+        """Read new rows (of `columns` only: the charts on screen; None = all); returns how many step rows were
+        new. Asking for a column not read so far re-reads the run once with it."""
+        status = run.get("status")
+        if self.status is not None and self.status not in ACTIVE_STATUSES and status in ACTIVE_STATUSES:
+            self.reset()
+        wanted = tuple(STEP_COLUMNS) if columns is None else tuple(c for c in STEP_COLUMNS if c in set(columns))
+        if not set(wanted) <= set(self.columns):
+            self.columns = tuple(c for c in STEP_COLUMNS if c in set(wanted) | set(self.columns))
+            self.steps, self.last_step = pd.DataFrame(), -1
+        self.status = status
+        self.reads += 1
+        new_steps = store.read_steps(self.run_id, after_step=self.last_step, columns=self.columns)
+        if len(new_steps):
+            self.steps = new_steps if self.steps.empty else pd.concat([self.steps, new_steps], ignore_index=True)
+            self.last_step = int(new_steps.step.iloc[-1])
+        new_evals = store.read_evals(self.run_id, after_step=self.last_eval_step)
+        if len(new_evals):
+            self.evals = new_evals if self.evals.empty else pd.concat([self.evals, new_evals], ignore_index=True)
+            self.last_eval_step = int(new_evals.step.max())
+        # Only the newest `log_lines` lines matter to the view; older new lines are skipped, not queued.
+        new_logs = store.read_logs(self.run_id, after_seq=self.last_seq, limit=log_lines, tail=True)
+        if len(new_logs):
+            self.logs = (pd.concat([self.logs, new_logs], ignore_index=True).tail(log_lines).reset_index(drop=True)
+                         if len(self.logs) else new_logs)
+            self.last_seq = int(new_logs.seq.iloc[-1])
+        return len(new_steps)
+
+
+# -- run summary, sizes, diffs, exports -----------------------------------------------------------------------------
+def summary_text(summary: dict) -> str:
+    """The guide's HYBRID OPTIMIZATION SUMMARY block from a run's stored summary."""
+    lines = ["HYBRID OPTIMIZATION SUMMARY", "=" * 60]
+    for label, key, fmt in SUMMARY_LINES:
+        value = summary.get(key)
+        if value is None:
+            text = "—"
+        else:
+            try:
+                text = fmt.format(int(value) if fmt == "{:d}" else float(value))
+            except (TypeError, ValueError):
+                text = str(value)
+        lines.append(f"{label}: {text}")
+    lines.append("=" * 60)
+    return "\n".join(lines)
+
+
+def plan_size(plan: pd.DataFrame) -> dict:
+    """Parameter-weighted average bits of the quantized layers, their packed size and compression vs FP32."""
+    if plan.empty or "bits" not in plan or "n_params" not in plan:
+        return {"layers": 0, "params": 0, "avg_bits": None, "bytes": None, "fp32_bytes": None, "compression": None}
+    rows = plan.dropna(subset=["bits", "n_params"])
+    params = float(rows.n_params.sum())
+    total_bits = float((rows.bits * rows.n_params).sum())
+    avg = total_bits / params if params else None
+    return {"layers": int(len(rows)), "params": int(params), "avg_bits": avg, "bytes": total_bits / 8,
+            "fp32_bytes": params * 4, "compression": (32 / avg) if avg else None}
+
+
+def sensitivity_table(plan: pd.DataFrame) -> pd.DataFrame:
+    """The plan's per-layer sensitivity features (features_json) as numeric columns indexed by layer."""
+    if plan.empty or "features_json" not in plan:
+        return pd.DataFrame()
+    rows = []
+    for layer, text in zip(plan.layer, plan.features_json):
+        try:
+            features = json.loads(text) if isinstance(text, str) else {}
+        except json.JSONDecodeError:
+            features = {}
+        rows.append({"layer": layer, **{k: v for k, v in features.items() if isinstance(v, (int, float))}})
+    return pd.DataFrame(rows).set_index("layer") if rows else pd.DataFrame()
+
+
+def config_diff(runs: dict[str, dict]) -> pd.DataFrame:
+    """Config fields (and preset) whose values differ between the given runs: one row per field, a column per run."""
+    if not runs:
+        return pd.DataFrame()
+    keys = sorted({k for run in runs.values() for k in (run.get("config") or {})})
+    table = {label: {"preset": run.get("preset"), **{k: (run.get("config") or {}).get(k) for k in keys}}
+             for label, run in runs.items()}
+    frame = pd.DataFrame(table)
+    if len(runs) < 2:
+        return frame
+    differs = frame.apply(lambda row: len({json.dumps(v, sort_keys=True, default=str) for v in row}) > 1, axis=1)
+    return frame[differs]
+
+
+def metrics_csv(store: RunStore, run_ids: list[str]) -> bytes:
+    """Every step row of the given runs, one CSV (run_id first), for download."""
+    buffer = io.StringIO()
+    header = True
+    for run_id in run_ids:
+        frame = store.read_steps(run_id)
+        frame.insert(0, "run_id", run_id)
+        frame.to_csv(buffer, index=False, header=header)
+        header = False
+    if header:  # nothing written: still a valid CSV with the header
+        pd.DataFrame(columns=["run_id", "step", "wall_time", *STEP_COLUMNS]).to_csv(buffer, index=False)
+    return buffer.getvalue().encode()
+
+
+def run_label(row: dict | pd.Series) -> str:
+    name = row.get("name") or row.get("run_id")
+    return name if name == row.get("run_id") else f"{name} ({row.get('run_id')})"

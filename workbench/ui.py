@@ -1,0 +1,102 @@
+"""Streamlit pieces shared by the pages: the runs root, opening the store with a clear message, the run picker,
+liveness upkeep, status badges. Pages stay short and read top to bottom.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from hybrid_optimization.tracking import ACTIVE_STATUSES, RunStore, StoreError, StoreMissing, default_runs_root
+from workbench import launcher
+from workbench.queries import run_label
+
+PAGES = {  # path relative to app.py -> title; app.py builds st.navigation from it
+    "configure": "workbench/pages/configure.py",
+    "live": "workbench/pages/live.py",
+    "clusters": "workbench/pages/clusters.py",
+    "precision": "workbench/pages/precision.py",
+    "compare": "workbench/pages/compare.py",
+    "summary": "workbench/pages/summary.py",
+}
+STATUS_COLORS = {"queued": "gray", "running": "blue", "finished": "green", "failed": "red", "stopped": "orange",
+                 "lost": "violet"}
+LIVENESS_EVERY_S = 5.0
+
+
+def runs_root() -> Path:
+    if "runs_root" not in st.session_state:
+        st.session_state["runs_root"] = str(default_runs_root())
+    return Path(st.session_state["runs_root"]).expanduser()
+
+
+def open_store(create: bool = False) -> RunStore | None:
+    """The store at the chosen runs root, or None after telling the user why not (no traceback)."""
+    root = runs_root()
+    try:
+        store = RunStore(root, create=create)
+    except StoreMissing as exc:
+        st.info(f"{exc}\n\nStart one on the **Configure** page.")
+        return None
+    except StoreError as exc:
+        st.error(str(exc))
+        return None
+    upkeep(store)
+    return store
+
+
+def upkeep(store: RunStore) -> None:
+    """Reap finished children and mark runs whose process died as lost — at most every few seconds per session."""
+    now = time.monotonic()
+    if now - st.session_state.get("_upkeep_at", 0.0) < LIVENESS_EVERY_S:
+        return
+    st.session_state["_upkeep_at"] = now
+    try:
+        launcher.reap(store)
+        store.refresh_liveness()
+    except StoreError as exc:  # e.g. a read-only runs root: show the runs, say why liveness is unknown
+        st.caption(f"could not update run liveness: {exc}")
+
+
+def status_badge(status: str) -> str:
+    return f":{STATUS_COLORS.get(status, 'gray')}-badge[{status}]"
+
+
+def pick_run(runs: pd.DataFrame, label: str = "Run", key: str = "run_picker",
+             prefer_active: bool = False) -> str | None:
+    """A run selector whose choice is shared by every page (session_state['selected_run'])."""
+    if runs.empty:
+        st.info("No runs in this runs root yet. Start one on the **Configure** page.")
+        return None
+    ids = list(runs.run_id)
+    # No status in the labels: a browser keeps showing the selected option's old label when only the label
+    # changes, so "queued" would stay on screen for a running run. Pages show the status next to the picker.
+    labels = {row.run_id: run_label(row._asdict()) for row in runs.itertuples()}
+    linked = st.query_params.get("run")       # ?run=<id> links straight to a run
+    if linked in ids and not st.session_state.get("_linked_run_used"):
+        st.session_state["_linked_run_used"] = True
+        st.session_state["selected_run"] = linked
+        st.session_state.pop(key, None)
+    chosen = st.session_state.get("selected_run")
+    if chosen not in ids:
+        active = runs[runs.status.isin(ACTIVE_STATUSES)]
+        chosen = active.run_id.iloc[0] if prefer_active and len(active) else ids[0]
+    run_id = st.selectbox(label, ids, index=ids.index(chosen), format_func=labels.get, key=key)
+    st.session_state["selected_run"] = run_id
+    return run_id
+
+
+def list_runs(store: RunStore, include_archived: bool = False) -> pd.DataFrame:
+    try:
+        return store.list_runs(include_archived=include_archived)
+    except StoreError as exc:
+        st.error(str(exc))
+        return pd.DataFrame(columns=["run_id", "name", "status"])
+
+
+def page_header(title: str, caption: str | None = None) -> None:
+    st.title(title)
+    if caption:
+        st.caption(caption)
