@@ -138,11 +138,17 @@ class ClusterBalancedSampler:
     allowance leaves the rotation until the next epoch, and a batch that its cluster cannot fill is completed from
     the next clusters in the rotation.
 
+    mixed=False: each batch comes from one cluster (the guide's per-cluster sampling, which the aux net's cluster
+    feature describes exactly). mixed=True: each batch takes an equal share from the clusters next in the rotation
+    (⌈batch_size / n_clusters⌉ each), so every batch is balanced — the same data distribution with a far smaller
+    batch-to-batch gradient variance (benchmarks/bench_hybrid.py measures the difference).
+
     Iterating yields np.ndarray batches of indices; `last_cluster` is the cluster that supplied (most of) the last
-    batch and `batches_per_cluster` counts them. `state_dict()` makes a resumed run draw the same batches.
+    batch and `batches_per_cluster` counts them (`samples_per_cluster` counts samples). `state_dict()` makes a
+    resumed run draw the same batches.
     """
 
-    def __init__(self, labels: Any, batch_size: int, max_repeats: int = 2, seed: int = 0):
+    def __init__(self, labels: Any, batch_size: int, max_repeats: int = 2, seed: int = 0, mixed: bool = False):
         labels = np.asarray(labels).astype(np.int64).reshape(-1)
         if labels.size == 0:
             raise ValueError("ClusterBalancedSampler needs at least one labelled sample")
@@ -155,6 +161,7 @@ class ClusterBalancedSampler:
         self.labels = labels
         self.batch_size = int(batch_size)
         self.max_repeats = int(max_repeats)
+        self.mixed = bool(mixed)
         self.n_clusters = int(labels.max()) + 1
         self.members = [np.flatnonzero(labels == c) for c in range(self.n_clusters)]
         self.rng = np.random.default_rng(seed)
@@ -220,7 +227,8 @@ class ClusterBalancedSampler:
             self.epoch += 1
             self._start_epoch()
             first = self._next_cluster()
-        return self._fill_from(first, self.batch_size)
+        share = -(-self.batch_size // self.n_clusters) if self.mixed else self.batch_size
+        return self._fill_from(first, self.batch_size, share)
 
     def sample_from_cluster(self, cluster_id: int, batch_size: int | None = None) -> np.ndarray:
         """A batch from one named cluster; when that cluster has used its allowance, the next one serves."""
@@ -232,11 +240,12 @@ class ClusterBalancedSampler:
         c = int(cluster_id) if self._allowance(int(cluster_id)) > 0 else self._next_cluster()
         return self._fill_from(c, batch_size or self.batch_size)
 
-    def _fill_from(self, first: int, size: int) -> np.ndarray:
+    def _fill_from(self, first: int, size: int, share: int | None = None) -> np.ndarray:
+        """`size` indices: up to `share` from `first`, then from the next clusters in the rotation."""
         parts, counts = [], {}
         c = first
         while size > 0 and c is not None:
-            chunk = self._take(c, size)
+            chunk = self._take(c, min(size, share or size))
             if len(chunk):
                 parts.append(chunk)
                 counts[c] = counts.get(c, 0) + len(chunk)

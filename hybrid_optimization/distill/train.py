@@ -1,0 +1,996 @@
+"""The distillation run: prepare → open the run record → set up → train → finish. `train(options)` is the API.
+
+    prepare   read and check everything a user can get wrong (flags, data, teacher path, a resumed checkpoint)
+              before anything starts: bad input raises a clear error and creates no run record.
+    open      create the run record in the run store (or take the launcher's / the resumed one), status running.
+    setup     teacher logits (cached per dataset), data clustering, the student, the sampler, the optimizer.
+    fit       the training loop: distillation loss → backward → optimizer step (HybridOptimizer with the batch
+              loss and cluster id, or AdamW), per-step metrics to the store, per-epoch lines, evaluations,
+              checkpoints, and the stop checks (store flag, SIGTERM/SIGINT, `stop_after_steps`).
+    finish    the summary (the guide's HYBRID OPTIMIZATION SUMMARY), metrics CSV, export, status finished.
+
+With --hybrid the precision plan (parameter clustering) is made after a warm-up of 10 % of the steps, when the
+weights carry some signal; until then every Linear layer trains at the target bits. Its default average-bits
+budget is the target bit-width, so a mixed plan costs no more bits than the uniform one it replaces.
+
+Under torchrun every rank runs this same code: gradients are averaged by DDP, the loss given to the optimizer is
+all-reduced, stop decisions are OR-ed across ranks, and only rank 0 talks to the run store and the terminal.
+"""
+from __future__ import annotations
+
+import csv
+import gc
+import math
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import distributed as dist_utils
+from ..clustering import ClusterBalancedSampler, KMeansClustering
+from ..config import ConfigError, HybridTrainingConfig
+from ..featurize import make_featurizer, project_2d
+from ..optim import HybridOptimizer
+from ..precision import build_precision_plan
+from ..quantization import (SUPPORTED_BITS, CodeFlipTracker, QuantizedExportError, layer_quantization_report,
+                            quantize_model, quantized_layers)
+from ..tracking import RunNotFound, RunStore, StoreError, pid_alive
+from .checkpoint import FILENAME as CHECKPOINT_NAME
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .data import DataError, Dataset, build_dataset, documents_fingerprint, load_documents
+from .evaluate import evaluate
+from .losses import distillation_loss
+from .options import RESUME_OVERRIDABLE, OptionsError, TrainOptions
+from .samplers import ShuffleBatchSampler
+from .student import StudentConfig, StudentLM
+from .teacher import TeacherError, load_teacher, smollm2_gguf_path, teacher_topk_cache
+from .tiny import tiny_teacher_dir, tiny_tokenizer
+
+# Errors that mean "the input is wrong": the CLI prints them in one line and exits with code 2.
+BAD_INPUT_ERRORS = (OptionsError, ConfigError, DataError, TeacherError, CheckpointError, RunNotFound,
+                    QuantizedExportError)
+PLAN_WARMUP_FRACTION = 0.1
+CHECKPOINT_EVERY_S = 30.0
+SAMPLE_ROWS_MAX = 5000          # samples stored for the cluster plot
+
+
+class RunResumeError(OptionsError):
+    """--resume names a run that cannot be resumed (running, or finished with nothing left to do)."""
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns: enough for notebooks and benchmarks without reading the store."""
+    status: str                               # finished | stopped
+    run_id: str | None
+    run_dir: Path | None
+    steps: int                                # optimizer steps completed in total
+    total_steps: int
+    summary: dict
+    history: list[dict]                       # one dict per step (this process's steps and resumed ones)
+    evals: list[dict]                         # {"step": s, **metrics}
+    final_eval: dict
+    model: torch.nn.Module
+    dataset: Dataset
+    plan: Any = None                          # PrecisionPlan of a hybrid run
+    export: Any = None                        # ExportReport when exported
+    wall_time_s: float = 0.0                  # training loop time (setup excluded)
+    setup_time_s: float = 0.0
+    tokens_per_s: float = 0.0
+    peak_rss_mb: float = 0.0                  # whole process
+    train_peak_rss_mb: float | None = None    # during the training loop only (Linux)
+    cuda_peak_mb: float | None = None
+    stop_signal: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        if self.status == "finished":
+            return 0
+        return 130 if self.stop_signal == signal.SIGINT else 143
+
+
+def train(options: TrainOptions) -> TrainResult:
+    """Run one distillation job (see the module docstring). Raises a BAD_INPUT_ERRORS error for bad input."""
+    return Trainer(options).run()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise OptionsError("--device cuda: no CUDA device is available (use --device auto or cpu)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise OptionsError("--device mps: MPS is not available on this machine (use --device auto or cpu)")
+    return torch.device(name)
+
+
+def merge_for_resume(stored: TrainOptions, given: TrainOptions) -> TrainOptions:
+    """The stored run's options, with the overridable values the resume call set explicitly (non-default)."""
+    defaults = TrainOptions()
+    changes = {name: getattr(given, name) for name in RESUME_OVERRIDABLE
+               if getattr(given, name) != getattr(defaults, name)}
+    hooks = {name: getattr(given, name) for name in ("optimizer_factory", "stop_after_steps", "track", "runs_root")}
+    return stored.replace(**changes, **hooks, resume=given.resume, run_id=None)
+
+
+def precision_ladder_for(target_bits: float, n_groups: int) -> tuple[float, ...]:
+    """Bits per sensitivity rank around the target: one level up, the target, one level down. For a 1.58-bit
+    target and 4 groups this is the guide's (2, 1.58, 1.58, 1)."""
+    levels = sorted(float(b) for b in SUPPORTED_BITS)
+    i = levels.index(float(target_bits))
+    up, down = levels[min(i + 1, len(levels) - 1)], levels[max(i - 1, 0)]
+    if n_groups == 1:
+        return (float(target_bits),)
+    if n_groups == 2:
+        return (up, down)
+    return (up, *([float(target_bits)] * (n_groups - 2)), down)
+
+
+def quantize_student(student, bits, scale_factor: float) -> None:
+    """Quantize the student's Linear layers (one bit-width or a bit map). k-bit layers search their MSE clipping
+    ratio at every training step (not every 16th): the ratio then depends only on the current weights, so a
+    resumed run and a run with extra evaluations follow exactly the same trajectory."""
+    quantize_model(student, bits, scale_factor=scale_factor)
+    for layer in quantized_layers(student).values():
+        layer.scale_search_interval = 1
+
+
+def make_precision_plan(student, tokens, values, indices, cfg, bits: float, batch_size: int, alpha: float,
+                        temperature: float, device):
+    """Parameter clustering → a PrecisionPlan for `student` (the pipeline's and the benchmark's one recipe).
+    Sensitivities come from one fixed batch of ≤ 8 training windows: enough to rank layers, and the Hutchinson
+    trace's double backward is costly."""
+    rows = np.random.default_rng(cfg.seed + 1).permutation(len(tokens))[:min(8, batch_size)]
+    batches = [torch.from_numpy(np.sort(rows))]
+
+    def loss_fn(model, index):
+        batch = tokens[index].to(device)
+        return distillation_loss(model(batch[:, :-1]), batch[:, 1:], values[index].to(device),
+                                 indices[index].to(device), alpha, temperature)[0]
+
+    budget = cfg.precision_budget if cfg.precision_budget is not None else bits
+    return build_precision_plan(student, loss_fn, batches, n_clusters=cfg.parameter_clusters, budget=budget,
+                                precisions=precision_ladder_for(bits, cfg.parameter_clusters),
+                                hutchinson_samples=4, seed=cfg.seed)
+
+
+class Trainer:
+    def __init__(self, options: TrainOptions):
+        self.options = options
+        self.ctx = dist_utils.DistContext()
+        self.store: RunStore | None = None
+        self.writer = None
+        self.run_id: str | None = None
+        self.run_dir: Path | None = None
+        self.checkpoint: dict | None = None
+        self.stop_signal: int | None = None
+        self.history: list[dict] = []
+        self.evals: list[dict] = []
+        self.plan = None
+        self.bit_map = None
+        self.bar = None
+        self._old_handlers: dict = {}
+
+    # ================================================================================================ run ======
+    def run(self) -> TrainResult:
+        start = time.perf_counter()
+        self.device = resolve_device(self.options.device)
+        self.ctx = dist_utils.init_distributed(self.device.type)
+        if self.ctx.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.ctx.local_rank)
+        self.is_main = self.ctx.is_main
+        try:
+            self._attach_launcher_record()
+            try:
+                self.prepare()
+                self.prepare_seconds = time.perf_counter() - start
+            except BAD_INPUT_ERRORS as exc:
+                self._mark_launcher_record_failed(str(exc))
+                raise
+            self.open_run()
+            self._install_signal_handlers()
+            try:
+                self.setup()
+                self.setup_time = time.perf_counter() - start
+                self.fit()
+                return self.finish()
+            except BaseException as exc:
+                self._record_failure(exc)
+                raise
+        finally:
+            self._restore_signal_handlers()
+            if self.bar is not None:
+                self.bar.close()
+            if self.writer is not None:
+                self.writer.close()
+            dist_utils.cleanup(self.ctx)
+
+    # ============================================================================================ prepare ======
+    def prepare(self) -> None:
+        """Everything that can fail because of the user's input, before a run record exists."""
+        opts = self.options
+        if opts.resume is not None:
+            opts = self.options = self._resumed_options(opts)
+        opts.validate()
+        self.preset = opts.preset_obj
+        if self.ctx.enabled and self.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.ctx.world_size))
+        documents = load_documents(opts.data)
+        self.source_name = opts.data or "chatterbot-corpus (English)"
+        with NodeFirst(self.ctx):
+            if opts.teacher is not None:
+                self.teacher = load_teacher(opts.teacher, log=self.say)
+                tokenizer = self.teacher.tokenizer
+            elif self.preset.teacher == "smollm2":
+                self.teacher = load_teacher(smollm2_gguf_path(), log=self.say)
+                tokenizer = self.teacher.tokenizer
+            else:                                            # tiny: the teacher is trained in setup()
+                self.teacher = None
+                tokenizer = tiny_tokenizer(documents, documents_fingerprint(documents), self.preset.tokenizer_vocab,
+                                           log=self.say)
+        self.tokenizer = tokenizer
+        self.seq_len = opts.seq_len or self.preset.seq_len
+        self.dataset = build_dataset(documents, tokenizer, self.seq_len, opts.split_seed,
+                                     source_name=str(self.source_name))
+        # The schedule.
+        cfg0 = opts.hybrid_training_config()
+        self.batch_size = cfg0.batch_size
+        if self.batch_size % self.ctx.world_size:
+            raise OptionsError(f"--batch_size {self.batch_size} must be divisible by the number of processes "
+                               f"({self.ctx.world_size}): every rank takes an equal share of each batch")
+        n_train = len(self.dataset.train)
+        self.steps_per_epoch = opts.steps_per_epoch or self.preset.steps_per_epoch or math.ceil(n_train /
+                                                                                                 self.batch_size)
+        self.total_steps = opts.max_steps if opts.max_steps else opts.epochs * self.steps_per_epoch
+        self.n_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.cfg = opts.hybrid_training_config(total_steps=self.total_steps)
+        self.bits = opts.resolved_bits()
+        self.student_config = StudentConfig.from_size(opts.student_size or self.preset.student_size,
+                                                      self.dataset.vocab_size, self.seq_len)
+        self.data_clustering = opts.hybrid and (opts.data_clustering if opts.data_clustering is not None
+                                                else self.cfg.use_clustering)
+        self.param_clustering = opts.hybrid and self.bits < 16 and (
+            opts.param_clustering if opts.param_clustering is not None else self.cfg.use_clustering)
+        if opts.export and not opts.track:
+            raise OptionsError("export needs a run folder: use track=True (the default)")
+        if opts.resume is not None:
+            self.checkpoint = load_checkpoint(self._resume_dir / CHECKPOINT_NAME, self._fingerprint())
+            done = int(self.checkpoint["step"])
+            if done >= self.total_steps:
+                raise RunResumeError(f"run {opts.resume} already completed {done} of {self.total_steps} steps; "
+                                     "pass a larger --max_steps or --epochs to train it further")
+
+    def _resumed_options(self, given: TrainOptions) -> TrainOptions:
+        try:
+            run = RunStore(given.runs_root, create=False).get_run(given.resume)
+        except RunNotFound:          # a StoreError too, but its message is already the one to show
+            raise
+        except StoreError as exc:
+            raise RunResumeError(f"--resume {given.resume}: {exc}") from None
+        if run["status"] in ("running", "queued") and run.get("pid") and pid_alive(run["pid"]) \
+                and run["pid"] != os.getpid():
+            raise RunResumeError(f"run {given.resume} is {run['status']} (pid {run['pid']}); stop it before "
+                                 "resuming it")
+        stored_args = run.get("args") or {}
+        if not isinstance(stored_args, dict) or "options" not in stored_args:
+            raise RunResumeError(f"run {given.resume} was not started by this pipeline (no stored options)")
+        stored = TrainOptions.from_dict(stored_args["options"])
+        config = {k: v for k, v in (run.get("config") or {}).items()
+                  if k in HybridTrainingConfig.__dataclass_fields__}
+        stored.hybrid_config = HybridTrainingConfig.from_dict(config) if config else None
+        self._resume_dir = Path(run["run_dir"])
+        return merge_for_resume(stored, given)
+
+    def _fingerprint(self) -> dict:
+        return {"dataset": self.dataset.fingerprint, "student": self.student_config.to_dict(),
+                "hybrid": bool(self.options.hybrid), "bits": float(self.bits), "batch_size": int(self.batch_size),
+                "seed": int(self.cfg.seed)}
+
+    # =============================================================================================== open ======
+    def open_run(self) -> None:
+        opts = self.options
+        run_id = None
+        if self.is_main and opts.track:
+            self.store = RunStore(opts.runs_root)
+            config = self._config_record()
+            args = {"argv": opts.argv, "options": opts.to_dict()}
+            if opts.resume is not None:
+                run_id = opts.resume
+                self.store.update_run(run_id, total_steps=self.total_steps, config=config)
+            elif opts.run_id is not None:
+                run_id = opts.run_id
+                self.store.update_run(run_id, total_steps=self.total_steps, config=config, args=args,
+                                      preset=opts.preset)
+            else:
+                run_id = self.store.create_run(config=config, args=args, preset=opts.preset, name=opts.run_name,
+                                               tags=list(opts.tags), notes=opts.notes, status="queued",
+                                               total_steps=self.total_steps)
+            self.run_dir = self.store.run_dir(run_id)
+            self.writer = self.writer or self.store.writer(run_id)
+            self.writer.set_pid(os.getpid())
+            self.writer.set_device(self._device_label())
+            self.writer.set_status("running")
+        self.run_id = dist_utils.broadcast_object(run_id, self.ctx)
+        run_dir = dist_utils.broadcast_object(str(self.run_dir) if self.run_dir else None, self.ctx)
+        self.run_dir = Path(run_dir) if run_dir else None
+        if self.is_main and opts.quiet and self.run_id is not None:
+            print(f"run_id={self.run_id}", flush=True)
+        if self.run_id is not None and self.is_main:
+            self.say(f"Run {self.run_id} ({'resumed' if opts.resume else 'new'}) — store {self.store.root}, "
+                     f"folder {self.run_dir}")
+
+    def _config_record(self) -> dict:
+        opts = self.options
+        return {**self.cfg.to_dict(), "hybrid": opts.hybrid, "preset": opts.preset, "bits": self.bits,
+                "student_size": opts.student_size or self.preset.student_size, "seq_len": self.seq_len,
+                "epochs": self.n_epochs, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                "alpha": opts.alpha, "temperature": opts.temperature, "embedder": opts.embedder,
+                "data": self.source_name, "teacher": opts.teacher or self.preset.teacher,
+                "world_size": self.ctx.world_size, "split_seed": opts.split_seed,
+                "data_clustering": self.data_clustering, "param_clustering": self.param_clustering,
+                "optimizer": "custom" if opts.optimizer_factory else ("hybrid" if opts.hybrid else "adamw")}
+
+    def _device_label(self) -> str:
+        label = str(self.device)
+        if self.device.type == "cuda":
+            label += f" ({torch.cuda.get_device_name(self.device)})"
+        if self.ctx.enabled:
+            label += f" × {self.ctx.world_size} ranks ({self.ctx.backend})"
+        return label
+
+    # ============================================================================================== setup ======
+    def setup(self) -> None:
+        opts, cfg = self.options, self.cfg
+        # 1. The teacher's top-k logits (the teacher runs once per dataset; afterwards only its cache is read).
+        with NodeFirst(self.ctx):
+            if self.teacher is None:
+                folder = tiny_teacher_dir(self.tokenizer, self.dataset, hidden_size=self.preset.teacher_hidden,
+                                          layers=self.preset.teacher_layers, steps=self.preset.teacher_steps,
+                                          log=self.say)
+                self.teacher = load_teacher(folder, log=self.say)
+            k = opts.top_k or self.preset.top_k
+            self.logits = teacher_topk_cache(self.teacher, self.dataset, k=k, device=str(self.device),
+                                             batch_size=self.preset.teacher_batch_size, log=self.say,
+                                             progress=self._teacher_progress)
+        self.teacher.release()
+        _return_freed_memory()
+        if self.logits.built_seconds == 0:
+            self.say(f"teacher logits loaded from the cache ({self.logits.path.name})")
+        # 2. Evaluation subset: evenly spaced validation windows (the split is already random by document).
+        n_val = len(self.dataset.val)
+        cap = min(n_val, opts.eval_windows or self.preset.eval_windows)
+        self.eval_index = torch.from_numpy(np.unique(np.linspace(0, n_val - 1, cap).round().astype(np.int64)))
+        # 3. Data clustering (always computed: the hybrid samples by it; every run reports per-cluster losses).
+        started = time.perf_counter()
+        if self.checkpoint is not None:
+            clustering = {"train": self.checkpoint["clusters"]["train"].numpy(),
+                          "val": self.checkpoint["clusters"]["val"].numpy(), "xy_train": None, "xy_val": None}
+        else:
+            clustering = self._cluster_samples() if self.is_main else None
+            clustering = dist_utils.broadcast_object(clustering, self.ctx)
+        self.train_clusters = np.asarray(clustering["train"], dtype=np.int64)
+        self.val_clusters = torch.from_numpy(np.asarray(clustering["val"], dtype=np.int64))
+        self.n_clusters = int(self.train_clusters.max()) + 1
+        self.clustering_seconds = time.perf_counter() - started
+        if self.writer is not None and clustering.get("xy_train") is not None:
+            self._store_samples(clustering)
+        # 4. The student, quantized uniformly at the target bits (the plan may change the bits later).
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.student = StudentLM(self.student_config).to(self.device)
+        if self.bits < 16:
+            self._quantize(self.bits)
+        self.model = self.student
+        if self.ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+            self.model = DistributedDataParallel(
+                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # 5. Batches: cluster-balanced for the hybrid, uniformly shuffled otherwise.
+        if self.data_clustering:
+            self.sampler = ClusterBalancedSampler(self.train_clusters, self.batch_size,
+                                                  max_repeats=cfg.max_sample_repeats, seed=cfg.seed)
+        else:
+            self.sampler = ShuffleBatchSampler(len(self.dataset.train), self.batch_size, seed=cfg.seed)
+        # 6. The optimizer.
+        self.scheduler = None
+        if opts.optimizer_factory is not None:
+            made = opts.optimizer_factory(self.student, opts)
+            self.optimizer, self.scheduler = made if isinstance(made, tuple) else (made, None)
+        elif opts.hybrid:
+            self.optimizer = HybridOptimizer.from_config(self.student.parameters(), cfg, quantization_bits=None,
+                                                         n_clusters=self.n_clusters if self.data_clustering else None)
+        else:
+            self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.base_learning_rate,
+                                               betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+        self.is_hybrid_optimizer = isinstance(self.optimizer, HybridOptimizer)
+        self._set_optimizer_mode("train")
+        self.flip_tracker = CodeFlipTracker() if self.bits < 16 else None
+        self.plan_step = max(1, round(PLAN_WARMUP_FRACTION * self.total_steps)) if self.param_clustering else None
+        self.start_step = 0
+        if self.checkpoint is not None:
+            self._restore(self.checkpoint)
+        self._announce()
+
+    def _cluster_samples(self) -> dict:
+        opts, cfg = self.options, self.cfg
+        texts_train, texts_val = self.dataset.train.texts, self.dataset.val.texts
+        featurizer = make_featurizer(opts.embedder, seed=cfg.seed, device="cpu")
+        train_features = featurizer.fit_transform(texts_train)
+        val_features = featurizer.transform(texts_val)
+        k = min(cfg.data_clusters, len(texts_train))
+        kmeans = KMeansClustering(n_clusters=k, random_state=cfg.seed).fit(train_features)
+        labels_train, labels_val = kmeans.labels_, kmeans.predict(val_features)
+        xy_train = project_2d(train_features, seed=cfg.seed)
+        xy_val = project_2d(val_features, seed=cfg.seed, fit_on=train_features)
+        return {"train": labels_train, "val": labels_val, "xy_train": xy_train, "xy_val": xy_val}
+
+    def _store_samples(self, clustering: dict) -> None:
+        rows = []
+        for split, texts, labels, xy, tokens in (
+                ("train", self.dataset.train.texts, clustering["train"], clustering["xy_train"], self.dataset.train),
+                ("val", self.dataset.val.texts, clustering["val"], clustering["xy_val"], self.dataset.val)):
+            step = max(1, math.ceil(len(texts) / SAMPLE_ROWS_MAX))
+            for i in range(0, len(texts), step):
+                rows.append({"idx": i, "split": split, "cluster": int(labels[i]), "x": float(xy[i, 0]),
+                             "y": float(xy[i, 1]), "text": texts[i][:600], "n_tokens": self.seq_len})
+        self.writer.set_samples(rows)
+
+    def _announce(self) -> None:
+        opts, cfg = self.options, self.cfg
+        ds = self.dataset
+        bits = "full precision" if self.bits >= 16 else f"{self.bits:g}-bit QAT"
+        self.say(f"Data: {self.source_name}: {len(ds.train)} training / {len(ds.val)} validation windows of "
+                 f"{self.seq_len} tokens from {ds.train.n_documents + ds.val.n_documents} distinct documents"
+                 + (f" ({ds.n_duplicates} exact duplicates dropped)" if ds.n_duplicates else "")
+                 + f"; student vocabulary {ds.vocab_size} tokens")
+        self.say(f"Student: {opts.student_size or self.preset.student_size} ({self.student.n_params() / 1e6:.2f} M "
+                 f"parameters, {bits}); teacher: {self.teacher.description}")
+        self.say(f"Schedule: {self.total_steps} steps = {self.n_epochs} epochs × {self.steps_per_epoch} steps, "
+                 f"batch {self.batch_size} × {self.seq_len} tokens"
+                 + (f", {self.ctx.world_size} processes" if self.ctx.enabled else ""))
+        if opts.hybrid:
+            aux = "auxiliary NN guidance" if cfg.use_auxiliary_nn else "no auxiliary NN"
+            clusters = self.n_clusters if self.data_clustering else 0
+            self.say(f"Initialized hybrid optimization with {clusters} data clusters and {aux}")
+        elif opts.optimizer_factory is not None:
+            self.say(f"Initialized custom optimizer {type(self.optimizer).__name__}")
+        else:
+            self.say(f"Initialized baseline AdamW at constant LR {cfg.base_learning_rate:g}")
+        if self.start_step:
+            self.say(f"Resuming at step {self.start_step} of {self.total_steps}")
+
+    # ================================================================================================ fit ======
+    def fit(self) -> None:
+        opts, cfg = self.options, self.cfg
+        train_tokens = self.dataset.train.tokens
+        values, indices = self.logits.train_values, self.logits.train_indices
+        tokens_per_step = self.batch_size * self.seq_len
+        self._reset_peak_rss()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.train_started = time.perf_counter()
+        self.train_seconds_before = float(self.checkpoint["train_seconds"]) if self.checkpoint else 0.0
+        show_bar = self.is_main and opts.progress and not opts.quiet
+        if show_bar:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=self.total_steps, initial=self.start_step, unit="step", dynamic_ncols=True,
+                            file=sys.stderr, leave=False)
+        # The current epoch's rows (a resumed run continues an epoch it started before the stop).
+        epoch_rows = [h for h in self.history if h["epoch"] == self.start_step // self.steps_per_epoch]
+        self._last_checkpoint_time = time.monotonic()
+        tokens_ema = None
+        self.stopped = False
+        for step in range(self.start_step, self.total_steps):
+            step_start = time.perf_counter()
+            epoch = step // self.steps_per_epoch
+            if self.plan_step is not None and step == self.plan_step and self.bit_map is None:
+                self._make_plan()
+            batch_index = self.sampler.next_batch()
+            cluster_id = int(self.sampler.last_cluster) if self.data_clustering else None
+            local = torch.from_numpy(np.asarray(dist_utils.shard(batch_index, self.ctx), dtype=np.int64))
+            batch = train_tokens[local].to(self.device)
+            logits = self.model(batch[:, :-1])
+            loss, parts = distillation_loss(logits, batch[:, 1:], values[local].to(self.device),
+                                            indices[local].to(self.device), opts.alpha, opts.temperature)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            loss_value = dist_utils.all_reduce_mean(float(loss.detach()), self.ctx, self.device)
+            row = self._optimizer_step(loss_value, cluster_id)
+            if self.scheduler is not None:
+                self.scheduler.step()
+            # Diagnostics of the quantized weights.
+            flips = self.flip_tracker.update(self.student) if self.flip_tracker is not None else {}
+            if flips:
+                n = {name: m.weight.numel() for name, m in self.student.named_modules() if name in flips}
+                row["flip_rate"] = sum(flips[k] * n[k] for k in flips) / sum(n.values())
+            done = step + 1
+            if self.bits < 16 and (done % cfg.log_interval == 0 or done == self.total_steps):
+                row["quantization_error"] = self._log_layers(done, flips)
+            seconds = time.perf_counter() - step_start
+            tokens_per_s = tokens_per_step / max(seconds, 1e-9)
+            tokens_ema = tokens_per_s if tokens_ema is None else 0.9 * tokens_ema + 0.1 * tokens_per_s
+            row.update(step=done, epoch=epoch, loss=loss_value, ce=float(parts["ce"]), kl=float(parts["kl"]),
+                       tokens_per_s=tokens_per_s, cluster_id=cluster_id,
+                       time=self.train_seconds_before + time.perf_counter() - self.train_started)
+            self.history.append(row)
+            epoch_rows.append(row)
+            if self.writer is not None:
+                self.writer.log_step(done, **{k: row.get(k) for k in _STORE_STEP_COLUMNS})
+                self.writer.heartbeat()
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_ema:,.0f}", refresh=False)
+            # Evaluation, epoch boundary, stop checks.
+            end_of_epoch = done % self.steps_per_epoch == 0 or done == self.total_steps
+            evaluated = False
+            if opts.eval_every_steps and done % opts.eval_every_steps == 0:
+                self._evaluate(done)
+                evaluated = True
+            if end_of_epoch:
+                self._epoch_line(epoch, epoch_rows)
+                epoch_rows = []
+                if not evaluated and ((epoch + 1) % opts.eval_every == 0 or done == self.total_steps):
+                    self._evaluate(done)
+                # Checkpoints at epoch ends, at most one per CHECKPOINT_EVERY_S (a crash loses less than that),
+                # and always at the end; a stop writes its own below.
+                if done == self.total_steps or time.monotonic() - self._last_checkpoint_time >= CHECKPOINT_EVERY_S:
+                    self._save_checkpoint(done)
+            if self._should_stop(done) and done < self.total_steps:
+                self.stopped = True
+                self._save_checkpoint(done)
+                self.say(f"Stop requested: checkpoint saved at step {done} of {self.total_steps}")
+                break
+        self.train_seconds = self.train_seconds_before + time.perf_counter() - self.train_started
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _optimizer_step(self, loss_value: float, cluster_id: int | None) -> dict:
+        if self.is_hybrid_optimizer:
+            info = self.optimizer.step(loss=loss_value, cluster_id=cluster_id)
+            radius = info.trust_radius if math.isfinite(info.trust_radius) else None
+            return {"learning_rate": info.learning_rate, "lr_multiplier": info.lr_multiplier,
+                    "trust_radius": radius, "constraint_active": bool(info.constraint_active),
+                    "update_magnitude": info.update_magnitude, "gradient_magnitude": info.gradient_magnitude,
+                    "skipped": bool(info.skipped)}
+        # A plain torch optimizer: measure what it did so the same curves exist for the baseline.
+        params = [p for p in self.student.parameters() if p.grad is not None]
+        grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params]))))
+        before = [p.detach().clone() for p in params]
+        self.optimizer.step()
+        update = float(torch.linalg.vector_norm(torch.stack(
+            torch._foreach_norm(torch._foreach_sub([p.detach() for p in params], before)))))
+        return {"learning_rate": float(self.optimizer.param_groups[0]["lr"]), "lr_multiplier": 1.0,
+                "trust_radius": None, "constraint_active": None, "update_magnitude": update,
+                "gradient_magnitude": grad_norm, "skipped": not math.isfinite(loss_value)}
+
+    def _make_plan(self) -> None:
+        """Parameter clustering → per-layer bits (rank 0 decides; every rank applies the same bit map)."""
+        cfg, opts = self.cfg, self.options
+        bit_map = None
+        if self.is_main:
+            started = time.perf_counter()
+            self.plan = make_precision_plan(self.student, self.dataset.train.tokens, self.logits.train_values,
+                                            self.logits.train_indices, cfg, self.bits, self.batch_size,
+                                            opts.alpha, opts.temperature, self.device)
+            budget = cfg.precision_budget if cfg.precision_budget is not None else self.bits
+            bit_map = self.plan.bit_map()
+            self.say(f"Precision plan: {len(bit_map)} layers in {len(set(self.plan.cluster_bits))} parameter "
+                     f"clusters → average {self.plan.avg_bits:.3f} bits (budget {budget:g}) in "
+                     f"{time.perf_counter() - started:.1f} s")
+            if self.writer is not None:
+                self.writer.set_plan([{"layer": name, "module_type": name.rsplit(".", 1)[-1], "bits": info["bits"],
+                                       "cluster": info["cluster"], "n_params": info.get("n_params"),
+                                       "features": {k: v for k, v in info.items()
+                                                    if k not in ("bits", "cluster", "n_params")}}
+                                      for name, info in self.plan.layers.items()])
+        bit_map = dist_utils.broadcast_object(bit_map, self.ctx)
+        self._quantize(bit_map)
+        self.bit_map = bit_map
+        self.flip_tracker = CodeFlipTracker()     # codes of another bit-width are not comparable
+
+    def _quantize(self, bits) -> None:
+        quantize_student(self.student, bits, self.cfg.quantizer_scale)
+
+    def _log_layers(self, step: int, flips: dict) -> float | None:
+        report = layer_quantization_report(self.student)
+        if not report:
+            return None
+        total = sum(r["n_params"] for r in report)
+        error = sum(r["rel_error"] * r["n_params"] for r in report) / total
+        if self.writer is not None:
+            rows = []
+            for r in report:
+                dist = r.get("code_distribution") or {}
+                rows.append({"layer": r["name"], "module_type": r["name"].rsplit(".", 1)[-1], "bits": r["bits"],
+                             "n_params": r["n_params"], "rel_error": r["rel_error"], "frac_neg": dist.get("neg"),
+                             "frac_zero": dist.get("zero"), "frac_pos": dist.get("pos"),
+                             "flip_rate": flips.get(r["name"]), "scale": r["scale"]})
+            self.writer.log_layers(step, rows)
+        return error
+
+    def _evaluate(self, step: int) -> dict:
+        self._set_optimizer_mode("eval")      # Schedule-Free evaluates at its averaged weights (all ranks)
+        metrics = None
+        if self.is_main:
+            index = self.eval_index
+            metrics = evaluate(self.student, self.dataset.val.tokens[index], self.logits.val_values[index],
+                               self.logits.val_indices[index], self.val_clusters[index], device=self.device)
+            self.evals.append({"step": step, **metrics})
+            if self.writer is not None:
+                self.writer.log_eval(step, **metrics)
+            self.say(f"  eval @ step {step}: val_loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.2f}), "
+                     f"KL to teacher {metrics['kl_teacher']:.4f}, top-1 agreement {metrics['top1_agreement']:.1%}, "
+                     f"quantization diff max {metrics['qdiff_max']:.4f} / mean {metrics['qdiff_mean']:.4f}")
+        self._set_optimizer_mode("train")
+        dist_utils.barrier(self.ctx)
+        return metrics or {}
+
+    def _epoch_line(self, epoch: int, rows: list[dict]) -> None:
+        mean_loss = float(np.mean([h["loss"] for h in rows])) if rows else float("nan")
+        mean_lr = float(np.mean([h["learning_rate"] for h in rows])) if rows else float("nan")
+        line = f"Epoch {epoch}, Loss: {mean_loss:.6f}, LR: {mean_lr:.6f}"
+        radius = rows[-1].get("trust_radius") if rows else None
+        if radius is not None:
+            line += f", Trust Radius: {radius:.6f}"
+        self.say(line)
+
+    def _should_stop(self, done: int) -> bool:
+        flag = self.stop_signal is not None
+        if self.writer is not None and not flag:
+            flag = self.writer.stop_requested()
+        if self.options.stop_after_steps is not None and done >= self.options.stop_after_steps:
+            flag = True
+        return dist_utils.any_rank(flag, self.ctx, self.device)
+
+    # ========================================================================================== checkpoints ======
+    def _save_checkpoint(self, done: int) -> None:
+        if not self.is_main or self.run_dir is None:
+            return
+        history = {key: [h.get(key) for h in self.history] for key in _HISTORY_KEYS}
+        payload = {
+            "step": done, "fingerprint": self._fingerprint(),
+            "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "sampler": _tensorise(self.sampler.state_dict()), "rng": rng_state(),
+            "bit_map": self.bit_map,
+            "plan": self.plan.to_json() if self.plan is not None else None,
+            "flip_tracker": self.flip_tracker.state_dict() if self.flip_tracker is not None else None,
+            "clusters": {"train": torch.from_numpy(self.train_clusters),
+                         "val": self.val_clusters.clone()},
+            "history": history, "evals": self.evals,
+            "train_seconds": self.train_seconds_before + time.perf_counter() - self.train_started,
+        }
+        path = save_checkpoint(self.run_dir / CHECKPOINT_NAME, payload)
+        self._last_checkpoint_time = time.monotonic()
+        if self.writer is not None:
+            self.writer.set_artifact("checkpoint", path)
+
+    def _restore(self, payload: dict) -> None:
+        from ..precision import PrecisionPlan
+        if payload.get("bit_map"):
+            self._quantize(payload["bit_map"])
+            self.bit_map = payload["bit_map"]
+        if payload.get("plan"):
+            self.plan = PrecisionPlan.from_json(payload["plan"])
+        try:
+            self.student.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            if self.scheduler is not None and payload.get("scheduler") is not None:
+                self.scheduler.load_state_dict(payload["scheduler"])
+            self.sampler.load_state_dict(_untensorise(payload["sampler"]))
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint of run {self.options.resume} does not fit this run: "
+                                  f"{str(exc).splitlines()[0][:300]}") from None
+        if self.flip_tracker is not None and payload.get("flip_tracker") is not None:
+            self.flip_tracker.load_state_dict(payload["flip_tracker"])
+        set_rng_state(payload["rng"])
+        history = payload["history"]
+        n = len(history["step"])
+        self.history = [{key: history[key][i] for key in _HISTORY_KEYS} for i in range(n)]
+        self.evals = list(payload.get("evals") or [])
+        self.start_step = int(payload["step"])
+
+    # ============================================================================================== finish ======
+    def finish(self) -> TrainResult:
+        opts = self.options
+        done = self.history[-1]["step"] if self.history else self.start_step
+        final_eval = self.evals[-1] if self.evals else {}
+        summary = self._summary(done, final_eval)
+        if self.is_main and not self.stopped:
+            self._print_summary(summary)
+        metrics_csv = None
+        if self.is_main and opts.save_metrics and self.run_dir is not None:
+            metrics_csv = self._write_metrics_csv(self.run_dir / "metrics.csv")
+            self.say(f"Metrics written to {metrics_csv}")
+        export_report = None
+        if self.is_main and opts.export and not self.stopped:
+            export_report = self._export()
+            summary.update(compression_vs_fp32_linear=export_report.compression_vs_fp32_linear,
+                           compression_vs_fp32_file=export_report.compression_vs_fp32_file,
+                           linear_bits_per_weight=export_report.linear_bits_per_weight,
+                           file_bits_per_weight=export_report.file_bits_per_weight,
+                           export_bytes=export_report.file_bytes)
+        status = "stopped" if self.stopped else "finished"
+        if self.writer is not None:
+            self.writer.set_summary(summary)
+            if metrics_csv is not None:
+                self.writer.set_artifact("metrics_csv", metrics_csv)
+            self.writer.log(f"run {status} after {done} steps")
+            self.writer.set_status(status)
+        dist_utils.barrier(self.ctx)
+        return TrainResult(
+            status=status, run_id=self.run_id, run_dir=self.run_dir, steps=done, total_steps=self.total_steps,
+            summary=summary, history=self.history, evals=self.evals, final_eval=final_eval, model=self.student,
+            dataset=self.dataset, plan=self.plan, export=export_report, wall_time_s=self.train_seconds,
+            setup_time_s=self.setup_time, tokens_per_s=summary["tokens_per_s"], peak_rss_mb=summary["peak_rss_mb"],
+            train_peak_rss_mb=summary.get("train_peak_rss_mb"), cuda_peak_mb=summary.get("cuda_peak_mb"),
+            stop_signal=self.stop_signal)
+
+    def _summary(self, done: int, final_eval: dict) -> dict:
+        rows = self.history
+        last_epoch = rows[-1]["epoch"] if rows else 0
+        last_losses = [h["loss"] for h in rows if h["epoch"] == last_epoch]
+        multipliers = [h["lr_multiplier"] for h in rows if h.get("lr_multiplier") is not None]
+        active = [h["constraint_active"] for h in rows if h.get("constraint_active") is not None]
+        radius = next((h["trust_radius"] for h in reversed(rows) if h.get("trust_radius") is not None), None)
+        train_tokens = done * self.batch_size * self.seq_len
+        summary = {
+            "total_steps": done, "final_loss": float(np.mean(last_losses)) if last_losses else None,
+            "final_step_loss": rows[-1]["loss"] if rows else None,
+            "avg_lr_multiplier": float(np.mean(multipliers)) if multipliers else None,
+            "constraint_activation_rate": float(np.mean(active)) if active else None,
+            "final_trust_radius": radius,
+            "skipped_steps": int(sum(1 for h in rows if h.get("skipped"))),
+            "train_seconds": self.train_seconds, "setup_seconds": self.setup_time,
+            "clustering_seconds": self.clustering_seconds,
+            "prepare_seconds": self.prepare_seconds,
+            "teacher_cache_seconds": self.logits.built_seconds,
+            "teacher_tokens": (len(self.dataset.train) + len(self.dataset.val)) * self.seq_len,
+            "tokens_per_s": train_tokens / self.train_seconds if self.train_seconds > 0 else 0.0,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "train_peak_rss_mb": self._train_peak_rss(),
+            "avg_bits": self.plan.avg_bits if self.plan is not None else (self.bits if self.bits < 16 else 32.0),
+        }
+        if self.device.type == "cuda":
+            summary["cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        summary.update({k: v for k, v in final_eval.items() if k != "step"})
+        return summary
+
+    def _print_summary(self, summary: dict) -> None:
+        bar = "=" * 60
+        if self.options.hybrid:
+            lines = ["HYBRID OPTIMIZATION SUMMARY", bar,
+                     f"Total Steps: {summary['total_steps']}",
+                     f"Final Loss: {summary['final_loss']:.6f}",
+                     f"Avg Learning Rate Multiplier: {_fmt(summary['avg_lr_multiplier'], '{:.2f}x')}",
+                     f"Constraint Activation Rate: {_fmt(summary['constraint_activation_rate'], '{:.1%}')}",
+                     f"Final Trust Radius: {_fmt(summary['final_trust_radius'], '{:.6f}')}",
+                     bar]
+        else:
+            name = "custom optimizer" if self.options.optimizer_factory else "AdamW at constant LR"
+            lines = [f"TRAINING SUMMARY (baseline: {name})", bar, f"Total Steps: {summary['total_steps']}",
+                     f"Final Loss: {summary['final_loss']:.6f}", bar]
+        if "val_loss" in summary:
+            lines.insert(-1, f"Validation Loss: {summary['val_loss']:.6f} (perplexity {summary['val_ppl']:.2f}), "
+                             f"top-1 agreement with the teacher {summary['top1_agreement']:.1%}")
+        lines.insert(-1, f"Throughput: {summary['tokens_per_s']:,.0f} tokens/s over {summary['train_seconds']:.1f} s")
+        for line in lines:
+            self.say(line)
+
+    def _write_metrics_csv(self, path: Path) -> Path:
+        eval_keys = sorted({k for e in self.evals for k in e if k != "step"})
+        evals_at = {e["step"]: e for e in self.evals}
+        columns = ["step", "epoch", *[c for c in _HISTORY_KEYS if c not in ("step", "epoch")], *eval_keys]
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            for h in self.history:
+                e = evals_at.get(h["step"], {})
+                writer.writerow([_csv(h.get(c, e.get(c))) for c in columns])
+        return path
+
+    def _export(self):
+        from .export import export_student, load_exported_student
+        path = self.run_dir / "student.safetensors"
+        report, manifest = export_student(
+            self.student, path, self.dataset.vocab,
+            extra={"preset": self.options.preset, "run_id": self.run_id, "teacher": self.teacher.description,
+                   "tokenizer_dir": str(self.teacher.directory), "seq_len": self.seq_len})
+        # Check the claim "loading the export reproduces the quantized student's logits exactly".
+        loaded, _ = load_exported_student(path)
+        probe = self.dataset.val.tokens[:4, :-1]
+        self.student.eval()
+        with torch.no_grad():
+            same = torch.equal(loaded(probe), self.student.cpu()(probe))
+        self.student.to(self.device).train()
+        self.say(f"Exported the student to {path} ({report.file_bytes / 1024:.1f} KiB; manifest {manifest.name}): "
+                 f"linear layers {report.linear_bits_per_weight:.2f} bits/weight = "
+                 f"{report.compression_vs_fp32_linear:.1f}× smaller than FP32; whole file "
+                 f"{report.file_bits_per_weight:.2f} bits/weight = {report.compression_vs_fp32_file:.1f}× smaller; "
+                 f"reloaded logits identical: {same}")
+        if self.writer is not None:
+            self.writer.set_artifact("export", path)
+            self.writer.set_artifact("export_manifest", manifest)
+        if not same:
+            raise RuntimeError(f"the exported student {path} does not reproduce the trained student's logits")
+        return report
+
+    # ============================================================================================ helpers ======
+    def say(self, message: str) -> None:
+        """A progress line: to stdout (rank 0, not quiet) and to the run's log in the store."""
+        if not getattr(self, "is_main", True):
+            return
+        if not self.options.quiet:
+            if self.bar is not None:
+                self.bar.write(message, file=sys.stdout)
+            else:
+                print(message, flush=True)
+        if self.writer is not None:
+            self.writer.log(message)
+
+    def _teacher_progress(self, done: int, total: int) -> None:
+        if self.writer is not None:
+            self.writer.heartbeat()
+        if done == total or done % max(1, total // 10) < self.preset.teacher_batch_size:
+            self.say(f"  teacher logits: {done}/{total} windows")
+
+    def _set_optimizer_mode(self, mode: str) -> None:
+        # Schedule-Free optimizers need .train() / .eval() around evaluation; plain torch optimizers have neither.
+        method = getattr(self.optimizer, mode, None)
+        if callable(method) and not isinstance(self.optimizer, torch.nn.Module):
+            method()
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt        # a second Ctrl-C: stop now
+            self.stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old_handlers[sig] = signal.signal(sig, handler)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, old in self._old_handlers.items():
+            signal.signal(sig, old)
+        self._old_handlers = {}
+
+    def _record_failure(self, exc: BaseException) -> None:
+        if self.writer is None:
+            return
+        if isinstance(exc, KeyboardInterrupt):
+            self.writer.set_status("stopped", error="interrupted (KeyboardInterrupt)")
+            return
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            self.writer.log(f"failed: {type(exc).__name__}: {exc}", level="error")
+            self.writer.set_status("failed", error=text)
+        except Exception:
+            pass
+
+    def _attach_launcher_record(self) -> None:
+        """A launcher pre-created the record (status queued): check it and keep its heartbeat alive from now on,
+        so a long preparation (e.g. converting the GGUF teacher) is not mistaken for a dead process."""
+        opts = self.options
+        if not (self.is_main and opts.track and opts.run_id):
+            return
+        self.store = RunStore(opts.runs_root)
+        run = self.store.get_run(opts.run_id)
+        if run["status"] != "queued":
+            raise OptionsError(f"--run_id {opts.run_id}: the run is {run['status']}, not queued; use --resume to "
+                               "continue a stopped run")
+        self.writer = self.store.writer(opts.run_id)
+        self.writer.set_pid(os.getpid())
+
+    def _mark_launcher_record_failed(self, message: str) -> None:
+        """Bad input for a launcher's record: it must not stay queued forever."""
+        if self.writer is not None:
+            self.writer.log(f"error: {message}", level="error")
+            self.writer.set_status("failed", error=message)
+
+    @staticmethod
+    def _reset_peak_rss() -> None:
+        try:       # Linux: "5" resets the peak RSS (VmHWM) so the training loop's own peak can be read
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+        except OSError:
+            pass
+
+    @staticmethod
+    def _train_peak_rss() -> float | None:
+        try:
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return None
+
+
+class NodeFirst:
+    """The first process of each node fills a cache (teacher, tokenizer, logits); the node's other processes wait,
+    then read what it wrote. Per node, so multi-node jobs need no shared cache folder (cache writes are atomic, so
+    a shared one works too)."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.first = ctx.local_rank == 0
+
+    def __enter__(self):
+        if not self.first:
+            dist_utils.barrier(self.ctx)
+
+    def __exit__(self, *exc):
+        if self.first and exc[0] is None:
+            dist_utils.barrier(self.ctx)
+        return False
+
+
+_STORE_STEP_COLUMNS = ("loss", "learning_rate", "lr_multiplier", "trust_radius", "constraint_active",
+                       "update_magnitude", "gradient_magnitude", "quantization_error", "flip_rate", "tokens_per_s",
+                       "cluster_id", "skipped", "epoch")
+_HISTORY_KEYS = ("step", "epoch", "loss", "ce", "kl", "learning_rate", "lr_multiplier", "trust_radius",
+                 "constraint_active", "update_magnitude", "gradient_magnitude", "quantization_error", "flip_rate",
+                 "tokens_per_s", "cluster_id", "skipped", "time")
+
+
+def _tensorise(value):
+    """Sampler states hold numpy generator states with 128-bit ints: keep them as strings for weights_only."""
+    if isinstance(value, dict):
+        return {k: _tensorise(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tensorise(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2 ** 63:
+        return {"__bigint__": str(value)}
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _untensorise(value):
+    if isinstance(value, dict):
+        if set(value) == {"__bigint__"}:
+            return int(value["__bigint__"])
+        return {k: _untensorise(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_untensorise(v) for v in value]
+    return value
+
+
+def _return_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise, so the 1.2 GiB of a
+    released SmolLM2 teacher would still count in the process's memory during training)."""
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):     # not glibc (macOS, musl): nothing to do
+        pass
+
+
+def _fmt(value, pattern: str) -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def _csv(value):
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return int(value)
+    return value

