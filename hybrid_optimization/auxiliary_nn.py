@@ -134,7 +134,7 @@ class AuxiliaryNeuralNetwork(nn.Module):
                 meta_loss.backward()
                 self.meta_optimizer.step()
                 self.meta_updates += 1
-        return {"meta_loss": float(meta_loss), "lr_signal": float("nan") if lr_signal is None else lr_signal,
+        return {"meta_loss": float(meta_loss.detach()), "lr_signal": float("nan") if lr_signal is None else lr_signal,
                 "rho": float("nan") if rho is None else float(rho), "radius_factor": factor}
 
     # -- checkpointing: the meta-optimizer's moments travel with the weights when asked ----------------------------

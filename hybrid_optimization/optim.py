@@ -14,6 +14,27 @@ optimizer measures for it (see auxiliary_nn.py): the hypergradient cos(g_t, Δ_{
 trust-region agreement ratio ρ = actual / predicted loss reduction for the radius head. Without an auxiliary net,
 m = 1 and, when `radius_adaptation` is on, μ follows the classic ρ rule directly.
 
+What the benchmarks (benchmarks/bench_hybrid.py, issue 6) changed, each switchable back for before/after runs:
+
+* ρ from gradients (`rho_from="gradients"`). Minibatch losses of consecutive steps come from different batches
+  (different clusters, with cluster-balanced sampling): their difference is mostly batch noise, so a ρ built on it
+  swung between −30 and +20 and the radius rule shrank μ to its floor. Along the step Δ_{t-1} a quadratic model
+  gives the actual change exactly from the two gradients at its ends (trapezoid rule):
+      actual reduction = −½ (g_{t-1} + g_t)·Δ_{t-1},   predicted (linear model) = −g_{t-1}·Δ_{t-1},
+  so ρ = ½ (1 + g_t·Δ_{t-1} / g_{t-1}·Δ_{t-1}) needs no loss at all: ≈ 1 while the loss is near-linear along the
+  step, ½ at the minimum along it, < 0 when the step overshot by more than 2×. ("losses": the old estimate.)
+* The hypergradient through the projection (`projected_hypergradient=True`): a tensor whose update the trust
+  region cut to the radius does not change when m changes, so it carries no information about m; the LR head
+  learns only from the tensors the constraint left free (no LR signal at all when every tensor was cut). Before,
+  the bound update kept reporting "a larger m would help" and m climbed to 6× while changing nothing.
+* Radius = the aux net's prediction × the classic rule's running factor (`aux_radius="scaled"`): the net's radius
+  head learns slowly (one small Adam step per training step), so from the guide's μ = 0.01 a bound update stayed
+  bound for the whole run. The rule's factor (×2 / ×0.5 per step, from ρ) starts at 1, so an untrained net still
+  gives exactly its initial radius on the first step. ("direct": the net's prediction alone, as before.)
+* An optional base LR schedule inside the optimizer (`warmup_steps`, `decay_steps`: linear warmup, cosine decay
+  to 0), multiplied by the learned multiplier — the aux net corrects a sensible prior instead of having to learn
+  warmup and annealing from a one-step signal. Off by default (0 / None).
+
 Global scalars (lr_multiplier, trust_radius) live in every param_group; the auxiliary net, its meta-optimizer and
 the running statistics are part of `state_dict()`, so a checkpoint resumes bit-identically.
 
@@ -45,6 +66,8 @@ def _fused_ok(params) -> bool:
     return all(p.device.type in devices and p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
                for p in params)
 TRUST_REGIONS = ("absolute", "relative", None)
+RHO_SOURCES = ("gradients", "losses")
+AUX_RADIUS_MODES = ("scaled", "direct")
 
 
 @dataclass
@@ -62,6 +85,7 @@ class StepInfo:
     hypergradient: float = float("nan")       # cos(g_t, Δ_{t-1}) fed to the LR head
     rho: float = float("nan")                 # trust-region agreement ratio fed to the radius head
     step: int = 0
+    lr_schedule: float = 1.0      # the built-in warmup/decay factor (1.0 without a schedule)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,7 +98,9 @@ class HybridOptimizer(Optimizer):
                  radius_range: tuple[float, float] = RADIUS_RANGE, aux_net: AuxiliaryNeuralNetwork | None = None,
                  meta_learning: bool = True, meta_horizon: int = 1, n_clusters: int | None = None,
                  quantization_bits: float | None = None, quantization_every: int = 1,
-                 quantization_scale: float = 1.0):
+                 quantization_scale: float = 1.0, rho_from: str = "gradients", projected_hypergradient: bool = True,
+                 aux_radius: str = "scaled", warmup_steps: int = 0, decay_steps: int | None = None,
+                 anneal_meta_learning: bool = True):
         if not (lr >= 0):
             raise ValueError(f"lr must be ≥ 0, got {lr!r}")
         if base not in BASES:
@@ -87,6 +113,14 @@ class HybridOptimizer(Optimizer):
             raise ValueError(f"trust_radius must lie in {list(radius_range)}, got {trust_radius!r}")
         if int(meta_horizon) < 1:
             raise ValueError(f"meta_horizon must be ≥ 1, got {meta_horizon!r}")
+        if rho_from not in RHO_SOURCES:
+            raise ValueError(f"rho_from must be one of {', '.join(RHO_SOURCES)}, got {rho_from!r}")
+        if aux_radius not in AUX_RADIUS_MODES:
+            raise ValueError(f"aux_radius must be one of {', '.join(AUX_RADIUS_MODES)}, got {aux_radius!r}")
+        if isinstance(warmup_steps, bool) or int(warmup_steps) < 0:
+            raise ValueError(f"warmup_steps must be an integer ≥ 0, got {warmup_steps!r}")
+        if decay_steps is not None and (isinstance(decay_steps, bool) or int(decay_steps) < 1):
+            raise ValueError(f"decay_steps must be None or an integer ≥ 1, got {decay_steps!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
                         lr_multiplier=1.0, trust_radius=float(trust_radius))
         super().__init__(params, defaults)
@@ -101,11 +135,18 @@ class HybridOptimizer(Optimizer):
         self.quantization_bits = quantization_bits
         self.quantization_every = max(int(quantization_every), 1)
         self.quantization_scale = quantization_scale
+        self.rho_from = rho_from
+        self.projected_hypergradient = bool(projected_hypergradient)
+        self.aux_radius = aux_radius
+        self.warmup_steps = int(warmup_steps)
+        self.decay_steps = None if decay_steps is None else int(decay_steps)
+        self.anneal_meta_learning = bool(anneal_meta_learning)
         self.tracker = TrainingStateTracker()
         # Running quantities carried from one step to the next (all plain numbers/tensors: checkpoint-safe).
         self.hybrid_state: dict[str, Any] = {
             "steps": 0, "skipped_steps": 0, "constraint_active_steps": 0,
             "radius": float(trust_radius),      # μ when no aux net decides it
+            "radius_scale": 1.0,                # the rule's running factor on the aux net's radius ("scaled")
             "backoff": 1.0,                     # radius factor after non-finite steps, recovers to 1
             "prev_features": None, "prev_loss": None, "prev_predicted": None, "prev_active": False, "prev_norm": 0.0,
             "actual_ema": 0.0, "predicted_ema": 0.0, "rho_count": 0,
@@ -139,8 +180,8 @@ class HybridOptimizer(Optimizer):
              cluster_id: int | None = None, grads: list[torch.Tensor | None] | None = None) -> StepInfo:
         """One hybrid step.
 
-        loss : this batch's loss (a number or a tensor). The auxiliary net's features and the trust-region ratio
-               need it; with DDP pass the all-reduced loss so every rank decides the same.
+        loss : this batch's loss (a number or a tensor). The auxiliary net's features (and, with rho_from="losses",
+               the trust-region ratio) need it; with DDP pass the all-reduced loss so every rank decides the same.
         cluster_id : the data cluster the batch came from (an input feature of the auxiliary net).
         grads : gradients to use instead of `.grad`, one per parameter in param_groups order (None entries skip).
         """
@@ -160,21 +201,25 @@ class HybridOptimizer(Optimizer):
         if not math.isfinite(grad_norm) or (loss_value is not None and not math.isfinite(loss_value)):
             return self._skip(grad_norm)
 
-        # 1. This step's multiplier and radius (the radius rule first digests the outcome of the previous step).
-        rho = self._trust_region_ratio(loss_value)
+        # 1. What the new gradient says about the previous update (before its buffer is reused): g_t·Δ_{t-1} for
+        #    ρ, and g_t·(the part of the recent updates the multiplier controlled) for the hypergradient.
+        dots = self._dots_with_previous_update(params, grad_list)
+        # 2. This step's multiplier and radius (the radius rule first digests the outcome of the previous step).
+        rho = self._trust_region_ratio(loss_value, dots["full"])
         state_now = self.tracker.update(loss_value, grad_norm, cluster_id, self.n_clusters)
         features = state_now.features()
         multiplier, radius = self._decide(features, rho)
+        schedule = self.lr_schedule_factor(hs["steps"])
         for group in self.param_groups:
             group["lr_multiplier"], group["trust_radius"] = multiplier, radius
 
-        # 2. One pass, tensor by tensor (each tensor's state stays in cache, as in torch's single-tensor AdamW):
-        #    hypergradient term g·Δ_{t-1}, base update Δ (into state["update"]), relative trust region, apply.
-        sums = self._update_pass(params, grad_list, multiplier, radius)
+        # 3. One pass, tensor by tensor: base update Δ (into state["update"]), relative trust region, apply.
+        sums = self._update_pass(params, grad_list, multiplier * schedule, radius)
 
-        # 3. The absolute trust region needs the norm of the whole update: when it binds, pull every tensor back.
+        # 4. The absolute trust region needs the norm of the whole update: when it binds, pull every tensor back.
         proposed_norm, applied_norm, active = sums["proposed_norm"], sums["applied_norm"], sums["active"]
         predicted = -sums["grad_dot_update"]
+        free = sums["free"]                  # per tensor: did the multiplier still control its update?
         if self.trust_region == "absolute" and applied_norm > radius:
             shrink = radius / applied_norm
             for p in params:
@@ -182,21 +227,37 @@ class HybridOptimizer(Optimizer):
                 p.add_(u, alpha=shrink - 1.0)
                 u.mul_(shrink)
             applied_norm, predicted, active = radius, predicted * shrink, True
-        prev_norm = applied_norm
-        if self.meta_horizon > 1:
-            decay = 1.0 - 1.0 / self.meta_horizon
-            traces = []
-            for p in params:
-                state = self.state[p]
-                traces.append(state.setdefault("update_trace", torch.zeros_like(p)).mul_(decay).add_(state["update"]))
-            prev_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(traces))))
+            free = [False] * len(params)
+        if not self.projected_hypergradient:
+            free = [True] * len(params)
+        # The updates the next hypergradient looks at: this one (meta_horizon 1) or a decaying trace of the last
+        # ~H updates; only the free tensors' parts, since only those scale with the multiplier.
+        traces = []
+        for p, is_free in zip(params, free):
+            state = self.state[p]
+            if self.meta_horizon > 1:
+                trace = state.setdefault("update_trace", torch.zeros_like(p)).mul_(1.0 - 1.0 / self.meta_horizon)
+                if is_free:
+                    trace.add_(state["update"])
+                traces.append(trace)
+            else:
+                state["free"] = bool(is_free)
+                if is_free:
+                    traces.append(state["update"])
+        prev_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(traces)))) if traces else 0.0
 
-        # 4. Feedback to the auxiliary net on the previous update (cos(g_t, Δ_{t-1}), ρ); it shapes the next step.
+        # 5. Feedback to the auxiliary net on the previous update (cos(g_t, Δ_{t-1}), ρ); it shapes the next step.
         hypergrad = float("nan")
-        if sums["prev_norm"] > 0 and grad_norm > 0:
-            hypergrad = sums["grad_dot_prev"] / (grad_norm * sums["prev_norm"])
+        if hs["prev_norm"] > 0 and grad_norm > 0:
+            hypergrad = dots["free"] / (grad_norm * hs["prev_norm"])
         if self.aux_net is not None and self.meta_learning and hs["prev_features"] is not None:
-            self.aux_net.update_with_feedback(hs["prev_features"], hypergradient=hypergrad,
+            if self.anneal_meta_learning and self.decay_steps is not None:
+                # While the schedule anneals the LR on purpose, the greedy one-step signal would keep asking for
+                # more (it cannot see the long-horizon gain of annealing): its learning rate anneals alike.
+                for group in self.aux_net.meta_optimizer.param_groups:
+                    group["lr"] = self.aux_net.learning_rate * schedule
+            self.aux_net.update_with_feedback(hs["prev_features"],
+                                              hypergradient=hypergrad if math.isfinite(hypergrad) else None,
                                               rho=rho if self.radius_adaptation and math.isfinite(rho) else None,
                                               constraint_active=hs["prev_active"])
         hs.update(steps=hs["steps"] + 1, prev_features=features, prev_loss=loss_value, prev_predicted=predicted,
@@ -204,12 +265,23 @@ class HybridOptimizer(Optimizer):
         hs["constraint_active_steps"] += int(active)
 
         info = StepInfo(
-            learning_rate=self._effective_lr(), lr_multiplier=multiplier,
+            learning_rate=self._effective_lr(schedule), lr_multiplier=multiplier,
             trust_radius=radius if self.trust_region else float("inf"), update_magnitude=applied_norm,
             constraint_active=active, efficiency=applied_norm / proposed_norm if active and proposed_norm > 0 else 1.0,
             gradient_magnitude=grad_norm, quantization_error=self._quantization_error(params),
-            hypergradient=hypergrad, rho=rho, step=hs["steps"])
+            hypergradient=hypergrad, rho=rho, step=hs["steps"], lr_schedule=schedule)
         return self._record(info)
+
+    def lr_schedule_factor(self, step: int) -> float:
+        """The built-in base schedule at `step` (steps taken so far): linear warmup over `warmup_steps`, then
+        cosine decay to 0 at `decay_steps` (when set); 1.0 without a schedule."""
+        factor = 1.0
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            factor = (step + 1) / self.warmup_steps
+        if self.decay_steps is not None and step >= self.warmup_steps:
+            progress = min(1.0, (step - self.warmup_steps) / max(1, self.decay_steps - self.warmup_steps))
+            factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return factor
 
     # -- pieces of the step -------------------------------------------------------------------------------------------
     def _params_with_grads(self, grads):
@@ -232,29 +304,65 @@ class HybridOptimizer(Optimizer):
             grad_list.append(g.detach())
         return params, grad_list
 
-    def _trust_region_ratio(self, loss_value: float | None) -> float:
-        """ρ = actual / predicted reduction of the previous update, from running averages (minibatch losses are
-        noisy); without an auxiliary net the classic rule adapts μ right here."""
+    def _dots_with_previous_update(self, params, grad_list) -> dict[str, float]:
+        """g_t·Δ_{t-1} over all tensors ("full", for ρ) and over the multiplier-controlled part ("free", for the
+        hypergradient: the free tensors' Δ_{t-1}, or the trace of free updates when meta_horizon > 1)."""
+        full, free = [], []
+        for p, g in zip(params, grad_list):
+            state = self.state[p]
+            if "update" not in state:
+                continue
+            dot = torch.vdot(g.reshape(-1), state["update"].reshape(-1))
+            full.append(dot)
+            if self.meta_horizon > 1:
+                if "update_trace" in state:
+                    free.append(torch.vdot(g.reshape(-1), state["update_trace"].reshape(-1)))
+            elif state.get("free", True):
+                free.append(dot)
+        total = lambda xs: float(torch.stack(xs).sum()) if xs else 0.0   # noqa: E731 (one sync per sum)
+        return {"full": total(full), "free": total(free)}
+
+    def _trust_region_ratio(self, loss_value: float | None, grad_dot_prev: float) -> float:
+        """ρ = actual / predicted reduction of the previous update, from running averages (one step is noisy);
+        without an auxiliary net the classic rule adapts μ right here, with one its running factor on the net's
+        radius ("scaled")."""
         hs = self.hybrid_state
         rho = float("nan")
-        if loss_value is not None and hs["prev_loss"] is not None and hs["prev_predicted"] is not None \
-                and hs["prev_features"] is not None:
-            beta = 0.9
-            hs["actual_ema"] = beta * hs["actual_ema"] + (1 - beta) * (hs["prev_loss"] - loss_value)
-            hs["predicted_ema"] = beta * hs["predicted_ema"] + (1 - beta) * hs["prev_predicted"]
-            hs["rho_count"] += 1
-            if hs["predicted_ema"] > 0:
-                rho = hs["actual_ema"] / hs["predicted_ema"]
-        if self.aux_net is None and self.radius_adaptation and self.trust_region:
+        if hs["prev_predicted"] is not None and hs["prev_features"] is not None:
+            if self.rho_from == "gradients":           # trapezoid rule along Δ_{t-1}: exact for a quadratic
+                actual = 0.5 * (hs["prev_predicted"] - grad_dot_prev)
+            elif loss_value is not None and hs["prev_loss"] is not None:
+                actual = hs["prev_loss"] - loss_value
+            else:
+                actual = None
+            if actual is not None:
+                beta = 0.9
+                hs["actual_ema"] = beta * hs["actual_ema"] + (1 - beta) * actual
+                hs["predicted_ema"] = beta * hs["predicted_ema"] + (1 - beta) * hs["prev_predicted"]
+                hs["rho_count"] += 1
+                if hs["predicted_ema"] > 0:
+                    rho = hs["actual_ema"] / hs["predicted_ema"]
+        if self.radius_adaptation and self.trust_region:
             factor = trust_region_factor(rho, hs["prev_active"])
-            hs["radius"] = min(max(hs["radius"] * factor, self.radius_range[0]), self.radius_range[1])
+            lo, hi = self.radius_range
+            if self.aux_net is None:
+                hs["radius"] = min(max(hs["radius"] * factor, lo), hi)
+            elif self.aux_radius == "scaled" and factor != 1.0:
+                # keep aux radius × factor inside the range, whatever the net predicts next
+                hs["radius_scale"] = min(max(hs["radius_scale"] * factor, lo / hi), hi / lo)
         return rho
 
     def _decide(self, features: torch.Tensor, rho: float) -> tuple[float, float]:
         hs = self.hybrid_state
         if self.aux_net is not None:
             multiplier, aux_radius = self.aux_net.predict(features)
-            radius = aux_radius if self.radius_adaptation else hs["radius"]
+            if not self.radius_adaptation:
+                radius = hs["radius"]
+            elif self.aux_radius == "scaled":
+                lo, hi = self.radius_range
+                radius = min(max(aux_radius * hs["radius_scale"], lo), hi)
+            else:
+                radius = aux_radius
         else:
             multiplier, radius = 1.0, hs["radius"]
         radius = max(radius * hs["backoff"], self.radius_range[0] * 1e-3)
@@ -262,12 +370,9 @@ class HybridOptimizer(Optimizer):
 
     def _update_pass(self, params, grad_list, multiplier, radius) -> dict[str, Any]:
         """Base step through torch's own AdamW/SGD kernels (fused where the device has them), with Δ recovered as
-        θ_new − θ_old, then the relative trust region. Returns the sums the rest of the step needs."""
+        θ_new − θ_old, then the relative trust region. Returns the sums the rest of the step needs, and which
+        tensors the trust region left free (in `params` order)."""
         grad_of = {p: g for p, g in zip(params, grad_list)}
-        trace_key = "update_trace" if self.meta_horizon > 1 else "update"
-        # The hypergradient term g_t·Δ_{t-1}, before the buffer holding Δ_{t-1} is reused.
-        dots_prev = [torch.vdot(g.reshape(-1), self.state[p][trace_key].reshape(-1))
-                     for p, g in zip(params, grad_list) if trace_key in self.state[p]]
         ordered, updates = [], []
         for group in self.param_groups:
             ps = [p for p in group["params"] if p in grad_of]
@@ -297,6 +402,7 @@ class HybridOptimizer(Optimizer):
         norms = torch.stack(torch._foreach_norm(updates))
         proposed_sq = float((norms ** 2).sum())
         active = False
+        capped = set()
         if self.trust_region == "relative":
             # ‖ΔW‖ ≤ μ·‖W_old‖ (a zero tensor, e.g. a fresh bias, may move μ·1e-3·√n)
             old_norms = torch.stack(torch._foreach_norm([p - u for p, u in zip(ordered, updates)]))
@@ -307,13 +413,13 @@ class HybridOptimizer(Optimizer):
                 s = float(ratios[i])
                 ordered[i].add_(updates[i], alpha=s - 1.0)
                 updates[i].mul_(s)
+                capped.add(ordered[i])
                 active = True
             norms = norms * ratios
         grad_dot_update = sum(torch.vdot(grad_of[p].reshape(-1), u.reshape(-1)) for p, u in zip(ordered, updates))
-        total = lambda xs: float(torch.stack(xs).sum()) if xs else 0.0   # noqa: E731 (one sync per sum)
-        return {"grad_dot_prev": total(dots_prev), "prev_norm": self.hybrid_state["prev_norm"],
-                "grad_dot_update": float(grad_dot_update), "proposed_norm": math.sqrt(proposed_sq),
-                "applied_norm": float(torch.linalg.vector_norm(norms)), "active": active}
+        return {"grad_dot_update": float(grad_dot_update), "proposed_norm": math.sqrt(proposed_sq),
+                "applied_norm": float(torch.linalg.vector_norm(norms)), "active": active,
+                "free": [p not in capped for p in params]}
 
     def _init_state(self, group, p) -> dict:
         state = self.state[p]
@@ -358,8 +464,10 @@ class HybridOptimizer(Optimizer):
     def _multiplier(self) -> float:
         return float(self.param_groups[0]["lr_multiplier"])
 
-    def _effective_lr(self) -> float:
-        return float(self.param_groups[0]["lr"]) * self._multiplier()
+    def _effective_lr(self, schedule: float | None = None) -> float:
+        if schedule is None:
+            schedule = self.lr_schedule_factor(self.hybrid_state["steps"])
+        return float(self.param_groups[0]["lr"]) * schedule * self._multiplier()
 
     def _radius_for_info(self) -> float:
         return float(self.param_groups[0]["trust_radius"])
@@ -372,7 +480,11 @@ class HybridOptimizer(Optimizer):
         return hs["constraint_active_steps"] / taken if taken else 0.0
 
     def set_aux_net(self, aux_net: AuxiliaryNeuralNetwork | None) -> None:
+        """Use another auxiliary net from the next step on: it starts from its own prediction (the rule's running
+        factor is reset, and the previous step, decided by the old net, gives it no feedback)."""
         self.aux_net = aux_net
+        self.hybrid_state["radius_scale"] = 1.0
+        self.hybrid_state["prev_features"] = None
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -1,0 +1,126 @@
+"""The methods compared by the hybrid benchmark (issue 6), each a recipe for (optimizer, LR schedule, sampler).
+
+    R    AdamW + linear warmup + cosine decay, base LR tuned on a separate seed from a small grid (the reference)
+    B1   AdamW at constant LR 0.001 (the guide's baseline; what `distillation.py` without --hybrid runs)
+    B2   R + gradient-norm clipping at 1.0
+    B3   Schedule-Free AdamW (PyPI `schedulefree`) with R's tuned LR and warmup (no schedule to tune)
+    H    the full hybrid with issue 6's settings: HybridOptimizer.from_config (aux net, trust region) plus the
+         optimizer's built-in warmup (5 %) + cosine schedule over the run and a sample repetition cap of 1
+         (`RECOMMENDED`, the pipeline changes the report asks for), cluster-balanced batches, per-layer precision
+         plan after 10 % of the steps; LR 0.001 (the guide's), untuned — correcting the LR is the aux net's job
+    H-aux / H-TR / H-data / H-param / H-frozen   ablations of H: without the aux net, without the trust region,
+         without data clustering, without parameter clustering, and with a frozen (untrained = identity) aux net
+    Hp   what `distillation.py --hybrid` runs today with the current optimizer (no schedule, repetition cap 2)
+    H0   the same with the optimizer's behaviour before issue 6 (`PRE_ISSUE6`): the "before" of before/after
+
+Every method's LR is "base LR × workload scale" (W4 scales it by 10 and 0.1). Weight decay and betas are the
+pipeline's defaults (HybridTrainingConfig: 1e-5, (0.9, 0.999)) for every method, so only the optimizer differs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from hybrid_optimization import HybridOptimizer, HybridTrainingConfig
+
+GUIDE_LR = 1e-3
+WARMUP_FRACTION = 0.05          # AlgoPerf's NAdamW baseline warms up over ~5 % of the steps
+CLIP_NORM = 1.0
+# HybridOptimizer keyword arguments that restore its behaviour before issue 6 (the "before" of before/after).
+PRE_ISSUE6: dict = {"rho_from": "losses", "projected_hypergradient": False, "aux_radius": "direct"}
+# HybridTrainingConfig values issue 6 recommends for the pipeline's --hybrid (with the built-in schedule).
+RECOMMENDED: dict = {"max_sample_repeats": 1}
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    label: str
+    optimizer: str                          # adamw | schedulefree | hybrid
+    schedule: str = "constant"              # constant | warmup_cosine
+    clip: float | None = None
+    tuned_lr: bool = False                  # True: base LR = the workload's tuned LR; False: the guide's 0.001
+    data_clustering: bool = False
+    param_clustering: bool = False
+    config: dict = field(default_factory=dict)          # HybridTrainingConfig overrides
+    optimizer_kwargs: dict = field(default_factory=dict)  # HybridOptimizer overrides (from_config(**kwargs))
+    builtin_schedule: bool = False          # hybrid: warmup_steps / decay_steps from the run's length
+    mixed_batches: bool = False             # data clustering: balanced mixed batches instead of one cluster each
+
+    @property
+    def is_hybrid(self) -> bool:
+        return self.optimizer == "hybrid"
+
+
+R = Method("R", "AdamW + warmup + cosine (tuned LR)", "adamw", "warmup_cosine", tuned_lr=True)
+B1 = Method("B1", "AdamW, constant LR 1e-3 (guide baseline)", "adamw")
+B2 = Method("B2", "R + grad-norm clipping 1.0", "adamw", "warmup_cosine", clip=CLIP_NORM, tuned_lr=True)
+B3 = Method("B3", "Schedule-Free AdamW (R's LR)", "schedulefree", tuned_lr=True)
+H = Method("H", "Hybrid, full (issue-6 settings, guide LR 1e-3)", "hybrid", data_clustering=True,
+           param_clustering=True, config=RECOMMENDED, builtin_schedule=True)
+ABLATIONS = (
+    replace(H, key="H-aux", label="H without aux net", config={**RECOMMENDED, "use_auxiliary_nn": False}),
+    replace(H, key="H-TR", label="H without trust region", config={**RECOMMENDED, "use_trust_region": False}),
+    replace(H, key="H-data", label="H without data clustering", data_clustering=False),
+    replace(H, key="H-param", label="H without parameter clustering", param_clustering=False),
+    replace(H, key="H-frozen", label="H with frozen untrained aux net", optimizer_kwargs={"meta_learning": False}),
+)
+Hp = Method("Hp", "Hybrid as the pipeline runs it today", "hybrid", data_clustering=True, param_clustering=True)
+H0 = replace(Hp, key="H0", label="Hybrid before issue 6 (old optimizer)", optimizer_kwargs=PRE_ISSUE6)
+# Each of issue 6's changes taken back out of H on its own (the `--changes` mode): the per-change before/after.
+CHANGES = (
+    replace(H, key="H-rhoLoss", label="H, ρ from loss differences (old)",
+            optimizer_kwargs={"rho_from": "losses"}),
+    replace(H, key="H-noProj", label="H, hypergradient not through the projection (old)",
+            optimizer_kwargs={"projected_hypergradient": False}),
+    replace(H, key="H-direct", label="H, radius = aux net's prediction alone (old)",
+            optimizer_kwargs={"aux_radius": "direct"}),
+    replace(H, key="H-noSched", label="H without the built-in warmup + cosine", builtin_schedule=False),
+    replace(H, key="H-noAnneal", label="H, meta-learning rate not annealed",
+            optimizer_kwargs={"anneal_meta_learning": False}),
+    replace(H, key="H-cap2", label="H, repetition cap 2 (old)", config={"max_sample_repeats": 2}),
+)
+MAIN = (R, B1, B2, B3, H)
+ALL = {m.key: m for m in (*MAIN, *ABLATIONS, Hp, H0, *CHANGES)}
+
+
+def hybrid_config(method: Method, lr: float, bits: float, steps: int, batch_size: int, seed: int,
+                  data_clusters: int = 8, param_clusters: int = 4) -> HybridTrainingConfig:
+    """The HybridTrainingConfig the pipeline builds for these options (TrainOptions.hybrid_training_config)."""
+    values = dict(base_learning_rate=lr, batch_size=batch_size, max_steps=steps, seed=seed,
+                  data_clusters=data_clusters, parameter_clusters=param_clusters, use_quantization=bits < 16)
+    if bits < 16:
+        values["target_bits"] = bits
+    values.update(method.config)
+    return HybridTrainingConfig(**values)
+
+
+def build_optimizer(method: Method, model: torch.nn.Module, cfg: HybridTrainingConfig, steps: int,
+                    n_clusters: int | None):
+    """(optimizer, lr_scheduler or None) for `method` on `model`."""
+    lr, wd = cfg.base_learning_rate, cfg.weight_decay
+    warmup = max(1, round(WARMUP_FRACTION * steps))
+    if method.optimizer == "hybrid":
+        schedule = dict(warmup_steps=warmup, decay_steps=steps) if method.builtin_schedule else {}
+        optimizer = HybridOptimizer.from_config(model.parameters(), cfg, quantization_bits=None,
+                                                n_clusters=n_clusters if method.data_clustering else None,
+                                                **schedule, **method.optimizer_kwargs)
+    elif method.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=wd)
+    elif method.optimizer == "schedulefree":
+        import schedulefree
+        optimizer = schedulefree.AdamWScheduleFree(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=wd,
+                                                   warmup_steps=warmup)
+    else:
+        raise ValueError(f"unknown optimizer {method.optimizer!r}")
+    scheduler = None
+    if method.schedule == "warmup_cosine":
+        def factor(step: int) -> float:          # step = number of scheduler.step() calls so far
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return optimizer, scheduler
