@@ -84,7 +84,7 @@ class Budget:
 
 def budget(mode: str) -> Budget:
     everything = [m.key for m in MAIN]
-    w2 = [*everything, "H-aux", "H-TR", "H-data", "H-param", "H-frozen", "Hp", "H0"]
+    w2 = [*everything, "H-aux", "H-TR", "H-data", "H-param", "H-frozen", "H0"]
     if mode == "quick":
         robust = ["R", "B1", "B3", "H"]
         return Budget("quick", (0, 1, 2), 100, 100, 16, 10, 64, (3e-4, 1e-3, 3e-3),
@@ -101,7 +101,7 @@ def budget(mode: str) -> Budget:
     if mode == "changes":               # issue 6's changes one at a time (W2, quick budget)
         q = budget("quick")
         return Budget("changes", q.seeds, q.tuning_seed, q.steps, q.batch_size, q.eval_every, q.eval_windows,
-                      q.grid, {"W2": ["R", "B1", "H", "Hp", "H0", *(m.key for m in CHANGES)]})
+                      q.grid, {"W2": ["R", "B1", "H", "H0", *(m.key for m in CHANGES)]})
     if mode == "smoke":                 # CI: seconds, one seed, every row of the report
         return Budget("smoke", (0,), 100, 6, 4, 3, 8, (1e-3, 3e-3),
                       {"W1": ["R", "B1", "H"], "W2": w2, "W3": ["R", "B1", "H"], "W4x10": everything,

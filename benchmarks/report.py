@@ -171,14 +171,15 @@ def render_markdown(budget, env, workload, protocol, rows, extra, figure_names) 
     add("")
     if "W2" in targets:
         add("## Ablations and before/after (W2; ratios vs H)\n")
-        add("Hp = the hybrid as `distillation.py --hybrid` runs it today (current optimizer, no schedule, repetition "
-            "cap 2); H0 = the same with the optimizer as it was before issue 6. H = issue 6's settings. Issue 6 "
-            "changed, in `HybridOptimizer`: ρ measured from the gradients at both ends of the step instead of "
-            "from the noisy difference of two minibatch losses (H-rhoLoss puts the old one back); the LR head's "
-            "hypergradient taken through the trust-region projection (H-noProj); the radius = the aux net's "
-            "prediction × the classic rule's running factor (H-direct); an optional built-in warmup + cosine "
-            "schedule (H-noSched) with the meta-learning rate annealed alike (H-noAnneal); and for the pipeline a "
-            "sample repetition cap of 1 (H-cap2). Rows H-rhoLoss … H-cap2 come from `--changes` runs.\n")
+        add("H = the hybrid exactly as `distillation.py --hybrid` runs it now (issue 6's settings); H0 = the hybrid "
+            "before issue 6 (the old optimizer, one data cluster per batch). Issue 6 changed, in `HybridOptimizer`: ρ measured from the gradients "
+            "at both ends of the step instead of from the noisy difference of two minibatch losses (H-rhoLoss puts "
+            "the old one back); the LR head's hypergradient taken through the trust-region projection (H-noProj); "
+            "the radius = the aux net's prediction × the classic rule's running factor (H-direct); in the sampler, "
+            "balanced *mixed* batches instead of one cluster per batch (H-single); an optional built-in warmup + "
+            "cosine schedule, measured and left off (H-sched; H-sched-noAnneal without annealing the meta-learning "
+            "rate alike); and a sample repetition cap of 1 instead of the default 2, measured and left "
+            "at 2 (H-cap1). Rows H-rhoLoss … H-cap1 come from `--changes` runs.\n")
         add(_ablation_table(rows))
         add("")
     if protocol.get("smollm2"):
@@ -259,7 +260,7 @@ def _stability_table(rows) -> str:
 def _ablation_table(rows) -> str:
     lines = ["| method | steps to target | ×H [95 % CI] | final val loss | final ×H [95 % CI] | ×H0 steps [95 % CI] | "
              "×H0 final [95 % CI] |", "|---|---|---|---|---|---|---|"]
-    keys = ["H", "H-aux", "H-TR", "H-data", "H-param", "H-frozen", "Hp", "H0",
+    keys = ["H", "H-aux", "H-TR", "H-data", "H-param", "H-frozen", "H0",
             *(k for k in ALL if k.startswith("H-") and k not in ("H-aux", "H-TR", "H-data", "H-param", "H-frozen"))]
     for m in [k for k in keys if by(rows, "W2", k)]:
         lines.append(f"| **{m}** {ALL[m].label} | {fmt(med(rows, 'W2', m, 'steps_to_target'), 4)} | "

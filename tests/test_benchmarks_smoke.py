@@ -27,7 +27,7 @@ def prepared():
     return prepare(eval_windows=8)
 
 
-@pytest.mark.parametrize("method,hybrid", [("B1", False), ("Hp", True)])
+@pytest.mark.parametrize("method,hybrid", [("B1", False), ("H", True)])
 def test_harness_loop_reproduces_the_pipeline(prepared, method, hybrid):
     steps = 12                            # the precision plan is made at step 1 (10 % of 12): covered too
     ours = run(prepared, RunSpec("W2", ALL[method], 1.58, 1e-3, 0, steps, 32, steps))

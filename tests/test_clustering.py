@@ -103,3 +103,15 @@ def test_sampler_named_cluster_and_bad_arguments():
         ClusterBalancedSampler(labels, batch_size=0)
     with pytest.raises(ValueError, match="at least one"):
         ClusterBalancedSampler([], batch_size=2)
+
+
+def test_mixed_sampler_gives_every_batch_an_equal_share_of_each_cluster():
+    labels = np.array([0] * 300 + [1] * 100 + [2] * 40 + [3] * 60)
+    sampler = ClusterBalancedSampler(labels, batch_size=16, max_repeats=2, seed=0, mixed=True)
+    for _ in range(10):
+        batch = sampler.next_batch()
+        assert len(batch) == 16
+        assert np.bincount(labels[batch], minlength=4).tolist() == [4, 4, 4, 4]
+    single = ClusterBalancedSampler(labels, batch_size=16, max_repeats=2, seed=0)
+    assert all(len(set(labels[single.next_batch()])) == 1 for _ in range(10))
+    assert sampler.samples_per_cluster.tolist() == [40, 40, 40, 40]

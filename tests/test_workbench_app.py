@@ -71,7 +71,7 @@ def test_every_page_renders_without_exception(filled):
         _open(at, page)
         assert not at.exception, (page, [e.value for e in at.exception])
         assert at.title[0].value in {"Configure & launch", "Live run", "Clusters", "Precision", "Compare runs",
-                                     "Run summary"}
+                                     "Run summary", "Benchmarks"}
 
 
 def test_form_shows_every_config_field_with_the_guides_defaults(filled):
@@ -248,3 +248,21 @@ def test_summary_page_shows_the_guides_block_and_the_export(filled):
     block = at.code[0].value
     assert block.startswith("HYBRID OPTIMIZATION SUMMARY") and "Total Steps: 400" in block
     assert "export" in " ".join(_texts(at.markdown)) and at.get("download_button")
+
+
+def test_benchmarks_page_shows_a_report_and_its_figures(tmp_path, monkeypatch):
+    import plotly.graph_objects as go
+    report = tmp_path / "quick"
+    (report / "figures").mkdir(parents=True)
+    (report / "report.md").write_text("# Hybrid optimizer benchmark — quick mode\n\n| method | final |\n|---|---|\n"
+                                      "| **H** | 4.40 |\n")
+    go.Figure(go.Scatter(x=[1, 2], y=[3, 4])).write_json(report / "figures" / "curves_W2.json")
+    (report / "figures" / "broken.json").write_text("{not json")
+    monkeypatch.setenv("HYBRID_BENCHMARK_RESULTS", str(tmp_path))
+    at = _open(_app().run(), "benchmarks")
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("quick mode" in m.value for m in at.markdown)
+    assert any("broken.json" in w.value for w in at.warning)
+    monkeypatch.setenv("HYBRID_BENCHMARK_RESULTS", str(tmp_path / "none"))
+    at = _open(_app().run(), "benchmarks")
+    assert not at.exception and any("No benchmark report" in i.value for i in at.info)

@@ -35,6 +35,7 @@ PRESETS = ("tiny", "smollm2")
 STUDENT_SIZES = ("tiny", "small", "base")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 EMBEDDERS = ("tfidf", "minilm")
+CLUSTER_BATCHES = ("mixed", "single")
 DATA_SUFFIXES = (".txt", ".jsonl")
 STOP_GRACE_S = 30.0
 STDOUT_NAME, STDERR_NAME, CONFIG_NAME = "stdout.log", "stderr.log", "config.json"
@@ -61,6 +62,7 @@ class LaunchOptions:
     device: str = "auto"
     nproc: int = 1                      # > 1: torchrun --nproc_per_node
     embedder: str = "tfidf"
+    cluster_batches: str = "mixed"      # hybrid batches: an equal share of every data cluster, or one cluster each
     alpha: float | None = None
     temperature: float | None = None
     export: bool = True
@@ -102,6 +104,7 @@ def option_errors(options: LaunchOptions) -> dict[str, str]:
     choice("student_size", options.student_size, STUDENT_SIZES, optional=True)
     choice("device", options.device, DEVICES)
     choice("embedder", options.embedder, EMBEDDERS)
+    choice("cluster_batches", options.cluster_batches, CLUSTER_BATCHES)
     positive_int("epochs", options.epochs)
     positive_int("seq_len", options.seq_len)
     positive_int("nproc", options.nproc, optional=False)
@@ -138,7 +141,7 @@ def build_argv(config: HybridTrainingConfig, options: LaunchOptions, config_path
     argv = cli_prefix(options.nproc, script, python)
     argv += ["--preset", options.preset, "--config", str(config_path)]
     if options.hybrid:
-        argv.append("--hybrid")
+        argv += ["--hybrid", "--cluster_batches", options.cluster_batches]
     if config.use_quantization:
         argv += ["--qat", "--bits", f"{config.target_bits:g}"]
         if config.target_bits == 1.58:

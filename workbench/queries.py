@@ -310,3 +310,23 @@ def metrics_csv(store: RunStore, run_ids: list[str]) -> bytes:
 def run_label(row: dict | pd.Series) -> str:
     name = row.get("name") or row.get("run_id")
     return name if name == row.get("run_id") else f"{name} ({row.get('run_id')})"
+
+
+# -- benchmark reports (benchmarks/results/<mode>/) -------------------------------------------------------------------
+def benchmark_results_root() -> "Path":
+    """`$HYBRID_BENCHMARK_RESULTS`, else the repository's benchmarks/results/."""
+    import os
+    from pathlib import Path
+    env = os.environ.get("HYBRID_BENCHMARK_RESULTS")
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def benchmark_reports(root) -> list:
+    """Report folders under `root` (those holding a report.md), the quick/full reports first."""
+    from pathlib import Path
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in sorted(root.iterdir()) if (p / "report.md").is_file()]
+    order = {"quick": 0, "full": 1}
+    return sorted(found, key=lambda p: (order.get(p.name, 2), p.name))

@@ -76,6 +76,9 @@ def build_parser(prog: str = "distillation.py") -> argparse.ArgumentParser:
                    help="trust region over all parameters (absolute) or per tensor relative to its norm")
     a.add_argument("--embedder", choices=["tfidf", "minilm"],
                    help="sample features for data clustering: TF-IDF+SVD (default) or MiniLM sentence embeddings")
+    a.add_argument("--cluster_batches", choices=["mixed", "single"],
+                   help="with --hybrid: every batch takes an equal share of each data cluster (mixed, default) or "
+                        "comes from one cluster (single, the guide's per-cluster sampling)")
     a.add_argument("--alpha", type=float, metavar="F", help="weight of the hard-label CE in the loss (0.5)")
     a.add_argument("--temperature", type=float, metavar="T", help="distillation temperature (2.0)")
     a.add_argument("--top_k", type=int, metavar="K", help="teacher logits cached per position (32)")

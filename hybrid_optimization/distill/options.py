@@ -24,6 +24,7 @@ from .presets import PRESETS, get_preset
 from .student import STUDENT_SIZES
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+CLUSTER_BATCHES = ("mixed", "single")
 # Flags whose value may change when a run is resumed; everything else is taken from the stored run.
 RESUME_OVERRIDABLE = ("epochs", "max_steps", "quiet", "device", "export", "save_metrics", "progress")
 
@@ -61,6 +62,7 @@ class TrainOptions:
     precision_budget: float | None = None
     trust_region_mode: str | None = None
     embedder: str = "tfidf"
+    cluster_batches: str = "mixed"       # --hybrid batches: balanced across clusters (mixed) or one cluster each
     alpha: float = 0.5
     temperature: float = 2.0
     top_k: int | None = None
@@ -115,6 +117,8 @@ class TrainOptions:
             bad("device", self.device, "one of " + ", ".join(DEVICES))
         if self.embedder not in EMBEDDERS:
             bad("embedder", self.embedder, "one of " + ", ".join(EMBEDDERS))
+        if self.cluster_batches not in CLUSTER_BATCHES:
+            bad("cluster_batches", self.cluster_batches, "one of " + ", ".join(CLUSTER_BATCHES))
         for name in ("epochs", "eval_every", "data_clusters", "param_clusters", "batch_size", "steps_per_epoch",
                      "max_steps", "top_k", "eval_windows", "eval_every_steps", "stop_after_steps"):
             positive_int(name, getattr(self, name))

@@ -401,7 +401,8 @@ class Trainer:
         # 5. Batches: cluster-balanced for the hybrid, uniformly shuffled otherwise.
         if self.data_clustering:
             self.sampler = ClusterBalancedSampler(self.train_clusters, self.batch_size,
-                                                  max_repeats=cfg.max_sample_repeats, seed=cfg.seed)
+                                                  max_repeats=cfg.max_sample_repeats, seed=cfg.seed,
+                                                  mixed=opts.cluster_batches == "mixed")
         else:
             self.sampler = ShuffleBatchSampler(len(self.dataset.train), self.batch_size, seed=cfg.seed)
         # 6. The optimizer.
@@ -499,6 +500,8 @@ class Trainer:
             if self.plan_step is not None and step == self.plan_step and self.bit_map is None:
                 self._make_plan()
             batch_index = self.sampler.next_batch()
+            # The batch's (main) cluster, for the store; the optimizer's cluster feature only when the batch is one
+            # cluster's (a mixed batch has none).
             cluster_id = int(self.sampler.last_cluster) if self.data_clustering else None
             local = torch.from_numpy(np.asarray(dist_utils.shard(batch_index, self.ctx), dtype=np.int64))
             batch = train_tokens[local].to(self.device)
@@ -508,7 +511,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             loss_value = dist_utils.all_reduce_mean(float(loss.detach()), self.ctx, self.device)
-            row = self._optimizer_step(loss_value, cluster_id)
+            row = self._optimizer_step(loss_value, cluster_id if self.options.cluster_batches == "single" else None)
             if self.scheduler is not None:
                 self.scheduler.step()
             # Diagnostics of the quantized weights.

@@ -82,7 +82,7 @@ def _options(data_path: str | None) -> tuple[dict, dict[str, str]]:
     tags = [t.strip() for t in str(get("tags")).split(",") if t.strip()]
     options = dict(preset=get("preset"), hybrid=get("hybrid"), data=data_path, teacher=get("teacher").strip() or None,
                    student_size=None if get("student_size") == PRESET_DEFAULT else get("student_size"), device=get("device"), nproc=int(get("nproc")),
-                   embedder=get("embedder"), export=get("export"), save_metrics=get("save_metrics"),
+                   embedder=get("embedder"), cluster_batches=get("cluster_batches"), export=get("export"), save_metrics=get("save_metrics"),
                    run_name=get("run_name").strip() or None, tags=tags, **parsed)
     return options, errors
 
@@ -223,6 +223,9 @@ with st.container(border=True):
     f1, f2, f3, f4 = st.columns(4)
     f1.selectbox("Sample embedder", launcher.EMBEDDERS, key="opt.embedder",
                  help="Features for data clustering: TF-IDF + SVD, or MiniLM sentence embeddings.")
+    f1.selectbox("Cluster batches", launcher.CLUSTER_BATCHES, key="opt.cluster_batches",
+                 help="Hybrid runs: every batch takes an equal share of each data cluster (mixed), or comes from "
+                      "one cluster (single, the guide's per-cluster sampling; noisier gradients).")
     f2.text_input("Distillation α (optional)", key="opt.alpha", help="Weight of the teacher's soft targets.")
     f3.text_input("Temperature (optional)", key="opt.temperature")
     with f4:
