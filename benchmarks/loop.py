@@ -22,7 +22,8 @@ from hybrid_optimization.distill.evaluate import evaluate
 from hybrid_optimization.distill.losses import distillation_loss
 from hybrid_optimization.distill.samplers import ShuffleBatchSampler
 from hybrid_optimization.distill.student import StudentLM
-from hybrid_optimization.distill.train import PLAN_WARMUP_FRACTION, make_precision_plan, quantize_student
+from hybrid_optimization.distill.train import (PLAN_WARMUP_FRACTION, make_precision_plan, peak_rss_mb,
+                                               quantize_student, reset_peak_rss)
 
 from .methods import Method, build_optimizer, hybrid_config
 from .workload import Prepared
@@ -97,7 +98,7 @@ def run(prepared: Prepared, spec: RunSpec) -> RunResult:
     eval_values = prepared.logits.val_values[prepared.eval_index]
     eval_indices = prepared.logits.val_indices[prepared.eval_index]
     eval_clusters = clusters.val[prepared.eval_index]
-    _reset_peak_rss()
+    reset_peak_rss()
     for step in range(spec.steps):
         start, start_cpu = time.perf_counter(), time.process_time()
         if step == plan_step:
@@ -142,7 +143,7 @@ def run(prepared: Prepared, spec: RunSpec) -> RunResult:
             _optimizer_mode(optimizer, "train")
             result.evals.append({"step": done, **metrics, "train_s": result.train_s + result.clustering_s,
                                  "train_cpu_s": result.train_cpu_s + result.clustering_cpu_s})
-    result.peak_rss_mb = _peak_rss_mb()
+    result.peak_rss_mb = peak_rss_mb()
     result.optimizer_state_mb = optimizer_state_bytes(optimizer) / 2 ** 20
     final = result.evals[-1]["val_loss"] if result.evals else float("nan")
     first = result.losses[0] if result.losses else float("nan")
@@ -176,21 +177,3 @@ def _optimizer_mode(optimizer, mode: str) -> None:
     method = getattr(optimizer, mode, None)       # Schedule-Free optimizers have .train() / .eval()
     if callable(method) and not isinstance(optimizer, torch.nn.Module):
         method()
-
-
-def _reset_peak_rss() -> None:
-    try:        # Linux: writing "5" resets the peak RSS (VmHWM), so each run's own peak can be read
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mb() -> float | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None

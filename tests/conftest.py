@@ -26,3 +26,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread: on a CPU shared with other jobs, multi-threaded small ops stall for whole scheduler
+    slices while a peer thread is descheduled (measured here: 100× slower); tests using it are about behaviour."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

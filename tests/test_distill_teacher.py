@@ -13,14 +13,7 @@ from hybrid_optimization.distill.teacher import (TeacherError, check_teacher_pat
 from hybrid_optimization.distill.tiny import tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a CPU shared with other jobs, multi-threaded small ops stall for whole scheduler
-    slices while a peer thread is descheduled (measured here: 100× slower); these tests are about behaviour."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_chats(path, n=60):

@@ -23,14 +23,7 @@ GUIDE_LINES = ("Initialized hybrid optimization with 8 data clusters and auxilia
                "Constraint Activation Rate: ", "Final Trust Radius: ")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a CPU shared with other jobs, multi-threaded small ops stall for whole scheduler
-    slices while a peer thread is descheduled (measured here: 100× slower); these tests are about behaviour."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def runs(root) -> list[str]:

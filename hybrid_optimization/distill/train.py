@@ -479,7 +479,7 @@ class Trainer:
         train_tokens = self.dataset.train.tokens
         values, indices = self.logits.train_values, self.logits.train_indices
         tokens_per_step = self.batch_size * self.seq_len
-        self._reset_peak_rss()
+        reset_peak_rss()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.train_started = time.perf_counter()
@@ -765,7 +765,7 @@ class Trainer:
             "teacher_tokens": (len(self.dataset.train) + len(self.dataset.val)) * self.seq_len,
             "tokens_per_s": train_tokens / self.train_seconds if self.train_seconds > 0 else 0.0,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "train_peak_rss_mb": self._train_peak_rss(),
+            "train_peak_rss_mb": peak_rss_mb(),
             "avg_bits": self.plan.avg_bits if self.plan is not None else (self.bits if self.bits < 16 else 32.0),
         }
         if self.device.type == "cuda":
@@ -907,24 +907,6 @@ class Trainer:
             self.writer.log(f"error: {message}", level="error")
             self.writer.set_status("failed", error=message)
 
-    @staticmethod
-    def _reset_peak_rss() -> None:
-        try:       # Linux: "5" resets the peak RSS (VmHWM) so the training loop's own peak can be read
-            with open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")
-        except OSError:
-            pass
-
-    @staticmethod
-    def _train_peak_rss() -> float | None:
-        try:
-            for line in open("/proc/self/status"):
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return None
-
 
 class NodeFirst:
     """The first process of each node fills a cache (teacher, tokenizer, logits); the node's other processes wait,
@@ -974,6 +956,26 @@ def _untensorise(value):
     if isinstance(value, list):
         return [_untensorise(v) for v in value]
     return value
+
+
+def reset_peak_rss() -> None:
+    """Linux: writing "5" to clear_refs resets the peak RSS (VmHWM), so a training loop's own peak can be read."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    """The process's peak RSS (VmHWM) since start or the last reset_peak_rss(); None off Linux."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def _return_freed_memory() -> None:

@@ -67,7 +67,8 @@ def test_launch_watch_stop_in_a_real_browser(workbench_server, browser_page, scr
     page.screenshot(path=str(screenshots_dir / "3-live-stopped.png"), full_page=True)
 
     for n, (slug, heading) in enumerate((("clusters", "Clusters"), ("precision", "Precision"),
-                                         ("compare", "Compare runs"), ("summary", "Run summary")), start=4):
+                                         ("compare", "Compare runs"), ("summary", "Run summary"),
+                                         ("benchmarks", "Benchmarks")), start=4):
         page.goto(f"{url}/{slug}")
         page.get_by_role("heading", name=heading).wait_for()
         page.wait_for_timeout(2500)          # let the charts draw
