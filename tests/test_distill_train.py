@@ -49,8 +49,9 @@ def test_guide_command_tiny_run_prints_the_guide_lines_and_fills_the_store(tmp_p
     steps = store.read_steps(run_id)
     assert steps["step"].tolist() == list(range(1, 21))
     for column in ("loss", "learning_rate", "lr_multiplier", "trust_radius", "update_magnitude",
-                   "gradient_magnitude", "flip_rate", "tokens_per_s", "cluster_id"):
+                   "gradient_magnitude", "flip_rate", "tokens_per_s"):
         assert steps[column].notna().all(), column
+    assert steps["cluster_id"].isna().all() and run["config"]["cluster_batches"] == "mixed"   # no per-batch cluster
     assert steps["quantization_error"].notna().sum() == 2                      # every log_interval = 10 steps
     evals = store.read_evals(run_id)
     val = evals[evals["key"] == "val_loss"].set_index("step")["value"]
@@ -66,6 +67,8 @@ def test_guide_command_tiny_run_prints_the_guide_lines_and_fills_the_store(tmp_p
     samples = store.read_samples(run_id)
     assert set(samples["split"]) == {"train", "val"} and samples["cluster"].nunique() == 8
     assert samples["text"].str.len().gt(0).all()
+    features = store.read_samples(run_id, features=True)["features"]      # for the workbench's t-SNE option
+    assert all(f is not None and f.shape == features.iloc[0].shape and f.size >= 2 for f in features)
     assert store.read_logs(run_id)["message"].str.contains("Epoch 1, Loss").any()
 
     with open(run["artifacts"]["metrics_csv"]) as handle:
@@ -76,9 +79,10 @@ def test_guide_command_tiny_run_prints_the_guide_lines_and_fills_the_store(tmp_p
     assert Path(run["artifacts"]["checkpoint"]).is_file()
 
 
-def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("cluster_batches", ["mixed", "single"])
+def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, cluster_batches):
     common = dict(hybrid=True, ternary=True, qat=True, max_steps=8, steps_per_epoch=3, quiet=True,
-                  runs_root=str(tmp_path), seed=3, eval_windows=16)
+                  runs_root=str(tmp_path), seed=3, eval_windows=16, cluster_batches=cluster_batches)
     full = train(TrainOptions(**common))
     stopped = train(TrainOptions(**common, stop_after_steps=4))               # stops mid-epoch, after the plan
     assert stopped.status == "stopped" and stopped.steps == 4 and stopped.exit_code == 143
@@ -89,7 +93,7 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path):
 
     a, b = store.read_steps(full.run_id), store.read_steps(stopped.run_id)
     for column in ("loss", "lr_multiplier", "trust_radius", "update_magnitude", "cluster_id", "flip_rate"):
-        assert a[column].tolist() == b[column].tolist(), column
+        assert a[column].equals(b[column]), column                            # NaN where no value, in both
     ea, eb = store.read_evals(full.run_id), store.read_evals(stopped.run_id)
     assert ea[["step", "key", "value"]].values.tolist() == eb[["step", "key", "value"]].values.tolist()
     for (name, p), (_, q) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):

@@ -341,6 +341,7 @@ class Trainer:
                 "data": self.source_name, "teacher": opts.teacher or self.preset.teacher,
                 "world_size": self.ctx.world_size, "split_seed": opts.split_seed,
                 "data_clustering": self.data_clustering, "param_clustering": self.param_clustering,
+                "cluster_batches": opts.cluster_batches if self.data_clustering else None,
                 "optimizer": "custom" if opts.optimizer_factory else ("hybrid" if opts.hybrid else "adamw")}
 
     def _device_label(self) -> str:
@@ -436,17 +437,19 @@ class Trainer:
         labels_train, labels_val = kmeans.labels_, kmeans.predict(val_features)
         xy_train = project_2d(train_features, seed=cfg.seed)
         xy_val = project_2d(val_features, seed=cfg.seed, fit_on=train_features)
-        return {"train": labels_train, "val": labels_val, "xy_train": xy_train, "xy_val": xy_val}
+        return {"train": labels_train, "val": labels_val, "xy_train": xy_train, "xy_val": xy_val,
+                "features_train": train_features, "features_val": val_features}
 
     def _store_samples(self, clustering: dict) -> None:
         rows = []
-        for split, texts, labels, xy, tokens in (
-                ("train", self.dataset.train.texts, clustering["train"], clustering["xy_train"], self.dataset.train),
-                ("val", self.dataset.val.texts, clustering["val"], clustering["xy_val"], self.dataset.val)):
+        for split, texts in (("train", self.dataset.train.texts), ("val", self.dataset.val.texts)):
+            labels, xy, features = (clustering[key] for key in (split, f"xy_{split}", f"features_{split}"))
             step = max(1, math.ceil(len(texts) / SAMPLE_ROWS_MAX))
             for i in range(0, len(texts), step):
+                # The features let the workbench compute a t-SNE projection on demand.
                 rows.append({"idx": i, "split": split, "cluster": int(labels[i]), "x": float(xy[i, 0]),
-                             "y": float(xy[i, 1]), "text": texts[i][:600], "n_tokens": self.seq_len})
+                             "y": float(xy[i, 1]), "text": texts[i][:600], "n_tokens": self.seq_len,
+                             "features": features[i]})
         self.writer.set_samples(rows)
 
     def _announce(self) -> None:
@@ -500,9 +503,10 @@ class Trainer:
             if self.plan_step is not None and step == self.plan_step and self.bit_map is None:
                 self._make_plan()
             batch_index = self.sampler.next_batch()
-            # The batch's (main) cluster, for the store; the optimizer's cluster feature only when the batch is one
-            # cluster's (a mixed batch has none).
-            cluster_id = int(self.sampler.last_cluster) if self.data_clustering else None
+            # The batch's cluster, for the store and the optimizer's cluster feature — only when the batch is one
+            # cluster's (a mixed batch has an equal share of every cluster, hence no cluster of its own).
+            single = self.data_clustering and opts.cluster_batches == "single"
+            cluster_id = int(self.sampler.last_cluster) if single else None
             local = torch.from_numpy(np.asarray(dist_utils.shard(batch_index, self.ctx), dtype=np.int64))
             batch = train_tokens[local].to(self.device)
             logits = self.model(batch[:, :-1])
@@ -511,7 +515,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             loss_value = dist_utils.all_reduce_mean(float(loss.detach()), self.ctx, self.device)
-            row = self._optimizer_step(loss_value, cluster_id if self.options.cluster_batches == "single" else None)
+            row = self._optimizer_step(loss_value, cluster_id)
             if self.scheduler is not None:
                 self.scheduler.step()
             # Diagnostics of the quantized weights.

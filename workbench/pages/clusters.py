@@ -66,13 +66,21 @@ reference = None
 if not batches.empty and not sizes.empty:
     share = sizes.set_index("cluster").samples / sizes.samples.sum()
     reference = share * batches.batches.sum()
-cap = (run.get("config") or {}).get("max_sample_repeats")
-right.plotly_chart(charts.cluster_bar(batches, "batches", "Batches supplied per cluster", "batches",
-                                      reference=reference, reference_name="if sampled in proportion to size"),
-                   key="clusters_batches")
-right.caption("Balanced sampling draws clusters evenly; the repetition cap "
-              f"(max_sample_repeats = {cap if cap is not None else '—'}) stops small clusters from being repeated "
-              "without end, so they supply fewer batches than large ones.")
+config = run.get("config") or {}
+cap = config.get("max_sample_repeats")
+if batches.empty and config.get("cluster_batches") == "mixed":
+    # Mixed batches have no single cluster: the sampler gives every batch an equal share of each cluster.
+    right.info("This run used mixed cluster-balanced batches: every batch takes an equal share of each data cluster "
+               f"(a sample at most max_sample_repeats = {cap if cap is not None else '—'} times per epoch), so there "
+               "is no per-batch cluster to count. Runs with `--cluster_batches single` show the batches per cluster "
+               "here.")
+else:
+    right.plotly_chart(charts.cluster_bar(batches, "batches", "Batches supplied per cluster", "batches",
+                                          reference=reference, reference_name="if sampled in proportion to size"),
+                       key="clusters_batches")
+    right.caption("Balanced sampling draws clusters evenly; the repetition cap "
+                  f"(max_sample_repeats = {cap if cap is not None else '—'}) stops small clusters from being "
+                  "repeated without end, so they supply fewer batches than large ones.")
 
 cluster_keys = sorted((k for k in evals.key.unique() if k.startswith("val_loss_cluster_")),
                       key=lambda k: int(k.rsplit("_", 1)[1]) if k.rsplit("_", 1)[1].isdigit() else 0) \
