@@ -400,6 +400,7 @@ class Trainer:
             self.model = DistributedDataParallel(
                 self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         # 5. Batches: cluster-balanced for the hybrid, uniformly shuffled otherwise.
+        self.single_cluster_batches = self.data_clustering and opts.cluster_batches == "single"
         if self.data_clustering:
             self.sampler = ClusterBalancedSampler(self.train_clusters, self.batch_size,
                                                   max_repeats=cfg.max_sample_repeats, seed=cfg.seed,
@@ -505,8 +506,7 @@ class Trainer:
             batch_index = self.sampler.next_batch()
             # The batch's cluster, for the store and the optimizer's cluster feature — only when the batch is one
             # cluster's (a mixed batch has an equal share of every cluster, hence no cluster of its own).
-            single = self.data_clustering and opts.cluster_batches == "single"
-            cluster_id = int(self.sampler.last_cluster) if single else None
+            cluster_id = int(self.sampler.last_cluster) if self.single_cluster_batches else None
             local = torch.from_numpy(np.asarray(dist_utils.shard(batch_index, self.ctx), dtype=np.int64))
             batch = train_tokens[local].to(self.device)
             logits = self.model(batch[:, :-1])
@@ -593,10 +593,9 @@ class Trainer:
             self.plan = make_precision_plan(self.student, self.dataset.train.tokens, self.logits.train_values,
                                             self.logits.train_indices, cfg, self.bits, self.batch_size,
                                             opts.alpha, opts.temperature, self.device)
-            budget = cfg.precision_budget if cfg.precision_budget is not None else self.bits
             bit_map = self.plan.bit_map()
             self.say(f"Precision plan: {len(bit_map)} layers in {len(set(self.plan.cluster_bits))} parameter "
-                     f"clusters → average {self.plan.avg_bits:.3f} bits (budget {budget:g}) in "
+                     f"clusters → average {self.plan.avg_bits:.3f} bits (budget {self.plan.budget:g}) in "
                      f"{time.perf_counter() - started:.1f} s")
             if self.writer is not None:
                 self.writer.set_plan([{"layer": name, "module_type": name.rsplit(".", 1)[-1], "bits": info["bits"],
