@@ -15,10 +15,9 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-# Bit-widths the quantizers implement; 1.58 is ternary (log2(3) = 1.585 bits of information per weight).
-SUPPORTED_BITS = (1, 1.58, 2, 4, 8)
-TRUST_REGION_MODES = ("absolute", "relative")
-BASE_OPTIMIZERS = ("adamw", "sgd")
+# The choices (bit-widths the quantizers implement — 1.58 is ternary —, trust-region modes, base optimizers) are
+# defined once, in the torch-free vocabulary.
+from .schema import BASE_OPTIMIZERS, SUPPORTED_BITS, TRUST_REGION_MODES  # noqa: F401  (re-exported)
 
 
 class ConfigError(ValueError):

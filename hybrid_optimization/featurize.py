@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-EMBEDDERS = ("tfidf", "minilm")
+from .schema import EMBEDDERS  # noqa: F401  (the choice is defined once, in the vocabulary)
 
 
 class TfidfSvdFeaturizer:

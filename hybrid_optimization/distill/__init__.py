@@ -6,10 +6,23 @@ Python API (notebooks, benchmarks):
     result = train(TrainOptions(hybrid=True, ternary=True, qat=True, epochs=20))
     result.summary["val_loss"], result.history[-1], result.evals
 
-See options.py for every option (the CLI flags plus Python-only hooks such as `optimizer_factory`) and train.py for
-what a run does. The CLI is `python distillation.py --help`.
+See options.py for every option (the CLI flags plus Python-only hooks such as `optimizer_factory`), train.py for
+what a run does and loop.py for the training loop itself. The CLI is `python distillation.py --help`.
 """
-from .options import OptionsError, TrainOptions
-from .train import BAD_INPUT_ERRORS, TrainResult, train
+import importlib
+
+# Imported on first use: `options`, `presets` and the CLI's parser are torch-free, so the CLI can answer --help and
+# reject a bad flag without loading torch.
+_EXPORTS = {"OptionsError": ".options", "TrainOptions": ".options", "BAD_INPUT_ERRORS": ".train",
+            "TrainResult": ".train", "train": ".train"}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["BAD_INPUT_ERRORS", "OptionsError", "TrainOptions", "TrainResult", "train"]

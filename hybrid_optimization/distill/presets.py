@@ -11,6 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Student sizes: name -> (d_model, n_layers, n_heads, d_ff), d_ff ≈ 8/3 · d_model as LLaMA's SwiGLU. Plain data here
+# (not in student.py) so the CLI and the workbench can offer the names without importing torch.
+STUDENT_SIZES = {
+    "tiny": (128, 2, 4, 344),
+    "small": (256, 4, 4, 688),
+    "base": (512, 8, 8, 1376),
+}
+
 
 @dataclass(frozen=True)
 class Preset:

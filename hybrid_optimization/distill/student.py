@@ -17,12 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-STUDENT_SIZES = {
-    # name: (d_model, n_layers, n_heads, d_ff)   d_ff ≈ 8/3 · d_model, as LLaMA's SwiGLU
-    "tiny": (128, 2, 4, 344),
-    "small": (256, 4, 4, 688),
-    "base": (512, 8, 8, 1376),
-}
+from .presets import STUDENT_SIZES
 
 
 @dataclass

@@ -1,0 +1,212 @@
+"""The project's one vocabulary, torch-free: what a training step reports, what a run's summary means, the names a
+user may choose from, and how any of it becomes JSON.
+
+    StepMetrics       one training step's numbers. Its fields are the history keys and the metrics CSV header; the
+                      fields marked `store` are the run store's step columns (STEP_COLUMNS, in the store's order).
+    RunSummary        a run's final numbers, one meaning per line of the guide's printed summary, and
+                      `render_summary` — the ONE renderer of that block, used by the CLI and the workbench.
+    choices           presets, precisions, devices, cluster batching, export formats, run statuses, ...
+    to_jsonable       numpy / torch scalars, arrays, paths, dataclasses → plain JSON values.
+
+Importing this module costs no torch, numpy or pandas: the CLI validates flags and the workbench builds its forms
+with it before anything heavy is loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+# -- choices -------------------------------------------------------------------------------------------------------
+# Plain tuples of strings (argparse `choices`, Streamlit selectboxes and error messages take them as they are).
+DEVICES = ("auto", "cpu", "cuda", "mps")
+CLUSTER_BATCHES = ("mixed", "single")             # --hybrid batches: a share of every cluster, or one cluster each
+EMBEDDERS = ("tfidf", "minilm")                   # sample features for data clustering
+EXPORT_FORMATS = ("packed", "gguf", "hf")         # --export FORMAT; a bare --export is "packed"
+TRUST_REGION_MODES = ("absolute", "relative")
+BASE_OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("hybrid", "adamw", "custom")        # what trained a run (its summary title depends on it)
+# Quantized bit-widths the quantizers implement (1.58 = ternary); 16 and 32 mean full precision.
+SUPPORTED_BITS = (1, 1.58, 2, 4, 8)
+PRECISIONS = (*SUPPORTED_BITS, 16, 32)
+# Run statuses. "diverged": the loss became NaN/Inf (the run ended with a non-zero exit and says at which step).
+RUN_STATUSES = ("queued", "running", "finished", "failed", "stopped", "lost", "diverged")
+ACTIVE_STATUSES = ("queued", "running")
+TERMINAL_STATUSES = ("finished", "failed", "stopped", "lost", "diverged")
+
+
+def preset_names() -> tuple[str, ...]:
+    """The presets (defined with their data in distill/presets.py, which is torch-free)."""
+    from .distill.presets import PRESETS
+    return tuple(PRESETS)
+
+
+def student_sizes() -> tuple[str, ...]:
+    from .distill.presets import STUDENT_SIZES
+    return tuple(STUDENT_SIZES)
+
+
+# -- one training step ---------------------------------------------------------------------------------------------
+def _metric(default: Any = None, store: bool = True, doc: str = "") -> Any:
+    return field(default=default, metadata={"store": store, "doc": doc})
+
+
+@dataclass
+class StepMetrics:
+    """What one optimizer step reports. Field order = the CSV header; `store` fields = the store's step columns."""
+    step: int = _metric(0, store=False, doc="optimizer steps completed (1-based; the store's key column)")
+    loss: float = _metric(math.nan, doc="the batch's distillation loss (all ranks averaged)")
+    learning_rate: float | None = _metric(doc="effective LR of this step (base LR × multiplier for the hybrid)")
+    lr_multiplier: float | None = _metric(doc="the auxiliary net's LR multiplier (1.0 for a plain optimizer)")
+    trust_radius: float | None = _metric(doc="trust radius μ after the step (None: no trust region)")
+    constraint_active: bool | None = _metric(doc="the update was projected onto the trust region")
+    update_magnitude: float | None = _metric(doc="‖ΔΘ‖₂ of the applied update")
+    gradient_magnitude: float | None = _metric(doc="‖g‖₂ over all parameters")
+    quantization_error: float | None = _metric(doc="parameter-weighted relative quantization error (log steps)")
+    flip_rate: float | None = _metric(doc="fraction of quantized codes that changed in this step")
+    tokens_per_s: float | None = _metric(doc="training tokens per second of this step")
+    cluster_id: int | None = _metric(doc="the batch's data cluster; None for a mixed batch (it has none)")
+    skipped: bool = _metric(False, doc="the optimizer skipped the step (non-finite loss or gradient)")
+    epoch: int = _metric(0, doc="0-based epoch of the step")
+    ce: float | None = _metric(store=False, doc="hard-label cross-entropy part of the loss")
+    kl: float | None = _metric(store=False, doc="KL-to-teacher part of the loss")
+    time: float | None = _metric(store=False, doc="training seconds since the run began (resumes included)")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def store_values(self) -> dict[str, Any]:
+        """The store's step columns of this step (`step` is passed separately as the row key)."""
+        return {name: getattr(self, name) for name in STEP_COLUMNS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StepMetrics":
+        return cls(**{k: v for k, v in data.items() if k in HISTORY_KEYS})
+
+
+HISTORY_KEYS = tuple(f.name for f in fields(StepMetrics))                      # also the metrics CSV's first columns
+STEP_COLUMNS = tuple(f.name for f in fields(StepMetrics) if f.metadata["store"])  # the run store's step columns
+
+
+def metrics_csv_header(eval_keys: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """metrics.csv: every StepMetrics field, then the evaluation metrics (filled on the steps that evaluated)."""
+    return [*HISTORY_KEYS, *sorted(k for k in eval_keys if k not in HISTORY_KEYS and k != "step")]
+
+
+# -- a run's summary -------------------------------------------------------------------------------------------------
+def _line(label: str, fmt: str, doc: str) -> Any:
+    return field(default=None, metadata={"label": label, "fmt": fmt, "doc": doc})
+
+
+def _value(doc: str, default: Any = None) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class RunSummary:
+    """A run's final numbers. The first five fields are the guide's summary lines (label and format in their
+    metadata); each has ONE meaning, written next to it. Values a run does not have stay None ("—" when shown)."""
+    total_steps: int | None = _line("Total Steps", "{:d}", "optimizer steps completed")
+    final_loss: float | None = _line("Final Loss", "{:.6f}", "training loss of the last step whose loss was finite")
+    avg_lr_multiplier: float | None = _line("Avg Learning Rate Multiplier", "{:.2f}x",
+                                            "mean LR multiplier over the steps taken")
+    constraint_activation_rate: float | None = _line("Constraint Activation Rate", "{:.1%}",
+                                                     "fraction of steps whose update hit the trust region")
+    final_trust_radius: float | None = _line("Final Trust Radius", "{:.6f}", "trust radius after the last step")
+    optimizer: str | None = _value("hybrid | adamw | custom (None: an older run, shown with the hybrid title)")
+    final_epoch_loss: float | None = _value("mean training loss over the last epoch's finite steps")
+    final_step_loss: float | None = _value("loss of the very last step (NaN when it diverged)")
+    skipped_steps: int = _value("steps the optimizer skipped (non-finite loss or gradient)", 0)
+    val_loss: float | None = _value("validation loss of the last evaluation")
+    val_ppl: float | None = _value("its perplexity")
+    top1_agreement: float | None = _value("top-1 agreement with the teacher at the last evaluation")
+    tokens_per_s: float | None = _value("training tokens per second over the training loop")
+    train_seconds: float | None = _value("seconds in the training loop (resumed runs: all segments)")
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"doc": "every other final value (flat)"})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat: the named fields and the extra values side by side (what the store keeps)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        return to_jsonable(out)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "RunSummary":
+        data = dict(data or {})
+        named = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: data.pop(k) for k in list(data) if k in named}, extra=data)
+
+
+SUMMARY_LINES = tuple((f.metadata["label"], f.name, f.metadata["fmt"]) for f in fields(RunSummary)
+                      if "label" in f.metadata)
+RULE = "=" * 60
+
+
+def summary_title(optimizer: str | None) -> str:
+    if optimizer in (None, "hybrid"):
+        return "HYBRID OPTIMIZATION SUMMARY"
+    name = "custom optimizer" if optimizer == "custom" else "AdamW at constant LR"
+    return f"TRAINING SUMMARY (baseline: {name})"
+
+
+def render_summary(summary: RunSummary | dict[str, Any] | None, optimizer: str | None = None) -> str:
+    """The guide's summary block. A baseline run shows only Total Steps and Final Loss under its own title (it has
+    no multiplier or radius); a Validation and a Throughput line follow when the run has those values."""
+    s = summary if isinstance(summary, RunSummary) else RunSummary.from_dict(summary)
+    optimizer = optimizer or s.optimizer
+    lines = [summary_title(optimizer), RULE]
+    for label, key, fmt in SUMMARY_LINES:
+        if optimizer not in (None, "hybrid") and key not in ("total_steps", "final_loss"):
+            continue
+        lines.append(f"{label}: {_format(getattr(s, key), fmt)}")
+    if s.val_loss is not None:
+        line = f"Validation Loss: {_format(s.val_loss, '{:.6f}')}"
+        if s.val_ppl is not None:
+            line += f" (perplexity {_format(s.val_ppl, '{:.2f}')})"
+        if s.top1_agreement is not None:
+            line += f", top-1 agreement with the teacher {_format(s.top1_agreement, '{:.1%}')}"
+        lines.append(line)
+    if s.tokens_per_s is not None and s.train_seconds is not None:
+        lines.append(f"Throughput: {s.tokens_per_s:,.0f} tokens/s over {s.train_seconds:.1f} s")
+    lines.append(RULE)
+    return "\n".join(lines)
+
+
+def _format(value: Any, fmt: str) -> str:
+    if value is None:
+        return "—"
+    try:
+        return fmt.format(int(value) if fmt == "{:d}" else float(value))
+    except (TypeError, ValueError, OverflowError):
+        return str(value)
+
+
+# -- JSON --------------------------------------------------------------------------------------------------------------
+def to_jsonable(value: Any) -> Any:
+    """A plain JSON value (dict / list / str / int / float / bool / None) from numpy and torch scalars or arrays,
+    paths, enums, dataclasses, tuples and sets. Non-finite floats stay floats (json writes NaN / Infinity, which
+    json.loads reads back); anything else unknown becomes its str()."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return to_jsonable(value.value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable({f.name: getattr(value, f.name) for f in fields(value)})
+    if hasattr(value, "tolist"):                       # numpy arrays and scalars, torch tensors
+        return to_jsonable(value.tolist())
+    if hasattr(value, "item"):
+        return to_jsonable(value.item())
+    return str(value)

@@ -1,0 +1,63 @@
+"""The torch-free vocabulary: one definition of the step columns, the summary block and the choices."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from hybrid_optimization import schema
+from hybrid_optimization.schema import RunSummary, StepMetrics, render_summary, to_jsonable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_importing_the_vocabulary_loads_no_torch_numpy_or_pandas():
+    code = ("import sys, hybrid_optimization.schema as s; s.preset_names(); s.student_sizes(); "
+            "print(sorted(m for m in ('torch', 'numpy', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_step_metrics_define_history_store_columns_and_csv_header():
+    assert schema.HISTORY_KEYS[0] == "step" and "step" not in schema.STEP_COLUMNS
+    assert set(schema.STEP_COLUMNS) < set(schema.HISTORY_KEYS) and {"ce", "kl", "time"} <= set(schema.HISTORY_KEYS)
+    row = StepMetrics(step=3, loss=1.5, cluster_id=None, epoch=0)
+    assert list(row.as_dict()) == list(schema.HISTORY_KEYS)
+    assert list(row.store_values()) == list(schema.STEP_COLUMNS)
+    assert StepMetrics.from_dict({**row.as_dict(), "not_a_metric": 1}) == row
+    assert schema.metrics_csv_header(["val_loss", "step"]) == [*schema.HISTORY_KEYS, "val_loss"]
+
+
+def test_the_hybrid_summary_is_the_guides_block():
+    text = render_summary({"total_steps": 20, "final_loss": 0.456789, "avg_lr_multiplier": 1.15,
+                           "constraint_activation_rate": 0.325, "final_trust_radius": 0.012345})
+    assert text.splitlines() == ["HYBRID OPTIMIZATION SUMMARY", "=" * 60, "Total Steps: 20", "Final Loss: 0.456789",
+                                 "Avg Learning Rate Multiplier: 1.15x", "Constraint Activation Rate: 32.5%",
+                                 "Final Trust Radius: 0.012345", "=" * 60]
+    assert "Final Loss: —" in render_summary({})
+
+
+def test_a_baseline_summary_has_its_own_title_and_no_hybrid_lines():
+    summary = RunSummary(total_steps=5, final_loss=2.0, optimizer="adamw", val_loss=2.5, val_ppl=12.18,
+                         top1_agreement=0.25, tokens_per_s=1234.0, train_seconds=2.0)
+    lines = render_summary(summary).splitlines()
+    assert lines[0] == "TRAINING SUMMARY (baseline: AdamW at constant LR)"
+    assert "Final Loss: 2.000000" in lines and not any("Multiplier" in line or "Radius" in line for line in lines)
+    assert "Validation Loss: 2.500000 (perplexity 12.18), top-1 agreement with the teacher 25.0%" in lines
+    assert render_summary(summary, optimizer="custom").startswith("TRAINING SUMMARY (baseline: custom optimizer)")
+
+
+def test_run_summary_round_trips_with_extra_values():
+    data = {"total_steps": 7, "final_loss": 1.25, "export_bytes": 1024, "val_loss_cluster_0": 3.0}
+    summary = RunSummary.from_dict(data)
+    assert summary.extra == {"export_bytes": 1024, "val_loss_cluster_0": 3.0}
+    assert {k: v for k, v in summary.to_dict().items() if v is not None and k != "skipped_steps"} == data
+
+
+def test_to_jsonable_turns_numpy_paths_and_tuples_into_json():
+    value = to_jsonable({"a": np.float32(1.5), "b": np.arange(3), "c": (1, Path("/x")), 4: np.bool_(True),
+                         "nan": float("nan")})
+    assert value == {"a": 1.5, "b": [0, 1, 2], "c": [1, "/x"], "4": True, "nan": value["nan"]}
+    assert math.isnan(value["nan"]) and json.loads(json.dumps(value))["b"] == [0, 1, 2]
