@@ -5,6 +5,7 @@ kept across every chart, per-chart log-y, and a fixed `uirevision` so zoom and p
 """
 from __future__ import annotations
 
+import math
 import textwrap
 
 import numpy as np
@@ -18,6 +19,7 @@ RAW_OPACITY = 0.25
 CODE_COLORS = {"frac_neg": "#d62728", "frac_zero": "#7f7f7f", "frac_pos": "#1f77b4"}
 SERIES_DASHES = ("solid", "dash", "dot", "dashdot", "longdash")
 _LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10), height=300, hovermode="x unified",
+               hoverlabel=dict(namelength=-1),       # whole run names in the hover, not "hybrid-terna…"
                legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
 
 
@@ -40,10 +42,59 @@ def _empty(title: str, message: str = "no data yet") -> go.Figure:
     return fig
 
 
+# Friendly legend names of logged series (the store's keys stay internal).
+SERIES_NAMES = {
+    "loss": "training loss", "learning_rate": "learning rate", "lr_multiplier": "LR multiplier",
+    "trust_radius": "trust radius μ", "constraint_rate": "constraint activation (running rate)",
+    "update_magnitude": "‖ΔΘ‖", "gradient_magnitude": "‖g‖", "quantization_error": "relative quantization error",
+    "flip_rate": "code flip rate", "tokens_per_s": "tokens/s",
+    "val_loss": "validation loss (quantized)", "val_loss_fp": "validation loss (full precision)",
+    "val_ppl": "validation perplexity", "kl_teacher": "KL to the teacher", "top1_agreement": "top-1 agreement",
+    "qdiff_max": "max |quantized − FP logit|", "qdiff_mean": "mean |quantized − FP logit|",
+    "cpu_percent": "CPU %", "rss_mb": "RSS (MiB)", "gpu_memory_mb": "GPU memory (MiB)",
+    "gpu_utilization": "GPU utilisation %",
+}
+
+
+def series_name(key: str) -> str:
+    if key.startswith("val_loss_cluster_"):
+        return f"validation loss, cluster {key.rsplit('_', 1)[-1]}"
+    return SERIES_NAMES.get(key, key.replace("_", " "))
+
+
+def y_range_for_flat(values: np.ndarray, log_y: bool = False) -> list[float] | None:
+    """An explicit y range when every value is (nearly) the same: plotly's autorange would centre a constant
+    0.001 in −1…1, drawing a learning rate as a line at zero. None when autorange is fine."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return None
+    low, high = float(finite.min()), float(finite.max())
+    scale = max(abs(low), abs(high))
+    if high - low > 1e-6 * scale and high - low > 1e-12:
+        return None
+    if log_y:
+        if low <= 0:
+            return None
+        return [math.log10(low) - 0.5, math.log10(high) + 0.5]
+    pad = 0.5 * scale if scale > 0 else 1.0
+    return [low - pad, high + pad]
+
+
+def integer_ticks(xs: np.ndarray) -> dict:
+    """Axis settings that keep step ticks on whole numbers (a 3-step run must not show 1.5, 2.5)."""
+    finite = xs[np.isfinite(xs)] if xs.size else xs
+    if finite.size == 0:
+        return {}
+    span = float(finite.max() - finite.min())
+    if span <= 12:
+        return {"tickmode": "linear", "dtick": 1, "tick0": 0, "tickformat": "d"}
+    return {"tickformat": ",d"}
+
+
 def line_figure(series: pd.DataFrame, title: str, x_title: str = "step", log_y: bool = False,
                 colors: dict[str, str] | None = None, uirevision: str | None = None,
                 labels: dict[str, str] | None = None, height: int = 300, color_by: str = "auto",
-                raw: bool = True) -> go.Figure:
+                raw: bool = True, y_title: str | None = None) -> go.Figure:
     """Curves from chart series (columns run, series, x, raw, smooth — see queries.chart_series).
 
     Each curve is a faint raw line plus a bold smoothed line of the same colour. With one run, curves are
@@ -64,9 +115,9 @@ def line_figure(series: pd.DataFrame, title: str, x_title: str = "step", log_y: 
                 continue
             key = run if by_run else name
             color = (colors or {}).get(key, color_for(r if by_run else s))
-            label = (labels or {}).get(key, key)
+            label = (labels or {}).get(key, series_name(key) if not by_run else key)
             if by_run and len(names) > 1:
-                label = f"{label} · {name}"
+                label = f"{label} · {series_name(name)}"
             dash = SERIES_DASHES[s % len(SERIES_DASHES)] if by_run else "solid"
             x, y_raw, y_smooth = part.x.to_numpy(), part.raw.to_numpy(), part.smooth.to_numpy()
             if raw and not np.allclose(y_raw, y_smooth, equal_nan=True):
@@ -74,10 +125,22 @@ def line_figure(series: pd.DataFrame, title: str, x_title: str = "step", log_y: 
                                    showlegend=False, hoverinfo="skip", line=dict(color=color, width=1),
                                    opacity=RAW_OPACITY))
             traces.append(dict(type="scatter", x=x, y=y_smooth, mode="lines", name=label, legendgroup=label,
-                               line=dict(color=color, width=2, dash=dash)))
+                               line=dict(color=color, width=2, dash=dash),
+                               hovertemplate="%{y:.4g}"))
+    values = pd.to_numeric(series.smooth, errors="coerce").to_numpy(dtype="float64")
+    raw_values = pd.to_numeric(series.raw, errors="coerce").to_numpy(dtype="float64")
+    yaxis = dict(type="log" if log_y else "linear", title=dict(text=y_title or ""), exponentformat="e" if not log_y else "power",
+                 automargin=True)
+    flat = y_range_for_flat(np.concatenate([values, raw_values if raw else values]), log_y)
+    if flat is not None:
+        yaxis.update(range=flat, autorange=False)
+    xaxis = dict(title=dict(text=x_title), automargin=True)
+    if x_title == "step":
+        xaxis.update(integer_ticks(pd.to_numeric(series.x, errors="coerce").to_numpy(dtype="float64")))
+    # Legend below the plot: plotly's toolbar sits top-right and would cover a legend there.
+    legend = dict(orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0.0)
     layout = dict(_LAYOUT, title=dict(text=title), uirevision=uirevision or title, height=height,
-                  showlegend=len(runs) > 1 or len(names) > 1, xaxis=dict(title=dict(text=x_title)),
-                  yaxis=dict(type="log" if log_y else "linear"))
+                  showlegend=len(runs) > 1 or len(names) > 1, xaxis=xaxis, yaxis=yaxis, legend=legend)
     # Built without plotly's per-property validation: it costs ~10 ms a chart on every live refresh. The unit
     # tests validate every builder's output (go.Figure(fig.to_dict())), so a wrong property still fails there.
     return go.Figure(data=traces, layout=layout, _validate=False)
@@ -217,4 +280,61 @@ def code_distribution_figure(layers: pd.DataFrame, title: str = "Ternary code di
     fig.update_layout(title=title, **{**_LAYOUT, "height": 340, "hovermode": "closest"}, barmode="stack")
     fig.update_xaxes(categoryorder="array", categoryarray=list(part.layer), tickangle=-45)
     fig.update_yaxes(title_text="fraction of codes", range=[0, 1])
+    return fig
+
+
+def parallel_coordinates(frame: pd.DataFrame, dims: list[tuple[str, str]], color: str | None = None,
+                         title: str = "Config vs result", color_title: str | None = None,
+                         height: int = 420) -> go.Figure:
+    """One line per run (or trial) across axes `dims` [(column, label)], coloured by `color` (the result).
+    Text and boolean columns become categorical axes (ticks name the values); constant or empty columns are
+    left out, since an axis with one value says nothing."""
+    if frame is None or frame.empty:
+        return _empty(title, "nothing to show yet")
+    dimensions = []
+    for col, label in dims:
+        if col not in frame:
+            continue
+        values = frame[col]
+        if values.isna().all():
+            continue
+        numeric = pd.to_numeric(values, errors="coerce")
+        if values.dtype == bool or values.map(lambda v: isinstance(v, bool)).any() or numeric.isna().any() and \
+                values.notna().any() and numeric.notna().sum() < values.notna().sum():
+            text = values.map(lambda v: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+            cats = sorted(text.unique())
+            if len(cats) < 2 and col != color:
+                continue
+            dimensions.append(dict(label=label, values=[cats.index(t) for t in text],
+                                   tickvals=list(range(len(cats))), ticktext=cats))
+            continue
+        if numeric.nunique(dropna=True) < 2 and col != color:
+            continue
+        filled = numeric.fillna(numeric.max() if numeric.notna().any() else 0)
+        dimensions.append(dict(label=label, values=filled.to_numpy(dtype="float64")))
+    if not dimensions:
+        return _empty(title, "the selected runs do not differ in these fields")
+    line = {}
+    if color and color in frame:
+        shade = pd.to_numeric(frame[color], errors="coerce")
+        if shade.notna().any():
+            line = dict(color=shade.fillna(shade.max()).to_numpy(dtype="float64"), colorscale="Viridis_r",
+                        showscale=True, colorbar=dict(title=dict(text=color_title or color)))
+    fig = go.Figure(go.Parcoords(dimensions=dimensions, line=line))
+    fig.update_layout(title=title, height=height, margin=dict(l=60, r=60, t=70, b=30))
+    return fig
+
+
+def importance_figure(importances: dict[str, float], title: str = "Parameter importance",
+                      labels: dict[str, str] | None = None) -> go.Figure:
+    """Horizontal bars: how much of the objective's variation each searched parameter explains (fANOVA)."""
+    if not importances:
+        return _empty(title, "needs at least two finished trials that differ")
+    names = list(importances)[::-1]
+    values = [importances[n] for n in names]
+    fig = go.Figure(go.Bar(x=values, y=[(labels or {}).get(n, n) for n in names], orientation="h",
+                           marker_color=[color_for(i) for i in range(len(names))][::-1],
+                           hovertemplate="%{y}: %{x:.1%}<extra></extra>"))
+    fig.update_layout(title=title, **{**_LAYOUT, "height": 120 + 40 * len(names), "hovermode": "closest"})
+    fig.update_xaxes(title_text="share of the objective's variance", tickformat=".0%", range=[0, 1])
     return fig

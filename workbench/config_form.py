@@ -148,5 +148,23 @@ def widget_value(name: str, value: Any) -> Any:
     return format_number(value) if widget_kind(name) == "number" else value
 
 
+# Switches that only mean something for the hybrid optimizer: the baseline (AdamW at constant LR) turns them off,
+# greys out their groups and saves them false.
+HYBRID_SWITCHES = ("use_auxiliary_nn", "use_trust_region", "use_clustering")
+HYBRID_GROUPS = ("Clustering", "Auxiliary NN", "Trust Region")
+# Window length: shorter windows leave almost no context to distil; longer ones exceed what a CPU run can hold.
+SEQ_LEN_RANGE = (16, 2048)
+
+
+def baseline_values(values: dict[str, Any]) -> dict[str, Any]:
+    """The config a baseline run saves: the hybrid switches off."""
+    return {**values, **{name: False for name in HYBRID_SWITCHES if name in values}}
+
+
+def friendly_error(message: str) -> str:
+    """The core's message without the class prefix (the field sits right above it on the form)."""
+    return message.replace("HybridTrainingConfig.", "", 1)
+
+
 def validate(values: dict[str, Any]) -> dict[str, str]:
-    return config_errors(values)
+    return {name: friendly_error(message) for name, message in config_errors(values).items()}

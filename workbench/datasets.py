@@ -51,6 +51,23 @@ def save_upload(name: str, data: bytes, runs_root: Path, max_mb: int = MAX_UPLOA
     return path
 
 
+def user_message(message: str, path: str | Path, shown_name: str) -> str:
+    """A reader's message about an upload as its user sees it: the file's own name instead of the server's upload
+    path, and no doubled words from joined messages ("starting at at column 43")."""
+    path = Path(path)
+    for text in (str(path.resolve()) if path.exists() else str(path), str(path), path.name):
+        message = message.replace(text, shown_name)
+    return re.sub(r"\b(\w+) \1\b", r"\1", message)
+
+
+def validate_upload(path: str | Path, shown_name: str, timeout_s: float = 120) -> int:
+    """validate_data_file for an upload: messages name the uploaded file, never the server's path."""
+    try:
+        return validate_data_file(path, timeout_s)
+    except DataFileError as exc:
+        raise DataFileError(user_message(str(exc), path, shown_name)) from None
+
+
 def validate_data_file(path: str | Path, timeout_s: float = 120) -> int:
     """Number of documents the pipeline reads from `path`; DataFileError with the pipeline's message if none."""
     path = Path(path).expanduser()

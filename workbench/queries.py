@@ -136,8 +136,10 @@ def chart_series(steps: pd.DataFrame, y: str, x: str = "step", smoothing: float 
 
 
 def eval_series(evals: pd.DataFrame, keys: list[str] | None = None, run: str = "",
-                smoothing: float = 0.0, max_points: int = MAX_POINTS) -> pd.DataFrame:
-    """Long eval rows (step, key, value) -> chart series (run, series=key, x=step, raw, smooth)."""
+                smoothing: float = 0.0, max_points: int = MAX_POINTS, x: str = "step",
+                t0: float | None = None) -> pd.DataFrame:
+    """Long eval rows (step, key, value) -> chart series (run, series=key, x, raw, smooth). x="time_s" puts
+    them on the wall-time axis of the step charts: seconds since `t0` (the run's first step)."""
     parts = []
     if evals.empty:
         return pd.DataFrame(columns=["run", "series", "x", "raw", "smooth"])
@@ -146,7 +148,10 @@ def eval_series(evals: pd.DataFrame, keys: list[str] | None = None, run: str = "
         if rows.empty:
             continue
         wide = pd.DataFrame({"step": rows.step.to_numpy(), key: rows.value.to_numpy()})
-        part = chart_series(wide, key, "step", smoothing, max_points, run)
+        if x == "time_s":
+            origin = t0 if t0 is not None else float(rows.wall_time.min())
+            wide["time_s"] = rows.wall_time.to_numpy(dtype="float64") - origin
+        part = chart_series(wide, key, x if x == "time_s" else "step", smoothing, max_points, run)
         parts.append(part)
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
         columns=["run", "series", "x", "raw", "smooth"])

@@ -21,6 +21,7 @@ PAGES = {  # path relative to app.py -> title; app.py builds st.navigation from 
     "compare": "workbench/pages/compare.py",
     "summary": "workbench/pages/summary.py",
     "benchmarks": "workbench/pages/benchmarks.py",
+    "sweep": "workbench/pages/sweep.py",
 }
 STATUS_COLORS = {"queued": "gray", "running": "blue", "finished": "green", "failed": "red", "stopped": "orange",
                  "lost": "violet"}
@@ -76,16 +77,20 @@ def pick_run(runs: pd.DataFrame, label: str = "Run", key: str = "run_picker",
     # changes, so "queued" would stay on screen for a running run. Pages show the status next to the picker.
     labels = {row.run_id: run_label(row._asdict()) for row in runs.itertuples()}
     linked = st.query_params.get("run")       # ?run=<id> links straight to a run
-    if linked in ids and not st.session_state.get("_linked_run_used"):
-        st.session_state["_linked_run_used"] = True
+    if linked in ids and linked != st.session_state.get("_run_in_url"):
         st.session_state["selected_run"] = linked
         st.session_state.pop(key, None)
     chosen = st.session_state.get("selected_run")
     if chosen not in ids:
         active = runs[runs.status.isin(ACTIVE_STATUSES)]
         chosen = active.run_id.iloc[0] if prefer_active and len(active) else ids[0]
+    if st.session_state.get(key) not in ids:
+        st.session_state.pop(key, None)
     run_id = st.selectbox(label, ids, index=ids.index(chosen), format_func=labels.get, key=key)
     st.session_state["selected_run"] = run_id
+    # The URL names the run on screen, so it can be bookmarked or sent (and opens the same view).
+    st.query_params["run"] = run_id
+    st.session_state["_run_in_url"] = run_id
     return run_id
 
 

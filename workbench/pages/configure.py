@@ -63,7 +63,9 @@ def _set_form(config: dict, options: dict) -> None:
 
 def _config_values() -> dict:
     raw = {name: st.session_state[_key("cfg", name)] for name in config_form.defaults()}
-    return config_form.values_from_widgets(raw)
+    values = config_form.values_from_widgets(raw)
+    # The baseline saves what it runs: no auxiliary NN, no trust region, no clustering.
+    return values if st.session_state[_key("opt", "hybrid")] else config_form.baseline_values(values)
 
 
 def _options(data_path: str | None) -> tuple[dict, dict[str, str]]:
@@ -74,7 +76,7 @@ def _options(data_path: str | None) -> tuple[dict, dict[str, str]]:
     for name, kind in (("epochs", int), ("seq_len", int), ("alpha", float), ("temperature", float)):
         value = config_form.parse_number(get(name))
         if isinstance(value, str):
-            errors[name] = f"{name} = {value!r} is invalid: it must be a number or empty"
+            errors[name] = f"{value!r} is invalid: it must be a number or empty"
             value = None
         elif value is not None and kind is float:
             value = float(value)
@@ -87,26 +89,30 @@ def _options(data_path: str | None) -> tuple[dict, dict[str, str]]:
     return options, errors
 
 
-def _field_error(errors: dict[str, str], name: str) -> None:
+def _field_error(errors: dict[str, str], name: str, where=st) -> None:
     if name in errors:
-        st.error(errors[name], icon=":material/error:")
+        where.error(errors[name], icon=":material/error:")
 
 
-def _config_widget(name: str, errors: dict[str, str]) -> None:
+def _config_widget(name: str, errors: dict[str, str], disabled: bool = False) -> None:
     key = _key("cfg", name)
     label = name
     help_text = config_form.HELP.get(name)
     kind = config_form.widget_kind(name)
     if kind == "bool":
-        st.checkbox(label, key=key, help=help_text)
+        if disabled and name in config_form.HYBRID_SWITCHES:
+            # Shown as what the baseline runs (off), without touching the hybrid form's own value.
+            st.checkbox(label, value=False, key=f"baseline.{name}", help=help_text, disabled=True)
+        else:
+            st.checkbox(label, key=key, help=help_text, disabled=disabled)
     elif kind == "choice":
         choices = config_form.CHOICES[name]
         st.selectbox(label, choices, key=key, help=help_text, format_func=lambda v: f"{v:g}" if isinstance(v, float)
-                     else str(v))
+                     else str(v), disabled=disabled)
     elif kind == "int":
-        st.number_input(label, key=key, step=1, help=help_text)
+        st.number_input(label, key=key, step=1, help=help_text, disabled=disabled)
     else:
-        st.text_input(label, key=key, help=help_text,
+        st.text_input(label, key=key, help=help_text, disabled=disabled,
                       placeholder="empty = none" if name in config_form.OPTIONAL else None)
     _field_error(errors, name)
 
@@ -189,7 +195,7 @@ with st.container(border=True):
                 try:
                     saved = datasets.save_upload(upload.name, upload.getvalue(), root)
                     with st.spinner("Checking the file with the pipeline's reader…"):
-                        count = datasets.validate_data_file(saved)
+                        count = datasets.validate_upload(saved, upload.name)
                     data_path = str(saved)
                     st.success(f"{upload.name}: {count} documents.")
                 except datasets.DataFileError as exc:
@@ -219,7 +225,9 @@ with st.container(border=True):
                   help="A local Hugging Face causal-LM folder; empty: the preset's teacher.")
     e2.selectbox("Student size", [PRESET_DEFAULT, *launcher.STUDENT_SIZES], key="opt.student_size")
     e3.text_input("Epochs (optional)", key="opt.epochs", help="Empty: train for max_steps steps.")
-    e4.text_input("Sequence length (optional)", key="opt.seq_len", help="Empty: the preset's default.")
+    e4.text_input("Sequence length (optional)", key="opt.seq_len",
+                  help=f"Tokens per training window, {config_form.SEQ_LEN_RANGE[0]}–{config_form.SEQ_LEN_RANGE[1]}. "
+                       "Empty: the preset's default (tiny 64, smollm2 128).")
     f1, f2, f3, f4 = st.columns(4)
     f1.selectbox("Sample embedder", launcher.EMBEDDERS, key="opt.embedder",
                  help="Features for data clustering: TF-IDF + SVD, or MiniLM sentence embeddings.")
@@ -238,22 +246,35 @@ with st.container(border=True):
 config_values = _config_values()
 config_errors = config_form.validate(config_values)
 options, option_parse_errors = _options(data_path)
-option_errors = {**option_parse_errors, **launcher.option_errors(LaunchOptions.from_dict(options))}
+option_errors = {**launcher.option_errors(LaunchOptions.from_dict(options)), **option_parse_errors}
+low, high = config_form.SEQ_LEN_RANGE
+if "seq_len" not in option_errors and options.get("seq_len") is not None and not low <= options["seq_len"] <= high:
+    option_errors["seq_len"] = f"{options['seq_len']} is invalid: a window is {low}–{high} tokens, or empty"
+option_errors = {name: message.split(" = ", 1)[-1] if message.startswith(f"{name} = ") else message
+                 for name, message in option_errors.items()}
 if data_error:
     option_errors.pop("data", None)  # already shown next to the data source
+# Errors of the run options sit under their own fields (the widgets above are drawn; these slots follow them).
+for slot, name in ((e3, "epochs"), (e4, "seq_len"), (f2, "alpha"), (f3, "temperature"), (e1, "teacher"),
+                   (g2, "tags")):
+    _field_error(option_errors, name, where=slot)
 
 st.subheader("HybridTrainingConfig")
+hybrid_on = bool(st.session_state[_key("opt", "hybrid")])
+if not hybrid_on:
+    st.info("Baseline: AdamW at constant LR. The auxiliary NN, trust region and clustering are off for this run "
+            "(their settings are kept for the next hybrid run).", icon=":material/info:")
 groups = list(config_form.grouped_fields().items())
 columns = st.columns(3)
 for i, (title, names) in enumerate(groups):
     with columns[i % 3].container(border=True):
-        st.markdown(f"**{title}**")
+        off = not hybrid_on and title in config_form.HYBRID_GROUPS
+        st.markdown(f"**{title}**" + (" — :gray[not used by the baseline]" if off else ""))
         for name in names:
-            _config_widget(name, config_errors)
+            _config_widget(name, config_errors, disabled=off)
 
-for name in ("epochs", "seq_len", "alpha", "temperature", "teacher", "tags", "nproc"):
-    if name in option_errors:
-        st.error(option_errors[name], icon=":material/error:")
+if "nproc" in option_errors:
+    st.error(option_errors["nproc"], icon=":material/error:")
 
 problems = len(config_errors) + len(option_errors) + (1 if data_error else 0) + (1 if store_problem else 0)
 launch_col, status_col = st.columns([1, 3])

@@ -7,12 +7,25 @@ import time
 import pandas as pd
 import streamlit as st
 
+from hybrid_optimization.system_metrics import SYSTEM_METRICS_FILE, read_system_metrics
 from hybrid_optimization.tracking import ACTIVE_STATUSES, StoreError
-from workbench import charts, launcher, queries, ui
+from workbench import charts, headline, launcher, queries, ui
 from workbench.launcher import LaunchError
 
 REFRESH_CHOICES = (1, 2, 3, 5)
 CACHES = "live_caches"
+# System metrics (a file in the run folder, sampled every few seconds): chart title -> columns.
+SYSTEM_CHARTS = {"CPU (%)": ("cpu_percent",), "Memory (RSS, MiB)": ("rss_mb",),
+                 "GPU memory (MiB)": ("gpu_memory_mb",), "GPU utilisation (%)": ("gpu_utilization",)}
+# y-axis titles with units.
+Y_TITLES = {"Loss": "loss (nats/token)", "Learning rate": "learning rate", "LR multiplier": "× base LR",
+            "Trust radius": "μ (L2 norm)", "Constraint activation (running rate)": "fraction of steps",
+            "Update magnitude ‖ΔΘ‖": "‖ΔΘ‖₂", "Gradient magnitude ‖g‖": "‖g‖₂",
+            "Quantization error": "‖W−Q(W)‖/‖W‖", "Flip rate": "fraction of codes", "Tokens/s": "tokens/s",
+            "Validation loss": "loss (nats/token)", "Validation perplexity": "perplexity",
+            "KL to the teacher": "KL (nats/token)", "Top-1 agreement with the teacher": "fraction",
+            "Quantized vs full-precision logits": "|Δ logit|", "CPU (%)": "% of one core",
+            "Memory (RSS, MiB)": "MiB", "GPU memory (MiB)": "MiB", "GPU utilisation (%)": "%"}
 
 ui.page_header("Live run")
 store = ui.open_store()
@@ -34,8 +47,18 @@ paused = c2.toggle("Pause", key="live_paused", help="Stop refreshing (the run go
 smoothing = c3.slider("Smoothing (EMA)", 0.0, 0.99, queries.DEFAULT_SMOOTHING, 0.01, key="live_smoothing",
                       help="Exponential moving average, debiased, over every logged point; the raw curve stays faint.")
 x_axis = c4.radio("x axis", ("step", "wall time"), horizontal=True, key="live_x")
-shown = st.multiselect("Charts", [*queries.LIVE_CHARTS, *queries.EVAL_CHARTS, queries.OTHER_EVALS],
-                       default=list(queries.DEFAULT_LIVE_CHARTS), key="live_charts")
+hybrid = headline.is_hybrid(page_run)
+# A baseline run has no LR multiplier, trust radius or constraint: its page does not offer those charts.
+available = [c for c in [*queries.LIVE_CHARTS, *queries.EVAL_CHARTS, queries.OTHER_EVALS, *SYSTEM_CHARTS]
+             if hybrid or c not in headline.HYBRID_ONLY_CHARTS]
+defaults = [c for c in queries.DEFAULT_LIVE_CHARTS if c in available]
+if not hybrid:
+    defaults += ["Gradient magnitude ‖g‖", "Validation perplexity"]
+charts_key = f"live_charts.{'hybrid' if hybrid else 'baseline'}"
+if any(c not in available for c in st.session_state.get(charts_key, [])):
+    st.session_state.pop(charts_key)
+shown = st.multiselect("Charts", available, default=defaults, key=charts_key)
+st.caption(f"**{queries.run_label(page_run)}** · {headline.kind_label(page_run)}")
 st.caption(f"Each series is downsampled on the server to at most {queries.MAX_POINTS:,} points (the minimum and "
            "maximum of every bucket are kept, so spikes stay visible); smoothing is computed on all points first. "
            "Zoom and pan are kept across refreshes; double-click a chart to reset.")
@@ -54,7 +77,7 @@ def _cache(run_id: str) -> queries.RunCache:
 
 def _chart(title: str, series, x_title: str, key: str) -> None:
     log_y = st.toggle("log y", key=f"logy.{title}")
-    fig = charts.line_figure(series, title, x_title=x_title, log_y=log_y,
+    fig = charts.line_figure(series, title, x_title=x_title, log_y=log_y, y_title=Y_TITLES.get(title),
                              uirevision=f"{run_id}:{title}:{x_title}:{log_y}")
     st.plotly_chart(fig, key=key, config={"displaylogo": False})
 
@@ -79,6 +102,33 @@ def _controls(run: dict) -> None:
                 st.rerun()  # full rerun: the run is active again, so the fragment starts refreshing
 
 
+def _setup_stages(logs: pd.DataFrame) -> None:
+    """Before the first step: the setup stages (tokenizer, teacher, teacher logits n/N, clustering) and their state,
+    instead of empty charts and a bare "running"."""
+    stages = headline.setup_stages(logs, has_steps=False)
+    with st.container(border=True):
+        st.markdown("**Setting up** — no training step yet; the first run on new data trains a tokenizer and a "
+                    "teacher and caches the teacher's logits (later runs read the cache).")
+        marks = {"done": ":green[✓ done]", "active": ":blue[● in progress]", "pending": ":gray[○ waiting]"}
+        for stage in stages:
+            cols = st.columns([1.4, 1, 2.6])
+            cols[0].markdown(f"**{stage.name}**")
+            cols[1].markdown(marks[stage.state])
+            if stage.fraction is not None and stage.state != "pending":
+                cols[2].progress(min(1.0, stage.fraction), text=stage.detail)
+            elif stage.detail:
+                cols[2].caption(stage.detail)
+
+
+def _system_frame(run_id: str, t0: float | None) -> pd.DataFrame:
+    rows = read_system_metrics(store.root / run_id / SYSTEM_METRICS_FILE)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    frame["time_s"] = frame.wall_time - (t0 if t0 is not None else frame.wall_time.iloc[0])
+    return frame
+
+
 @st.fragment(run_every=interval)
 def live_view() -> None:
     try:
@@ -98,12 +148,16 @@ def live_view() -> None:
     head[0].markdown(f"### {ui.status_badge(run['status'])}")
     head[1].metric("Step", "—" if info["step"] is None else f"{info['step']:,}",
                    help=None if not info["total"] else f"of {info['total']:,}")
-    head[2].metric("Tokens/s", "—" if info["tokens_per_s"] is None else f"{info['tokens_per_s']:,.0f}")
-    head[3].metric("ETA", queries.format_duration(info["eta_s"]))
+    rate = headline.throughput(run, steps)
+    head[2].metric(headline.TOKENS_LABEL, "—" if rate is None else f"{rate:,.0f}", help=headline.TOKENS_HELP)
+    head[3].metric("ETA", queries.format_duration(headline.eta_seconds(run, steps)),
+                   help="Steps to go × measured seconds per step over the run so far (evaluations included).")
     started, ended = run.get("started_at"), run.get("ended_at")
     head[4].metric("Elapsed", queries.format_duration(((ended or time.time()) - started) if started else None))
-    if info["fraction"] is not None:
+    if info["fraction"] is not None and info["step"]:
         st.progress(info["fraction"], text=f"{info['step']:,} / {info['total']:,} steps")
+    if run["status"] in ACTIVE_STATUSES and steps.empty:
+        _setup_stages(cache.logs)
     if run.get("stop_requested"):
         st.info("Stop requested — waiting for the trainer to finish its step.")
     _controls(run)
@@ -114,19 +168,22 @@ def live_view() -> None:
         st.warning((run.get("error") or "The run's process is gone.") + " Resume continues from its last checkpoint.")
 
     x_col, x_title = ("step", "step") if x_axis == "step" else ("time_s", "seconds since the first step")
+    t0 = float(steps.wall_time.iloc[0]) if len(steps) else None
+    system = _system_frame(run_id, t0) if any(t in SYSTEM_CHARTS for t in shown) else pd.DataFrame()
     grid = st.columns(2)
     for slot, title in enumerate(shown):
         if title in queries.LIVE_CHARTS:
             parts = [queries.chart_series(steps, col, x_col, smoothing, run=run_id)
                      for col in queries.LIVE_CHARTS[title]]
-            chart_x = x_title
-        else:   # evaluation metrics: logged every few steps, plotted against the step
+        elif title in SYSTEM_CHARTS:
+            parts = [queries.chart_series(system, col, "time_s", 0.0, run=run_id) for col in SYSTEM_CHARTS[title]]
+        else:   # evaluation metrics: logged every few steps, on the same x axis as the step charts
             keys = queries.EVAL_CHARTS.get(title) or queries.other_eval_keys(
                 cache.evals.key.unique() if not cache.evals.empty else [])
-            parts = [queries.eval_series(cache.evals, [k], run=run_id) for k in keys]
-            chart_x = "step"
+            parts = [queries.eval_series(cache.evals, [k], run=run_id, x=x_col, t0=t0) for k in keys]
         parts = [p for p in parts if not p.empty]
         series = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        chart_x = "seconds since the first step" if title in SYSTEM_CHARTS else x_title
         with grid[slot % 2]:
             _chart(title, series, chart_x, key=f"live.{title}")
 
@@ -136,7 +193,8 @@ def live_view() -> None:
     else:
         lines = cache.logs.tail(20)
         st.code("\n".join(f"{time.strftime('%H:%M:%S', time.localtime(t))} {lvl:7s} {msg}"
-                          for t, lvl, msg in zip(lines.time, lines.level, lines.message)), language="text")
+                          for t, lvl, msg in zip(lines.time, lines.level, lines.message)), language="text",
+                wrap_lines=True)
     if run["status"] in ("failed", "lost"):
         tail = launcher.stderr_tail(store, run_id, max_bytes=4000)
         if tail:

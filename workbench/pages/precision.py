@@ -34,14 +34,19 @@ m = st.columns(5)
 m[0].metric("Average bits (linear layers)", "—" if size["avg_bits"] is None else f"{size['avg_bits']:.3f}",
             help="Parameter-weighted over the layers of the plan.")
 m[1].metric("Quantized parameters", f"{size['params']:,}" if size["params"] else "—")
-m[2].metric("Packed size", "—" if size["bytes"] is None else f"{size['bytes'] / 2**20:.2f} MiB",
+m[2].metric("Packed size (linear layers)", "—" if size["bytes"] is None else f"{size['bytes'] / 2**20:.2f} MiB",
             help="bits × parameters of the planned layers, without scales.")
-m[3].metric("FP32 size", "—" if size["fp32_bytes"] is None else f"{size['fp32_bytes'] / 2**20:.2f} MiB")
-m[4].metric("Compression vs FP32", "—" if size["compression"] is None else f"{size['compression']:.2f}×")
+m[3].metric("FP32 size (linear layers)", "—" if size["fp32_bytes"] is None else f"{size['fp32_bytes'] / 2**20:.2f} MiB")
+m[4].metric("Compression vs FP32 (linear layers)", "—" if size["compression"] is None else f"{size['compression']:.2f}×",
+            help="32 bits ÷ the plan's average bits over the quantized linear layers only (no scales, embeddings "
+                 "or head). The exported file below is the whole model.")
 export = (run.get("artifacts") or {}).get("export")
+summary = run.get("summary") or {}
 if export and Path(export).is_file():
-    st.caption(f"Exported file {export}: {Path(export).stat().st_size / 2**20:.2f} MiB on disk "
-               "(packed codes plus scales, embeddings and head).")
+    whole = summary.get("compression_vs_fp32_file")
+    st.caption(f"Exported file `{Path(export).name}`: {Path(export).stat().st_size / 2**20:.2f} MiB on disk — the "
+               "whole file: packed codes plus scales, embeddings and head"
+               + (f"; compression vs FP32 (whole file) {whole:.2f}×" if whole else "") + ".")
 
 left, right = st.columns([2, 1])
 left.plotly_chart(charts.bits_per_layer_figure(plan), key="precision_bits")
@@ -54,6 +59,9 @@ if steps:
     step = st.select_slider("Layer statistics at step", steps, value=steps[-1], key="precision_step") \
         if len(steps) > 1 else steps[0]
     layers = history[history.step == step]
+    if len(steps) == 1:
+        st.caption(f"Layer statistics were logged once, at step {steps[0]:,} (every log_interval steps of a "
+                   "quantized run).")
 else:
     layers = history
 a, b = st.columns(2)

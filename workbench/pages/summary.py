@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from hybrid_optimization.tracking import StoreError
-from workbench import launcher, queries, ui
+from workbench import headline, launcher, queries, ui
 
 ui.page_header("Run summary")
 store = ui.open_store()
@@ -25,6 +25,8 @@ except StoreError as exc:
     st.error(str(exc))
     st.stop()
 
+hybrid = headline.is_hybrid(run)
+st.subheader(("Hybrid optimization summary" if hybrid else "Training summary — baseline: AdamW at constant LR"))
 st.markdown(f"**{queries.run_label(run)}** {ui.status_badge(run['status'])} · preset `{run.get('preset')}` · "
             f"created {time.strftime('%Y-%m-%d %H:%M', time.localtime(run['created_at']))}")
 summary = run.get("summary") or {}
@@ -36,12 +38,29 @@ if run["status"] == "failed" and run.get("error"):
         st.code(run["error"], language="text")
 
 if summary:
-    st.code(queries.summary_text(summary), language="text")
-    shown = {key for _, key, _ in queries.SUMMARY_LINES}
-    others = {k: v for k, v in summary.items() if k not in shown and isinstance(v, (int, float, str, bool))}
-    if others:
-        st.dataframe(pd.DataFrame({"value": [f"{v:.6g}" if isinstance(v, float) else str(v)
-                                             for v in others.values()]}, index=list(others.keys())), width="stretch")
+    # The block exactly as the trainer printed it (hybrid or baseline), then the same numbers readable.
+    st.code(headline.summary_text(summary, hybrid=hybrid), language="text")
+    headline_keys = ["final_loss", "val_loss", "val_ppl", "top1_agreement", "kl_teacher", "tokens_per_s"]
+    if hybrid:
+        headline_keys += ["avg_lr_multiplier", "constraint_activation_rate"]
+    shown_keys = [k for k in headline_keys if summary.get(k) is not None]
+    cols = st.columns(4)
+    for i, key in enumerate(shown_keys):
+        cols[i % 4].metric(headline.value_label(key), headline.format_value(key, summary[key]),
+                           help=headline.FINAL_LOSS_HELP if key == "final_loss" else
+                           headline.TOKENS_HELP if key == "tokens_per_s" else None)
+    st.caption(f"“Final Loss” is the {headline.FINAL_LOSS_HELP[0].lower() + headline.FINAL_LOSS_HELP[1:]} "
+               "Validation values are from the last evaluation.")
+    rest = {k: v for k, v in summary.items() if k not in shown_keys and k not in headline.HIDDEN_VALUES
+            and not str(k).startswith("val_loss_cluster_") and isinstance(v, (int, float, str, bool))}
+    clusters = {k: v for k, v in summary.items() if str(k).startswith("val_loss_cluster_")}
+    with st.expander("Timings, memory, size and every other value"):
+        st.dataframe(pd.DataFrame({"value": [headline.format_value(k, v) for k, v in rest.items()]},
+                                  index=[headline.value_label(k) for k in rest]), width="stretch",
+                     height=min(35 * (len(rest) + 1) + 3, 800))
+        if clusters:
+            st.dataframe(pd.DataFrame({"validation loss": [f"{v:.4f}" for v in clusters.values()]},
+                                      index=[headline.value_label(k) for k in clusters]), width="stretch")
 
 st.subheader("Files")
 artifacts = dict(run.get("artifacts") or {})
@@ -56,7 +75,8 @@ for kind, path_text in sorted(artifacts.items(), key=lambda item: (item[0] != "e
     path = Path(path_text)
     col1, col2 = st.columns([3, 1])
     if path.is_file():
-        col1.markdown(f"**{kind}** — `{path}` ({path.stat().st_size / 2**20:.2f} MiB)")
+        size = path.stat().st_size
+        col1.markdown(f"**{kind}** — `{path.name}` ({headline.format_value('export_bytes', size)})")
         col2.download_button("Download", data=lambda p=path: p.read_bytes(), file_name=path.name,
                              key=f"summary_download.{kind}", icon=":material/download:")
     elif path.is_dir():
@@ -69,4 +89,4 @@ with st.expander("Config and command line"):
     args = run.get("args")
     argv = args.get("argv") if isinstance(args, dict) else args
     if argv:
-        st.code(" ".join(str(a) for a in argv), language="bash")
+        st.code(" ".join(str(a) for a in argv), language="bash", wrap_lines=True)

@@ -1,0 +1,248 @@
+"""One definition per headline number the pages show: what kind of run it is (hybrid or baseline), its throughput,
+its "final loss", its ETA, and the setup stages before its first step. Every page asks here, so Live, Compare and
+Summary cannot disagree. Plain Python/pandas, no Streamlit: unit-tested directly.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+
+import pandas as pd
+
+from hybrid_optimization.tracking import ACTIVE_STATUSES
+
+# The preset's window length when the run did not set one (hybrid_optimization/distill/presets.py; not imported:
+# that package imports torch, and the app never does).
+PRESET_SEQ_LEN = {"tiny": 64, "smollm2": 128}
+FINAL_LOSS_KEY = "final_loss"
+FINAL_LOSS_LABEL = "Final training loss"
+FINAL_LOSS_HELP = "Mean training loss over the last epoch (the summary's Final Loss)."
+TOKENS_LABEL = "Tokens/s (whole run)"
+TOKENS_HELP = ("Training tokens ÷ training time (evaluations included), as the run's summary computes it; "
+               "while the run trains, over the steps so far.")
+HYBRID_ONLY_CHARTS = ("LR multiplier", "Trust radius", "Constraint activation (running rate)")
+# Friendly names of the summary's / final values, with their format (Summary and Compare share them).
+VALUE_LABELS: dict[str, tuple[str, str]] = {
+    "final_loss": (FINAL_LOSS_LABEL, "{:.4f}"),
+    "val_loss": ("Validation loss", "{:.4f}"),
+    "val_loss_fp": ("Validation loss (full precision)", "{:.4f}"),
+    "val_ppl": ("Validation perplexity", "{:.2f}"),
+    "kl_teacher": ("KL to the teacher", "{:.4f}"),
+    "top1_agreement": ("Top-1 agreement", "{:.1%}"),
+    "tokens_per_s": (TOKENS_LABEL, "{:,.0f}"),
+    "total_steps": ("Steps", "{:,.0f}"),
+    "avg_lr_multiplier": ("Avg LR multiplier", "{:.2f}×"),
+    "constraint_activation_rate": ("Constraint activation", "{:.1%}"),
+    "final_trust_radius": ("Final trust radius", "{:.4g}"),
+    "train_seconds": ("Training time", "duration"),
+    "setup_seconds": ("Setup time", "duration"),
+    "clustering_seconds": ("Clustering time", "duration"),
+    "prepare_seconds": ("Data preparation", "duration"),
+    "teacher_cache_seconds": ("Teacher logits time", "duration"),
+    "peak_rss_mb": ("Peak memory (RSS)", "{:,.0f} MiB"),
+    "train_peak_rss_mb": ("Peak memory while training", "{:,.0f} MiB"),
+    "cuda_peak_mb": ("Peak GPU memory", "{:,.0f} MiB"),
+    "avg_bits": ("Average bits (linear layers)", "{:.3f}"),
+    "linear_bits_per_weight": ("Bits/weight (linear layers)", "{:.2f}"),
+    "file_bits_per_weight": ("Bits/weight (whole file)", "{:.2f}"),
+    "compression_vs_fp32_linear": ("Compression vs FP32 (linear layers)", "{:.1f}×"),
+    "compression_vs_fp32_file": ("Compression vs FP32 (whole file)", "{:.1f}×"),
+    "export_bytes": ("Exported file", "bytes"),
+    "skipped_steps": ("Skipped steps (NaN/Inf)", "{:,.0f}"),
+    "qdiff_max": ("Max |quantized − FP logit|", "{:.4f}"),
+    "qdiff_mean": ("Mean |quantized − FP logit|", "{:.4f}"),
+    "teacher_tokens": ("Teacher tokens", "{:,.0f}"),
+}
+# Keys that are not shown as values (per-step duplicates of a headline number, or internal).
+HIDDEN_VALUES = ("final_step_loss", "loss")
+
+
+def is_hybrid(run: dict) -> bool:
+    """True for a hybrid run, False for the baseline (AdamW at constant LR). From the launcher's options, else
+    the command line's --hybrid, else what the summary recorded."""
+    args = run.get("args")
+    if isinstance(args, dict):
+        options = args.get("options")
+        if isinstance(options, dict) and "hybrid" in options:
+            return bool(options["hybrid"])
+        argv = args.get("argv")
+    else:
+        argv = args
+    if isinstance(argv, list) and argv:
+        return "--hybrid" in [str(a) for a in argv]
+    summary = run.get("summary") or {}
+    return summary.get("avg_lr_multiplier") is not None
+
+
+def kind_label(run: dict) -> str:
+    return "hybrid optimizer" if is_hybrid(run) else "baseline: AdamW at constant LR"
+
+
+def seq_len(run: dict) -> int | None:
+    args = run.get("args") if isinstance(run.get("args"), dict) else {}
+    options = args.get("options") if isinstance(args.get("options"), dict) else {}
+    if options.get("seq_len"):
+        return int(options["seq_len"])
+    argv = [str(a) for a in (args.get("argv") or [])]
+    if "--seq_len" in argv[:-1]:
+        try:
+            return int(argv[argv.index("--seq_len") + 1])
+        except ValueError:
+            pass
+    return PRESET_SEQ_LEN.get(run.get("preset") or "tiny")
+
+
+def tokens_per_step(run: dict) -> int | None:
+    batch = (run.get("config") or {}).get("batch_size")
+    length = seq_len(run)
+    return int(batch) * int(length) if batch and length else None
+
+
+def throughput(run: dict, steps: pd.DataFrame) -> float | None:
+    """Tokens/s over the whole run: the summary's value once written; while training, tokens of the steps so far
+    over the wall time they took (the same definition, evaluations included)."""
+    summary = run.get("summary") or {}
+    if summary.get("tokens_per_s"):
+        return float(summary["tokens_per_s"])
+    per_step = tokens_per_step(run)
+    if per_step is None or steps is None or len(steps) < 2 or "wall_time" not in steps:
+        return None
+    first, last = steps.iloc[0], steps.iloc[-1]
+    seconds = float(last.wall_time - first.wall_time)
+    done = float(last.step - first.step)
+    return per_step * done / seconds if seconds > 0 and done > 0 else None
+
+
+def eta_seconds(run: dict, steps: pd.DataFrame, now: float | None = None) -> float | None:
+    """Seconds left: the steps to go at the run's measured seconds per step (over every step so far, so
+    evaluations are counted and it does not jump), counting down between new steps."""
+    if run.get("status") not in ACTIVE_STATUSES or steps is None or len(steps) < 2:
+        return None
+    total = run.get("total_steps")
+    if not total:
+        return None
+    first, last = steps.iloc[0], steps.iloc[-1]
+    done = float(last.step - first.step)
+    seconds = float(last.wall_time - first.wall_time)
+    if done <= 0 or seconds <= 0:
+        return None
+    left = (total - float(last.step)) * seconds / done
+    since_last = (now if now is not None else time.time()) - float(last.wall_time)
+    return max(0.0, left - max(0.0, since_last))
+
+
+def format_value(key: str, value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    fmt = VALUE_LABELS.get(key, (key, "{:.4g}"))[1]
+    if isinstance(value, str) or isinstance(value, bool):
+        return str(value)
+    if fmt == "duration":
+        return format_duration(float(value))
+    if fmt == "bytes":
+        return f"{float(value) / 2**20:.2f} MiB" if value >= 2**20 else f"{float(value) / 1024:.1f} KiB"
+    try:
+        return fmt.format(float(value))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def value_label(key: str) -> str:
+    if key.startswith("val_loss_cluster_"):
+        return f"Validation loss, cluster {key.rsplit('_', 1)[-1]}"
+    return VALUE_LABELS.get(key, (key.replace("_", " ").capitalize(), ""))[0]
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "—"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs} s"
+
+
+def summary_text(summary: dict, hybrid: bool = True) -> str:
+    """The summary block as the trainer prints it: HYBRID OPTIMIZATION SUMMARY for a hybrid run, TRAINING SUMMARY
+    (baseline: AdamW at constant LR) for the baseline."""
+    bar = "=" * 60
+
+    def fmt(key: str, pattern: str) -> str:
+        value = summary.get(key)
+        if value is None:
+            return "—"
+        try:
+            return pattern.format(int(value) if pattern == "{:d}" else float(value))
+        except (TypeError, ValueError):
+            return str(value)
+
+    if hybrid:
+        lines = ["HYBRID OPTIMIZATION SUMMARY", bar, f"Total Steps: {fmt('total_steps', '{:d}')}",
+                 f"Final Loss: {fmt('final_loss', '{:.6f}')}",
+                 f"Avg Learning Rate Multiplier: {fmt('avg_lr_multiplier', '{:.2f}x')}",
+                 f"Constraint Activation Rate: {fmt('constraint_activation_rate', '{:.1%}')}",
+                 f"Final Trust Radius: {fmt('final_trust_radius', '{:.6f}')}", bar]
+    else:
+        lines = ["TRAINING SUMMARY (baseline: AdamW at constant LR)", bar,
+                 f"Total Steps: {fmt('total_steps', '{:d}')}", f"Final Loss: {fmt('final_loss', '{:.6f}')}", bar]
+    if summary.get("val_loss") is not None:
+        lines.insert(-1, f"Validation Loss: {fmt('val_loss', '{:.6f}')} (perplexity {fmt('val_ppl', '{:.2f}')}), "
+                         f"top-1 agreement with the teacher {fmt('top1_agreement', '{:.1%}')}")
+    if summary.get("tokens_per_s") is not None:
+        lines.insert(-1, f"Throughput: {fmt('tokens_per_s', '{:,.0f}')} tokens/s over "
+                         f"{fmt('train_seconds', '{:.1f}')} s")
+    return "\n".join(lines)
+
+
+# -- setup stages (before the first training step) ------------------------------------------------------------------
+@dataclass
+class Stage:
+    name: str
+    state: str               # "done", "active" or "pending"
+    detail: str = ""
+    fraction: float | None = None
+
+
+# (stage, pattern that says it started, pattern that says it is done). Matched against the run's log lines, which
+# the trainer writes as it goes; a stage a run skips (a cached teacher) is done as soon as a later one starts.
+_STAGES = (
+    ("Tokenizer", re.compile(r"tokenizer", re.I), re.compile(r"tokenizer .*(trained|loaded)|^Run ", re.I)),
+    ("Teacher", re.compile(r"teacher", re.I),
+     re.compile(r"teacher .*trained|teacher converted|teacher's top-\d+ logits|teacher logits", re.I)),
+    ("Teacher logits", re.compile(r"teacher's top-\d+ logits|teacher logits", re.I),
+     re.compile(r"teacher logits (cached|loaded)", re.I)),
+    ("Clustering & student", re.compile(r"teacher logits (cached|loaded)", re.I), re.compile(r"^Initialized ", re.I)),
+)
+_LOGITS_PROGRESS = re.compile(r"teacher logits: (\d+)/(\d+)")
+
+
+def setup_stages(logs: pd.DataFrame, has_steps: bool) -> list[Stage]:
+    """The setup stages of a run from its log lines, each done / active / pending, the teacher logits with n/N."""
+    messages = [str(m) for m in (logs.message if logs is not None and len(logs) else [])]
+    stages = []
+    for name, _, done_pattern in _STAGES:
+        stages.append(Stage(name, "done" if has_steps or any(done_pattern.search(m) for m in messages)
+                            else "pending"))
+    # A later stage done means every earlier one is done (skipped or cached).
+    for i in range(len(stages) - 1, -1, -1):
+        if stages[i].state == "done":
+            for earlier in stages[:i]:
+                earlier.state = "done"
+            break
+    progress = [_LOGITS_PROGRESS.search(m) for m in messages]
+    progress = [p for p in progress if p]
+    if progress:
+        done, total = int(progress[-1].group(1)), int(progress[-1].group(2))
+        logits = stages[2]
+        logits.detail = f"{done:,}/{total:,} windows"
+        logits.fraction = done / total if total else None
+    first_pending = next((s for s in stages if s.state == "pending"), None)
+    if first_pending is not None and messages:
+        first_pending.state = "active"
+    setup_done = all(stage.state == "done" for stage in stages)
+    stages.append(Stage("Training", "active" if has_steps or setup_done else "pending"))
+    return stages
