@@ -4,6 +4,7 @@ Summary cannot disagree. Plain Python/pandas, no Streamlit: unit-tested directly
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from hybrid_optimization.schema import RunSummary, render_summary
 from hybrid_optimization.tracking import ACTIVE_STATUSES
 
 # The preset's window length when the run did not set one (hybrid_optimization/distill/presets.py; not imported:
@@ -18,7 +20,9 @@ from hybrid_optimization.tracking import ACTIVE_STATUSES
 PRESET_SEQ_LEN = {"tiny": 64, "smollm2": 128}
 FINAL_LOSS_KEY = "final_loss"
 FINAL_LOSS_LABEL = "Final training loss"
-FINAL_LOSS_HELP = "Mean training loss over the last epoch (the summary's Final Loss)."
+# The summary's own definition (schema.RunSummary), so the page says what the number is.
+FINAL_LOSS_HELP = next(f.metadata["doc"] for f in dataclasses.fields(RunSummary) if f.name == "final_loss")
+FINAL_LOSS_HELP = FINAL_LOSS_HELP[0].upper() + FINAL_LOSS_HELP[1:] + " (the summary's Final Loss)."
 TOKENS_LABEL = "Tokens/s (whole run)"
 TOKENS_HELP = ("Training tokens ÷ training time (evaluations included), as the run's summary computes it; "
                "while the run trains, over the steps so far.")
@@ -26,6 +30,7 @@ HYBRID_ONLY_CHARTS = ("LR multiplier", "Trust radius", "Constraint activation (r
 # Friendly names of the summary's / final values, with their format (Summary and Compare share them).
 VALUE_LABELS: dict[str, tuple[str, str]] = {
     "final_loss": (FINAL_LOSS_LABEL, "{:.4f}"),
+    "final_epoch_loss": ("Training loss, last-epoch mean", "{:.4f}"),
     "val_loss": ("Validation loss", "{:.4f}"),
     "val_loss_fp": ("Validation loss (full precision)", "{:.4f}"),
     "val_ppl": ("Validation perplexity", "{:.2f}"),
@@ -56,7 +61,7 @@ VALUE_LABELS: dict[str, tuple[str, str]] = {
     "teacher_tokens": ("Teacher tokens", "{:,.0f}"),
 }
 # Keys that are not shown as values (per-step duplicates of a headline number, or internal).
-HIDDEN_VALUES = ("final_step_loss", "loss")
+HIDDEN_VALUES = ("final_step_loss", "loss", "optimizer")
 
 
 def is_hybrid(run: dict) -> bool:
@@ -166,36 +171,16 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs} s"
 
 
-def summary_text(summary: dict, hybrid: bool = True) -> str:
-    """The summary block as the trainer prints it: HYBRID OPTIMIZATION SUMMARY for a hybrid run, TRAINING SUMMARY
-    (baseline: AdamW at constant LR) for the baseline."""
-    bar = "=" * 60
+def optimizer_of(run: dict) -> str:
+    """hybrid | adamw | custom: the summary's own word when it has one, else what the run was launched as."""
+    summary = run.get("summary") or {}
+    return summary.get("optimizer") or ("hybrid" if is_hybrid(run) else "adamw")
 
-    def fmt(key: str, pattern: str) -> str:
-        value = summary.get(key)
-        if value is None:
-            return "—"
-        try:
-            return pattern.format(int(value) if pattern == "{:d}" else float(value))
-        except (TypeError, ValueError):
-            return str(value)
 
-    if hybrid:
-        lines = ["HYBRID OPTIMIZATION SUMMARY", bar, f"Total Steps: {fmt('total_steps', '{:d}')}",
-                 f"Final Loss: {fmt('final_loss', '{:.6f}')}",
-                 f"Avg Learning Rate Multiplier: {fmt('avg_lr_multiplier', '{:.2f}x')}",
-                 f"Constraint Activation Rate: {fmt('constraint_activation_rate', '{:.1%}')}",
-                 f"Final Trust Radius: {fmt('final_trust_radius', '{:.6f}')}", bar]
-    else:
-        lines = ["TRAINING SUMMARY (baseline: AdamW at constant LR)", bar,
-                 f"Total Steps: {fmt('total_steps', '{:d}')}", f"Final Loss: {fmt('final_loss', '{:.6f}')}", bar]
-    if summary.get("val_loss") is not None:
-        lines.insert(-1, f"Validation Loss: {fmt('val_loss', '{:.6f}')} (perplexity {fmt('val_ppl', '{:.2f}')}), "
-                         f"top-1 agreement with the teacher {fmt('top1_agreement', '{:.1%}')}")
-    if summary.get("tokens_per_s") is not None:
-        lines.insert(-1, f"Throughput: {fmt('tokens_per_s', '{:,.0f}')} tokens/s over "
-                         f"{fmt('train_seconds', '{:.1f}')} s")
-    return "\n".join(lines)
+def summary_text(run: dict) -> str:
+    """The summary block exactly as the trainer prints it (schema.render_summary, the one renderer): HYBRID
+    OPTIMIZATION SUMMARY for a hybrid run, TRAINING SUMMARY (baseline: AdamW at constant LR) for the baseline."""
+    return render_summary(run.get("summary") or {}, optimizer_of(run))
 
 
 # -- setup stages (before the first training step) ------------------------------------------------------------------

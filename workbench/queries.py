@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from hybrid_optimization import schema
 from hybrid_optimization.tracking import ACTIVE_STATUSES, STEP_COLUMNS, RunStore
 
 MAX_POINTS = 2000          # per series, after downsampling (stated in the UI)
@@ -52,13 +53,7 @@ def other_eval_keys(keys) -> list[str]:
     """Eval keys no named chart shows (and that are not per-cluster losses)."""
     named = {k for members in EVAL_CHARTS.values() for k in members}
     return sorted(k for k in keys if k not in named and not str(k).startswith("val_loss_cluster_"))
-SUMMARY_LINES = (  # the guide's HYBRID OPTIMIZATION SUMMARY block: (label, summary key, format)
-    ("Total Steps", "total_steps", "{:d}"),
-    ("Final Loss", "final_loss", "{:.6f}"),
-    ("Avg Learning Rate Multiplier", "avg_lr_multiplier", "{:.2f}x"),
-    ("Constraint Activation Rate", "constraint_activation_rate", "{:.1%}"),
-    ("Final Trust Radius", "final_trust_radius", "{:.6f}"),
-)
+SUMMARY_LINES = schema.SUMMARY_LINES   # (label, summary key, format) of the guide's block; one definition
 
 
 # -- series maths ---------------------------------------------------------------------------------------------------
@@ -242,20 +237,8 @@ class RunCache:
 
 # -- run summary, sizes, diffs, exports -----------------------------------------------------------------------------
 def summary_text(summary: dict) -> str:
-    """The guide's HYBRID OPTIMIZATION SUMMARY block from a run's stored summary."""
-    lines = ["HYBRID OPTIMIZATION SUMMARY", "=" * 60]
-    for label, key, fmt in SUMMARY_LINES:
-        value = summary.get(key)
-        if value is None:
-            text = "—"
-        else:
-            try:
-                text = fmt.format(int(value) if fmt == "{:d}" else float(value))
-            except (TypeError, ValueError):
-                text = str(value)
-        lines.append(f"{label}: {text}")
-    lines.append("=" * 60)
-    return "\n".join(lines)
+    """The guide's summary block: schema.render_summary, the one renderer (CLI and app)."""
+    return schema.render_summary(summary)
 
 
 def plan_size(plan: pd.DataFrame) -> dict:

@@ -117,7 +117,7 @@ edited = st.data_editor(
     table, key=f"runs_table.{signature}", hide_index=True, width="stretch",
     disabled=[c for c in table.columns if c not in ("select", "tags", "notes")], column_config=column_config)
 st.caption(f"{len(runs)} of {len(all_runs)} run(s) shown. Click a column header to sort; "
-           f"“{headline.FINAL_LOSS_LABEL}” is the {headline.FINAL_LOSS_HELP[0].lower()}{headline.FINAL_LOSS_HELP[1:]} "
+           f"“{headline.FINAL_LOSS_LABEL}”: {headline.FINAL_LOSS_HELP[0].lower()}{headline.FINAL_LOSS_HELP[1:]} "
            "Tags and notes are saved as you edit them.")
 visible = set(runs.run_id)
 selected.difference_update(visible)

@@ -39,7 +39,7 @@ if run["status"] == "failed" and run.get("error"):
 
 if summary:
     # The block exactly as the trainer printed it (hybrid or baseline), then the same numbers readable.
-    st.code(headline.summary_text(summary, hybrid=hybrid), language="text")
+    st.code(headline.summary_text(run), language="text")
     headline_keys = ["final_loss", "val_loss", "val_ppl", "top1_agreement", "kl_teacher", "tokens_per_s"]
     if hybrid:
         headline_keys += ["avg_lr_multiplier", "constraint_activation_rate"]
@@ -49,7 +49,7 @@ if summary:
         cols[i % 4].metric(headline.value_label(key), headline.format_value(key, summary[key]),
                            help=headline.FINAL_LOSS_HELP if key == "final_loss" else
                            headline.TOKENS_HELP if key == "tokens_per_s" else None)
-    st.caption(f"“Final Loss” is the {headline.FINAL_LOSS_HELP[0].lower() + headline.FINAL_LOSS_HELP[1:]} "
+    st.caption(f"“Final Loss”: {headline.FINAL_LOSS_HELP[0].lower() + headline.FINAL_LOSS_HELP[1:]} "
                "Validation values are from the last evaluation.")
     rest = {k: v for k, v in summary.items() if k not in shown_keys and k not in headline.HIDDEN_VALUES
             and not str(k).startswith("val_loss_cluster_") and isinstance(v, (int, float, str, bool))}
