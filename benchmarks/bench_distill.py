@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hybrid_optimization.tracking import RunStore  # noqa: E402
+from workbench import queries  # noqa: E402
 
 GUIDE_TINY = ["--hybrid", "--ternary", "--qat", "--epochs", "20", "--data_clusters", "8", "--param_clusters", "4",
               "--lr", "0.001", "--save_metrics", "--eval_every", "2"]
@@ -80,7 +81,7 @@ def bench_tiny(work: Path) -> dict:
 
 
 def _first_epoch_loss(run: dict) -> float:
-    steps = RunStore(Path(run["run_dir"]).parent).read_steps(run["run_id"], columns=["loss", "epoch"])
+    steps = queries.read_steps(RunStore(Path(run["run_dir"]).parent), run["run_id"], columns=["loss", "epoch"])
     return float(steps[steps["epoch"] == 0]["loss"].mean())
 
 

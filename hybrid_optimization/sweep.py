@@ -273,9 +273,11 @@ def run_trial(trial, spec: SweepSpec, runs_root: Path, poll_s: float = POLL_S) -
     last_step, pruned = -1, False
     while True:
         code = proc.poll()
-        evals = store.read_evals(run_id, after_step=last_step)
-        for row in evals[evals.key == PRUNE_METRIC].sort_values("step").itertuples():
-            step, value = int(row.step), float(row.value)
+        evals = store.read_evals(run_id, after_step=last_step)      # rows, step-ordered
+        for row in evals:
+            if row["key"] != PRUNE_METRIC:
+                continue
+            step, value = int(row["step"]), float("nan") if row["value"] is None else float(row["value"])
             reported.append((step, value))
             if spec.pruning and not pruned and math.isfinite(value):
                 trial.report(value, step)
@@ -283,7 +285,7 @@ def run_trial(trial, spec: SweepSpec, runs_root: Path, poll_s: float = POLL_S) -
                     pruned = True
                     store.request_stop(run_id)
         if len(evals):
-            last_step = int(evals.step.max())
+            last_step = max(evals.column("step"))
         if _Stopping.event.is_set() and code is None:
             store.request_stop(run_id)
         if code is not None:

@@ -9,6 +9,7 @@ import torch
 
 from hybrid_optimization.distributed import DistContext, all_reduce_mean, any_rank, shard
 from hybrid_optimization.tracking import RunStore
+from workbench import queries
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def test_two_gloo_ranks_end_with_identical_parameters(tmp_path):
     assert rank0["multipliers"] == rank1["multipliers"]                 # identical aux-net decisions
     for name, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][name]), name
-    runs = RunStore(tmp_path / "runs").list_runs()
+    runs = queries.list_runs(RunStore(tmp_path / "runs"))
     assert runs["run_id"].tolist() == [rank0["run_id"]] and rank1["run_id"] == rank0["run_id"]
     run = RunStore(tmp_path / "runs").get_run(rank0["run_id"])
     assert run["status"] == "finished" and "2 ranks (gloo)" in run["device"]

@@ -16,6 +16,7 @@ from hybrid_optimization.distill import TrainOptions, train
 from hybrid_optimization.distill.cli import main
 from hybrid_optimization.distill.export import load_exported_student
 from hybrid_optimization.tracking import RunStore
+from workbench import queries
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE_LINES = ("Initialized hybrid optimization with 8 data clusters and auxiliary NN guidance",
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def runs(root) -> list[str]:
     db = Path(root) / "runs.db"
-    return RunStore(root).list_runs()["run_id"].tolist() if db.exists() else []
+    return queries.list_runs(RunStore(root))["run_id"].tolist() if db.exists() else []
 
 
 def test_guide_command_tiny_run_prints_the_guide_lines_and_fills_the_store(tmp_path, capsys):
@@ -46,30 +47,30 @@ def test_guide_command_tiny_run_prints_the_guide_lines_and_fills_the_store(tmp_p
     run = store.get_run(run_id)
     assert run["status"] == "finished" and run["step"] == 20 and run["config"]["target_bits"] == 1.58
     assert run["summary"]["total_steps"] == 20 and run["summary"]["compression_vs_fp32_linear"] > 15
-    steps = store.read_steps(run_id)
+    steps = queries.read_steps(store, run_id)
     assert steps["step"].tolist() == list(range(1, 21))
     for column in ("loss", "learning_rate", "lr_multiplier", "trust_radius", "update_magnitude",
                    "gradient_magnitude", "flip_rate", "tokens_per_s"):
         assert steps[column].notna().all(), column
     assert steps["cluster_id"].isna().all() and run["config"]["cluster_batches"] == "mixed"   # no per-batch cluster
     assert steps["quantization_error"].notna().sum() == 2                      # every log_interval = 10 steps
-    evals = store.read_evals(run_id)
+    evals = queries.read_evals(store, run_id)
     val = evals[evals["key"] == "val_loss"].set_index("step")["value"]
     assert val[20] < val[10]                                                   # it learns
     keys = set(evals["key"])
     assert {"val_loss", "val_ppl", "kl_teacher", "top1_agreement", "qdiff_max", "qdiff_mean"} <= keys
     assert len({k for k in keys if k.startswith("val_loss_cluster_")}) >= 2      # per data cluster (those evaluated)
     assert sorted(set(evals["step"])) == [10, 20]
-    plan = store.read_plan(run_id)
+    plan = queries.read_plan(store, run_id)
     assert len(plan) == 14 and set(plan["bits"]) <= {1.0, 1.58, 2.0}
-    layers = store.read_layers(run_id)
+    layers = queries.read_layers(store, run_id)
     assert len(layers) == 14 and layers["rel_error"].between(0, 1).all()
-    samples = store.read_samples(run_id)
+    samples = queries.read_samples(store, run_id)
     assert set(samples["split"]) == {"train", "val"} and samples["cluster"].nunique() == 8
     assert samples["text"].str.len().gt(0).all()
-    features = store.read_samples(run_id, features=True)["features"]      # for the workbench's t-SNE option
+    features = queries.read_samples(store, run_id, features=True)["features"]      # for the workbench's t-SNE option
     assert all(f is not None and f.shape == features.iloc[0].shape and f.size >= 2 for f in features)
-    assert store.read_logs(run_id)["message"].str.contains("Epoch 1, Loss").any()
+    assert queries.read_logs(store, run_id)["message"].str.contains("Epoch 1, Loss").any()
 
     with open(run["artifacts"]["metrics_csv"]) as handle:
         rows = list(csv.DictReader(handle))
@@ -91,10 +92,10 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, cluster_batch
     resumed = train(TrainOptions(resume=stopped.run_id, runs_root=str(tmp_path), quiet=True))
     assert resumed.status == "finished" and resumed.run_id == stopped.run_id and resumed.steps == 8
 
-    a, b = store.read_steps(full.run_id), store.read_steps(stopped.run_id)
+    a, b = queries.read_steps(store, full.run_id), queries.read_steps(store, stopped.run_id)
     for column in ("loss", "lr_multiplier", "trust_radius", "update_magnitude", "cluster_id", "flip_rate"):
         assert a[column].equals(b[column]), column                            # NaN where no value, in both
-    ea, eb = store.read_evals(full.run_id), store.read_evals(stopped.run_id)
+    ea, eb = queries.read_evals(store, full.run_id), queries.read_evals(store, stopped.run_id)
     assert ea[["step", "key", "value"]].values.tolist() == eb[["step", "key", "value"]].values.tolist()
     for (name, p), (_, q) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(p, q), name

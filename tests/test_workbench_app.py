@@ -92,7 +92,7 @@ def test_form_shows_every_config_field_with_the_guides_defaults(filled):
 
 def test_invalid_config_shows_the_cores_message_and_launches_nothing(filled, started):
     store = filled[0]
-    before = len(store.list_runs())
+    before = len(queries.list_runs(store))
     at = _app().run()
     at.text_input(key="cfg.base_learning_rate").input("fast").run()
     at.number_input(key="cfg.data_clusters").set_value(0).run()
@@ -102,7 +102,7 @@ def test_invalid_config_shows_the_cores_message_and_launches_nothing(filled, sta
     assert field_error("data_clusters", 0).replace("HybridTrainingConfig.", "") in errors
     at.button(key="launch").click().run()
     assert "Not launched: the configuration has errors (see the messages above)." in _texts(at.error)
-    assert started == [] and len(store.list_runs()) == before
+    assert started == [] and len(queries.list_runs(store)) == before
 
 
 def test_launch_passes_the_form_to_the_cli_and_opens_the_live_view(filled, started, runs_root):
@@ -192,16 +192,26 @@ def test_failed_run_shows_its_traceback(filled):
     assert any("RuntimeError: boom" in c for c in _texts(at.code))
 
 
-@pytest.mark.parametrize("problem", ["missing", "empty", "old schema", "not sqlite"])
+@pytest.mark.parametrize("problem", ["missing", "empty", "newer schema", "not sqlite", "damaged"])
 def test_bad_run_stores_give_a_clear_message(runs_root, problem):
     runs_root.mkdir(parents=True, exist_ok=True)
     db = runs_root / "runs.db"
     if problem == "empty":
         db.write_bytes(b"")
-    elif problem == "old schema":
+    elif problem == "newer schema":
         RunStore(runs_root)
         with sqlite3.connect(db) as conn:
-            conn.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
+            conn.execute("PRAGMA user_version = 99")
+    elif problem == "damaged":            # a garbage b-tree page: refused, never read short
+        RunStore(runs_root)
+        with sqlite3.connect(db) as conn:
+            conn.execute("CREATE TABLE filler (x TEXT)")
+            conn.executemany("INSERT INTO filler VALUES (?)", [("x" * 500,)] * 50)
+            conn.commit()
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        data = bytearray(db.read_bytes())
+        data[-4096:-4056] = bytes([0x5A]) * 40
+        db.write_bytes(bytes(data))
     elif problem == "not sqlite":
         db.write_text("hello " * 1000)
     at = _app()
@@ -209,7 +219,8 @@ def test_bad_run_stores_give_a_clear_message(runs_root, problem):
         _open(at, page)
         assert not at.exception
         messages = " ".join(_texts(at.info) + _texts(at.error))
-        expected = {"missing": "no run store at", "empty": "is empty", "old schema": "written by schema version 0",
+        expected = {"missing": "no run store at", "empty": "is empty", "newer schema": "newer than this code",
+                    "damaged": "is damaged",
                     "not sqlite": "not an SQLite database"}[problem]
         assert expected in messages, (page, messages)
     _open(at, "configure")               # the form still shows; a broken store is reported and blocks launching
@@ -239,7 +250,7 @@ def test_compare_table_selection_diff_tags_and_housekeeping(filled):
     assert len(at.get("plotly_chart")) == 3          # validation loss, training loss, config vs result
     assert at.get("download_button")
     at.button(key="compare_archive").click().run()
-    assert store.list_runs().empty and len(store.list_runs(include_archived=True)) == 2
+    assert queries.list_runs(store).empty and len(queries.list_runs(store, include_archived=True)) == 2
 
 
 def test_summary_page_shows_the_guides_block_and_the_export(filled):

@@ -151,7 +151,7 @@ def test_metrics_csv_and_sensitivity_table(tmp_path):
     frame = pd.read_csv(__import__("io").BytesIO(queries.metrics_csv(store, ids)))
     assert len(frame) == 60 and list(frame.columns[:3]) == ["run_id", "step", "wall_time"]
     assert set(frame.run_id) == set(ids)
-    table = queries.sensitivity_table(store.read_plan(ids[0]))
+    table = queries.sensitivity_table(queries.read_plan(store, ids[0]))
     assert list(table.columns) == ["qerr_1.58", "fisher"] and len(table) == 12
 
 
@@ -204,7 +204,7 @@ def test_cluster_scatter_colours_and_hover_text():
 def test_precision_figures(tmp_path):
     store = RunStore(tmp_path)
     run_id = write_synthetic_run(store, 20, eval_every=10)
-    plan, layers = store.read_plan(run_id), store.read_layers(run_id)
+    plan, layers = queries.read_plan(store, run_id), queries.read_layers(store, run_id)
     bits = charts.bits_per_layer_figure(plan)
     assert list(bits.layout.xaxis.categoryarray) == list(plan.layer)
     assert {t.name for t in bits.data} == set(plan.module_type)

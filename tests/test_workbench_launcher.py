@@ -13,7 +13,7 @@ import pytest
 
 from hybrid_optimization.config import ConfigError, HybridTrainingConfig, field_error
 from hybrid_optimization.tracking import RunStore, pid_alive
-from workbench import datasets, launcher, presets
+from workbench import datasets, launcher, presets, queries
 from workbench.launcher import LaunchError, LaunchOptions
 
 # A stand-in for distillation.py that talks to the store like the trainer does (FAKE_MODE picks a behaviour):
@@ -142,7 +142,7 @@ def test_a_bad_config_or_option_starts_nothing(store, monkeypatch):
         launcher.launch(store, {}, {"device": "tpu"})
     with pytest.raises(LaunchError, match="training CLI .* is missing"):
         launcher.launch(store, {}, {}, script=Path("/nonexistent/distillation.py"))
-    assert store.list_runs().empty
+    assert queries.list_runs(store).empty
 
 
 # -- real background processes ---------------------------------------------------------------------------------------

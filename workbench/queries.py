@@ -1,7 +1,9 @@
-"""Reading runs for the workbench: incremental reads, smoothing, downsampling and the derived numbers pages show.
+"""Reading runs for the workbench: store rows as DataFrames, incremental reads, smoothing, downsampling and the
+derived numbers pages show.
 
 Everything here is plain pandas/numpy on top of `hybrid_optimization.tracking.RunStore` — no Streamlit — so it
-is unit-tested directly and shared by every page. The store is the source of truth; the `RunCache` below only
+is unit-tested directly and shared by every page. The store returns rows (the core has no pandas); the
+`list_runs` / `read_*` adapters below are the one place where rows become DataFrames. The store is the source of truth; the `RunCache` below only
 remembers what a session has already read, so each live refresh asks SQLite for the new rows alone.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from hybrid_optimization import schema
-from hybrid_optimization.tracking import ACTIVE_STATUSES, STEP_COLUMNS, RunStore
+from hybrid_optimization.tracking import ACTIVE_STATUSES, LAYER_COLUMNS, STEP_COLUMNS, Rows, RunStore
 
 MAX_POINTS = 2000          # per series, after downsampling (stated in the UI)
 DEFAULT_SMOOTHING = 0.6    # EMA weight, as TensorBoard / W&B users expect
@@ -54,6 +56,63 @@ def other_eval_keys(keys) -> list[str]:
     named = {k for members in EVAL_CHARTS.values() for k in members}
     return sorted(k for k in keys if k not in named and not str(k).startswith("val_loss_cluster_"))
 SUMMARY_LINES = schema.SUMMARY_LINES   # (label, summary key, format) of the guide's block; one definition
+
+
+# -- store rows -> DataFrames ---------------------------------------------------------------------------------------
+def frame(rows: Rows, numeric=()) -> pd.DataFrame:
+    """Rows as a DataFrame; `numeric` columns become float64 with NaN for NULL (an all-NULL column would
+    otherwise come back as object dtype full of None)."""
+    out = pd.DataFrame.from_records(rows.values, columns=list(rows.columns))
+    for column in numeric:
+        if column in out.columns and out[column].dtype == object:
+            out[column] = pd.to_numeric(out[column], errors="coerce").astype("float64")
+    return out
+
+
+def list_runs(store: RunStore, include_archived: bool = False) -> pd.DataFrame:
+    """One row per run (newest first) with `cfg.*` and `final.*` columns (see RunStore.list_runs)."""
+    records = store.list_runs(include_archived=include_archived)
+    return pd.DataFrame.from_records(records, columns=None if records else list(RUN_COLUMNS))
+
+
+RUN_COLUMNS = ("run_id", "name", "status", "preset", "created_at", "started_at", "ended_at", "step",
+               "total_steps", "device", "pid", "host", "heartbeat", "tags", "notes", "archived")
+
+
+def read_steps(store: RunStore, run_id: str, after_step: int = -1, columns=None, every: int = 1) -> pd.DataFrame:
+    """Step rows as one float frame (NULL -> NaN; step as int64): one array conversion, ~3x faster than row by
+    row."""
+    rows = store.read_steps(run_id, after_step=after_step, columns=columns, every=every)
+    values = np.array(rows.values, dtype=np.float64).reshape(len(rows), len(rows.columns))
+    out = pd.DataFrame(values, columns=list(rows.columns))
+    out["step"] = out["step"].astype(np.int64)
+    return out
+
+
+def read_evals(store: RunStore, run_id: str, after_step: int = -1) -> pd.DataFrame:
+    return frame(store.read_evals(run_id, after_step=after_step), numeric=["wall_time", "value"])
+
+
+def read_layers(store: RunStore, run_id: str, step: int | None = None, all_steps: bool = False) -> pd.DataFrame:
+    numeric = [c for c in LAYER_COLUMNS if c not in ("layer", "module_type")]
+    return frame(store.read_layers(run_id, step=step, all_steps=all_steps), numeric=numeric)
+
+
+def read_plan(store: RunStore, run_id: str) -> pd.DataFrame:
+    return frame(store.read_plan(run_id), numeric=["bits", "n_params"])
+
+
+def read_samples(store: RunStore, run_id: str, features: bool = False) -> pd.DataFrame:
+    return frame(store.read_samples(run_id, features=features), numeric=["x", "y"])
+
+
+def read_cluster_batches(store: RunStore, run_id: str) -> pd.DataFrame:
+    return frame(store.read_cluster_batches(run_id))
+
+
+def read_logs(store: RunStore, run_id: str, after_seq: int = 0, limit: int | None = None,
+              tail: bool = False) -> pd.DataFrame:
+    return frame(store.read_logs(run_id, after_seq=after_seq, limit=limit, tail=tail))
 
 
 # -- series maths ---------------------------------------------------------------------------------------------------
@@ -218,16 +277,16 @@ class RunCache:
             self.steps, self.last_step = pd.DataFrame(), -1
         self.status = status
         self.reads += 1
-        new_steps = store.read_steps(self.run_id, after_step=self.last_step, columns=self.columns)
+        new_steps = read_steps(store, self.run_id, after_step=self.last_step, columns=self.columns)
         if len(new_steps):
             self.steps = new_steps if self.steps.empty else pd.concat([self.steps, new_steps], ignore_index=True)
             self.last_step = int(new_steps.step.iloc[-1])
-        new_evals = store.read_evals(self.run_id, after_step=self.last_eval_step)
+        new_evals = read_evals(store, self.run_id, after_step=self.last_eval_step)
         if len(new_evals):
             self.evals = new_evals if self.evals.empty else pd.concat([self.evals, new_evals], ignore_index=True)
             self.last_eval_step = int(new_evals.step.max())
         # Only the newest `log_lines` lines matter to the view; older new lines are skipped, not queued.
-        new_logs = store.read_logs(self.run_id, after_seq=self.last_seq, limit=log_lines, tail=True)
+        new_logs = read_logs(store, self.run_id, after_seq=self.last_seq, limit=log_lines, tail=True)
         if len(new_logs):
             self.logs = (pd.concat([self.logs, new_logs], ignore_index=True).tail(log_lines).reset_index(drop=True)
                          if len(self.logs) else new_logs)
@@ -286,7 +345,7 @@ def metrics_csv(store: RunStore, run_ids: list[str]) -> bytes:
     buffer = io.StringIO()
     header = True
     for run_id in run_ids:
-        frame = store.read_steps(run_id)
+        frame = read_steps(store, run_id)
         frame.insert(0, "run_id", run_id)
         frame.to_csv(buffer, index=False, header=header)
         header = False

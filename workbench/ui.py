@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from hybrid_optimization.tracking import ACTIVE_STATUSES, RunStore, StoreError, StoreMissing, default_runs_root
-from workbench import launcher
+from workbench import launcher, queries
 from workbench.queries import run_label
 
 PAGES = {  # path relative to app.py -> title; app.py builds st.navigation from it
@@ -96,7 +96,7 @@ def pick_run(runs: pd.DataFrame, label: str = "Run", key: str = "run_picker",
 
 def list_runs(store: RunStore, include_archived: bool = False) -> pd.DataFrame:
     try:
-        return store.list_runs(include_archived=include_archived)
+        return queries.list_runs(store, include_archived=include_archived)
     except StoreError as exc:
         st.error(str(exc))
         return pd.DataFrame(columns=["run_id", "name", "status"])

@@ -105,9 +105,10 @@ def workbench_server(tmp_path):
 def _stop_training_processes(runs_root: Path) -> None:
     """Training processes have their own sessions (they outlive the app by design): end the test's ones."""
     from hybrid_optimization.tracking import RunStore, StoreError
+    from workbench import queries
     from workbench import launcher
     try:
-        runs = RunStore(runs_root, create=False).list_runs(include_archived=True)
+        runs = queries.list_runs(RunStore(runs_root, create=False), include_archived=True)
     except StoreError:
         return
     for run in runs.to_dict("records"):

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from hybrid_optimization.tracking import RunStore
+from workbench import queries
 
 # Points drawn in the plotly chart titled `title` (-1: no such chart on the page). Streamlit wraps titles in <b>;
 # plotly.js keeps the decoded traces (with their length) in the element's _fullData.
@@ -44,7 +45,7 @@ def test_launch_watch_stop_in_a_real_browser(workbench_server, browser_page, scr
 
     page.get_by_role("heading", name="Live run").wait_for(timeout=30_000)
     assert "/live" in page.url
-    run_id = RunStore(runs_root, create=False).list_runs().run_id.iloc[0]
+    run_id = queries.list_runs(RunStore(runs_root, create=False)).run_id.iloc[0]
     assert time.monotonic() - started < 10          # Launch returns at once; training runs in the background
 
     page.wait_for_function(f"() => ({POINTS_JS})('Loss') >= 2", timeout=FIRST_STEP_TIMEOUT_S * 1000, polling=500)

@@ -29,9 +29,9 @@ def tsne(run_key: str, features: np.ndarray, seed: int = 0) -> np.ndarray:
 
 try:
     run = store.get_run(run_id)
-    samples = store.read_samples(run_id, features=True)
-    batches = store.read_cluster_batches(run_id)
-    evals = store.read_evals(run_id)
+    samples = queries.read_samples(store, run_id, features=True)
+    batches = queries.read_cluster_batches(store, run_id)
+    evals = queries.read_evals(store, run_id)
 except StoreError as exc:
     st.error(str(exc))
     st.stop()

@@ -148,11 +148,11 @@ def series_of(_store: RunStore, root: str, run_id: str, last_step: int | None, s
     are part of the cache key."""
     step_metrics = [m for m in metrics if not m.startswith(EVAL_PREFIX)]
     columns = sorted({"constraint_active" if m == "constraint_rate" else m for m in step_metrics})
-    steps = queries.with_derived(_store.read_steps(run_id, columns=columns))
+    steps = queries.with_derived(queries.read_steps(_store, run_id, columns=columns))
     out = {m: queries.chart_series(steps, m, x, smoothing, max_points, run=run_id) for m in step_metrics}
     eval_keys = [m[len(EVAL_PREFIX):] for m in metrics if m.startswith(EVAL_PREFIX)]
     if eval_keys:
-        evals = _store.read_evals(run_id)
+        evals = queries.read_evals(_store, run_id)
         t0 = float(steps.wall_time.iloc[0]) if len(steps) else None
         for key in eval_keys:
             out[EVAL_PREFIX + key] = queries.eval_series(evals, [key], run=run_id, x=x, t0=t0)
@@ -163,7 +163,7 @@ def series_of(_store: RunStore, root: str, run_id: str, last_step: int | None, s
 def eval_keys_of(_store: RunStore, root: str, run_ids: tuple[str, ...], marks: tuple) -> list[str]:
     keys: set[str] = set()
     for run_id in run_ids:
-        evals = _store.read_evals(run_id)
+        evals = queries.read_evals(_store, run_id)
         keys.update(evals.key.unique() if len(evals) else [])
     return sorted(keys)
 

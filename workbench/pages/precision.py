@@ -19,8 +19,8 @@ if run_id is None:
 
 try:
     run = store.get_run(run_id)
-    plan = store.read_plan(run_id)
-    history = store.read_layers(run_id, all_steps=True)
+    plan = queries.read_plan(store, run_id)
+    history = queries.read_layers(store, run_id, all_steps=True)
 except StoreError as exc:
     st.error(str(exc))
     st.stop()
