@@ -512,8 +512,10 @@ def test_tags_notes_archive_delete(store):
     assert [r["run_id"] for r in store.list_runs()] == [keep]
 
 
-def test_status_values_are_the_contract():
-    assert STATUSES == ("queued", "running", "finished", "failed", "stopped", "lost")
+def test_status_values_and_step_columns_come_from_the_one_vocabulary():
+    from hybrid_optimization import schema
+    assert STATUSES == schema.RUN_STATUSES and STEP_COLUMNS == schema.STEP_COLUMNS
+    assert {"queued", "running", "finished", "failed", "stopped", "lost"} <= set(STATUSES)
 
 
 def test_opening_for_writing_removes_temp_files_of_dead_writers(tmp_path):

@@ -7,8 +7,8 @@ know). Version 1 is the schema of the first release, which recorded its version 
 left `user_version` at 0; such a file is recognised as version 1. A new store is version 0 run through every
 migration, so new and upgraded stores are built by the same code.
 
-The per-step scalar columns are not frozen in a migration: `STEP_COLUMNS` is the one list of them, and opening a
-store adds any column it lacks (old rows read NULL there), so adding a metric needs no migration by hand.
+The per-step scalar columns are not frozen in a migration: `STEP_COLUMNS` (the `store` fields of StepMetrics in
+hybrid_optimization/schema.py) is the one list of them, and opening a store adds any column it lacks (old rows read NULL there), so adding a metric needs no migration by hand.
 """
 from __future__ import annotations
 
@@ -19,15 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..schema import ACTIVE_STATUSES, RUN_STATUSES, STEP_COLUMNS, TERMINAL_STATUSES
 from .errors import StoreDamaged, StoreError, StoreMissing
 
+# The step columns and run statuses are the project's vocabulary (hybrid_optimization/schema.py: StepMetrics,
+# RUN_STATUSES); they are re-exported here because the store is where they become columns and values.
+STATUSES = RUN_STATUSES
 DB_NAME = "runs.db"
-STATUSES = ("queued", "running", "finished", "failed", "stopped", "lost")
-ACTIVE_STATUSES = ("queued", "running")
-TERMINAL_STATUSES = ("finished", "failed", "stopped", "lost")
-STEP_COLUMNS = ("loss", "learning_rate", "lr_multiplier", "trust_radius", "constraint_active",
-                "update_magnitude", "gradient_magnitude", "quantization_error", "flip_rate", "tokens_per_s",
-                "cluster_id", "skipped", "epoch")
 LAYER_COLUMNS = ("layer", "module_type", "bits", "n_params", "rel_error", "frac_neg", "frac_zero", "frac_pos",
                  "flip_rate", "scale")
 PLAN_COLUMNS = ("layer", "module_type", "bits", "cluster", "n_params", "features_json")
