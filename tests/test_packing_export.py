@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from hybrid_optimization.quantization.export import _header_crc32
 from hybrid_optimization.quantization import (QuantizedExportError, QuantLinear, export_quantized, load_quantized,
                                               pack_codes, packed_size, quantize_model, quantized_layers, read_export,
                                               unpack_codes)
@@ -253,16 +254,56 @@ def test_header_with_wrong_version_or_inconsistent_layer_is_rejected(tmp_path):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         header = json.loads(f.metadata()["hybrid_optimization"])
 
-    header_v2 = dict(header, version=2)
-    save_file(tensors, str(tmp_path / "v2.safetensors"), metadata={"hybrid_optimization": json.dumps(header_v2)})
-    with pytest.raises(QuantizedExportError, match="version 2"):
-        read_export(tmp_path / "v2.safetensors")
+    header_v9 = dict(header, version=9)
+    save_file(tensors, str(tmp_path / "v9.safetensors"), metadata={"hybrid_optimization": json.dumps(header_v9)})
+    with pytest.raises(QuantizedExportError, match="version 9"):
+        read_export(tmp_path / "v9.safetensors")
 
     wrong_shape = json.loads(json.dumps(header))
     wrong_shape["layers"]["0"]["shape"] = [6, 20]   # claims more weights than the packed codes hold
+    wrong_shape["header_crc32"] = _header_crc32(wrong_shape)   # a consistent checksum: the shape check must catch it
     save_file(tensors, str(tmp_path / "shape.safetensors"), metadata={"hybrid_optimization": json.dumps(wrong_shape)})
     with pytest.raises(QuantizedExportError, match="layer '0' cannot be unpacked: 12 packed bytes, but 120"):
         read_export(tmp_path / "shape.safetensors")
+
+
+def test_edited_header_is_refused_by_its_checksum(tmp_path):
+    """Editing a layer setting in the JSON header (here act_bits) would change the logits silently: refused."""
+    from safetensors import safe_open
+    model, tokens = _trained_mixed_model()
+    path = tmp_path / "m.safetensors"
+    export_quantized(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        header = json.loads(f.metadata()["hybrid_optimization"])
+    assert header["version"] == 2 and header["header_crc32"] == _header_crc32(header)
+    header["layers"]["blocks.1.up_proj"]["act_bits"] = None
+    save_file(tensors, str(tmp_path / "edited.safetensors"), metadata={"hybrid_optimization": json.dumps(header)})
+    with pytest.raises(QuantizedExportError, match="header does not match its checksum"):
+        load_quantized(tmp_path / "edited.safetensors", SmallLM())
+
+    legacy = {k: v for k, v in header.items() if k != "header_crc32"}   # version 1: written before the checksum
+    legacy["version"] = 1
+    legacy["layers"]["blocks.1.up_proj"]["act_bits"] = 8
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata={"hybrid_optimization": json.dumps(legacy)})
+    loaded, _ = load_quantized(tmp_path / "v1.safetensors", SmallLM())
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_export_leaves_no_partial_file_when_writing_fails(tmp_path, monkeypatch):
+    import hybrid_optimization.quantization.export as export_module
+    model, _ = _trained_mixed_model()
+
+    def failing_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_module, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        export_quantized(model, tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_mismatched_model_gives_clear_error(tmp_path):

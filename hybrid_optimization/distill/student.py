@@ -17,16 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .presets import STUDENT_SIZES
+from .presets import GGUF_ROW_MULTIPLE, STUDENT_SIZES
 
 
 @dataclass
 class StudentConfig:
     vocab_size: int
-    d_model: int = 128
-    n_layers: int = 2
+    d_model: int = 256
+    n_layers: int = 1
     n_heads: int = 4
-    d_ff: int = 344
+    d_ff: int = 512
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -41,6 +41,17 @@ class StudentConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def gguf_unfriendly_linears(self) -> dict[str, str]:
+        """{Linear kind: why} for the Linear layers whose rows llama.cpp cannot store ternary (empty: all fit)."""
+        why = {}
+        for kinds, in_features in ((("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"), self.d_model),
+                                   (("down_proj",), self.d_ff)):
+            if in_features % GGUF_ROW_MULTIPLE:
+                for kind in kinds:
+                    why[kind] = (f"row length {in_features} is not a multiple of {GGUF_ROW_MULTIPLE} "
+                                 f"(llama.cpp's TQ1_0 / TQ2_0 block)")
+        return why
 
     @classmethod
     def from_dict(cls, data: dict) -> "StudentConfig":

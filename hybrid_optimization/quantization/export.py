@@ -5,7 +5,9 @@ File layout (safetensors, so it is memory-mappable and readable by any safetenso
   "<layer>.weight.qscale"  float16 its scales (quantizers round scales to fp16, so this is lossless)
   every other state_dict entry (embeddings, norms, biases, the full-precision head) in its own dtype
   header metadata "hybrid_optimization": JSON with the format version, the bit map of all Linear layers, the
-  settings of each QuantLinear, tied-weight aliases, a CRC-32 of every tensor, and the caller's metadata.
+  settings of each QuantLinear, tied-weight aliases, a CRC-32 of every tensor, and the caller's metadata; and
+  "header_crc32", a CRC-32 of the rest of the header (canonical JSON), so an edited setting (say `act_bits`) is
+  refused on load instead of silently changing the logits. Version-1 files (no header checksum) still load.
 
 `load_quantized(path, model)` converts a freshly built model of the same architecture with the stored bit map,
 loads the dequantized weights and pins each layer's stored scale (QuantLinear.fixed_scale), so the loaded model's
@@ -32,7 +34,8 @@ from hybrid_optimization.quantization.qlinear import QuantLinear
 from hybrid_optimization.quantization.quantizers import FULL_PRECISION, QuantizedTensor, normalize_bits, scale_shape
 
 FORMAT_NAME = "hybrid-optimization-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)       # 1: before the header checksum
 METADATA_KEY = "hybrid_optimization"
 CODES_SUFFIX = ".qcodes"
 SCALE_SUFFIX = ".qscale"
@@ -110,7 +113,14 @@ def export_quantized(model: nn.Module, path, metadata: dict | None = None) -> Ex
         "checksums": {key: _crc32(t) for key, t in tensors.items()},
         "user": user_metadata,
     }
-    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(header)})
+    header["header_crc32"] = _header_crc32(header)
+    # A temporary name, then a rename: an interrupted export never leaves a half-written file under `path`.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(header)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
     # -- the report ---------------------------------------------------------------------------------------------------
     n_params_total = sum(p.numel() for p in model.parameters())
@@ -197,9 +207,12 @@ def _read(path):
             header[key]
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise QuantizedExportError(f"{path} has an invalid '{METADATA_KEY}' header ({exc})") from None
-    if header.get("version") != FORMAT_VERSION:
+    if header.get("version") not in READABLE_VERSIONS:
         raise QuantizedExportError(f"{path} has export format version {header.get('version')!r}; this code reads "
-                                   f"version {FORMAT_VERSION}")
+                                   f"versions {', '.join(map(str, READABLE_VERSIONS))}")
+    if header["version"] >= 2 and header.get("header_crc32") != _header_crc32(header):
+        raise QuantizedExportError(f"{path} is corrupt: its '{METADATA_KEY}' header does not match its checksum "
+                                   "(the header was edited or damaged); export the model again")
 
     expected, present = set(header["checksums"]), set(raw)
     if expected != present:
@@ -287,6 +300,11 @@ def _storage_identity(tensor: torch.Tensor) -> tuple:
         return ("empty", id(tensor))
     return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
             tuple(tensor.stride()), tensor.dtype)
+
+
+def _header_crc32(header: dict) -> int:
+    body = {k: v for k, v in header.items() if k != "header_crc32"}
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
 def _crc32(tensor: torch.Tensor) -> int:
