@@ -64,7 +64,8 @@ def build_parser(prog: str = "distillation.py") -> argparse.ArgumentParser:
     a.add_argument("--teacher", metavar="PATH",
                    help="your own teacher: a local Hugging Face causal-LM directory or a .gguf file")
     a.add_argument("--student_size", choices=list(STUDENT_SIZES),
-                   help="student size (micro 0.4 M, tiny 0.46 M, small 3.4 M, base 25 M parameters + embeddings; all but micro export fully ternary to GGUF)")
+                   help="student size (micro 0.4 M, tiny 0.66 M, small 3.4 M, base 25 M Linear weights + "
+                        "embeddings; all but micro export fully ternary to GGUF)")
     a.add_argument("--seq_len", type=int, metavar="N", help="tokens per training window (tiny 64, smollm2 128)")
     a.add_argument("--steps_per_epoch", type=int, metavar="N", help="steps per epoch (default: the preset's)")
     a.add_argument("--bits", type=float, metavar="B", help="explicit weight bits 1, 1.58, 2, 4, 8 (overrides "
