@@ -17,7 +17,8 @@ with st.sidebar:
 
 page = st.navigation({
     "Train": [st.Page(ui.PAGES["configure"], title="Configure & launch", icon=":material/tune:", default=True),
-              st.Page(ui.PAGES["live"], title="Live run", icon=":material/monitoring:")],
+              st.Page(ui.PAGES["live"], title="Live run", icon=":material/monitoring:"),
+              st.Page(ui.PAGES["sweep"], title="Sweep", icon=":material/travel_explore:")],
     "Analyse": [st.Page(ui.PAGES["clusters"], title="Clusters", icon=":material/bubble_chart:"),
                 st.Page(ui.PAGES["precision"], title="Precision", icon=":material/memory:"),
                 st.Page(ui.PAGES["compare"], title="Compare runs", icon=":material/compare_arrows:"),

@@ -472,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
 def _study_exists(storage: str, name: str) -> bool:
     import optuna
 
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).exists():
+        return False            # do not create the file just by looking
     try:
         return name in {s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
     except Exception:   # a storage that cannot be opened is reported by create_study with its own message

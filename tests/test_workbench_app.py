@@ -278,3 +278,135 @@ def test_benchmarks_page_shows_a_report_and_its_figures(tmp_path, monkeypatch):
     monkeypatch.setenv("HYBRID_BENCHMARK_RESULTS", str(tmp_path / "none"))
     at = _open(_app().run(), "benchmarks")
     assert not at.exception and any("No benchmark report" in i.value for i in at.info)
+
+
+# -- baseline / hybrid / mixed stores: every page tells the truth about each kind of run -----------------------------
+ALL_PAGES = (*PAGES, "sweep", "benchmarks")
+
+
+def _store_of(kind: str, runs_root: Path) -> dict[str, str]:
+    store = RunStore(runs_root)
+    ids = {}
+    if kind in ("baseline", "mixed"):
+        ids["baseline"] = write_synthetic_run(store, 60, "finished", name="adamw-baseline", seed=0, hybrid=False)
+    if kind in ("hybrid", "mixed"):
+        ids["hybrid"] = write_synthetic_run(store, 60, "finished", name="hybrid-ternary-run", seed=1)
+    return ids
+
+
+def _decode(value):
+    """plotly sends arrays as {"dtype", "bdata"} (base64): back to a list."""
+    import base64
+
+    import numpy as np
+    if isinstance(value, dict) and "bdata" in value:
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).tolist()
+    return value
+
+
+def _figure(chart) -> dict:
+    """The plotly figure a chart element carries, with its arrays decoded."""
+    import json
+    fig = json.loads(chart.proto.spec)
+    for trace in fig["data"]:
+        for key in ("x", "y"):
+            if key in trace:
+                trace[key] = _decode(trace[key])
+    return fig
+
+
+@pytest.mark.parametrize("kind", ["baseline", "hybrid", "mixed"])
+def test_every_page_with_baseline_hybrid_and_mixed_stores(kind, runs_root):
+    ids = _store_of(kind, runs_root)
+    at = _app().run()
+    for page in ALL_PAGES:
+        _open(at, page)
+        assert not at.exception, (kind, page, [e.value for e in at.exception])
+    for run_kind, run_id in ids.items():
+        at.session_state["selected_run"] = run_id
+        _open(at, "summary")
+        block = at.code[0].value
+        if run_kind == "baseline":
+            assert block.startswith("TRAINING SUMMARY (baseline: AdamW at constant LR)")
+            assert "Trust Radius" not in block and "HYBRID" not in " ".join(_texts(at.subheader))
+        else:
+            assert block.startswith("HYBRID OPTIMIZATION SUMMARY") and "Final Trust Radius" in block
+        metrics = {m.label: m.value for m in at.metric}
+        assert metrics["Tokens/s (whole run)"] == "1,500"          # the summary's number, as on every page
+        _open(at, "live")
+        options = at.multiselect(key=f"live_charts.{run_kind}").options
+        assert ("Trust radius" in options) == (run_kind == "hybrid")
+        assert {m.label: m.value for m in at.metric}["Tokens/s (whole run)"] == "1,500"
+
+
+def test_constant_learning_rate_is_drawn_at_its_value(runs_root):
+    (run_id,) = _store_of("baseline", runs_root).values()
+    at = _app().run()
+    at.session_state["selected_run"] = run_id
+    _open(at, "live")
+    lr = next(_figure(c) for c in at.get("plotly_chart") if _figure(c)["layout"]["title"]["text"] == "Learning rate")
+    low, high = lr["layout"]["yaxis"]["range"]
+    values = [y for trace in lr["data"] for y in trace["y"]]
+    assert set(values) == {HybridTrainingConfig().base_learning_rate}
+    assert 0 < low < values[0] < high < 2 * values[0]          # around the LR, not a line at 0 on −1…1
+    assert lr["layout"]["yaxis"]["title"]["text"] and lr["layout"]["xaxis"]["title"]["text"] == "step"
+
+
+def test_baseline_switch_greys_out_hybrid_options_and_saves_them_off(runs_root, started):
+    at = _app().run()
+    at.toggle(key="opt.hybrid").set_value(False).run()
+    for name in config_form.HYBRID_SWITCHES:
+        box = at.checkbox(key=f"baseline.{name}")
+        assert box.disabled and box.value is False
+    at.button(key="launch").click().run()
+    (argv,) = started
+    assert "--hybrid" not in argv
+    run = RunStore(runs_root).get_run(at.session_state["launched_run"])
+    assert not any(run["config"][name] for name in config_form.HYBRID_SWITCHES)
+    assert at.title[0].value == "Live run"
+
+
+def test_option_errors_sit_under_their_fields_without_internal_prefixes(runs_root, started):
+    at = _app().run()
+    at.text_input(key="opt.seq_len").input("3").run()
+    at.text_input(key="opt.alpha").input("2").run()
+    errors = _texts(at.error)
+    assert "3 is invalid: a window is 16–2048 tokens, or empty" in errors
+    assert any(e.startswith("2") and "[0, 1]" in e for e in errors)
+    assert not any("HybridTrainingConfig." in e for e in errors)
+    at.button(key="launch").click().run()
+    assert started == []
+
+
+def test_run_links_open_the_run_and_the_comparison(runs_root):
+    ids = _store_of("mixed", runs_root)
+    at = _app()
+    at.query_params["run"] = ids["baseline"]
+    at.run()
+    _open(at, "summary")
+    assert at.selectbox(key="summary_run").value == ids["baseline"]
+    assert at.query_params["run"] == [ids["baseline"]] or at.query_params["run"] == ids["baseline"]
+    at = _app()
+    at.query_params["runs"] = f"{ids['hybrid']},{ids['baseline']}"
+    at.run()
+    _open(at, "compare")
+    assert at.session_state["compare_selected"] == set(ids.values())
+
+
+def test_compare_overlays_validation_metrics_of_a_baseline_and_a_hybrid_run(runs_root):
+    ids = _store_of("mixed", runs_root)
+    at = _open(_app().run(), "compare")
+    options = at.multiselect(key="compare_metrics").options
+    assert {"validation loss (quantized)", "validation perplexity", "KL to the teacher",
+            "top-1 agreement"} <= set(options)
+    figures = [_figure(c) for c in at.get("plotly_chart")]
+    val = next(f for f in figures if f["layout"]["title"]["text"].startswith("Validation loss"))
+    assert {t["name"] for t in val["data"]} == {"adamw-baseline (%s)" % ids["baseline"],
+                                                "hybrid-ternary-run (%s)" % ids["hybrid"]}
+    assert any(f["data"] and f["data"][0]["type"] == "parcoords" for f in figures)   # config vs result
+    # Filter by name: the baseline leaves the table and the comparison.
+    at.text_input(key="compare_filter_name").input("hybrid").run()
+    assert not at.exception
+    val = next(_figure(c) for c in at.get("plotly_chart")
+               if _figure(c)["layout"]["title"]["text"].startswith("Validation loss"))
+    assert {t["name"] for t in val["data"]} == {"hybrid-ternary-run (%s)" % ids["hybrid"]}

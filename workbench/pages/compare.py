@@ -130,7 +130,7 @@ for before, after in zip(table.itertuples(), edited.itertuples()):
             store.set_notes(table.at[before.Index, "run id"], after.notes)
     except StoreError as exc:
         st.error(str(exc))
-chosen = [r for r in all_runs.run_id if r in selected]
+chosen = [r for r in runs.run_id if r in selected]      # what the filters show is what is compared
 # The URL names the comparison, so it can be bookmarked or sent.
 st.query_params["runs"] = ",".join(chosen)
 st.session_state["_runs_in_url"] = ",".join(chosen)

@@ -164,6 +164,12 @@ except StoreError as exc:
     store_problem = str(exc)
     st.error(store_problem)
 _init_state()
+# "Launch with this config" (Sweep page): the best trial's config and options fill the form.
+pending = st.session_state.pop("configure_load", None)
+if pending:
+    known = config_form.defaults()
+    _set_form({k: v for k, v in (pending.get("config") or {}).items() if k in known}, pending.get("options") or {})
+    st.success("The form holds the chosen sweep trial's config; check it and Launch.", icon=":material/check:")
 
 # Data source first: its validation result decides the `data` option.
 data_path: str | None = None

@@ -1,0 +1,194 @@
+"""Sweeps for the workbench: start `python -m hybrid_optimization.sweep` in the background, find it again, and read
+its Optuna study as tables (no Streamlit here; the Sweep page draws them).
+
+The sweep process runs its trials as ordinary training runs in the run store, so the app may restart while a sweep
+goes on: its pid and command line are kept in `<runs root>/sweeps/<name>.json`, its output in `<name>.log`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from hybrid_optimization import sweep as core
+from hybrid_optimization.tracking import pid_alive
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SWEEPS_DIR = "sweeps"
+# Fields a user most often searches, first in the picker; rates default to log-uniform ranges.
+SUGGESTED = ("base_learning_rate", "initial_trust_radius", "auxiliary_nn_learning_rate", "weight_decay",
+             "data_clusters", "parameter_clusters", "target_bits", "use_trust_region", "use_auxiliary_nn",
+             "trust_region_mode", "batch_size", "alpha", "temperature", "hybrid")
+
+
+def default_range(name: str) -> dict:
+    """What the page pre-fills for a field: low/high/log for numbers, choices for switches and choices."""
+    kind = core.searchable_fields()[name]
+    defaults = {"base_learning_rate": (1e-4, 1e-2, True), "initial_trust_radius": (1e-3, 1.0, True),
+                "auxiliary_nn_learning_rate": (1e-5, 1e-2, True), "weight_decay": (1e-6, 1e-1, True),
+                "data_clusters": (2, 16, False), "parameter_clusters": (1, 8, False), "batch_size": (8, 64, True),
+                "alpha": (0.0, 1.0, False), "temperature": (1.0, 4.0, False), "momentum": (0.8, 0.99, False),
+                "max_sample_repeats": (1, 8, False), "auxiliary_nn_hidden_size": (8, 128, True)}
+    if kind is bool:
+        return {"choices": "true,false"}
+    if kind is str or name in ("target_bits",):
+        return {"choices": {"target_bits": "1,1.58,2", "trust_region_mode": "absolute,relative",
+                            "base_optimizer": "adamw,sgd", "cluster_batches": "mixed,single",
+                            "embedder": "tfidf,minilm", "student_size": "tiny,small"}.get(name, "")}
+    low, high, log = defaults.get(name, (1, 10, False) if kind is int else (0.1, 1.0, False))
+    return {"low": low, "high": high, "log": log or "rate" in name}
+
+
+def sweep_dir(runs_root: Path) -> Path:
+    return Path(runs_root) / SWEEPS_DIR
+
+
+def start(runs_root: Path, name: str, trials: int, params: list[str], objective: str, target: float | None,
+          preset: str, max_steps: int, eval_every: int, workers: int, pruning: bool, fixed: list[str],
+          storage: str | None = None) -> list[str]:
+    """Start the sweep CLI in its own session; returns its argv. Raises core.SweepError for bad input (checked
+    here first, so nothing starts)."""
+    spec = core.SweepSpec(name=name, params=[core.parse_param(p) for p in params], objective=objective,
+                          target=target, preset=preset, max_steps=max_steps, eval_every=eval_every,
+                          base_options={"hybrid": True, **dict(_split(f) for f in fixed if _split(f)[0] in
+                                                                core.OPTION_KINDS)})
+    spec.validate()
+    if trials < 1 or workers < 1:
+        raise core.SweepError("trials and parallel workers must be ≥ 1")
+    argv = [sys.executable, "-m", "hybrid_optimization.sweep", "--name", name, "--trials", str(trials),
+            "--objective", objective, "--preset", preset, "--max_steps", str(max_steps), "--eval_every",
+            str(eval_every), "--workers", str(workers), "--runs_root", str(runs_root)]
+    for param in params:
+        argv += ["--param", param]
+    for item in fixed:
+        argv += ["--set", item]
+    if target is not None:
+        argv += ["--target", f"{target:g}"]
+    if not pruning:
+        argv.append("--no_pruning")
+    if storage:
+        argv += ["--storage", storage]
+    folder = sweep_dir(runs_root)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{name}.log", "ab") as out:
+        proc = subprocess.Popen(argv, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    (folder / f"{name}.json").write_text(json.dumps({"pid": proc.pid, "argv": argv, "started_at": time.time(),
+                                                     "storage": storage}))
+    _CHILDREN.append(proc)
+    return argv
+
+
+_CHILDREN: list[subprocess.Popen] = []      # reaped so finished sweeps do not linger as zombies
+
+
+def _split(item: str) -> tuple[str, str]:
+    name, _, value = item.partition("=")
+    return name.strip(), value.strip()
+
+
+def process_info(runs_root: Path, name: str) -> dict:
+    """{'pid', 'argv', 'started_at', 'alive'} of a sweep started from the app ({} if it was not)."""
+    for proc in list(_CHILDREN):
+        if proc.poll() is not None:
+            _CHILDREN.remove(proc)
+    path = sweep_dir(runs_root) / f"{name}.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    info["alive"] = pid_alive(info.get("pid")) and _is_sweep(info.get("pid"), name)
+    return info
+
+
+def _is_sweep(pid: int | None, name: str) -> bool:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return bool(pid)
+    return "hybrid_optimization.sweep" in command and name in command
+
+
+def stop(runs_root: Path, name: str) -> bool:
+    """SIGTERM the sweep: it starts no new trial and asks its running trials to stop."""
+    info = process_info(runs_root, name)
+    if not info.get("alive"):
+        return False
+    try:
+        os.kill(info["pid"], signal.SIGTERM)
+    except OSError:
+        return False
+    return True
+
+
+def log_tail(runs_root: Path, name: str, lines: int = 20) -> str:
+    try:
+        text = (sweep_dir(runs_root) / f"{name}.log").read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+# -- reading studies ------------------------------------------------------------------------------------------------
+def storage_url(runs_root: Path, storage: str | None = None) -> str:
+    return storage or core.default_storage(runs_root)
+
+
+def list_sweeps(storage: str) -> list[str]:
+    """Study names in the storage, newest first ([] when the storage does not exist yet)."""
+    import optuna
+
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).exists():
+        return []
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    summaries = optuna.study.get_all_study_summaries(storage, include_best_trial=False)
+    return [s.study_name for s in sorted(summaries, key=lambda s: s.datetime_start or 0, reverse=True)]
+
+
+def load(storage: str, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def spec_of(study) -> core.SweepSpec | None:
+    data = study.user_attrs.get("spec")
+    return core.SweepSpec.from_attrs(data) if data else None
+
+
+def trials_frame(study) -> pd.DataFrame:
+    """One row per trial: number, state, value, run id, duration and every searched parameter (as `p.<name>`)."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        duration = (trial.datetime_complete - trial.datetime_start).total_seconds() \
+            if trial.datetime_complete and trial.datetime_start else None
+        last = max(trial.intermediate_values) if trial.intermediate_values else None
+        rows.append({"trial": trial.number, "state": trial.state.name.lower(), "value": trial.value,
+                     "run_id": trial.user_attrs.get("run_id"), "seconds": duration,
+                     "last evaluated step": last,
+                     **{f"p.{k}": v for k, v in trial.params.items()}})
+    return pd.DataFrame(rows)
+
+
+def importances(study) -> dict[str, float]:
+    """Optuna's parameter importances (fANOVA) over completed trials; {} while fewer than two differ."""
+    import optuna
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    if len(done) < 2 or len({t.value for t in done}) < 2:
+        return {}
+    try:
+        return dict(optuna.importance.get_param_importances(study))
+    except (RuntimeError, ValueError):
+        return {}
+
+
+def best(study):
+    return core.best_trial(study)
