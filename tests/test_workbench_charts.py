@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import pytest
 
 from hybrid_optimization.tracking import RunStore
@@ -221,3 +222,29 @@ def test_precision_figures(tmp_path):
     assert [t.name for t in codes.data] == ["−1", "0", "+1"] and codes.layout.barmode == "stack"
     assert charts.layer_error_figure(layers).data[0].y[0] == pytest.approx(0.3)
     assert charts.bits_per_layer_figure(pd.DataFrame()).layout.annotations
+
+
+def test_flat_series_get_a_y_range_around_their_value_and_steps_get_integer_ticks():
+    from workbench.charts import integer_ticks, y_range_for_flat
+    low, high = y_range_for_flat(np.full(50, 1e-3))
+    assert 0 < low < 1e-3 < high < 2e-3
+    assert y_range_for_flat(np.array([1.0, 2.0])) is None           # a varying series keeps plotly's autorange
+    assert integer_ticks(np.array([1.0, 2.0, 3.0]))["dtick"] == 1
+
+
+def test_benchmark_report_reads_for_a_user():
+    from workbench import bench_view
+    report = ("# Bench\n\n## Headline: W2 (ternary QAT)\n\n| method | ×R [95 % CI] | final ×R [95 % CI] |\n"
+              "|---|---|---|\n| **R** AdamW tuned | 1.00 [1.00, 1.00] · | 1.000 [1.000, 1.000] · |\n"
+              "| **H** Hybrid, full | 0.80 [0.70, 0.90] ✅ | 1.10 [1.05, 1.20] ❌ |\n\n## Issue 6 targets\n\n"
+              "| target | met? |\n|---|---|\n| H0 before issue 6 | **no** |\n")
+    text = bench_view.verdict(report)
+    assert "0.80× (95 % interval 0.70–0.90: better)" in text and "1.10× (95 % interval 1.05–1.20: worse)" in text
+    shown = bench_view.plain(report)
+    assert "✅" not in shown and "❌" not in shown and "(win)" in shown and "(loss)" in shown
+    assert "Issue 6" not in shown and "issue 6" not in shown
+    assert "| Hybrid optimizer (full) (H) |" in shown
+    fig = bench_view.recolor(go.Figure([go.Scatter(name="R", y=[1]), go.Scatter(name="H0", y=[2]),
+                                        go.Scatter(name="H", y=[3]), go.Scatter(name="H-frozen", y=[4])]))
+    colors = [t.line.color for t in fig.data]
+    assert len(set(colors)) == 4 and fig.data[2].name == "H · Hybrid optimizer (full)"

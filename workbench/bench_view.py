@@ -1,0 +1,122 @@
+"""The benchmark report (benchmarks/results/<mode>/report.md + figures) as a user reads it: the verdict first, plain
+method names with a legend for the abbreviations, text marks instead of emoji, distinct colours per method. Pure
+functions (no Streamlit), so the Benchmarks page stays short and this is tested directly. Nothing is recomputed:
+every number is the report's own."""
+from __future__ import annotations
+
+import re
+
+import plotly.graph_objects as go
+
+# The report's method codes -> plain names (bench_hybrid.py's methods).
+METHODS = {
+    "R": "Tuned AdamW (warmup + cosine)",
+    "B1": "AdamW at constant LR (the guide's baseline)",
+    "B2": "Tuned AdamW + gradient clipping",
+    "B3": "Schedule-Free AdamW",
+    "H": "Hybrid optimizer (full)",
+    "H-aux": "Hybrid without the auxiliary net",
+    "H-TR": "Hybrid without the trust region",
+    "H-data": "Hybrid without data clustering",
+    "H-param": "Hybrid without parameter clustering",
+    "H-frozen": "Hybrid with a frozen, untrained auxiliary net",
+    "H0": "Hybrid, first version (old optimizer, one cluster per batch)",
+}
+WORKLOADS = {"W1": "full-precision student", "W2": "ternary (1.58-bit) student", "W3": "1-bit student",
+             "W4": "W2 with every method's learning rate ×10 or ×0.1 (robustness to a mis-set LR)"}
+# One distinct colour per method across every figure (references dark/blue/green, hybrids warm/varied).
+METHOD_COLORS = {"R": "#222222", "B1": "#1f77b4", "B2": "#17becf", "B3": "#2ca02c", "H": "#d62728",
+                 "H-aux": "#ff7f0e", "H-TR": "#9467bd", "H-data": "#8c564b", "H-param": "#e377c2",
+                 "H-frozen": "#bcbd22", "H0": "#7f7f7f"}
+# Emoji marks (blank boxes without an emoji font) -> words.
+MARKS = {"✅": "(win)", "❌": "(loss)", "⚠️": "(warning)", "⚠": "(warning)"}
+WORDING = ((re.compile(r"Issue \d+ targets"), "Targets set for the hybrid"),
+           (re.compile(r"\bbefore issue \d+\b"), "first version"),
+           (re.compile(r"\bissue \d+\b", re.I), "the project"))
+_CODE = re.compile(r"\*\*(" + "|".join(sorted(map(re.escape, METHODS), key=len, reverse=True)) + r")\*\*")
+
+
+def split_report(markdown: str) -> tuple[str, list[tuple[str, str]]]:
+    """(the lines before the first section, [(section title, section body)])."""
+    parts = re.split(r"^## +(.+)$", markdown, flags=re.M)
+    return parts[0], [(parts[i].strip(), parts[i + 1]) for i in range(1, len(parts) - 1, 2)]
+
+
+def plain(markdown: str) -> str:
+    """The report's text for a user: text marks, no internal issue numbers, methods named in full."""
+    for mark, word in MARKS.items():
+        markdown = markdown.replace(mark, word)
+    for pattern, replacement in WORDING:
+        markdown = pattern.sub(replacement, markdown)
+
+    def name(match: re.Match) -> str:
+        return f"**{METHODS[match.group(1)]}** ({match.group(1)})"
+
+    # "**H0** Hybrid before issue 6 (...)" in a table cell: the plain name, the code in brackets, the cell's own
+    # description dropped when it repeats the name.
+    markdown = re.sub(r"\| \*\*(" + "|".join(sorted(map(re.escape, METHODS), key=len, reverse=True))
+                      + r")\*\*[^|]*\|", lambda m: f"| {METHODS[m.group(1)]} ({m.group(1)}) |", markdown)
+    return _CODE.sub(name, markdown)
+
+
+def table_rows(body: str) -> list[list[str]]:
+    """The cells of the first markdown table in `body` (header first)."""
+    rows = [line.strip() for line in body.splitlines() if line.strip().startswith("|")]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    return [row for row in cells if not all(set(c) <= set("-: ") for c in row)]
+
+
+def verdict(markdown: str) -> str | None:
+    """One paragraph: the hybrid vs the tuned reference on the headline workload, and how many of the guide's
+    claims the measurements support. None when the report has no headline table."""
+    _, sections = split_report(markdown)
+    by_title = {title: body for title, body in sections}
+    headline_title = next((t for t in by_title if t.startswith("Headline")), None)
+    if headline_title is None:
+        return None
+    rows = table_rows(by_title[headline_title])
+    if len(rows) < 2:
+        return None
+    header = rows[0]
+    hybrid = next((r for r in rows[1:] if r[0].startswith("**H**")), None)
+    if hybrid is None:
+        return None
+    cell = dict(zip(header, hybrid))
+    ratio = cell.get("×R [95 % CI]", "")
+    final = cell.get("final ×R [95 % CI]", "")
+    parts = [f"On {headline_title.split(':', 1)[-1].strip()}, the **hybrid optimizer** needs **{_words(ratio)}** "
+             f"the steps of **tuned AdamW** to reach the target"]
+    if final:
+        parts.append(f"its final validation loss is **{_words(final)}** tuned AdamW's")
+    text = "; ".join(parts) + "."
+    claims_title = next((t for t in by_title if "claims" in t.lower()), None)
+    if claims_title:
+        claims = table_rows(by_title[claims_title])[1:]
+        supported = sum(1 for r in claims if len(r) > 2 and "yes" in r[2].lower())
+        text += f" The guide's performance claims supported by these measurements: **{supported} of {len(claims)}**."
+    return text
+
+
+def _words(ratio_cell: str) -> str:
+    """'0.90 [0.00, 1.33] ·' -> '0.90× (95 % interval 0.00–1.33, no clear difference)'."""
+    match = re.match(r"\s*([\d.∞]+)\s*\[([\d.∞]+),\s*([\d.∞]+)\]\s*(\S*)", ratio_cell)
+    if not match:
+        return ratio_cell or "—"
+    value, low, high, mark = match.groups()
+    meaning = {"✅": "better", "❌": "worse"}.get(mark, "no clear difference")
+    return f"{value}× (95 % interval {low}–{high}: {meaning})"
+
+
+def recolor(fig: go.Figure) -> go.Figure:
+    """One fixed colour per method and a legend that names it ("H · Hybrid optimizer (full)")."""
+    for trace in fig.data:
+        code = str(trace.name or "")
+        if code in METHOD_COLORS:
+            color = METHOD_COLORS[code]
+            if getattr(trace, "line", None) is not None:
+                trace.line.color = color
+            if getattr(trace, "marker", None) is not None:
+                trace.marker.color = color
+            trace.name = f"{code} · {METHODS[code]}"
+    fig.update_layout(legend=dict(orientation="v"), hoverlabel=dict(namelength=-1))
+    return fig
