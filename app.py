@@ -23,6 +23,7 @@ page = st.navigation({
                 st.Page(ui.PAGES["precision"], title="Precision", icon=":material/memory:"),
                 st.Page(ui.PAGES["compare"], title="Compare runs", icon=":material/compare_arrows:"),
                 st.Page(ui.PAGES["summary"], title="Run summary", icon=":material/summarize:"),
+                st.Page(ui.PAGES["chat"], title="Chat", icon=":material/chat:"),
                 st.Page(ui.PAGES["benchmarks"], title="Benchmarks", icon=":material/speed:")],
 })
 page.run()

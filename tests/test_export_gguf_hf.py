@@ -5,7 +5,6 @@ The student is a small random one (QAT'd for a few steps so codes are not at ini
 kind of tokenizer (byte-level BPE trained here in a fraction of a second). The opt-in llama.cpp test is at the end.
 """
 import copy
-import functools
 import json
 import os
 import subprocess
@@ -14,52 +13,28 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from hybrid_optimization.distill.data import Document
 from hybrid_optimization.distill.export import ExportError, export_student
 from hybrid_optimization.distill.export_gguf import UNUSED_IDS_KEY, export_gguf, gguf_tokenizer_fields
 from hybrid_optimization.distill.export_hf import export_hf
 from hybrid_optimization.distill.llama_format import permute_for_gguf
 from hybrid_optimization.distill.run_export import export_packed_student, main as export_main
-from hybrid_optimization.distill.student import STUDENT_SIZES, StudentConfig, StudentLM
-from hybrid_optimization.distill.tiny import tiny_tokenizer
+from hybrid_optimization.distill.student import STUDENT_SIZES, StudentConfig
 from hybrid_optimization.quantization import QuantLinear, quantize_model
+from tests.fixtures.student_run import make_tokenizer_dir, trained_student
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-TEXTS = ["hello there, how are you today?", "I am fine, thank you. And you?", "What is your favourite colour?",
-         "Blue, like the sky over the sea.", "Tell me a joke about computers.", "Why did the robot cross the road?"]
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     os.environ["HYBRID_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    documents = [Document(messages=[{"role": "user", "content": a}, {"role": "assistant", "content": b}])
-                 for a, b in zip(TEXTS[::2], TEXTS[1::2])] * 3
-    tokenizer = tiny_tokenizer(documents, "export-test", vocab_size=300, log=lambda _: None)
-    return tokenizer.name_or_path
+    return make_tokenizer_dir()
 
 
 def _student(**kwargs):
-    model, vocab, ids = _trained_student(**kwargs)
+    model, vocab, ids = trained_student(**kwargs)
     return copy.deepcopy(model), vocab, ids
-
-
-@functools.cache
-def _trained_student(d_model=256, d_ff=512, n_layers=1, vocab_size=200, tokenizer_size=300, bits=1.58, seed=0):
-    torch.manual_seed(seed)
-    vocab = torch.randperm(tokenizer_size)[:vocab_size].sort().values    # the restricted vocabulary map
-    model = StudentLM(StudentConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=4, d_ff=d_ff,
-                                    max_seq_len=32))
-    quantize_model(model, {"*": bits})
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    ids = torch.randint(0, vocab_size, (4, 17))
-    for _ in range(2):
-        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), vocab, ids[:, :-1]
 
 
 def _gguf_tensors(path):

@@ -20,6 +20,7 @@ PAGES = {  # path relative to app.py -> title; app.py builds st.navigation from 
     "precision": "workbench/pages/precision.py",
     "compare": "workbench/pages/compare.py",
     "summary": "workbench/pages/summary.py",
+    "chat": "workbench/pages/chat.py",
     "benchmarks": "workbench/pages/benchmarks.py",
     "sweep": "workbench/pages/sweep.py",
 }
