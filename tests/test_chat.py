@@ -114,3 +114,22 @@ def test_workbench_chat_page_streams_both_answers(run):
     assert "**student**" in markdown and "**teacher**" in markdown
     history = at.session_state[f"chat_history.{run_id}"]
     assert len(history) == 1 and set(history[0]) == {"user", "student", "teacher"}
+
+
+def test_summary_page_offers_each_export(run):
+    from streamlit.testing.v1 import AppTest
+    store, run_id = run
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=120)
+    at.session_state["runs_root"] = str(store.root)
+    at.session_state["selected_run"] = run_id
+    at.run()
+    at.switch_page("workbench/pages/summary.py")
+    at.run()
+    assert not at.exception, at.exception
+    assert [b.key for b in at.button if b.key and b.key.startswith("export_make.")] == ["export_make.gguf",
+                                                                                        "export_make.hf"]
+    at.button(key="export_make.gguf").click().run()
+    assert not at.exception, at.exception
+    assert any("GGUF" in s.value and "TQ1_0" in s.value for s in at.success)
+    assert (store.run_dir(run_id) / "student.gguf").is_file()
+    assert [b.key for b in at.button if b.key and b.key.startswith("export_make.")] == ["export_make.hf"]

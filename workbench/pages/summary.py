@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from hybrid_optimization.tracking import StoreError
-from workbench import headline, launcher, queries, ui
+from workbench import export_panel, headline, launcher, queries, ui
 
 ui.page_header("Run summary")
 store = ui.open_store()
@@ -83,6 +83,8 @@ for kind, path_text in sorted(artifacts.items(), key=lambda item: (item[0] != "e
         col1.markdown(f"**{kind}** — folder `{path}`")
     else:
         col1.markdown(f"**{kind}** — `{path}` (missing on disk)")
+
+export_panel.show(run)
 
 with st.expander("Config and command line"):
     st.json(run.get("config") or {}, expanded=False)
