@@ -131,3 +131,193 @@ def test_exact_duplicate_documents_are_dropped_before_the_split(chats, tokenizer
     assert ds.train.n_documents + ds.val.n_documents == len(set(keys))
     kept = build_dataset(chats, tokenizer, seq_len=32, split_seed=0, dedupe=False)
     assert kept.n_duplicates == 0 and len(kept.train) > len(ds.train)
+
+
+# -- user data at scale (issue 13) ------------------------------------------------------------------------------
+def words_text(n_words: int, seed: int = 0) -> str:
+    """Plain English-like text without blank lines: one long paragraph."""
+    vocabulary = ("the printer is jammed again and my computer will not boot so I called support who said to "
+                  "restart it twice before lunch while the cat sleeps near a warm window in spring").split()
+    rng = np.random.default_rng(seed)
+    return " ".join(vocabulary[i] for i in rng.integers(0, len(vocabulary), n_words)) + "."
+
+
+def test_a_single_long_document_is_cut_into_windows_with_a_held_out_tail(tmp_path, tokenizer):
+    path = tmp_path / "one.txt"
+    path.write_text(words_text(6000))
+    ds = build_dataset(load_documents(path), tokenizer, seq_len=16)
+    assert ds.split_mode == "tail" and ds.n_documents == 1
+    assert len(ds.train) > 8 * len(ds.val) > 0
+    assert (len(ds.train) + len(ds.val)) * 16 > 0.95 * ds.n_tokens_total          # nearly every token is used
+    text = path.read_text()
+
+    def position(windows: torch.Tensor, row: int) -> float:
+        words = tokenizer.decode(ds.vocab[windows[row]].tolist()).split(" ")[1:-1]      # whole words only
+        return text.find(" ".join(words)) / len(text)
+
+    assert 0 <= position(ds.train.tokens, 0) < 0.01 and position(ds.train.tokens, -1) < 0.9
+    assert 0.85 < position(ds.val.tokens, 0) < position(ds.val.tokens, -1) <= 1     # validation: the tail
+    assert "held-out last part" in ds.describe("one.txt")
+
+
+def test_a_few_long_documents_also_use_the_tail_when_validation_would_take_too_much(tmp_path, tokenizer):
+    path = tmp_path / "three.txt"
+    path.write_text("\n\n".join(words_text(1500, seed) for seed in range(3)))
+    ds = build_dataset(load_documents(path), tokenizer, seq_len=16)
+    assert ds.split_mode == "tail"                       # one of three documents would be a third of the tokens
+    assert 0.05 < len(ds.val) / (len(ds.train) + len(ds.val)) < 0.2
+
+
+def test_duplicates_are_named_when_too_little_remains_and_in_the_summary(tmp_path, tokenizer):
+    path = tmp_path / "same.txt"
+    path.write_text("\n\n".join(["The same paragraph again and again."] * 400))
+    with pytest.raises(DataError) as info:
+        build_dataset(load_documents(path), tokenizer, seq_len=64)
+    message = str(info.value)
+    assert "399 of its 400 documents were exact duplicates" in message and "\n" not in message
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("\n\n".join([words_text(40, i) for i in range(60)] + ["A repeated line."] * 30))
+    ds = build_dataset(load_documents(mixed), tokenizer, seq_len=16)
+    assert ds.n_duplicates == 29
+    assert "29 of 90 documents were exact duplicates and were dropped" in ds.describe("mixed.txt")
+
+
+def test_encoding_in_chunks_and_pieces_gives_the_tokenizers_ids(chats, tokenizer, monkeypatch):
+    from hybrid_optimization.distill import data as data_module
+    from hybrid_optimization.distill.data import encode_documents, render, text_pieces
+
+    rendered = [render(doc, tokenizer) for doc in chats[:300]]
+    expected = [t for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"] for t in ids]
+    monkeypatch.setattr(data_module, "ENCODE_CHUNK_CHARS", 2000)       # many chunks
+    flat, counts, truncated = encode_documents(chats[:300], tokenizer)
+    assert flat.tolist() == expected and int(counts.sum()) == len(expected) and not truncated
+    text = words_text(3000)
+    pieces = list(text_pieces(text, size=500))
+    assert len(pieces) > 10 and "".join(pieces) == text and max(map(len, pieces)) <= 500
+    assert all(p.startswith(" ") for p in pieces[1:])                  # cut just before a space
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert [t for p in pieces for t in tokenizer(p, add_special_tokens=False)["input_ids"]] == whole
+
+
+def test_max_tokens_keeps_the_first_tokens_and_says_so(tmp_path, tokenizer):
+    path = tmp_path / "many.txt"
+    path.write_text("\n\n".join(words_text(50, i) for i in range(200)))
+    full = build_dataset(load_documents(path), tokenizer, seq_len=16)
+    cut = build_dataset(load_documents(path), tokenizer, seq_len=16, max_tokens=2000)
+    assert cut.n_tokens_total == 2000 < full.n_tokens_total and cut.truncated and not full.truncated
+    assert cut.n_documents < full.n_documents
+    assert "cut at --max_tokens" in cut.describe("many.txt")
+    with pytest.raises(DataError, match="raise --max_tokens"):
+        build_dataset(load_documents(path), tokenizer, seq_len=16, max_tokens=20)
+
+
+def test_big_splits_keep_only_the_windows_a_run_uses(tmp_path, tokenizer):
+    path = tmp_path / "big.txt"
+    path.write_text("\n\n".join(words_text(80, i) for i in range(400)))
+    full = build_dataset(load_documents(path), tokenizer, seq_len=16)
+    assert len(full.train) > 1000 and len(full.val) > 100
+    sub = build_dataset(load_documents(path), tokenizer, seq_len=16, max_train_windows=300, max_val_windows=40)
+    assert len(sub.train) == 300 and len(sub.val) == 40
+    assert sub.train.n_available == len(full.train) and sub.val.n_available == len(full.val)
+    index = np.unique(np.linspace(0, len(full.train) - 1, 300).round().astype(np.int64))
+    assert torch.equal(sub.vocab[sub.train.tokens], full.vocab[full.train.tokens[index]])   # evenly spread
+    assert sub.train.texts[0] == full.train.texts[0] and sub.vocab_size <= full.vocab_size
+    assert "300 of" in sub.describe("big.txt") and sub.fingerprint != full.fingerprint
+    small = build_dataset(load_documents(path), tokenizer, seq_len=16, max_train_windows=300, max_val_windows=40,
+                          keep_all_below=5000)                          # small data are used whole, as before
+    assert small.fingerprint == full.fingerprint
+
+
+def test_window_budget_and_estimate():
+    from hybrid_optimization.distill.data import SUBSET_MIN_WINDOWS, preparation_estimate, train_windows_budget
+
+    assert train_windows_budget(32, None, 20, 10) == 6400                # the tiny preset's default run
+    assert train_windows_budget(32, 1, 20, 10) == SUBSET_MIN_WINDOWS
+    assert train_windows_budget(32, None, 20, None) is None              # an epoch is one pass: every window
+    assert train_windows_budget(32, 500, 20, 10, stored=6400) == 6400    # a resumed run keeps its windows
+    fast, line = preparation_estimate(50e6, 64, 6400, 128, 20_000)
+    slow, _ = preparation_estimate(50e6, 128, None, 256, 500)
+    assert 10 < fast < 300 and slow > 3600 and "6,528 windows" in line
+    capped, _ = preparation_estimate(50e6, 128, None, 256, 500, max_tokens=100_000)
+    assert capped < slow / 50
+
+
+def test_tokenizer_is_trained_on_an_even_sample_of_big_data():
+    from hybrid_optimization.distill.data import Document
+    from hybrid_optimization.distill.tiny import tokenizer_sample
+
+    documents = [Document(text=words_text(200, i)) for i in range(100)]
+    total = sum(d.n_chars() for d in documents)
+    assert sum(map(len, tokenizer_sample(documents, max_chars=total))) > total      # all of it (+ markers)
+    sample = list(tokenizer_sample(documents, max_chars=total // 10))
+    assert 0.05 * total < sum(map(len, sample)) < 0.15 * total
+    assert sample == list(tokenizer_sample(documents, max_chars=total // 10))       # deterministic
+    assert sample[-1].startswith(words_text(200, 99)[:20]) or len(sample) >= 9     # spread to the end
+
+
+def test_max_tokens_flag():
+    from hybrid_optimization.distill.cli import main, parse_options
+
+    assert parse_options(["--max_tokens", "5000"]).max_tokens == 5000
+    assert main(["--max_tokens", "0"]) == 2
+
+
+RST_PAGE = """.. _tut-if:
+
+:keyword:`!if` Statements
+=========================
+
+Perhaps the most well-known statement type is the :keyword:`if` statement.  For
+example::
+
+   >>> x = int(input("Please enter an integer: "))
+   >>> if x < 0:
+   ...     x = 0
+
+There can be zero or more ``elif`` parts, see `the docs <https://example.org>`_ and
+:func:`len <builtins.len>` for more.
+
+.. function:: len(s)
+
+   Return the length (the number of items) of an object, as described in
+   :ref:`typesseq`.
+
+   .. code-block:: python
+
+      len([1, 2, 3])
+
+* a bulleted item that is not prose
+"""
+
+
+def test_python_docs_source_keeps_prose_and_drops_markup():
+    from hybrid_optimization.distill.data import _rst_prose
+
+    assert _rst_prose(RST_PAGE) == [
+        "Perhaps the most well-known statement type is the if statement.  For example:",
+        "There can be zero or more elif parts, see the docs and len for more.",
+        "Return the length (the number of items) of an object, as described in typesseq.",
+    ]
+
+
+def test_named_data_sources(tmp_path):
+    from hybrid_optimization.distill import data
+    from hybrid_optimization.distill.cli import main
+    from hybrid_optimization.distill.options import DATA_SOURCES, OptionsError, TrainOptions
+
+    assert tuple(data.DATA_SOURCES) == DATA_SOURCES
+    assert len(load_documents(source="chatterbot")) == len(load_documents())
+    with pytest.raises(DataError, match="unknown"):
+        load_documents(source="wikipedia")
+    with pytest.raises(OptionsError, match="cannot be combined"):
+        TrainOptions(data_source="python-docs", data=__file__).validate()
+    assert main(["--data_source", "wikipedia"]) == 2
+    try:
+        folder = data.python_docs_dir()
+    except DataError as exc:
+        assert "apt-get install python3.11-doc" in str(exc)
+        pytest.skip("the Debian package python3.11-doc is not installed")
+    documents = load_documents(source="python-docs")
+    assert len(documents) > 400 and folder.is_dir()
+    assert sum(doc.n_chars() for doc in documents) > 4_000_000          # ≥ 1 M tokens at ~4 characters/token
+    assert not any(".. " in doc.text[:3] or ">>>" in doc.text for doc in documents[:50])

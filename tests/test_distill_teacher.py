@@ -181,3 +181,26 @@ def test_real_smollm2_gguf_teacher_loads_and_predicts_chat():
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
     reloaded = load_teacher(smollm2_gguf_path(), log=lambda m: None)      # from the fp32 cache, fast
     assert reloaded.directory == teacher.directory and (teacher.directory / "model.safetensors").is_file()
+
+
+def test_big_single_document_trains_on_the_windows_it_uses_and_resumes_with_them(random_llama, tmp_path):
+    """Issue 13: one long paragraph is cut into windows (validation = its tail); only the windows the run draws get
+    teacher logits; a resumed run with more steps keeps exactly those windows (and their cached logits)."""
+    model_dir, _ = random_llama
+    words = "my printer is jammed what is the capital of France tell me a joke about cats how do I bake bread".split()
+    rng = np.random.default_rng(0)
+    data = tmp_path / "one.txt"
+    data.write_text(" ".join(words[i] for i in rng.integers(0, len(words), 30000)))
+    common = dict(teacher=str(model_dir), data=str(data), seq_len=8, batch_size=8, eval_windows=16, quiet=True,
+                  runs_root=str(tmp_path / "runs"))
+    lines = []
+    stopped = train(TrainOptions(max_steps=4, stop_after_steps=2, **common))
+    ds = stopped.dataset
+    assert ds.split_mode == "tail" and ds.n_documents == 1
+    assert ds.train.n_available > len(ds.train) == 1024                 # max(4 steps × 8, SUBSET_MIN_WINDOWS)
+    assert len(ds.val) == 16 < ds.val.n_available
+    logits = teacher_topk_cache(load_teacher(model_dir, log=lines.append), ds, k=32, log=lines.append)
+    assert logits.built_seconds == 0 and logits.train_values.shape[0] == 1024 and logits.val_values.shape[0] == 16
+    resumed = train(TrainOptions(resume=stopped.run_id, max_steps=6, runs_root=str(tmp_path / "runs"), quiet=True))
+    assert resumed.status == "finished" and resumed.steps == 6
+    assert resumed.dataset.fingerprint == ds.fingerprint

