@@ -101,6 +101,8 @@ def build_parser(prog: str = "distillation.py") -> argparse.ArgumentParser:
     r.add_argument("--tags", metavar="A,B", help="comma-separated tags")
     r.add_argument("--run_id", metavar="ID", help="use a run record pre-created by a launcher (status queued)")
     r.add_argument("--resume", metavar="RUN_ID", help="continue a run from its last checkpoint")
+    r.add_argument("--checkpoint_every_s", type=float, metavar="S",
+                   help="checkpoint at the first epoch end S seconds after the last one (30; 0: every epoch end)")
     r.add_argument("--export", action="store_true",
                    help="write the packed student (+ JSON manifest) to the run folder and print its compression")
     r.add_argument("--quiet", action="store_true", help='no progress output; first stdout line is "run_id=<id>"')
@@ -126,12 +128,16 @@ def main(argv: list[str] | None = None) -> int:
         options = parse_options(argv)
     except SystemExit as exc:               # argparse: --help (0) or a bad flag (2)
         return int(exc.code or 0)
+    from .checkpoint import CheckpointWriteError
     from .train import BAD_INPUT_ERRORS, train   # torch & co. only after the flags parsed
     try:
         result = train(options)
     except BAD_INPUT_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as exc:     # disk full / unwritable run folder: one line, the run marked failed
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -27,7 +27,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 CLUSTER_BATCHES = ("mixed", "single")
 DATA_SOURCES = ("chatterbot", "python-docs")     # named data sources (distill/data.py DATA_SOURCES)
 # Flags whose value may change when a run is resumed; everything else is taken from the stored run.
-RESUME_OVERRIDABLE = ("epochs", "max_steps", "quiet", "device", "export", "save_metrics", "progress")
+RESUME_OVERRIDABLE = ("epochs", "max_steps", "quiet", "device", "export", "save_metrics", "progress",
+                      "checkpoint_every_s")
 
 
 class OptionsError(ValueError):
@@ -70,6 +71,7 @@ class TrainOptions:
     top_k: int | None = None
     eval_windows: int | None = None
     max_tokens: int | None = None        # use only the first N tokens of the data
+    checkpoint_every_s: float | None = None  # seconds between epoch-end checkpoints (None: 30; 0: every epoch)
     export: bool = False
     quiet: bool = False
     progress: bool = True
@@ -130,6 +132,9 @@ class TrainOptions:
         positive_int("max_tokens", self.max_tokens)
         positive_int("seed", self.seed, 0)
         positive_int("split_seed", self.split_seed, 0)
+        if self.checkpoint_every_s is not None and not (_finite(self.checkpoint_every_s)
+                                                        and self.checkpoint_every_s >= 0):
+            bad("checkpoint_every_s", self.checkpoint_every_s, "a finite number of seconds ≥ 0")
         if self.lr is not None and not (_finite(self.lr) and self.lr > 0):
             bad("lr", self.lr, "a finite number > 0")
         if self.weight_decay is not None and not (_finite(self.weight_decay) and self.weight_decay >= 0):

@@ -45,7 +45,8 @@ from ..quantization import (SUPPORTED_BITS, CodeFlipTracker, QuantizedExportErro
                             quantize_model, quantized_layers)
 from ..tracking import RunNotFound, RunStore, StoreError, pid_alive
 from .checkpoint import FILENAME as CHECKPOINT_NAME
-from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, CheckpointWriteError, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
 from .data import (SUBSET_MIN_WINDOWS, DataError, Dataset, build_dataset, documents_fingerprint, load_documents,
                    make_progress, preparation_estimate, train_windows_budget)
 from .evaluate import evaluate
@@ -58,7 +59,7 @@ from .tiny import tiny_teacher_dir, tiny_tokenizer
 
 # Errors that mean "the input is wrong": the CLI prints them in one line and exits with code 2.
 BAD_INPUT_ERRORS = (OptionsError, ConfigError, DataError, TeacherError, CheckpointError, RunNotFound,
-                    QuantizedExportError)
+                    QuantizedExportError, StoreError)
 PLAN_WARMUP_FRACTION = 0.1
 CHECKPOINT_EVERY_S = 30.0
 SAMPLE_ROWS_MAX = 5000          # samples stored for the cluster plot
@@ -583,7 +584,8 @@ class Trainer:
                     self._evaluate(done)
                 # Checkpoints at epoch ends, at most one per CHECKPOINT_EVERY_S (a crash loses less than that),
                 # and always at the end; a stop writes its own below.
-                if done == self.total_steps or time.monotonic() - self._last_checkpoint_time >= CHECKPOINT_EVERY_S:
+                every_s = CHECKPOINT_EVERY_S if opts.checkpoint_every_s is None else opts.checkpoint_every_s
+                if done == self.total_steps or time.monotonic() - self._last_checkpoint_time >= every_s:
                     self._save_checkpoint(done)
             if self._should_stop(done) and done < self.total_steps:
                 self.stopped = True
@@ -922,6 +924,8 @@ class Trainer:
             self.writer.set_status("stopped", error="interrupted (KeyboardInterrupt)")
             return
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        if isinstance(exc, (CheckpointWriteError, StoreError)):
+            text = str(exc)                     # one line says it all (e.g. "disk full" and where)
         try:
             self.writer.log(f"failed: {type(exc).__name__}: {exc}", level="error")
             self.writer.set_status("failed", error=text)
