@@ -12,6 +12,7 @@ import pytest
 
 from hybrid_optimization import sweep
 from hybrid_optimization.tracking import RunStore
+from workbench import queries
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +89,7 @@ def test_cli_tiny_sweep_runs_trials_as_tagged_runs_and_prints_the_best(tmp_path)
     assert last.startswith("best trial ") and "run_id=" in last and "value=" in last
     best_run = last.split("run_id=")[1].split()[0]
     store = RunStore(tmp_path, create=False)
-    runs = store.list_runs()
+    runs = queries.list_runs(store)
     assert len(runs) == 2 and set(runs.status) == {"finished"}
     assert all(tags == [sweep.sweep_tag("tiny-sweep")] for tags in runs.tags)
     best = store.get_run(best_run)
