@@ -3,11 +3,16 @@
 A thin router (st.navigation) over the pages in workbench/pages/. The pages read the run store; training runs are
 separate processes started through the pipeline's CLI, so this app may restart while they go on.
 """
+from pathlib import Path
+
 import streamlit as st
 
 from workbench import ui
 
-st.set_page_config(page_title="Hybrid Optimization Workbench", page_icon=":material/memory:", layout="wide")
+# A local icon: a ":material/...:" page icon is fetched from a font host on the internet, and this app loads nothing
+# from outside this machine.
+ICON = Path(__file__).resolve().parent / "workbench" / "icon.png"
+st.set_page_config(page_title="Hybrid Optimization Workbench", page_icon=str(ICON), layout="wide")
 
 ui.runs_root()  # puts the default ($HYBRID_RUNS_ROOT or ~/.cache/...) into session state for the widget below
 with st.sidebar:

@@ -410,3 +410,36 @@ def test_compare_overlays_validation_metrics_of_a_baseline_and_a_hybrid_run(runs
     val = next(_figure(c) for c in at.get("plotly_chart")
                if _figure(c)["layout"]["title"]["text"].startswith("Validation loss"))
     assert {t["name"] for t in val["data"]} == {"hybrid-ternary-run (%s)" % ids["hybrid"]}
+
+
+def test_live_shows_system_metrics_and_setup_stages(runs_root):
+    from hybrid_optimization.system_metrics import COLUMNS, SYSTEM_METRICS_FILE
+    store = RunStore(runs_root)
+    (run_id,) = _store_of("hybrid", runs_root).values()
+    start = store.get_run(run_id)["started_at"] or time.time()
+    lines = [",".join(COLUMNS)] + [f"{start + 2 * i:.3f},{90 + i},{500 + i},," for i in range(10)]
+    (runs_root / run_id / SYSTEM_METRICS_FILE).write_text("\n".join(lines) + "\n")
+    at = _app().run()
+    at.session_state["selected_run"] = run_id
+    _open(at, "live")
+    at.multiselect(key="live_charts.hybrid").set_value(["CPU (%)", "Memory (RSS, MiB)"]).run()
+    cpu = next(_figure(c) for c in at.get("plotly_chart") if _figure(c)["layout"]["title"]["text"] == "CPU (%)")
+    assert cpu["data"][-1]["y"] == [float(90 + i) for i in range(10)]
+    # A run still setting up (no step yet): its stages, the teacher logits with n/N.
+    setting_up = store.create_run(HybridTrainingConfig().to_dict(), {"argv": ["--hybrid"]}, "tiny",
+                                  name="setting-up", status="queued", total_steps=100)
+    with store.writer(setting_up) as w:
+        w.set_status("running")
+        w.set_pid(os.getpid())
+        for message in ("tiny tokenizer (1024 tokens) trained in 0.1 s", "Run x (new)",
+                        "tiny teacher (0.52 M parameters) trained in 33.1 s",
+                        "computing the teacher's top-32 logits for 779 windows × 64 tokens",
+                        "  teacher logits: 320/779 windows"):
+            w.log(message)
+    at = _app().run()
+    at.session_state["selected_run"] = setting_up
+    _open(at, "live")
+    assert not at.exception
+    text = " ".join(_texts(at.markdown))
+    assert "Setting up" in text and "Teacher logits" in text
+    assert any("320/779" in str(p.proto.text) for p in at.get("progress"))

@@ -124,7 +124,9 @@ def line_figure(series: pd.DataFrame, title: str, x_title: str = "step", log_y: 
                 traces.append(dict(type="scatter", x=x, y=y_raw, mode="lines", name=f"{label} (raw)", legendgroup=label,
                                    showlegend=False, hoverinfo="skip", line=dict(color=color, width=1),
                                    opacity=RAW_OPACITY))
-            traces.append(dict(type="scatter", x=x, y=y_smooth, mode="lines", name=label, legendgroup=label,
+            # Few points (evaluations, short runs): markers too, or a single evaluation would draw nothing.
+            traces.append(dict(type="scatter", x=x, y=y_smooth, mode="lines+markers" if len(x) <= 30 else "lines",
+                               name=label, legendgroup=label,
                                line=dict(color=color, width=2, dash=dash),
                                hovertemplate="%{y:.4g}"))
     values = pd.to_numeric(series.smooth, errors="coerce").to_numpy(dtype="float64")
@@ -321,7 +323,8 @@ def parallel_coordinates(frame: pd.DataFrame, dims: list[tuple[str, str]], color
             line = dict(color=shade.fillna(shade.max()).to_numpy(dtype="float64"), colorscale="Viridis_r",
                         showscale=True, colorbar=dict(title=dict(text=color_title or color)))
     fig = go.Figure(go.Parcoords(dimensions=dimensions, line=line))
-    fig.update_layout(title=title, height=height, margin=dict(l=60, r=60, t=70, b=30))
+    fig.update_layout(title=dict(text=title, y=0.98, yanchor="top"), height=height,
+                      margin=dict(l=70, r=70, t=110, b=30))
     return fig
 
 

@@ -24,7 +24,21 @@ storage_text = st.text_input(
          "--storage URL")
 storage = sweeps.storage_url(root, storage_text.strip() or None)
 
-new_tab, results_tab = st.tabs(["New sweep", "Results"])
+try:
+    names = sweeps.list_sweeps(storage)
+    storage_problem = None
+except Exception as exc:            # an unreachable database: say which and why, show nothing else
+    names, storage_problem = [], f"Cannot open the Optuna storage {storage}: {exc}"
+# Results first once there is a sweep to show (and right after starting one).
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def importances(storage: str, name: str, n_complete: int) -> dict[str, float]:
+    """fANOVA importances: seconds of CPU, so computed once per number of completed trials, not every refresh."""
+    return sweeps.importances(sweeps.load(storage, name))
+
+
+new_tab, results_tab = st.tabs(["New sweep", "Results"], default="Results" if names else "New sweep")
 if "sweep_started" in st.session_state:   # a sweep was just started: show its results
     st.toast(f"Sweep {st.session_state.pop('sweep_started')} started in the background.")
 
@@ -97,11 +111,8 @@ with new_tab:
                "its trials appear on every other page as runs tagged `sweep:<name>`.")
 
 with results_tab:
-    try:
-        names = sweeps.list_sweeps(storage)
-    except Exception as exc:            # an unreachable database: say which and why, show nothing else
-        st.error(f"Cannot open the Optuna storage {storage}: {exc}")
-        names = []
+    if storage_problem:
+        st.error(storage_problem)
     if not names:
         st.info("No sweeps in this storage yet. Start one on the **New sweep** tab.")
     else:
@@ -142,7 +153,7 @@ with results_tab:
                 left.plotly_chart(charts.parallel_coordinates(done, dims, color="value", color_title=objective_label,
                                                               title="Parallel coordinates (completed trials)"),
                                   key="sweep_parcoords", config={"displaylogo": False})
-                right.plotly_chart(charts.importance_figure(sweeps.importances(study)), key="sweep_importance",
+                right.plotly_chart(charts.importance_figure(importances(storage, picked, len(done))), key="sweep_importance",
                                    config={"displaylogo": False})
             _best_panel(study, objective_label)
             shown = frame.rename(columns={c: c[2:] for c in param_cols})

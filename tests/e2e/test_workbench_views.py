@@ -1,0 +1,108 @@
+"""End to end in a real browser (Debian Chromium): a tiny 3-trial sweep started from the Sweep page; Compare
+overlaying validation loss of a baseline and a hybrid run; a constant-LR run's LR chart around its LR; `?run=ID`
+links; and not one request leaving 127.0.0.1. Figures are read from plotly's own data in the page, not pixels."""
+from __future__ import annotations
+
+import time
+from urllib.parse import urlparse
+
+import pytest
+
+from hybrid_optimization.config import HybridTrainingConfig
+from hybrid_optimization.tracking import RunStore
+from tests.fixtures.workbench_runs import write_synthetic_run
+
+# The plotly figure titled `title` on the page: its traces (name, type, number of points) and y-axis range.
+FIGURE_JS = """(title) => {
+  const plots = Array.from(document.querySelectorAll('.js-plotly-plot')).filter(p =>
+      p.layout && p.layout.title && String(p.layout.title.text).replace(/<[^>]+>/g, '') === title);
+  if (!plots.length || !plots[0]._fullData) return null;
+  const p = plots[0];
+  return {traces: p._fullData.map(t => ({name: t.name, type: t.type, n: t._length || 0,
+                                         y: t.y ? Array.from(t.y).slice(0, 5) : null})),
+          yrange: p._fullLayout.yaxis ? p._fullLayout.yaxis.range : null};
+}"""
+PARCOORDS_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).some(p =>
+    p._fullData && p._fullData.some(t => t.type === 'parcoords' && t.dimensions && t.dimensions.length >= 2))"""
+
+
+def _record_requests(page) -> list[str]:
+    seen: list[str] = []
+    page.on("request", lambda request: seen.append(request.url))
+    return seen
+
+
+def _foreign(requests: list[str]) -> list[str]:
+    return [u for u in requests if urlparse(u).scheme in ("http", "https", "ws", "wss")
+            and urlparse(u).hostname != "127.0.0.1"]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_links_compare_and_constant_lr_in_a_real_browser(workbench_server, browser_page, screenshots_dir):
+    url, runs_root = workbench_server
+    store = RunStore(runs_root)
+    baseline = write_synthetic_run(store, 80, "finished", name="adamw-baseline", seed=0, hybrid=False)
+    hybrid = write_synthetic_run(store, 80, "finished", name="hybrid-ternary", seed=1)
+    page = browser_page
+    requests = _record_requests(page)
+
+    # A ?run= link opens that run (not the newest one), and its constant LR is drawn around the LR.
+    page.goto(f"{url}/live?run={baseline}")
+    page.get_by_role("heading", name="Live run").wait_for()
+    page.wait_for_function(f"() => ({FIGURE_JS})('Learning rate') !== null", timeout=60_000)
+    lr = page.evaluate(FIGURE_JS, "Learning rate")
+    value = HybridTrainingConfig().base_learning_rate
+    low, high = lr["yrange"]
+    assert 0 < low < value < high < 2 * value, lr
+    assert page.get_by_text(f"adamw-baseline ({baseline})").count() >= 1
+    assert f"run={baseline}" in page.url
+    page.screenshot(path=str(screenshots_dir / "live-baseline-link.png"), full_page=True)
+
+    # Compare overlays validation loss of the baseline and the hybrid run (?runs= names the comparison).
+    page.goto(f"{url}/compare?runs={baseline},{hybrid}")
+    page.get_by_role("heading", name="Compare runs").wait_for()
+    title = "Validation loss (quantized)"
+    page.wait_for_function(f"() => ({FIGURE_JS})('{title}') !== null", timeout=60_000)
+    val = page.evaluate(FIGURE_JS, title)
+    names = {t["name"] for t in val["traces"] if t["n"] > 0}
+    assert names == {f"adamw-baseline ({baseline})", f"hybrid-ternary ({hybrid})"}, val
+    page.wait_for_function(PARCOORDS_JS, timeout=30_000)
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(screenshots_dir / "compare-validation.png"), full_page=True)
+    assert _foreign(requests) == [], _foreign(requests)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(1500)
+def test_tiny_sweep_from_the_sweep_page(workbench_server, browser_page, screenshots_dir):
+    url, runs_root = workbench_server
+    page = browser_page
+    requests = _record_requests(page)
+    page.goto(f"{url}/sweep")
+    page.get_by_role("heading", name="Sweep").wait_for()
+    for label, value in (("Sweep name", "browser-sweep"), ("Trials", "3"), ("Steps per trial", "10")):
+        box = page.get_by_label(label, exact=True)
+        box.fill(value)
+        box.press("Enter")
+        page.wait_for_timeout(400)
+    page.screenshot(path=str(screenshots_dir / "sweep-form.png"), full_page=True)
+    started = time.monotonic()
+    page.get_by_role("button", name="Start sweep").click()
+    page.get_by_role("tab", name="Results").wait_for()
+    # Three trials finish (each a tiny training run); the page refreshes itself while the sweep runs.
+    deadline = time.monotonic() + 1200
+    while time.monotonic() < deadline:
+        runs = RunStore(runs_root, create=False).list_runs() if (runs_root / "runs.db").exists() else []
+        if len(runs) == 3 and all(r["status"] in ("finished", "stopped", "failed") for r in runs):
+            break
+        time.sleep(2)
+    elapsed = time.monotonic() - started
+    assert len(runs) == 3 and all(r["tags"][:1] == ["sweep:browser-sweep"] for r in runs), runs
+    page.get_by_role("tab", name="Results").click()
+    page.get_by_role("button", name="Launch with this config").wait_for(timeout=180_000)
+    page.wait_for_function(PARCOORDS_JS, timeout=120_000, polling=1000)
+    page.wait_for_timeout(3000)
+    page.screenshot(path=str(screenshots_dir / "sweep-results.png"), full_page=True)
+    assert _foreign(requests) == [], _foreign(requests)
+    print(f"3-trial tiny sweep from the Sweep page: {elapsed:.0f} s")
