@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from hybrid_optimization.tracking import RunStore
+from hybrid_optimization.tracking import RunStore, StoreError
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 30
@@ -208,6 +208,28 @@ def test_disk_full_during_a_checkpoint_is_one_line_recorded_and_the_last_checkpo
         assert outcome(root, run_id)["steps"] == STEPS
 
 
+def test_a_store_on_a_full_disk_reports_disk_full_and_keeps_the_rows(tmp_path, capfd):
+    """The store itself runs out of space (the issue's 300 KB tmpfs): the writer's commits fail, the rows stay
+    queued, the caller that waits gets "disk full" and where; freed space lets the same rows land."""
+    with tmpfs(tmp_path / "tiny", "300k") as root:
+        store = RunStore(root)
+        run_id = store.create_run({}, [], "tiny")
+        writer = store.writer(run_id, commit_every_s=0.05)
+        for step in range(1, 3001):
+            writer.log_step(step, loss=1.0 / step)
+            writer.log("x" * 200)
+        with pytest.raises(StoreError, match="disk full: no space left on the device holding .*runs.db"):
+            writer.set_status("finished")
+        assert writer.failures >= 1 and "run store: could not write run" in capfd.readouterr().err
+        remount(root, "size=16m")
+        writer.set_status("finished")                 # the kept rows are written now, none lost
+        writer.close()
+        assert len(store.read_steps(run_id)) == 3000 and store.get_run(run_id)["status"] == "finished"
+        assert store.get_run(run_id)["write_failures"] >= 1
+        assert any("write(s) failed before this one" in m or "a write failed" in m
+                   for m in store.read_logs(run_id).column("message"))
+
+
 def test_a_read_only_runs_root_is_one_line_before_anything_is_written(env, tmp_path):
     with tmpfs(tmp_path / "ro", "4m") as root:
         RunStore(root)                                                         # an existing store ...
@@ -263,7 +285,7 @@ def test_three_concurrent_writer_processes_and_a_reader_lose_no_row(env, tmp_pat
     ids = [store.create_run({}, [], "tiny") for _ in range(3)]
     code = textwrap.dedent("""
         import sys
-        from hybrid_optimization.tracking import RunStore
+        from hybrid_optimization.tracking import RunStore, StoreError
         with RunStore(sys.argv[1]).writer(sys.argv[2], commit_every_s=0.01, max_buffer_rows=5) as w:
             w.set_status("running")
             for step in range(1, int(sys.argv[3]) + 1):
