@@ -291,7 +291,7 @@ class RunWriter:
     def _commit(self, batch: _Batch, max_step: int | None, generation: int) -> None:
         try:
             self._write(batch, max_step)
-        except (sqlite3.Error, StoreError, OSError) as exc:
+        except Exception as exc:                # any failure: kept, counted, reported; the thread lives on
             message = describe_write_error(exc, self.store.db_path)
             with self._cond:
                 self._batch = batch.put_back(self._batch)
