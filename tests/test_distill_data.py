@@ -321,3 +321,13 @@ def test_named_data_sources(tmp_path):
     assert len(documents) > 400 and folder.is_dir()
     assert sum(doc.n_chars() for doc in documents) > 4_000_000          # ≥ 1 M tokens at ~4 characters/token
     assert not any(".. " in doc.text[:3] or ">>>" in doc.text for doc in documents[:50])
+
+
+def test_progress_lines_without_a_bar():
+    from hybrid_optimization.distill.data import make_progress
+
+    lines = []
+    update = make_progress("tokenising", lines.append, bar=False, unit="M characters", scale=1e6)
+    for done in range(0, 10_000_001, 1_000_000):
+        update(done, 10_000_000)
+    assert lines == [f"  tokenising: {x:.1f}/10.0 M characters" for x in (3.0, 5.0, 8.0, 10.0)]
