@@ -204,3 +204,31 @@ def test_big_single_document_trains_on_the_windows_it_uses_and_resumes_with_them
     resumed = train(TrainOptions(resume=stopped.run_id, max_steps=6, runs_root=str(tmp_path / "runs"), quiet=True))
     assert resumed.status == "finished" and resumed.steps == 6
     assert resumed.dataset.fingerprint == ds.fingerprint
+
+
+def test_an_interrupted_logits_computation_resumes_where_it_stopped(random_llama, monkeypatch):
+    from hybrid_optimization.distill import teacher as teacher_module
+
+    model_dir, data = random_llama
+    teacher = load_teacher(model_dir, log=lambda m: None)
+    dataset = build_dataset(load_documents(data), teacher.tokenizer, seq_len=16)
+    n_total = len(dataset.train) + len(dataset.val)
+    monkeypatch.setattr(teacher_module, "LOGITS_PART_WINDOWS", 8)
+    assert n_total > 24
+
+    def stop_after_two_blocks(done, total):
+        if done > 16:                       # during the third block: two blocks of 8 windows are saved
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        teacher_topk_cache(teacher, dataset, k=5, batch_size=8, log=lambda m: None, progress=stop_after_two_blocks)
+    computed = []
+    real = teacher_module.compute_topk
+    monkeypatch.setattr(teacher_module, "compute_topk", lambda model, windows, *a, **kw: computed.append(
+        len(windows)) or real(model, windows, *a, **kw))
+    logits = teacher_topk_cache(teacher, dataset, k=5, batch_size=8, log=lambda m: None)
+    assert sum(computed) == n_total - 16                                # the two saved blocks are not recomputed
+    assert not logits.path.with_name(logits.path.name.replace(".safetensors", ".parts")).exists()
+    values, indices = real(teacher.load_model(), dataset.train.tokens, dataset.vocab, k=5)
+    torch.testing.assert_close(logits.train_values, values)
+    assert torch.equal(logits.train_indices, indices) and logits.val_values.shape[0] == len(dataset.val)

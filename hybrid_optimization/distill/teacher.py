@@ -9,7 +9,8 @@ Three teachers share one path (`load_teacher`):
 
 Teacher forward passes are slow on a CPU (~500 tokens/s for SmolLM2 on 2 cores), so the teacher runs once per
 dataset: `teacher_topk_cache` stores the top-k logits of every window, restricted to the student's reduced
-vocabulary, in a safetensors file keyed by a hash of (teacher, token windows, vocabulary, k).
+vocabulary, in a safetensors file keyed by a hash of (teacher, token windows, vocabulary, k); while they are computed,
+every block of LOGITS_PART_WINDOWS windows is saved, so an interrupted computation resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -254,6 +255,34 @@ class TeacherLogits:
         return int(self.train_values.shape[-1])
 
 
+LOGITS_PART_WINDOWS = 2048           # windows per saved block while the teacher's logits are computed
+
+
+def _blocks(dataset):
+    for split in ("train", "val"):
+        tokens = getattr(dataset, split).tokens
+        for start in range(0, len(tokens), LOGITS_PART_WINDOWS):
+            yield split, start, tokens[start:start + LOGITS_PART_WINDOWS]
+
+
+def _read_part(path: Path, n_windows: int):
+    from safetensors.torch import load_file
+    try:
+        tensors = load_file(path)
+        if tensors["values"].shape[0] == n_windows:
+            return tensors["values"], tensors["indices"]
+    except Exception:          # a damaged block is computed again
+        pass
+    return None
+
+
+def _join(blocks: list, dataset, split: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if blocks:
+        return torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks])
+    k = min(k, dataset.vocab_size)
+    return torch.empty(0, dataset.seq_len, k), torch.empty(0, dataset.seq_len, k, dtype=torch.int32)
+
+
 def logits_cache_key(teacher_identity: str, dataset_fingerprint: str, k: int) -> str:
     text = f"{CACHE_VERSION}|{teacher_identity}|{dataset_fingerprint}|{k}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
@@ -275,24 +304,37 @@ def teacher_topk_cache(teacher: Teacher, dataset, k: int = TOPK_DEFAULT, device:
         except Exception as exc:  # a truncated or foreign file: rebuild it
             log(f"teacher logits cache {path} is unreadable ({exc}); rebuilding it")
     start = time.time()
-    model = teacher.load_model()
     n_total = len(dataset.train) + len(dataset.val)
+    parts = path.with_name(f"{key}.parts")
     log(f"computing the teacher's top-{k} logits for {n_total} windows × {dataset.seq_len} tokens "
         f"(once per dataset; cached in {path.parent})")
-    def report(i: int, n: int, offset: int) -> None:
-        if progress is not None:
-            progress(offset + i, n_total)
-
-    train_v, train_i = compute_topk(model, dataset.train.tokens, dataset.vocab, k, batch_size, device,
-                                    lambda i, n: report(i, n, 0))
-    val_v, val_i = compute_topk(model, dataset.val.tokens, dataset.vocab, k, batch_size, device,
-                                lambda i, n: report(i, n, len(dataset.train)))
+    computed = {"train": [], "val": []}
+    done = 0
+    for split, start_row, windows in _blocks(dataset):
+        # Each block is saved as it is finished, so an interrupted computation (hours for a big dataset and the
+        # SmolLM2 teacher) goes on where it stopped the next time instead of starting over.
+        part = parts / f"{split}-{start_row:010d}.safetensors"
+        block = _read_part(part, len(windows)) if part.is_file() else None
+        if block is None:
+            offset = done
+            block = compute_topk(teacher.load_model(), windows, dataset.vocab, k, batch_size, device,
+                                 lambda i, n: progress(offset + i, n_total) if progress is not None else None)
+            parts.mkdir(parents=True, exist_ok=True)
+            tmp = part.with_name(part.name + f".tmp{os.getpid()}")
+            save_file({"values": block[0], "indices": block[1]}, str(tmp))
+            os.replace(tmp, part)
+        elif progress is not None:
+            progress(done + len(windows), n_total)
+        computed[split].append(block)
+        done += len(windows)
+    (train_v, train_i), (val_v, val_i) = (_join(computed[s], dataset, s, k) for s in ("train", "val"))
     tensors = {"train_values": train_v, "train_indices": train_i, "val_values": val_v, "val_indices": val_i}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"teacher": teacher.description, "k": str(k),
                                            "dataset": dataset.fingerprint})
     os.replace(tmp, path)
+    shutil.rmtree(parts, ignore_errors=True)
     seconds = time.time() - start
     tokens = n_total * dataset.seq_len
     log(f"teacher logits cached in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.0f} tokens/s)")
