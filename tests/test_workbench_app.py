@@ -443,3 +443,66 @@ def test_live_shows_system_metrics_and_setup_stages(runs_root):
     text = " ".join(_texts(at.markdown))
     assert "Setting up" in text and "Teacher logits" in text
     assert any("320/779" in str(p.proto.text) for p in at.get("progress"))
+
+
+def _sweep_store(runs_root: Path) -> tuple[str, list[str]]:
+    """A finished 3-trial sweep (trials recorded directly in its Optuna study), each trial an ordinary run."""
+    import optuna
+
+    from hybrid_optimization import sweep
+    store = RunStore(runs_root)
+    spec = sweep.SweepSpec(name="lr-search", params=[sweep.parse_param("base_learning_rate=1e-4:1e-2:log"),
+                                                     sweep.parse_param("data_clusters=2:8")])
+    study, _ = sweep.open_study(spec, sweep.default_storage(runs_root), "lr-search")
+    ids = []
+    for i, (lr, k, value) in enumerate(((1e-3, 4, 4.2), (3e-3, 2, 4.6), (2e-4, 8, 5.1))):
+        run_id = write_synthetic_run(store, 30, "finished", name=f"lr-search-{i}", seed=i, tags=["sweep:lr-search"],
+                                     config={"base_learning_rate": lr, "data_clusters": k})
+        ids.append(run_id)
+        study.add_trial(optuna.trial.create_trial(
+            params={"base_learning_rate": lr, "data_clusters": k}, value=value, user_attrs={"run_id": run_id},
+            distributions={"base_learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+                           "data_clusters": optuna.distributions.IntDistribution(2, 8)}))
+    return "lr-search", ids
+
+
+def test_sweep_page_shows_results_and_launches_the_best_config(runs_root, started):
+    name, ids = _sweep_store(runs_root)
+    at = _open(_app().run(), "sweep")
+    assert not at.exception, [e.value for e in at.exception]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["complete"] == "3" and metrics["final validation loss"] == "4.2000" and metrics["Trial"] == "#0"
+    figures = [_figure(c) for c in at.get("plotly_chart")]
+    parcoords = next(f for f in figures if f["data"] and f["data"][0]["type"] == "parcoords")
+    labels = [d["label"] for d in parcoords["data"][0]["dimensions"]]
+    assert labels == ["base_learning_rate (log)", "data_clusters", "final validation loss"]
+    assert any(f["layout"]["title"]["text"] == "Parameter importance" for f in figures)
+    at.button(key="sweep_launch_best").click().run()
+    assert at.title[0].value == "Configure & launch"
+    assert at.session_state["cfg.base_learning_rate"] == "0.001" and at.session_state["cfg.data_clusters"] == 4
+    assert started == []                                # filled in, not launched
+
+
+def test_sweep_page_starts_the_sweep_cli_with_the_chosen_space(runs_root, monkeypatch):
+    from workbench import sweeps
+    calls = []
+
+    class Proc:
+        pid = os.getpid()
+
+        def poll(self):
+            return None
+
+    monkeypatch.setattr(sweeps.subprocess, "Popen", lambda argv, **kw: calls.append(argv) or Proc())
+    at = _open(_app().run(), "sweep")
+    at.text_input(key="sweep_name").input("my-sweep").run()
+    at.number_input(key="sweep_trials").set_value(3).run()
+    at.text_input(key="sweep_high.base_learning_rate").input("abc").run()
+    assert any("base_learning_rate" in e and "numbers" in e for e in _texts(at.error))
+    assert at.button(key="sweep_start").disabled
+    at.text_input(key="sweep_high.base_learning_rate").input("0.05").run()
+    at.button(key="sweep_start").click().run()
+    (argv,) = calls
+    assert argv[argv.index("--name") + 1] == "my-sweep" and argv[argv.index("--trials") + 1] == "3"
+    assert "base_learning_rate=0.0001:0.05:log" in argv and argv[argv.index("--runs_root") + 1] == str(runs_root)
+    sweeps._CHILDREN.clear()

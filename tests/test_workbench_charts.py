@@ -248,3 +248,17 @@ def test_benchmark_report_reads_for_a_user():
                                         go.Scatter(name="H", y=[3]), go.Scatter(name="H-frozen", y=[4])]))
     colors = [t.line.color for t in fig.data]
     assert len(set(colors)) == 4 and fig.data[2].name == "H · Hybrid optimizer (full)"
+
+
+def test_parallel_coordinates_axes_categorical_log_and_constant():
+    frame = pd.DataFrame({"lr": [1e-4, 1e-3, 1e-2], "kind": ["hybrid", "baseline", "hybrid"],
+                          "same": [4, 4, 4], "val_loss": [5.0, 4.0, 4.5]})
+    fig = charts.parallel_coordinates(frame, [("lr", "LR", True), ("kind", "kind"), ("same", "same"),
+                                              ("val_loss", "validation loss")], color="val_loss")
+    go.Figure(fig.to_dict())                                    # a valid figure
+    dims = {d.label: d for d in fig.data[0].dimensions}
+    assert set(dims) == {"LR (log)", "kind", "validation loss"}     # the constant axis is left out
+    assert list(dims["LR (log)"].values) == pytest.approx([-4, -3, -2])
+    assert list(dims["LR (log)"].ticktext) == ["0.0001", "0.001", "0.01"]
+    assert list(dims["kind"].ticktext) == ["baseline", "hybrid"]
+    assert list(fig.data[0].line.color) == [5.0, 4.0, 4.5]

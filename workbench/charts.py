@@ -285,16 +285,18 @@ def code_distribution_figure(layers: pd.DataFrame, title: str = "Ternary code di
     return fig
 
 
-def parallel_coordinates(frame: pd.DataFrame, dims: list[tuple[str, str]], color: str | None = None,
+def parallel_coordinates(frame: pd.DataFrame, dims: list[tuple], color: str | None = None,
                          title: str = "Config vs result", color_title: str | None = None,
                          height: int = 420) -> go.Figure:
-    """One line per run (or trial) across axes `dims` [(column, label)], coloured by `color` (the result).
-    Text and boolean columns become categorical axes (ticks name the values); constant or empty columns are
-    left out, since an axis with one value says nothing."""
+    """One line per run (or trial) across axes `dims` [(column, label) or (column, label, log)], coloured by
+    `color` (the result). Text and boolean columns become categorical axes (ticks name the values); log axes
+    (log-uniform searched rates) are spaced by order of magnitude with ticks in real values; constant or empty
+    columns are left out, since an axis with one value says nothing."""
     if frame is None or frame.empty:
         return _empty(title, "nothing to show yet")
     dimensions = []
-    for col, label in dims:
+    for dim in dims:
+        col, label, log = (*dim, False)[:3]
         if col not in frame:
             continue
         values = frame[col]
@@ -313,6 +315,14 @@ def parallel_coordinates(frame: pd.DataFrame, dims: list[tuple[str, str]], color
         if numeric.nunique(dropna=True) < 2 and col != color:
             continue
         filled = numeric.fillna(numeric.max() if numeric.notna().any() else 0)
+        if log and (filled > 0).all():
+            exps = np.log10(filled.to_numpy(dtype="float64"))
+            ticks = np.unique(np.concatenate([np.arange(math.floor(exps.min()), math.ceil(exps.max()) + 1),
+                                              [exps.min(), exps.max()]]))
+            ticks = ticks[(ticks >= exps.min() - 1e-9) & (ticks <= exps.max() + 1e-9)]
+            dimensions.append(dict(label=f"{label} (log)", values=exps, tickvals=ticks,
+                                   ticktext=[f"{10 ** t:.3g}" for t in ticks]))
+            continue
         dimensions.append(dict(label=label, values=filled.to_numpy(dtype="float64")))
     if not dimensions:
         return _empty(title, "the selected runs do not differ in these fields")

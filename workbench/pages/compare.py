@@ -221,7 +221,7 @@ else:
     frame = info.loc[chosen].copy()
     frame["kind"] = [kind_of(store, str(store.root), r) for r in chosen]
     config_cols = [c for c in frame.columns if c.startswith("cfg.")]
-    dims = [("kind", "kind")] + [(c, c[4:]) for c in config_cols]
+    dims = [("kind", "kind")] + [(c, c[4:], "learning_rate" in c or "radius" in c) for c in config_cols]
     result = "final.val_loss" if "final.val_loss" in frame else "final.final_loss"
     dims += [(f"final.{k}", headline.value_label(k)) for k in RESULTS if f"final.{k}" in frame]
     st.plotly_chart(charts.parallel_coordinates(frame.reset_index(), dims, color=result,

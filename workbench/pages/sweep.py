@@ -148,7 +148,8 @@ with results_tab:
             objective_label = core.OBJECTIVE_LABELS[spec.objective] if spec else "value"
             done = frame[frame.state == "complete"]
             if len(done) >= 1:
-                dims = [(c, c[2:]) for c in param_cols] + [("value", objective_label)]
+                logs = {p.name for p in spec.params if p.log} if spec else set()
+                dims = [(c, c[2:], c[2:] in logs) for c in param_cols] + [("value", objective_label)]
                 left, right = st.columns([3, 2])
                 left.plotly_chart(charts.parallel_coordinates(done, dims, color="value", color_title=objective_label,
                                                               title="Parallel coordinates (completed trials)"),
