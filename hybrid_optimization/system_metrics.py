@@ -61,6 +61,8 @@ class SystemSampler:
 
         try:
             with self.process.oneshot():
+                if self.process.status() == psutil.STATUS_ZOMBIE:     # exited, not yet reaped: nothing to measure
+                    return {}
                 cpu = self.process.cpu_percent(None)
                 rss = self.process.memory_info().rss / 2 ** 20
         except (psutil.NoSuchProcess, psutil.AccessDenied):
