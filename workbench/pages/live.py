@@ -170,8 +170,11 @@ def live_view() -> None:
     x_col, x_title = ("step", "step") if x_axis == "step" else ("time_s", "seconds since the first step")
     t0 = float(steps.wall_time.iloc[0]) if len(steps) else None
     system = _system_frame(run_id, t0) if any(t in SYSTEM_CHARTS for t in shown) else pd.DataFrame()
+    setting_up = run["status"] in ACTIVE_STATUSES and steps.empty
+    if setting_up:   # empty charts say nothing while the run sets up: they appear with the first step
+        st.caption("The charts appear with the first training step.")
     grid = st.columns(2)
-    for slot, title in enumerate(shown):
+    for slot, title in enumerate([] if setting_up else shown):
         if title in queries.LIVE_CHARTS:
             parts = [queries.chart_series(steps, col, x_col, smoothing, run=run_id)
                      for col in queries.LIVE_CHARTS[title]]

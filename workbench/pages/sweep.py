@@ -113,7 +113,17 @@ with new_tab:
 with results_tab:
     if storage_problem:
         st.error(storage_problem)
-    if not names:
+    wanted = st.session_state.get("sweep_selected")
+    if wanted and wanted not in names and sweeps.process_info(root, wanted).get("alive"):
+        # Just started: its process has not created the study yet. Look again every 2 s, then redraw the page.
+        @st.fragment(run_every=2)
+        def wait_for_study() -> None:
+            if wanted in sweeps.list_sweeps(storage):
+                st.rerun()
+            st.info(f"Sweep {wanted} is starting (its first trial sets up a training run)…")
+
+        wait_for_study()
+    elif not names:
         st.info("No sweeps in this storage yet. Start one on the **New sweep** tab.")
     else:
         wanted = st.session_state.get("sweep_selected")
