@@ -532,3 +532,9 @@ def test_opening_for_writing_removes_temp_files_of_dead_writers(tmp_path):
     assert stale.exists()
     RunStore(tmp_path)
     assert not stale.exists() and mine.exists() and keep.exists()
+
+
+def test_a_duplicate_run_id_is_a_clear_error_not_a_damaged_store(store):
+    _run(store, run_id="fixed-id")
+    with pytest.raises(StoreError, match="a run with id 'fixed-id' already exists"):
+        _run(store, run_id="fixed-id")

@@ -143,10 +143,14 @@ class RunStore:
         """SQLite's exceptions -> one-line StoreErrors (a malformed page is StoreDamaged, never a short read)."""
         try:
             yield
+        except sqlite3.IntegrityError:
+            raise                               # a constraint (e.g. a duplicate run id): the caller's to handle
         except sqlite3.OperationalError as exc:
             raise StoreError(f"cannot {what} run store: {describe_write_error(exc, self.db_path)}") from None
         except sqlite3.DatabaseError as exc:
-            raise damaged(self.db_path, str(exc)) from None
+            if any(word in str(exc).lower() for word in ("malformed", "corrupt", "not a database")):
+                raise damaged(self.db_path, str(exc)) from None
+            raise StoreError(f"cannot {what} run store {self.db_path}: {exc}") from None
 
     def _rows(self, sql: str, params: Iterable[Any] = ()) -> Rows:
         with self._read() as conn:

@@ -58,6 +58,13 @@ def json_default(value: Any) -> Any:
     return str(value)
 
 
+def _require_unique(keys: list, what: str) -> None:
+    # Checked here, on the caller's thread: a duplicate key would make every later commit of the batch fail.
+    if len(set(keys)) != len(keys):
+        duplicate = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"{what} {duplicate!r} appears twice")
+
+
 class _Batch:
     """What waits to be committed. Steps are keyed by step (a re-logged step replaces the row); `ops` are
     whole-table replacements and status changes, applied in the order they were asked for."""
@@ -203,6 +210,7 @@ class RunWriter:
                 features = json.dumps(features, default=json_default)
             records.append((self.run_id, str(row["layer"]), row.get("module_type"), scalar(row.get("bits")),
                             scalar(row.get("cluster")), scalar(row.get("n_params")), features, pos))
+        _require_unique([r[1] for r in records], "plan layer")
         self._enqueue(lambda batch: batch.ops.append(("plan", records)))
 
     def set_samples(self, rows: list[dict]) -> None:
@@ -221,6 +229,7 @@ class RunWriter:
             records.append((self.run_id, str(row.get("split", "train")), int(row["idx"]), scalar(row.get("cluster")),
                             scalar(row.get("x")), scalar(row.get("y")), row.get("text"),
                             scalar(row.get("n_tokens")), features))
+        _require_unique([(r[1], r[2]) for r in records], "sample (split, idx)")
         self._enqueue(lambda batch: batch.ops.append(("samples", records)))
 
     def set_artifact(self, kind: str, path: str | os.PathLike) -> None:
