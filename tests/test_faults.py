@@ -110,7 +110,10 @@ def reference(env, tmp_path_factory):
     store = RunStore(root, create=False)
     bits = {r["bits"] for r in store.read_plan(run_id)}
     assert 2.0 in bits and 1.58 in bits, bits               # the configuration the issue names: 2-bit layers
-    return outcome(root, run_id)
+    result = outcome(root, run_id)
+    result["checkpoint_bytes"] = (root / run_id / "checkpoint.pt").stat().st_size
+    result["store_bytes"] = sum(p.stat().st_size for p in root.glob("runs.db*"))
+    return result
 
 
 def resume_and_compare(env, runs_root, run_id, reference) -> dict:
@@ -190,9 +193,12 @@ def remount(path: Path, options: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True, capture_output=True)
 
 
-def test_disk_full_during_a_checkpoint_is_one_line_recorded_and_the_last_checkpoint_resumes(env, tmp_path):
-    # 16 MB: the first checkpoint (~10 MB) fits; the second cannot (its temporary file needs another ~10 MB).
-    with tmpfs(tmp_path / "small", "16m") as root:
+def test_disk_full_during_a_checkpoint_is_one_line_recorded_and_the_last_checkpoint_resumes(env, tmp_path,
+                                                                                          reference):
+    # Room for the store and 1.5 checkpoints: the first checkpoint fits; the second cannot (its temporary file
+    # needs another whole checkpoint while the first is kept). Sizes from the reference run of the same flags.
+    size_k = (reference["store_bytes"] + 3 * reference["checkpoint_bytes"] // 2) // 1024 + 1024
+    with tmpfs(tmp_path / "small", f"{size_k}k") as root:
         done = run_cli(env, root, *RUN_FLAGS)
         assert done.returncode == 1, done.stderr
         error = one_error_line(done.stderr)
