@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cli", action="store_true", help="also run distillation.py --max_steps 1 on each file")
     parser.add_argument("--max_tokens", type=int, help="pass --max_tokens to the preparation")
+    parser.add_argument("--threads", type=int, help="torch / OpenMP threads of the measured process (default: "
+                        "torch's, one per core; 1 is faster on a machine other jobs keep busy)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per measured process")
     parser.add_argument("--work", help="folder for files, caches and runs (default: a temporary folder, deleted)")
     parser.add_argument("--generate", type=float, metavar="MB", help="only write a text file of MB megabytes")
@@ -179,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or temporary.name)
     work.mkdir(parents=True, exist_ok=True)
     extra = {"max_tokens": args.max_tokens} if args.max_tokens else {}
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     print(f"# bench_data: preset {args.preset}, shape {args.shape}, seed {args.seed}, {os.cpu_count()} CPU cores, "
-          f"load {os.getloadavg()[0]:.2f}")
+          f"threads {args.threads or 'default'}, load {os.getloadavg()[0]:.2f}")
     try:
         for size in [float(s) for s in args.sizes.split(",")]:
             data = work / f"{args.shape}-{size:g}MB.txt"
