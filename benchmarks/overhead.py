@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import statistics
 
 import torch
 
@@ -65,8 +64,3 @@ def aux_net_cost(repeats: int = 200, rounds: int = 5) -> dict:
     predict = block(lambda: aux.predict(features))
     update = block(lambda: aux.update_with_feedback(features, hypergradient=0.1, rho=0.5))
     return {"predict_ms": predict * 1e3, "update_ms": update * 1e3, "total_ms": (predict + update) * 1e3}
-
-
-def median_or_nan(values) -> float:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else float("nan")

@@ -3,7 +3,7 @@
 `train(options)` of the pipeline rebuilds all of this for every run (tokenizer, packed windows, the teacher's
 cached top-k logits, TF-IDF + K-means clustering and its 2-D projection): seconds per run, which a 100-run
 benchmark on 2 CPU cores cannot pay. So the benchmark prepares it once, with the pipeline's own public functions
-and its caches, and `loop.py` runs each training job on it. `tests/test_benchmarks_smoke.py` checks that this
+and its caches, and `bench_hybrid.run` trains each job on it (the pipeline's `fit`). `tests/test_benchmarks_smoke.py` checks that this
 reproduces `train(options)` exactly (same validation loss), so the shortcut measures the pipeline itself.
 
 The data clustering (featurise + K-means, seeded by the run's seed as in the pipeline) is computed once per seed

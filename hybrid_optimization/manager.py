@@ -104,27 +104,6 @@ class HybridOptimizationManager:
         self.last_cluster_id = self.sampler.last_cluster
         return _index(training_data, indices)
 
-    # -- parameter clustering → precision --------------------------------------------------------------------------
-    def setup_parameter_clustering(self, model: nn.Module, loss_fn, batches, **kwargs):
-        """Per-layer sensitivity → K-means into `parameter_clusters` groups → bits per layer (a PrecisionPlan)."""
-        from .precision import build_precision_plan
-        if not self.config.use_clustering:
-            raise RuntimeError("parameter clustering is off (use_clustering=False)")
-        self.precision_plan = build_precision_plan(model, loss_fn, batches, n_clusters=self.config.parameter_clusters,
-                                                   budget=self.config.precision_budget, seed=self.config.seed,
-                                                   **kwargs)
-        return self.precision_plan
-
-    def prepare_model(self, model: nn.Module) -> dict[str, float]:
-        """Convert the model's Linear layers for quantization-aware training: the precision plan when one was made,
-        else `target_bits` everywhere (embeddings and output head stay full precision). No-op without quantization."""
-        if not self.config.use_quantization:
-            return {}
-        from .quantization import quantize_model
-        if self.precision_plan is not None:
-            return self.precision_plan.apply(model)
-        return quantize_model(model, self.config.target_bits, scale_factor=self.config.quantizer_scale)
-
     # -- optimisation -------------------------------------------------------------------------------------------------
     def build_optimizer(self, params) -> HybridOptimizer:
         self.optimizer = HybridOptimizer.from_config(params, self.config, aux_net=self._auxiliary_nn)

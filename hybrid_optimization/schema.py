@@ -38,6 +38,13 @@ ACTIVE_STATUSES = ("queued", "running")
 TERMINAL_STATUSES = ("finished", "failed", "stopped", "lost", "diverged")
 
 
+def default_runs_root():
+    """`$HYBRID_RUNS_ROOT` if set, else `~/.cache/hybrid-workbench/runs` (a pathlib.Path)."""
+    from pathlib import Path
+    env = os.environ.get("HYBRID_RUNS_ROOT")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "hybrid-workbench" / "runs"
+
+
 def preset_names() -> tuple[str, ...]:
     """The presets (defined with their data in distill/presets.py, which is torch-free)."""
     from .distill.presets import PRESETS
@@ -185,28 +192,30 @@ def _format(value: Any, fmt: str) -> str:
 
 
 # -- JSON --------------------------------------------------------------------------------------------------------------
-def to_jsonable(value: Any) -> Any:
+def to_jsonable(value: Any, nonfinite_as_text: bool = False) -> Any:
     """A plain JSON value (dict / list / str / int / float / bool / None) from numpy and torch scalars or arrays,
-    paths, enums, dataclasses, tuples and sets. Non-finite floats stay floats (json writes NaN / Infinity, which
-    json.loads reads back); anything else unknown becomes its str()."""
+    paths, enums, dataclasses, tuples and sets; anything else unknown becomes its str(). Non-finite floats stay
+    floats (json writes NaN / Infinity, which json.loads reads back), or become "nan" / "inf" / "-inf" with
+    `nonfinite_as_text` (strict JSON for other readers)."""
+    again = lambda v: to_jsonable(v, nonfinite_as_text)  # noqa: E731
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
         return int(value)
     if isinstance(value, float):
-        return float(value)
+        return str(value) if nonfinite_as_text and not math.isfinite(value) else float(value)
     if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
+        return {str(k): again(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in value]
+        return [again(v) for v in value]
     if isinstance(value, enum.Enum):
-        return to_jsonable(value.value)
+        return again(value.value)
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable({f.name: getattr(value, f.name) for f in fields(value)})
+        return again({f.name: getattr(value, f.name) for f in fields(value)})
     if hasattr(value, "tolist"):                       # numpy arrays and scalars, torch tensors
-        return to_jsonable(value.tolist())
+        return again(value.tolist())
     if hasattr(value, "item"):
-        return to_jsonable(value.item())
+        return again(value.item())
     return str(value)

@@ -19,7 +19,7 @@ FEATURE_NAMES = ("log_loss", "log_grad_norm", "cluster", "log_loss_trend", "log_
 class TrainingState:
     current_loss: float
     gradient_magnitude: float
-    cluster_id: int
+    cluster_id: int | None      # None: the batch has no cluster of its own (a mixed batch)
     loss_trend: float           # ratio of the short-term to the long-term loss average (< 1: the loss is falling)
     gradient_variance: float    # variance of the gradient norm over recent steps
     step_number: int
@@ -55,6 +55,8 @@ def _log(x: float) -> float:
 
 
 def _cluster_code(cluster_id: int | None, n_clusters: int | None) -> float:
+    # A batch without a cluster (mixed batches) is the midpoint 0 of the code range, not cluster 0 (which is -1
+    # when the number of clusters is known).
     if cluster_id is None:
         return 0.0
     if n_clusters and n_clusters > 1:
@@ -87,7 +89,7 @@ class TrainingStateTracker:
         state = TrainingState(
             current_loss=self.last_loss if self.last_loss is not None else float("nan"),
             gradient_magnitude=grad_norm,
-            cluster_id=cluster_id if cluster_id is not None else 0,
+            cluster_id=None if cluster_id is None else int(cluster_id),
             loss_trend=self.loss_trend(),
             gradient_variance=self.gradient_variance(),
             step_number=self.step,

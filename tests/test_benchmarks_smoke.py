@@ -1,8 +1,8 @@
 """CI smoke of the hybrid benchmark harness (issue 6): a tiny budget, one seed, and checks that the report has
 every row. The benchmark itself (benchmarks/bench_hybrid.py --quick / --full) is not a CI test.
 
-Also checks the harness's shortcut: its training loop (benchmarks/loop.py, on data prepared once) must give the
-same validation loss as the pipeline's own `train(options)`, so the benchmark measures the pipeline."""
+Also checks the harness's shortcut: its runs (bench_hybrid.run: the pipeline's own `fit` with a timing callback, on
+data prepared once) must give the same validation loss as the pipeline's own `train(options)`, so the benchmark measures the pipeline."""
 import csv
 import json
 import math
@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from benchmarks import stats
-from benchmarks.bench_hybrid import WORKLOADS, budget, main
-from benchmarks.loop import RunSpec, run
+from benchmarks.bench_hybrid import WORKLOADS, RunSpec, budget, main, run
 from benchmarks.methods import ALL, MAIN
 from benchmarks.workload import prepare
 from hybrid_optimization.distill import TrainOptions, train

@@ -142,7 +142,7 @@ def test_custom_optimizer_and_schedule_with_fixed_interval_validation(tmp_path):
     (["--preset", "huge"], "invalid choice: 'huge'"),
     (["--epochs", "two"], "invalid int value"),
     (["--batch_size", "0"], "--batch_size 0 is invalid"),
-    (["--bits", "3", "--qat"], "is not supported: use one of 1, 1.58, 2, 4, 8"),
+    (["--bits", "3", "--qat"], "--bits 3.0 is invalid: it must be one of 1, 1.58, 2, 4, 8, 16, 32"),
     (["--data", "/nonexistent/chats.jsonl"], "file does not exist"),
     (["--teacher", "/nonexistent/model"], "does not exist"),
     (["--resume", "no-such-run"], "no-such-run"),
@@ -237,3 +237,28 @@ def test_one_bit_qat_and_precision_budget(tmp_path):
     mixed = train(TrainOptions(hybrid=True, bits=2, precision_budget=1.8, max_steps=3, eval_windows=8, quiet=True,
                                runs_root=str(tmp_path)))
     assert mixed.plan.avg_bits <= 1.8 and len(set(mixed.plan.bit_map().values())) > 1
+
+
+def test_a_diverging_run_ends_as_diverged_with_the_step_and_exit_3(tmp_path, capsys):
+    """Issue 13: `--lr 1e30` used to end with validation loss NaN, status finished, exit 0."""
+    code = main(["--lr", "1e30", "--max_steps", "4", "--eval_windows", "8", "--quiet", "--runs_root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    (line,) = [text for text in err.splitlines() if text.startswith("error:")]
+    assert "diverged" in line and ("at step" in line or "from step" in line)
+    (run_id,) = runs(tmp_path)
+    run = RunStore(tmp_path).get_run(run_id)
+    assert run["status"] == "diverged" and "diverged" in run["error"] and run["summary"]["diverged"]
+
+
+def test_resume_with_export_of_a_finished_run_exports_without_training(tmp_path, capsys):
+    done = train(TrainOptions(ternary=True, qat=True, max_steps=3, eval_windows=8, quiet=True,
+                              runs_root=str(tmp_path)))
+    assert done.status == "finished" and done.export is None
+    assert main(["--resume", done.run_id, "--export", "--quiet", "--runs_root", str(tmp_path)]) == 0
+    run = RunStore(tmp_path).get_run(done.run_id)
+    assert run["status"] == "finished" and run["step"] == 3 and run["summary"]["total_steps"] == 3
+    assert Path(run["artifacts"]["export"]).is_file() and run["summary"]["compression_vs_fp32_linear"] > 10
+    steps = RunStore(tmp_path).read_steps(done.run_id)
+    assert steps["step"].tolist() == [1, 2, 3]                         # no step trained twice
+    assert main(["--resume", done.run_id, "--quiet", "--runs_root", str(tmp_path)]) == 2   # nothing to do

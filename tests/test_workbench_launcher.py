@@ -21,11 +21,14 @@ from workbench.launcher import LaunchError, LaunchOptions
 # ignore_stop: report running, then hang without polling the flag (only SIGTERM ends it);
 # bad_input: one line on stderr and exit 2, like the CLI on a bad flag.
 FAKE_CLI = textwrap.dedent("""
-    import argparse, os, sys, time
+    import argparse, json, os, sys, time
     from hybrid_optimization.tracking import RunStore
     p = argparse.ArgumentParser()
-    p.add_argument("--run_id"); p.add_argument("--resume"); p.add_argument("--runs_root")
+    p.add_argument("--run_id"); p.add_argument("--resume"); p.add_argument("--runs_root"); p.add_argument("--options")
     args, _ = p.parse_known_args()
+    if args.options:                      # what the launcher passes: the CLI's TrainOptions as JSON
+        options = json.load(open(args.options))
+        args.run_id, args.runs_root = options["run_id"], options["runs_root"]
     mode = os.environ.get("FAKE_MODE", "obedient")
     if mode == "bad_input":
         print("error: --data nope.jsonl: file does not exist", file=sys.stderr)
@@ -65,39 +68,36 @@ def _wait(predicate, timeout=20.0, every=0.05):
     return False
 
 
-# -- argv ------------------------------------------------------------------------------------------------------------
-def test_argv_is_a_list_built_from_config_and_options(tmp_path):
-    config = HybridTrainingConfig(max_steps=50, seed=3)
-    options = LaunchOptions(preset="tiny", tags=["a", "b"], alpha=0.3, student_size="small")
-    argv = launcher.build_argv(config, options, tmp_path / "config.json", "RID", tmp_path, python="PY",
-                               script=Path("/x/distillation.py"))
-    assert all(isinstance(a, str) for a in argv)
-    assert argv[:2] == ["PY", "/x/distillation.py"]
-    joined = " ".join(argv)
-    for piece in ("--preset tiny", f"--config {tmp_path / 'config.json'}", "--hybrid", "--qat --bits 1.58 --ternary",
-                  "--max_steps 50", "--seed 3", "--device auto", "--alpha 0.3", "--student_size small",
-                  "--tags a,b", "--export", "--save_metrics", f"--run_id RID --runs_root {tmp_path} --quiet"):
-        assert piece in joined, piece
-    assert "--epochs" not in argv and "--data" not in argv
-
-
-def test_argv_variants(tmp_path):
-    fp = HybridTrainingConfig(use_quantization=False)
-    argv = launcher.build_argv(fp, LaunchOptions(hybrid=False, epochs=3, nproc=2), tmp_path / "c.json", "R",
-                               tmp_path, python="PY", script=Path("d.py"))
+# -- options and argv --------------------------------------------------------------------------------------------------
+def test_the_cli_gets_one_argument_the_options_file(tmp_path):
+    argv = launcher.build_argv(tmp_path / "options.json", python="PY", script=Path("/x/distillation.py"))
+    assert argv == ["PY", "/x/distillation.py", f"--options={tmp_path / 'options.json'}"]
+    argv = launcher.build_argv(tmp_path / "o.json", nproc=2, python="PY", script=Path("d.py"))
     assert argv[:5] == ["PY", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    assert "--qat" not in argv and "--hybrid" not in argv and "--max_steps" not in argv
-    assert argv[argv.index("--epochs") + 1] == "3"
-    two_bit = launcher.build_argv(HybridTrainingConfig(target_bits=2), LaunchOptions(), tmp_path / "c.json", "R",
-                                  tmp_path)
-    assert "--bits" in two_bit and two_bit[two_bit.index("--bits") + 1] == "2" and "--ternary" not in two_bit
+
+
+def test_form_values_become_the_clis_train_options(tmp_path):
+    config = HybridTrainingConfig(max_steps=50, seed=3, eval_interval=7)
+    options = launcher.train_options(config, LaunchOptions(preset="tiny", tags=["a", "b"], alpha=0.3,
+                                                           student_size="small"), "RID", tmp_path, tmp_path / "c.json")
+    assert (options.hybrid, options.qat, options.ternary, options.bits) == (True, True, True, 1.58)
+    assert (options.max_steps, options.seed, options.alpha, options.student_size) == (50, 3, 0.3, "small")
+    assert (options.export, options.save_metrics, options.quiet) == ("packed", True, True)
+    assert (options.run_id, options.runs_root, options.tags) == ("RID", str(tmp_path), ["a", "b"])
+    # The form's "Evaluate every N steps" (config.eval_interval) is the run's evaluation cadence (issue 9, defect 3).
+    assert options.eval_every_steps == 7 and options.eval_every is None
+    full = launcher.train_options(HybridTrainingConfig(use_quantization=False), LaunchOptions(hybrid=False, epochs=3),
+                                  "R", tmp_path)
+    assert not full.qat and full.bits is None and not full.hybrid and full.max_steps is None and full.epochs == 3
+    two_bit = launcher.train_options(HybridTrainingConfig(target_bits=2), LaunchOptions(), "R", tmp_path)
+    assert two_bit.bits == 2 and not two_bit.ternary
 
 
 def test_option_errors_name_the_option(tmp_path):
     errors = launcher.option_errors(LaunchOptions(preset="huge", nproc=0, device="tpu", alpha=2.0,
                                                   data=str(tmp_path / "missing.jsonl")))
     assert set(errors) == {"preset", "nproc", "device", "alpha", "data"}
-    assert errors["preset"] == "preset = 'huge' is invalid: it must be one of tiny, smollm2"
+    assert errors["preset"] == "--preset 'huge' is invalid: it must be one of tiny, smollm2"   # the CLI's message
     assert "does not exist" in errors["data"]
     with pytest.raises(LaunchError, match="unknown launch option"):
         LaunchOptions.from_dict({"gpu": True})
@@ -124,11 +124,12 @@ def test_launch_creates_a_queued_record_and_starts_the_cli(store, monkeypatch):
     (argv, cwd, log_dir, env), = calls
     run = store.get_run(run_id)
     assert run["status"] == "queued" and run["pid"] == 424242 and run["tags"] == ["x"] and run["total_steps"] == 25
-    assert run["args"]["argv"] == argv and argv[0] == sys.executable
-    assert argv[argv.index("--run_id") + 1] == run_id and argv[argv.index("--runs_root") + 1] == str(store.root)
-    assert "--quiet" in argv and cwd == launcher.REPO_ROOT and log_dir == store.root / run_id
+    assert run["args"]["argv"] == argv and argv[0] == sys.executable and len(argv) == 3
+    assert argv[2].startswith("--options=") and cwd == launcher.REPO_ROOT and log_dir == store.root / run_id
     assert env["HYBRID_RUNS_ROOT"] == str(store.root) and env["HF_HUB_OFFLINE"] == "1"
-    written = json.loads(Path(argv[argv.index("--config") + 1]).read_text())
+    options = json.loads(Path(argv[2].split("=", 1)[1]).read_text())
+    assert options["run_id"] == run_id and options["runs_root"] == str(store.root) and options["quiet"]
+    written = json.loads(Path(options["config"]).read_text())
     assert written == HybridTrainingConfig(max_steps=25, base_learning_rate=5e-4).to_dict()
     launcher._CHILDREN.clear()
 
@@ -138,7 +139,7 @@ def test_a_bad_config_or_option_starts_nothing(store, monkeypatch):
     with pytest.raises(ConfigError) as info:
         launcher.launch(store, {"initial_trust_radius": 5.0}, {})
     assert str(info.value) == field_error("initial_trust_radius", 5.0)
-    with pytest.raises(LaunchError, match="device = 'tpu'"):
+    with pytest.raises(LaunchError, match="--device 'tpu'"):
         launcher.launch(store, {}, {"device": "tpu"})
     with pytest.raises(LaunchError, match="training CLI .* is missing"):
         launcher.launch(store, {}, {}, script=Path("/nonexistent/distillation.py"))
@@ -175,7 +176,7 @@ def test_sigterm_fallback_and_resume(store, fake_cli, monkeypatch):
     run = store.get_run(run_id)
     assert new_pid != pid and run["pid"] == new_pid and run["status"] in ("queued", "running")
     cmdline = Path(f"/proc/{new_pid}/cmdline").read_bytes().split(b"\0")
-    assert [b"--resume", run_id.encode()] == cmdline[cmdline.index(b"--resume"):cmdline.index(b"--resume") + 2]
+    assert f"--resume={run_id}".encode() in cmdline
     assert _wait(lambda: store.get_run(run_id)["status"] == "running")
     launcher.stop(store, run_id)
     assert _wait(lambda: store.get_run(run_id)["status"] == "stopped")
@@ -238,3 +239,17 @@ def test_data_files_are_checked_by_the_pipelines_reader(tmp_path):
         datasets.validate_data_file(bad)
     with pytest.raises(datasets.DataFileError, match="does not exist"):
         datasets.validate_data_file(tmp_path / "nope.txt")
+
+
+def test_a_run_name_or_tag_beginning_with_a_dash_is_never_read_as_a_flag(store, tmp_path, monkeypatch):
+    """Issue 13, item 6: the launcher's options file reaches the real CLI's parser with every value intact."""
+    from hybrid_optimization.distill.cli import parse_options
+    calls = []
+    monkeypatch.setattr(launcher, "start_process", lambda argv, *a: calls.append(argv) or type("P", (), {
+        "pid": 424243, "poll": lambda self: None})())
+    launcher.launch(store, {"max_steps": 5}, {"run_name": "--help", "tags": ["-x", "--lr"]})
+    (argv,) = calls
+    options = parse_options(argv[2:])
+    assert options.run_name == "--help" and options.tags == ["-x", "--lr"] and options.max_steps == 5
+    assert options.errors() == {}
+    launcher._CHILDREN.clear()

@@ -1,11 +1,13 @@
 """Start, stop and resume training runs as background processes of the pipeline's CLI (distillation.py).
 
-The app never trains and never touches CUDA: a launch validates the config (the core's own validation), creates
-the run record (status queued) in the store, writes the config next to the run, and starts
+The app never trains and never touches CUDA: a launch turns the form's values into the CLI's own TrainOptions
+(torch-free, validated by the same code as the CLI's flags), creates the run record (status queued) in the store,
+writes the config and the options next to the run, and starts
 
-    sys.executable distillation.py --config <run_dir>/config.json ... --run_id ID --runs_root ROOT --quiet
+    sys.executable distillation.py --options=<run_dir>/options.json
 
-as an argument list (never a shell string) in its own session / process group, stdout and stderr going to
+as an argument list (never a shell string; the only argument is the file, so nothing a user typed — a run name or
+a tag beginning with "-" — can be read as a flag) in its own session / process group, stdout and stderr going to
 files in the run folder. It returns at once; the trainer reports through the store. Because the child has its
 own session, it survives an app restart, and the app finds it again in the store.
 
@@ -26,19 +28,20 @@ from pathlib import Path
 from typing import Any
 
 from hybrid_optimization.config import HybridTrainingConfig
+from hybrid_optimization.distill.options import TrainOptions
+from hybrid_optimization.distill.presets import PRESETS as _PRESETS
+from hybrid_optimization.distill.presets import STUDENT_SIZES as _STUDENT_SIZES
+from hybrid_optimization.schema import CLUSTER_BATCHES, DEVICES, EMBEDDERS  # noqa: F401  (the form's choices)
 from hybrid_optimization.tracking import ACTIVE_STATUSES, RunStore, StoreError, pid_alive
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DISTILLATION_SCRIPT = REPO_ROOT / "distillation.py"
-# The CLI's own choices (CLI.md); it validates them again and exits 2 on bad input.
-PRESETS = ("tiny", "smollm2")
-STUDENT_SIZES = ("tiny", "small", "base")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-EMBEDDERS = ("tfidf", "minilm")
-CLUSTER_BATCHES = ("mixed", "single")
+# The form's choices are the CLI's own (defined once in the core).
+PRESETS = tuple(_PRESETS)
+STUDENT_SIZES = tuple(_STUDENT_SIZES)
 DATA_SUFFIXES = (".txt", ".jsonl")
 STOP_GRACE_S = 30.0
-STDOUT_NAME, STDERR_NAME, CONFIG_NAME = "stdout.log", "stderr.log", "config.json"
+STDOUT_NAME, STDERR_NAME, CONFIG_NAME, OPTIONS_NAME = "stdout.log", "stderr.log", "config.json", "options.json"
 
 
 class LaunchError(ValueError):
@@ -51,7 +54,8 @@ class LaunchError(ValueError):
 
 @dataclass
 class LaunchOptions:
-    """The pipeline's options that are not HybridTrainingConfig fields (CLI.md)."""
+    """The form's pipeline options that are not HybridTrainingConfig fields (`train_options` maps them, with the
+    config, onto the CLI's TrainOptions)."""
     preset: str = "tiny"
     hybrid: bool = True                 # False: the AdamW baseline at constant LR (no --hybrid)
     data: str | None = None             # .txt or chat .jsonl; None: chatterbot-corpus
@@ -83,34 +87,11 @@ class LaunchOptions:
 
 
 def option_errors(options: LaunchOptions) -> dict[str, str]:
-    """Every invalid launch option -> its message (empty when all are valid)."""
+    """Every invalid launch option -> its message (empty when all are valid): the launcher's own (process count,
+    data file type, teacher folder), then TrainOptions' (the CLI's messages, one definition)."""
     errors: dict[str, str] = {}
-
-    def choice(name: str, value: Any, allowed: tuple, optional: bool = False) -> None:
-        if not (value in allowed or (optional and value is None)):
-            errors[name] = f"{name} = {value!r} is invalid: it must be one of {', '.join(allowed)}"
-
-    def positive_int(name: str, value: Any, optional: bool = True) -> None:
-        if value is None and optional:
-            return
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            errors[name] = f"{name} = {value!r} is invalid: it must be an integer ≥ 1" + (" or empty" if optional else "")
-
-    def positive_float(name: str, value: Any) -> None:
-        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
-            errors[name] = f"{name} = {value!r} is invalid: it must be a number > 0 or empty"
-
-    choice("preset", options.preset, PRESETS)
-    choice("student_size", options.student_size, STUDENT_SIZES, optional=True)
-    choice("device", options.device, DEVICES)
-    choice("embedder", options.embedder, EMBEDDERS)
-    choice("cluster_batches", options.cluster_batches, CLUSTER_BATCHES)
-    positive_int("epochs", options.epochs)
-    positive_int("seq_len", options.seq_len)
-    positive_int("nproc", options.nproc, optional=False)
-    positive_float("temperature", options.temperature)
-    if options.alpha is not None and not (isinstance(options.alpha, (int, float)) and 0 <= options.alpha <= 1):
-        errors["alpha"] = f"alpha = {options.alpha!r} is invalid: it must be a number in [0, 1] or empty"
+    if not isinstance(options.nproc, int) or isinstance(options.nproc, bool) or options.nproc < 1:
+        errors["nproc"] = f"nproc = {options.nproc!r} is invalid: it must be an integer ≥ 1"
     if options.data:
         path = Path(options.data).expanduser()
         if path.suffix.lower() not in DATA_SUFFIXES:
@@ -119,10 +100,40 @@ def option_errors(options: LaunchOptions) -> dict[str, str]:
             errors["data"] = f"data file {path} does not exist"
     if options.teacher and not Path(options.teacher).expanduser().is_dir():
         errors["teacher"] = f"teacher {options.teacher} is not a folder (a local Hugging Face causal-LM directory)"
-    for tag in options.tags:
-        if "," in tag or not tag.strip():
-            errors["tags"] = f"tag {tag!r} is invalid: tags are non-empty and contain no comma"
+    for name, message in train_options(HybridTrainingConfig(), options, "check", Path("runs")).errors().items():
+        errors.setdefault(name, message)
     return errors
+
+
+def train_options(config: HybridTrainingConfig, options: LaunchOptions, run_id: str, runs_root: Path,
+                  config_path: Path | None = None) -> TrainOptions:
+    """The CLI's TrainOptions for a new run. Config fields travel in the --config file; four are options of their
+    own because the CLI derives them from options, not the file: quantization (qat + bits; none = full-precision
+    student), the length (max_steps, unless epochs are given), the seed, and the evaluation cadence (the config's
+    eval_interval = evaluate every N steps, instead of the CLI's default of every epoch)."""
+    defaults = TrainOptions()
+    quantized = bool(config.use_quantization)
+    return TrainOptions(
+        hybrid=options.hybrid, qat=quantized, ternary=quantized and config.target_bits == 1.58,
+        bits=config.target_bits if quantized else None,
+        epochs=options.epochs if options.epochs is not None else defaults.epochs,
+        max_steps=None if options.epochs is not None else config.max_steps, seed=config.seed,
+        eval_every=None, eval_every_steps=config.eval_interval,
+        config=str(config_path) if config_path is not None else None, preset=options.preset, data=options.data or None,
+        teacher=options.teacher or None, student_size=options.student_size, seq_len=options.seq_len,
+        device=options.device, embedder=options.embedder, cluster_batches=options.cluster_batches,
+        alpha=options.alpha if options.alpha is not None else defaults.alpha,
+        temperature=options.temperature if options.temperature is not None else defaults.temperature,
+        export="packed" if options.export else None, save_metrics=options.save_metrics,
+        run_name=options.run_name or None, tags=list(options.tags), run_id=run_id, runs_root=str(runs_root),
+        quiet=True)
+
+
+def build_argv(options_path: Path, nproc: int = 1, script: Path = DISTILLATION_SCRIPT,
+               python: str = sys.executable) -> list[str]:
+    """The CLI's argument list: the interpreter (through torchrun for several processes), the script and the
+    options file, in the `--flag=VALUE` form."""
+    return [*cli_prefix(nproc, script, python), f"--options={options_path}"]
 
 
 def cli_prefix(nproc: int, script: Path = DISTILLATION_SCRIPT, python: str = sys.executable) -> list[str]:
@@ -130,39 +141,6 @@ def cli_prefix(nproc: int, script: Path = DISTILLATION_SCRIPT, python: str = sys
     if nproc > 1:
         return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
     return [python, str(script)]
-
-
-def build_argv(config: HybridTrainingConfig, options: LaunchOptions, config_path: Path, run_id: str,
-               runs_root: Path, script: Path = DISTILLATION_SCRIPT, python: str = sys.executable) -> list[str]:
-    """The CLI's argument list for a new run. Config fields travel in --config; the pipeline's own options as
-    flags. Three config fields are repeated as flags because the CLI derives them from flags, not the file:
-    quantization (--qat --bits B; no flag = full-precision student), the length (--max_steps, unless epochs are
-    given) and --seed."""
-    argv = cli_prefix(options.nproc, script, python)
-    argv += ["--preset", options.preset, "--config", str(config_path)]
-    if options.hybrid:
-        argv += ["--hybrid", "--cluster_batches", options.cluster_batches]
-    if config.use_quantization:
-        argv += ["--qat", "--bits", f"{config.target_bits:g}"]
-        if config.target_bits == 1.58:
-            argv.append("--ternary")
-    if options.epochs is None:
-        argv += ["--max_steps", str(config.max_steps)]
-    argv += ["--seed", str(config.seed), "--device", options.device, "--embedder", options.embedder]
-    for flag, value in (("--data", options.data), ("--teacher", options.teacher),
-                        ("--student_size", options.student_size), ("--epochs", options.epochs),
-                        ("--seq_len", options.seq_len), ("--alpha", options.alpha),
-                        ("--temperature", options.temperature), ("--run_name", options.run_name)):
-        if value not in (None, ""):
-            argv += [flag, str(value)]
-    if options.tags:
-        argv += ["--tags", ",".join(options.tags)]
-    if options.export:
-        argv.append("--export")
-    if options.save_metrics:
-        argv.append("--save_metrics")
-    argv += ["--run_id", run_id, "--runs_root", str(runs_root), "--quiet"]
-    return argv
 
 
 # -- processes ------------------------------------------------------------------------------------------------------
@@ -219,7 +197,10 @@ def launch(store: RunStore, config: HybridTrainingConfig | dict, options: Launch
     run_dir = store.run_dir(run_id)
     config_path = run_dir / CONFIG_NAME
     config_path.write_text(config.to_json())
-    argv = build_argv(config, options, config_path, run_id, store.root, script)
+    train = train_options(config, options, run_id, store.root, config_path)
+    options_path = run_dir / OPTIONS_NAME
+    options_path.write_text(train.to_json())
+    argv = build_argv(options_path, options.nproc, script)
     store.update_run(run_id, args={"argv": argv, "options": options.to_dict()})
     _spawn(store, run_id, argv)
     return run_id
@@ -235,8 +216,7 @@ def resume(store: RunStore, run_id: str, script: Path = DISTILLATION_SCRIPT) -> 
     # The trainer records its world size in the run's config; a run that never reported has the launcher's options.
     options = (run.get("args") or {}).get("options", {}) if isinstance(run.get("args"), dict) else {}
     nproc = (run.get("config") or {}).get("world_size") or options.get("nproc") or 1
-    argv = cli_prefix(int(nproc), script)
-    argv += ["--resume", run_id, "--runs_root", str(store.root), "--quiet"]
+    argv = [*cli_prefix(int(nproc), script), f"--resume={run_id}", f"--runs_root={store.root}", "--quiet"]
     store.set_status(run_id, "queued")
     return _spawn(store, run_id, argv).pid
 
@@ -333,8 +313,3 @@ def stderr_tail(store: RunStore, run_id: str, max_bytes: int = 8000) -> str:
             return handle.read().decode(errors="replace").strip()
     except OSError:
         return ""
-
-
-def running_children() -> list[str]:
-    with _CHILDREN_LOCK:
-        return [run_id for proc, _, run_id in _CHILDREN.values() if proc.poll() is None]

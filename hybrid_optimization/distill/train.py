@@ -1,13 +1,14 @@
-"""The distillation run: prepare → open the run record → set up → train → finish. `train(options)` is the API.
+"""The distillation run: prepare → open the run record → set up → fit → finish. `train(options)` is the API.
 
     prepare   read and check everything a user can get wrong (flags, data, teacher path, a resumed checkpoint)
               before anything starts: bad input raises a clear error and creates no run record.
     open      create the run record in the run store (or take the launcher's / the resumed one), status running.
-    setup     teacher logits (cached per dataset), data clustering, the student, the sampler, the optimizer.
-    fit       the training loop: distillation loss → backward → optimizer step (HybridOptimizer with the batch
-              loss and cluster id, or AdamW), per-step metrics to the store, per-epoch lines, evaluations,
-              checkpoints, and the stop checks (store flag, SIGTERM/SIGINT, `stop_after_steps`).
-    finish    the summary (the guide's HYBRID OPTIMIZATION SUMMARY), metrics CSV, export, status finished.
+    setup     teacher logits (cached per dataset), data clustering, the student, the sampler, the optimizer:
+              together the TrainState (loop.py), restored from the checkpoint when resuming.
+    fit       loop.fit with the pipeline's callbacks (callbacks.py): precision-plan switch, quantization
+              diagnostics, store logging, console, evaluation, divergence guard, stop requests, checkpoints.
+    finish    the RunSummary (schema.py; the guide's summary block), metrics CSV, export; status finished,
+              stopped or diverged.
 
 With --hybrid the precision plan (parameter clustering) is made after a warm-up of 10 % of the steps, when the
 weights carry some signal; until then every Linear layer trains at the target bits. Its default average-bits
@@ -24,7 +25,6 @@ import math
 import os
 import resource
 import signal
-import sys
 import threading
 import time
 import traceback
@@ -41,17 +41,19 @@ from ..config import ConfigError, HybridTrainingConfig
 from ..featurize import make_featurizer, project_2d
 from ..optim import HybridOptimizer
 from ..precision import build_precision_plan
-from ..quantization import (SUPPORTED_BITS, CodeFlipTracker, QuantizedExportError, layer_quantization_report,
-                            quantize_model, quantized_layers)
+from ..quantization import SUPPORTED_BITS, CodeFlipTracker, QuantizedExportError
+from ..schema import RunSummary, metrics_csv_header, render_summary
 from ..tracking import RunNotFound, RunStore, StoreError, pid_alive
+from .callbacks import (Checkpointing, Console, DivergenceGuard, Evaluation, PrecisionPlanSwitch,
+                        QuantizationDiagnostics, StopRequests, StoreLogging, divergence)
 from .checkpoint import FILENAME as CHECKPOINT_NAME
-from .checkpoint import (CheckpointError, CheckpointWriteError, load_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint
 from .data import (SUBSET_MIN_WINDOWS, DataError, Dataset, build_dataset, documents_fingerprint, load_documents,
                    make_progress, preparation_estimate, train_windows_budget)
 from .evaluate import evaluate
 from .losses import distillation_loss
-from .options import RESUME_OVERRIDABLE, OptionsError, TrainOptions
+from .loop import TrainData, TrainState, fit, quantize_student, set_optimizer_mode
+from .options import MAX_STEPS, RESUME_OVERRIDABLE, OptionsError, TrainOptions
 from .samplers import ShuffleBatchSampler
 from .student import StudentConfig, StudentLM
 from .teacher import EXPECTED_TOKENS_PER_S, TeacherError, load_teacher, smollm2_gguf_path, teacher_topk_cache
@@ -62,6 +64,7 @@ BAD_INPUT_ERRORS = (OptionsError, ConfigError, DataError, TeacherError, Checkpoi
                     QuantizedExportError, StoreError)
 PLAN_WARMUP_FRACTION = 0.1
 CHECKPOINT_EVERY_S = 30.0
+DIVERGENCE_PATIENCE = 20        # consecutive non-finite losses that end a run as diverged
 SAMPLE_ROWS_MAX = 5000          # samples stored for the cluster plot
 
 
@@ -72,7 +75,7 @@ class RunResumeError(OptionsError):
 @dataclass
 class TrainResult:
     """What `train` returns: enough for notebooks and benchmarks without reading the store."""
-    status: str                               # finished | stopped
+    status: str                               # finished | stopped | diverged
     run_id: str | None
     run_dir: Path | None
     steps: int                                # optimizer steps completed in total
@@ -92,11 +95,14 @@ class TrainResult:
     train_peak_rss_mb: float | None = None    # during the training loop only (Linux)
     cuda_peak_mb: float | None = None
     stop_signal: int | None = None
+    diverged: str | None = None               # why, naming the step (status diverged)
 
     @property
     def exit_code(self) -> int:
         if self.status == "finished":
             return 0
+        if self.status == "diverged":
+            return 3
         return 130 if self.stop_signal == signal.SIGINT else 143
 
 
@@ -141,15 +147,6 @@ def precision_ladder_for(target_bits: float, n_groups: int) -> tuple[float, ...]
     return (up, *([float(target_bits)] * (n_groups - 2)), down)
 
 
-def quantize_student(student, bits, scale_factor: float) -> None:
-    """Quantize the student's Linear layers (one bit-width or a bit map). k-bit layers search their MSE clipping
-    ratio at every training step (not every 16th): the ratio then depends only on the current weights, so a
-    resumed run and a run with extra evaluations follow exactly the same trajectory."""
-    quantize_model(student, bits, scale_factor=scale_factor)
-    for layer in quantized_layers(student).values():
-        layer.scale_search_interval = 1
-
-
 def make_precision_plan(student, tokens, values, indices, cfg, bits: float, batch_size: int, alpha: float,
                         temperature: float, device):
     """Parameter clustering → a PrecisionPlan for `student` (the pipeline's and the benchmark's one recipe).
@@ -179,11 +176,9 @@ class Trainer:
         self.run_dir: Path | None = None
         self.checkpoint: dict | None = None
         self.stop_signal: int | None = None
-        self.history: list[dict] = []
-        self.evals: list[dict] = []
-        self.plan = None
-        self.bit_map = None
-        self.bar = None
+        self.console: Console | None = None
+        self.export_only = False
+        self.state: TrainState | None = None
         self._old_handlers: dict = {}
 
     # ================================================================================================ run ======
@@ -214,8 +209,8 @@ class Trainer:
                 raise
         finally:
             self._restore_signal_handlers()
-            if self.bar is not None:
-                self.bar.close()
+            if self.console is not None:
+                self.console.on_fit_end(self.state)
             if self.writer is not None:
                 self.writer.close()
             dist_utils.cleanup(self.ctx)
@@ -265,6 +260,9 @@ class Trainer:
         self.steps_per_epoch = opts.steps_per_epoch or self.preset.steps_per_epoch or math.ceil(n_train /
                                                                                                  self.batch_size)
         self.total_steps = opts.max_steps if opts.max_steps else opts.epochs * self.steps_per_epoch
+        if self.total_steps > MAX_STEPS:
+            raise OptionsError(f"--epochs {opts.epochs} × {self.steps_per_epoch} steps per epoch = "
+                               f"{self.total_steps:,} steps, more than the limit of {MAX_STEPS:,}")
         self.n_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.cfg = opts.hybrid_training_config(total_steps=self.total_steps)
         self.bits = opts.resolved_bits()
@@ -279,7 +277,8 @@ class Trainer:
         if opts.resume is not None:
             self.checkpoint = load_checkpoint(self._resume_dir / CHECKPOINT_NAME, self._fingerprint())
             done = int(self.checkpoint["step"])
-            if done >= self.total_steps:
+            self.export_only = done >= self.total_steps and bool(opts.export)
+            if done >= self.total_steps and not self.export_only:
                 raise RunResumeError(f"run {opts.resume} already completed {done} of {self.total_steps} steps; "
                                      "pass a larger --max_steps or --epochs to train it further")
 
@@ -424,38 +423,46 @@ class Trainer:
         np.random.seed(cfg.seed)
         self.student = StudentLM(self.student_config).to(self.device)
         if self.bits < 16:
-            self._quantize(self.bits)
-        self.model = self.student
+            quantize_student(self.student, self.bits, cfg.quantizer_scale)
+        forward = None
         if self.ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel
-            self.model = DistributedDataParallel(
+            forward = DistributedDataParallel(
                 self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         # 5. Batches: cluster-balanced for the hybrid, uniformly shuffled otherwise.
-        self.single_cluster_batches = self.data_clustering and opts.cluster_batches == "single"
         if self.data_clustering:
-            self.sampler = ClusterBalancedSampler(self.train_clusters, self.batch_size,
-                                                  max_repeats=cfg.max_sample_repeats, seed=cfg.seed,
-                                                  mixed=opts.cluster_batches == "mixed")
+            sampler = ClusterBalancedSampler(self.train_clusters, self.batch_size, max_repeats=cfg.max_sample_repeats,
+                                             seed=cfg.seed, mixed=opts.cluster_batches == "mixed")
         else:
-            self.sampler = ShuffleBatchSampler(len(self.dataset.train), self.batch_size, seed=cfg.seed)
+            sampler = ShuffleBatchSampler(len(self.dataset.train), self.batch_size, seed=cfg.seed)
         # 6. The optimizer.
-        self.scheduler = None
+        scheduler = None
         if opts.optimizer_factory is not None:
             made = opts.optimizer_factory(self.student, opts)
-            self.optimizer, self.scheduler = made if isinstance(made, tuple) else (made, None)
+            optimizer, scheduler = made if isinstance(made, tuple) else (made, None)
         elif opts.hybrid:
-            self.optimizer = HybridOptimizer.from_config(self.student.parameters(), cfg, quantization_bits=None,
-                                                         n_clusters=self.n_clusters if self.data_clustering else None)
+            optimizer = HybridOptimizer.from_config(self.student.parameters(), cfg, quantization_bits=None,
+                                                    n_clusters=self.n_clusters if self.data_clustering else None)
         else:
-            self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.base_learning_rate,
-                                               betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-        self.is_hybrid_optimizer = isinstance(self.optimizer, HybridOptimizer)
-        self._set_optimizer_mode("train")
-        self.flip_tracker = CodeFlipTracker() if self.bits < 16 else None
-        self.plan_step = max(1, round(PLAN_WARMUP_FRACTION * self.total_steps)) if self.param_clustering else None
-        self.start_step = 0
+            optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.base_learning_rate, betas=(0.9, 0.999),
+                                          weight_decay=cfg.weight_decay)
+        set_optimizer_mode(optimizer, "train")
+        # 7. The TrainState: what the loop changes and the checkpoint saves.
+        self.state = TrainState(
+            model=self.student, optimizer=optimizer, sampler=sampler, scheduler=scheduler, forward=forward,
+            data=TrainData(self.dataset.train.tokens, self.logits.train_values, self.logits.train_indices),
+            total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch, alpha=opts.alpha,
+            temperature=opts.temperature, device=self.device, ctx=self.ctx,
+            batch_clusters=self.data_clustering and opts.cluster_batches == "single",
+            quantizer_scale=cfg.quantizer_scale, fingerprint=self._fingerprint(),
+            flip_tracker=CodeFlipTracker() if self.bits < 16 else None,
+            clusters={"train": torch.from_numpy(self.train_clusters), "val": self.val_clusters.clone()})
         if self.checkpoint is not None:
-            self._restore(self.checkpoint)
+            try:
+                self.state.load_state_dict(self.checkpoint)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise CheckpointError(f"checkpoint of run {self.options.resume} does not fit this run: "
+                                      f"{str(exc).splitlines()[0][:300]}") from None
         self._announce()
 
     def _cluster_samples(self) -> dict:
@@ -502,343 +509,165 @@ class Trainer:
             clusters = self.n_clusters if self.data_clustering else 0
             self.say(f"Initialized hybrid optimization with {clusters} data clusters and {aux}")
         elif opts.optimizer_factory is not None:
-            self.say(f"Initialized custom optimizer {type(self.optimizer).__name__}")
+            self.say(f"Initialized custom optimizer {type(self.state.optimizer).__name__}")
         else:
             self.say(f"Initialized baseline AdamW at constant LR {cfg.base_learning_rate:g}")
-        if self.start_step:
-            self.say(f"Resuming at step {self.start_step} of {self.total_steps}")
+        if self.export_only:
+            self.say(f"Run {opts.resume} already completed {self.state.step} steps: exporting it without training")
+        elif self.state.step:
+            self.say(f"Resuming at step {self.state.step} of {self.total_steps}")
 
     # ================================================================================================ fit ======
     def fit(self) -> None:
-        opts, cfg = self.options, self.cfg
-        train_tokens = self.dataset.train.tokens
-        values, indices = self.logits.train_values, self.logits.train_indices
-        tokens_per_step = self.batch_size * self.seq_len
         reset_peak_rss()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.train_started = time.perf_counter()
-        self.train_seconds_before = float(self.checkpoint["train_seconds"]) if self.checkpoint else 0.0
-        show_bar = self.is_main and opts.progress and not opts.quiet
-        if show_bar:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=self.total_steps, initial=self.start_step, unit="step", dynamic_ncols=True,
-                            file=sys.stderr, leave=False)
-        # The current epoch's rows (a resumed run continues an epoch it started before the stop).
-        epoch_rows = [h for h in self.history if h["epoch"] == self.start_step // self.steps_per_epoch]
-        self._last_checkpoint_time = time.monotonic()
-        tokens_ema = None
-        self.stopped = False
-        for step in range(self.start_step, self.total_steps):
-            step_start = time.perf_counter()
-            epoch = step // self.steps_per_epoch
-            if self.plan_step is not None and step == self.plan_step and self.bit_map is None:
-                self._make_plan()
-            batch_index = self.sampler.next_batch()
-            # The batch's cluster, for the store and the optimizer's cluster feature — only when the batch is one
-            # cluster's (a mixed batch has an equal share of every cluster, hence no cluster of its own).
-            cluster_id = int(self.sampler.last_cluster) if self.single_cluster_batches else None
-            local = torch.from_numpy(np.asarray(dist_utils.shard(batch_index, self.ctx), dtype=np.int64))
-            batch = train_tokens[local].to(self.device)
-            logits = self.model(batch[:, :-1])
-            loss, parts = distillation_loss(logits, batch[:, 1:], values[local].to(self.device),
-                                            indices[local].to(self.device), opts.alpha, opts.temperature)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            loss_value = dist_utils.all_reduce_mean(float(loss.detach()), self.ctx, self.device)
-            row = self._optimizer_step(loss_value, cluster_id)
-            if self.scheduler is not None:
-                self.scheduler.step()
-            # Diagnostics of the quantized weights.
-            flips = self.flip_tracker.update(self.student) if self.flip_tracker is not None else {}
-            if flips:
-                n = {name: m.weight.numel() for name, m in self.student.named_modules() if name in flips}
-                row["flip_rate"] = sum(flips[k] * n[k] for k in flips) / sum(n.values())
-            done = step + 1
-            if self.bits < 16 and (done % cfg.log_interval == 0 or done == self.total_steps):
-                row["quantization_error"] = self._log_layers(done, flips)
-            seconds = time.perf_counter() - step_start
-            tokens_per_s = tokens_per_step / max(seconds, 1e-9)
-            tokens_ema = tokens_per_s if tokens_ema is None else 0.9 * tokens_ema + 0.1 * tokens_per_s
-            row.update(step=done, epoch=epoch, loss=loss_value, ce=float(parts["ce"]), kl=float(parts["kl"]),
-                       tokens_per_s=tokens_per_s, cluster_id=cluster_id,
-                       time=self.train_seconds_before + time.perf_counter() - self.train_started)
-            self.history.append(row)
-            epoch_rows.append(row)
-            if self.writer is not None:
-                self.writer.log_step(done, **{k: row.get(k) for k in _STORE_STEP_COLUMNS})
-                self.writer.heartbeat()
-            if self.bar is not None:
-                self.bar.update(1)
-                self.bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_ema:,.0f}", refresh=False)
-            # Evaluation, epoch boundary, stop checks.
-            end_of_epoch = done % self.steps_per_epoch == 0 or done == self.total_steps
-            evaluated = False
-            if opts.eval_every_steps and done % opts.eval_every_steps == 0:
-                self._evaluate(done)
-                evaluated = True
-            if end_of_epoch:
-                self._epoch_line(epoch, epoch_rows)
-                epoch_rows = []
-                if not evaluated and ((epoch + 1) % opts.eval_every == 0 or done == self.total_steps):
-                    self._evaluate(done)
-                # Checkpoints at epoch ends, at most one per CHECKPOINT_EVERY_S (a crash loses less than that),
-                # and always at the end; a stop writes its own below.
-                every_s = CHECKPOINT_EVERY_S if opts.checkpoint_every_s is None else opts.checkpoint_every_s
-                if done == self.total_steps or time.monotonic() - self._last_checkpoint_time >= every_s:
-                    self._save_checkpoint(done)
-            if self._should_stop(done) and done < self.total_steps:
-                self.stopped = True
-                self._save_checkpoint(done)
-                self.say(f"Stop requested: checkpoint saved at step {done} of {self.total_steps}")
-                break
-        self.train_seconds = self.train_seconds_before + time.perf_counter() - self.train_started
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        fit(self.state, self.total_steps, self.callbacks())
+        self.stopped = self.state.stop_reason == "stop requested"
+        if self.stopped:
+            self.say(f"Stop requested: checkpoint saved at step {self.state.step} of {self.total_steps}")
 
-    def _optimizer_step(self, loss_value: float, cluster_id: int | None) -> dict:
-        if self.is_hybrid_optimizer:
-            info = self.optimizer.step(loss=loss_value, cluster_id=cluster_id)
-            radius = info.trust_radius if math.isfinite(info.trust_radius) else None
-            return {"learning_rate": info.learning_rate, "lr_multiplier": info.lr_multiplier,
-                    "trust_radius": radius, "constraint_active": bool(info.constraint_active),
-                    "update_magnitude": info.update_magnitude, "gradient_magnitude": info.gradient_magnitude,
-                    "skipped": bool(info.skipped)}
-        # A plain torch optimizer: measure what it did so the same curves exist for the baseline.
-        params = [p for p in self.student.parameters() if p.grad is not None]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params]))))
-        before = [p.detach().clone() for p in params]
-        self.optimizer.step()
-        update = float(torch.linalg.vector_norm(torch.stack(
-            torch._foreach_norm(torch._foreach_sub([p.detach() for p in params], before)))))
-        return {"learning_rate": float(self.optimizer.param_groups[0]["lr"]), "lr_multiplier": 1.0,
-                "trust_radius": None, "constraint_active": None, "update_magnitude": update,
-                "gradient_magnitude": grad_norm, "skipped": not math.isfinite(loss_value)}
+    def callbacks(self) -> list:
+        """The pipeline's callbacks, in the order they run after each step (see callbacks.py)."""
+        opts, writer, main = self.options, self.writer, self.is_main
+        found = []
+        if self.param_clustering:
+            found.append(PrecisionPlanSwitch(max(1, round(PLAN_WARMUP_FRACTION * self.total_steps)),
+                                             self._build_plan, is_main=main, on_plan=self._report_plan))
+        if self.bits < 16:
+            found.append(QuantizationDiagnostics(self.cfg.log_interval, writer.log_layers if writer else None))
+        if writer is not None:
+            found.append(StoreLogging(writer))
+        if main:
+            self.console = Console(self.say, show_bar=opts.progress and not opts.quiet)
+            found.append(self.console)
+        found.append(Evaluation(self._evaluate, every_steps=opts.eval_every_steps, every_epochs=opts.eval_every,
+                                is_main=main, on_result=self._report_eval))
+        found.append(DivergenceGuard(DIVERGENCE_PATIENCE))
+        found.append(StopRequests(lambda: self.stop_signal is not None, writer, opts.stop_after_steps))
+        found.extend(opts.callbacks)
+        if self.run_dir is not None:
+            every_s = CHECKPOINT_EVERY_S if opts.checkpoint_every_s is None else opts.checkpoint_every_s
+            found.append(Checkpointing(self.run_dir / CHECKPOINT_NAME, every_s, is_main=main,
+                                       on_saved=self._report_checkpoint))
+        return found
 
-    def _make_plan(self) -> None:
-        """Parameter clustering → per-layer bits (rank 0 decides; every rank applies the same bit map)."""
-        cfg, opts = self.cfg, self.options
-        bit_map = None
-        if self.is_main:
-            started = time.perf_counter()
-            self.plan = make_precision_plan(self.student, self.dataset.train.tokens, self.logits.train_values,
-                                            self.logits.train_indices, cfg, self.bits, self.batch_size,
-                                            opts.alpha, opts.temperature, self.device)
-            bit_map = self.plan.bit_map()
-            self.say(f"Precision plan: {len(bit_map)} layers in {len(set(self.plan.cluster_bits))} parameter "
-                     f"clusters → average {self.plan.avg_bits:.3f} bits (budget {self.plan.budget:g}) in "
-                     f"{time.perf_counter() - started:.1f} s")
-            if self.writer is not None:
-                self.writer.set_plan([{"layer": name, "module_type": name.rsplit(".", 1)[-1], "bits": info["bits"],
-                                       "cluster": info["cluster"], "n_params": info.get("n_params"),
-                                       "features": {k: v for k, v in info.items()
-                                                    if k not in ("bits", "cluster", "n_params")}}
-                                      for name, info in self.plan.layers.items()])
-        bit_map = dist_utils.broadcast_object(bit_map, self.ctx)
-        self._quantize(bit_map)
-        self.bit_map = bit_map
-        self.flip_tracker = CodeFlipTracker()     # codes of another bit-width are not comparable
+    def _build_plan(self, state: TrainState):
+        return make_precision_plan(state.model, state.data.tokens, state.data.values, state.data.indices, self.cfg,
+                                   self.bits, self.batch_size, self.options.alpha, self.options.temperature,
+                                   self.device)
 
-    def _quantize(self, bits) -> None:
-        quantize_student(self.student, bits, self.cfg.quantizer_scale)
-
-    def _log_layers(self, step: int, flips: dict) -> float | None:
-        report = layer_quantization_report(self.student)
-        if not report:
-            return None
-        total = sum(r["n_params"] for r in report)
-        error = sum(r["rel_error"] * r["n_params"] for r in report) / total
+    def _report_plan(self, plan, seconds: float) -> None:
+        bit_map = plan.bit_map()
+        self.say(f"Precision plan: {len(bit_map)} layers in {len(set(plan.cluster_bits))} parameter clusters → "
+                 f"average {plan.avg_bits:.3f} bits (budget {plan.budget:g}) in {seconds:.1f} s")
         if self.writer is not None:
-            rows = []
-            for r in report:
-                dist = r.get("code_distribution") or {}
-                rows.append({"layer": r["name"], "module_type": r["name"].rsplit(".", 1)[-1], "bits": r["bits"],
-                             "n_params": r["n_params"], "rel_error": r["rel_error"], "frac_neg": dist.get("neg"),
-                             "frac_zero": dist.get("zero"), "frac_pos": dist.get("pos"),
-                             "flip_rate": flips.get(r["name"]), "scale": r["scale"]})
-            self.writer.log_layers(step, rows)
-        return error
+            self.writer.set_plan([{"layer": name, "module_type": name.rsplit(".", 1)[-1], "bits": info["bits"],
+                                   "cluster": info["cluster"], "n_params": info.get("n_params"),
+                                   "features": {k: v for k, v in info.items()
+                                                if k not in ("bits", "cluster", "n_params")}}
+                                  for name, info in plan.layers.items()])
 
-    def _evaluate(self, step: int) -> dict:
-        self._set_optimizer_mode("eval")      # Schedule-Free evaluates at its averaged weights (all ranks)
-        metrics = None
-        if self.is_main:
-            index = self.eval_index
-            metrics = evaluate(self.student, self.dataset.val.tokens[index], self.logits.val_values[index],
-                               self.logits.val_indices[index], self.val_clusters[index], device=self.device)
-            self.evals.append({"step": step, **metrics})
-            if self.writer is not None:
-                self.writer.log_eval(step, **metrics)
-            self.say(f"  eval @ step {step}: val_loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.2f}), "
-                     f"KL to teacher {metrics['kl_teacher']:.4f}, top-1 agreement {metrics['top1_agreement']:.1%}, "
-                     f"quantization diff max {metrics['qdiff_max']:.4f} / mean {metrics['qdiff_mean']:.4f}")
-        self._set_optimizer_mode("train")
-        dist_utils.barrier(self.ctx)
-        return metrics or {}
+    def _evaluate(self, state: TrainState) -> dict:
+        index = self.eval_index
+        return evaluate(state.model, self.dataset.val.tokens[index], self.logits.val_values[index],
+                        self.logits.val_indices[index], self.val_clusters[index], device=self.device)
 
-    def _epoch_line(self, epoch: int, rows: list[dict]) -> None:
-        mean_loss = float(np.mean([h["loss"] for h in rows])) if rows else float("nan")
-        mean_lr = float(np.mean([h["learning_rate"] for h in rows])) if rows else float("nan")
-        line = f"Epoch {epoch}, Loss: {mean_loss:.6f}, LR: {mean_lr:.6f}"
-        radius = rows[-1].get("trust_radius") if rows else None
-        if radius is not None:
-            line += f", Trust Radius: {radius:.6f}"
-        self.say(line)
+    def _report_eval(self, step: int, metrics: dict) -> None:
+        if self.writer is not None:
+            self.writer.log_eval(step, **metrics)
+        self.say(f"  eval @ step {step}: val_loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.2f}), "
+                 f"KL to teacher {metrics['kl_teacher']:.4f}, top-1 agreement {metrics['top1_agreement']:.1%}, "
+                 f"quantization diff max {metrics['qdiff_max']:.4f} / mean {metrics['qdiff_mean']:.4f}")
 
-    def _should_stop(self, done: int) -> bool:
-        flag = self.stop_signal is not None
-        if self.writer is not None and not flag:
-            flag = self.writer.stop_requested()
-        if self.options.stop_after_steps is not None and done >= self.options.stop_after_steps:
-            flag = True
-        return dist_utils.any_rank(flag, self.ctx, self.device)
-
-    # ========================================================================================== checkpoints ======
-    def _save_checkpoint(self, done: int) -> None:
-        if not self.is_main or self.run_dir is None:
-            return
-        history = {key: [h.get(key) for h in self.history] for key in _HISTORY_KEYS}
-        payload = {
-            "step": done, "fingerprint": self._fingerprint(),
-            "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "sampler": _tensorise(self.sampler.state_dict()), "rng": rng_state(),
-            "bit_map": self.bit_map,
-            "plan": self.plan.to_json() if self.plan is not None else None,
-            "flip_tracker": self.flip_tracker.state_dict() if self.flip_tracker is not None else None,
-            "clusters": {"train": torch.from_numpy(self.train_clusters),
-                         "val": self.val_clusters.clone()},
-            "history": history, "evals": self.evals,
-            "train_seconds": self.train_seconds_before + time.perf_counter() - self.train_started,
-        }
-        path = save_checkpoint(self.run_dir / CHECKPOINT_NAME, payload)
-        self._last_checkpoint_time = time.monotonic()
+    def _report_checkpoint(self, path: Path) -> None:
         if self.writer is not None:
             self.writer.set_artifact("checkpoint", path)
 
-    def _restore(self, payload: dict) -> None:
-        from ..precision import PrecisionPlan
-        if payload.get("bit_map"):
-            self._quantize(payload["bit_map"])
-            self.bit_map = payload["bit_map"]
-        if payload.get("plan"):
-            self.plan = PrecisionPlan.from_json(payload["plan"])
-        try:
-            self.student.load_state_dict(payload["model"])
-            self.optimizer.load_state_dict(payload["optimizer"])
-            if self.scheduler is not None and payload.get("scheduler") is not None:
-                self.scheduler.load_state_dict(payload["scheduler"])
-            self.sampler.load_state_dict(_untensorise(payload["sampler"]))
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"checkpoint of run {self.options.resume} does not fit this run: "
-                                  f"{str(exc).splitlines()[0][:300]}") from None
-        if self.flip_tracker is not None and payload.get("flip_tracker") is not None:
-            self.flip_tracker.load_state_dict(payload["flip_tracker"])
-        set_rng_state(payload["rng"])
-        history = payload["history"]
-        n = len(history["step"])
-        self.history = [{key: history[key][i] for key in _HISTORY_KEYS} for i in range(n)]
-        self.evals = list(payload.get("evals") or [])
-        self.start_step = int(payload["step"])
-
     # ============================================================================================== finish ======
     def finish(self) -> TrainResult:
-        opts = self.options
-        done = self.history[-1]["step"] if self.history else self.start_step
-        final_eval = self.evals[-1] if self.evals else {}
-        summary = self._summary(done, final_eval)
+        opts, state = self.options, self.state
+        done = state.step
+        final_eval = state.evals[-1] if state.evals else {}
+        diverged = None if self.stopped else (state.diverged or divergence(state))
+        summary = self._summary(final_eval)
+        if diverged:
+            summary.extra["diverged"] = diverged
         if self.is_main and not self.stopped:
-            self._print_summary(summary)
+            for line in render_summary(summary).splitlines():
+                self.say(line)
         metrics_csv = None
         if self.is_main and opts.save_metrics and self.run_dir is not None:
             metrics_csv = self._write_metrics_csv(self.run_dir / "metrics.csv")
             self.say(f"Metrics written to {metrics_csv}")
         export_report = None
-        if self.is_main and opts.export and not self.stopped:
+        if self.is_main and opts.export and not self.stopped and not diverged:
             export_report = self._export()
-            summary.update(compression_vs_fp32_linear=export_report.compression_vs_fp32_linear,
-                           compression_vs_fp32_file=export_report.compression_vs_fp32_file,
-                           linear_bits_per_weight=export_report.linear_bits_per_weight,
-                           file_bits_per_weight=export_report.file_bits_per_weight,
-                           export_bytes=export_report.file_bytes)
-        status = "stopped" if self.stopped else "finished"
+            summary.extra.update(compression_vs_fp32_linear=export_report.compression_vs_fp32_linear,
+                                 compression_vs_fp32_file=export_report.compression_vs_fp32_file,
+                                 linear_bits_per_weight=export_report.linear_bits_per_weight,
+                                 file_bits_per_weight=export_report.file_bits_per_weight,
+                                 export_bytes=export_report.file_bytes)
+        status = "stopped" if self.stopped else ("diverged" if diverged else "finished")
+        flat = summary.to_dict()
         if self.writer is not None:
-            self.writer.set_summary(summary)
+            self.writer.set_summary(flat)
             if metrics_csv is not None:
                 self.writer.set_artifact("metrics_csv", metrics_csv)
-            self.writer.log(f"run {status} after {done} steps")
-            self.writer.set_status(status)
+            self.writer.log(f"run {status} after {done} steps" + (f": {diverged}" if diverged else ""),
+                            level="error" if diverged else "info")
+            self.writer.set_status(status, error=f"diverged: {diverged}" if diverged else None)
         dist_utils.barrier(self.ctx)
         return TrainResult(
             status=status, run_id=self.run_id, run_dir=self.run_dir, steps=done, total_steps=self.total_steps,
-            summary=summary, history=self.history, evals=self.evals, final_eval=final_eval, model=self.student,
-            dataset=self.dataset, plan=self.plan, export=export_report, wall_time_s=self.train_seconds,
-            setup_time_s=self.setup_time, tokens_per_s=summary["tokens_per_s"], peak_rss_mb=summary["peak_rss_mb"],
-            train_peak_rss_mb=summary.get("train_peak_rss_mb"), cuda_peak_mb=summary.get("cuda_peak_mb"),
-            stop_signal=self.stop_signal)
+            summary=flat, history=[h.as_dict() for h in state.history], evals=state.evals, final_eval=final_eval,
+            model=self.student, dataset=self.dataset, plan=state.plan, export=export_report,
+            wall_time_s=state.train_seconds, setup_time_s=self.setup_time, tokens_per_s=flat["tokens_per_s"],
+            peak_rss_mb=flat["peak_rss_mb"], train_peak_rss_mb=flat.get("train_peak_rss_mb"),
+            cuda_peak_mb=flat.get("cuda_peak_mb"), stop_signal=self.stop_signal, diverged=diverged)
 
-    def _summary(self, done: int, final_eval: dict) -> dict:
-        rows = self.history
-        last_epoch = rows[-1]["epoch"] if rows else 0
-        last_losses = [h["loss"] for h in rows if h["epoch"] == last_epoch]
-        multipliers = [h["lr_multiplier"] for h in rows if h.get("lr_multiplier") is not None]
-        active = [h["constraint_active"] for h in rows if h.get("constraint_active") is not None]
-        radius = next((h["trust_radius"] for h in reversed(rows) if h.get("trust_radius") is not None), None)
-        train_tokens = done * self.batch_size * self.seq_len
-        summary = {
-            "total_steps": done, "final_loss": float(np.mean(last_losses)) if last_losses else None,
-            "final_step_loss": rows[-1]["loss"] if rows else None,
-            "avg_lr_multiplier": float(np.mean(multipliers)) if multipliers else None,
-            "constraint_activation_rate": float(np.mean(active)) if active else None,
-            "final_trust_radius": radius,
-            "skipped_steps": int(sum(1 for h in rows if h.get("skipped"))),
-            "train_seconds": self.train_seconds, "setup_seconds": self.setup_time,
-            "clustering_seconds": self.clustering_seconds,
-            "prepare_seconds": self.prepare_seconds,
-            "teacher_cache_seconds": self.logits.built_seconds,
+    def _summary(self, final_eval: dict) -> RunSummary:
+        state, opts = self.state, self.options
+        rows = state.history
+        finite = [h.loss for h in rows if math.isfinite(h.loss)]
+        last_epoch = [h.loss for h in rows if rows and h.epoch == rows[-1].epoch and math.isfinite(h.loss)]
+        taken = [h for h in rows if not h.skipped]
+        multipliers = [h.lr_multiplier for h in taken if h.lr_multiplier is not None]
+        active = [h.constraint_active for h in taken if h.constraint_active is not None]
+        radius = next((h.trust_radius for h in reversed(rows) if h.trust_radius is not None), None)
+        train_tokens = state.step * self.batch_size * self.seq_len
+        tokens_per_s = train_tokens / state.train_seconds if state.train_seconds > 0 else 0.0
+        extra = {
+            "clustering_seconds": self.clustering_seconds, "setup_seconds": self.setup_time,
+            "prepare_seconds": self.prepare_seconds, "teacher_cache_seconds": self.logits.built_seconds,
             "teacher_tokens": (len(self.dataset.train) + len(self.dataset.val)) * self.seq_len,
-            "tokens_per_s": train_tokens / self.train_seconds if self.train_seconds > 0 else 0.0,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "train_peak_rss_mb": peak_rss_mb(),
-            "avg_bits": self.plan.avg_bits if self.plan is not None else (self.bits if self.bits < 16 else 32.0),
+            "avg_bits": state.plan.avg_bits if state.plan is not None else (self.bits if self.bits < 16 else 32.0),
         }
         if self.device.type == "cuda":
-            summary["cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-        summary.update({k: v for k, v in final_eval.items() if k != "step"})
-        return summary
-
-    def _print_summary(self, summary: dict) -> None:
-        bar = "=" * 60
-        if self.options.hybrid:
-            lines = ["HYBRID OPTIMIZATION SUMMARY", bar,
-                     f"Total Steps: {summary['total_steps']}",
-                     f"Final Loss: {summary['final_loss']:.6f}",
-                     f"Avg Learning Rate Multiplier: {_fmt(summary['avg_lr_multiplier'], '{:.2f}x')}",
-                     f"Constraint Activation Rate: {_fmt(summary['constraint_activation_rate'], '{:.1%}')}",
-                     f"Final Trust Radius: {_fmt(summary['final_trust_radius'], '{:.6f}')}",
-                     bar]
-        else:
-            name = "custom optimizer" if self.options.optimizer_factory else "AdamW at constant LR"
-            lines = [f"TRAINING SUMMARY (baseline: {name})", bar, f"Total Steps: {summary['total_steps']}",
-                     f"Final Loss: {summary['final_loss']:.6f}", bar]
-        if "val_loss" in summary:
-            lines.insert(-1, f"Validation Loss: {summary['val_loss']:.6f} (perplexity {summary['val_ppl']:.2f}), "
-                             f"top-1 agreement with the teacher {summary['top1_agreement']:.1%}")
-        lines.insert(-1, f"Throughput: {summary['tokens_per_s']:,.0f} tokens/s over {summary['train_seconds']:.1f} s")
-        for line in lines:
-            self.say(line)
+            extra["cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        named = {k: v for k, v in final_eval.items() if k in ("val_loss", "val_ppl", "top1_agreement")}
+        extra.update({k: v for k, v in final_eval.items() if k not in named and k != "step"})
+        optimizer = "custom" if opts.optimizer_factory else ("hybrid" if opts.hybrid else "adamw")
+        return RunSummary(
+            total_steps=state.step, final_loss=finite[-1] if finite else None,
+            avg_lr_multiplier=sum(multipliers) / len(multipliers) if multipliers else None,
+            constraint_activation_rate=sum(active) / len(active) if active else None,
+            final_trust_radius=radius, optimizer=optimizer,
+            final_epoch_loss=sum(last_epoch) / len(last_epoch) if last_epoch else None,
+            final_step_loss=rows[-1].loss if rows else None, skipped_steps=sum(1 for h in rows if h.skipped),
+            tokens_per_s=tokens_per_s, train_seconds=state.train_seconds, **named, extra=extra)
 
     def _write_metrics_csv(self, path: Path) -> Path:
-        eval_keys = sorted({k for e in self.evals for k in e if k != "step"})
-        evals_at = {e["step"]: e for e in self.evals}
-        columns = ["step", "epoch", *[c for c in _HISTORY_KEYS if c not in ("step", "epoch")], *eval_keys]
+        evals_at = {e["step"]: e for e in self.state.evals}
+        columns = metrics_csv_header([k for e in self.state.evals for k in e])
         with open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(columns)
-            for h in self.history:
-                e = evals_at.get(h["step"], {})
-                writer.writerow([_csv(h.get(c, e.get(c))) for c in columns])
+            for h in self.state.history:
+                row = {**evals_at.get(h.step, {}), **h.as_dict()}
+                writer.writerow([_csv(row.get(c)) for c in columns])
         return path
 
     def _export(self):
@@ -873,9 +702,7 @@ class Trainer:
         if not getattr(self, "is_main", True):
             return
         if not self.options.quiet:
-            if self.bar is not None:
-                self.bar.write(message, file=sys.stdout)
-            else:
+            if self.console is None or not self.console.write(message):
                 print(message, flush=True)
         if self.writer is not None:
             self.writer.log(message)
@@ -893,12 +720,6 @@ class Trainer:
             if getattr(self, "_teacher_bar", None) is None:
                 self._teacher_bar = make_progress("teacher logits", self.say, True, "windows")
             self._teacher_bar(done, total)
-
-    def _set_optimizer_mode(self, mode: str) -> None:
-        # Schedule-Free optimizers need .train() / .eval() around evaluation; plain torch optimizers have neither.
-        method = getattr(self.optimizer, mode, None)
-        if callable(method) and not isinstance(self.optimizer, torch.nn.Module):
-            method()
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -972,37 +793,6 @@ class NodeFirst:
         return False
 
 
-_STORE_STEP_COLUMNS = ("loss", "learning_rate", "lr_multiplier", "trust_radius", "constraint_active",
-                       "update_magnitude", "gradient_magnitude", "quantization_error", "flip_rate", "tokens_per_s",
-                       "cluster_id", "skipped", "epoch")
-_HISTORY_KEYS = ("step", "epoch", "loss", "ce", "kl", "learning_rate", "lr_multiplier", "trust_radius",
-                 "constraint_active", "update_magnitude", "gradient_magnitude", "quantization_error", "flip_rate",
-                 "tokens_per_s", "cluster_id", "skipped", "time")
-
-
-def _tensorise(value):
-    """Sampler states hold numpy generator states with 128-bit ints: keep them as strings for weights_only."""
-    if isinstance(value, dict):
-        return {k: _tensorise(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_tensorise(v) for v in value]
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2 ** 63:
-        return {"__bigint__": str(value)}
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def _untensorise(value):
-    if isinstance(value, dict):
-        if set(value) == {"__bigint__"}:
-            return int(value["__bigint__"])
-        return {k: _untensorise(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_untensorise(v) for v in value]
-    return value
-
-
 def reset_peak_rss() -> None:
     """Linux: writing "5" to clear_refs resets the peak RSS (VmHWM), so a training loop's own peak can be read."""
     try:
@@ -1032,10 +822,6 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):     # not glibc (macOS, musl): nothing to do
         pass
-
-
-def _fmt(value, pattern: str) -> str:
-    return "n/a" if value is None else pattern.format(value)
 
 
 def _csv(value):

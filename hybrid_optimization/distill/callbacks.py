@@ -1,0 +1,253 @@
+"""The training loop's callbacks: everything around the ML step (see loop.py for the hooks and their order).
+
+    PrecisionPlanSwitch     at a given step, make the per-layer precision plan and re-quantize the student
+    QuantizationDiagnostics flip rate of the quantized codes every step, per-layer errors every log interval
+    StoreLogging            each step's metrics and a heartbeat to the run store
+    Console                 the tqdm bar and the guide's per-epoch line
+    Evaluation              validation every N steps and/or every N epochs, and always after the last step
+    DivergenceGuard         N consecutive non-finite losses end the run as diverged
+    StopRequests            SIGTERM / SIGINT, the store's stop flag, `stop_after_steps` (OR-ed across ranks)
+    Checkpointing           the TrainState at epoch ends (at most one per interval), at the end and on a stop
+
+A callback is any object with some of the hooks; the order of the list is the order they run in, which matters
+where one fills a metric another one logs (diagnostics before logging; evaluation before the stop check, so a
+stopped run is evaluated at the same steps as an uninterrupted one).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import distributed as dist_utils
+from ..schema import StepMetrics
+from .checkpoint import save_checkpoint
+from .loop import TrainState, quantize_student, set_optimizer_mode
+
+
+def end_of_epoch(state: TrainState) -> bool:
+    """The step just taken closes an epoch (or the run)."""
+    return state.step % state.steps_per_epoch == 0 or state.step == state.total_steps
+
+
+class PrecisionPlanSwitch:
+    """Parameter clustering → per-layer bits, once, before step `at_step` (when the weights carry some signal).
+    `build(state)` returns a PrecisionPlan (called on rank 0; every rank applies the same bit map)."""
+
+    def __init__(self, at_step: int, build: Callable[[TrainState], Any], is_main: bool = True,
+                 on_plan: Callable[[Any, float], None] | None = None):
+        self.at_step, self.build, self.is_main, self.on_plan = at_step, build, is_main, on_plan
+        self.seconds = self.cpu_seconds = 0.0
+
+    def on_step_start(self, state: TrainState) -> None:
+        if state.step != self.at_step or state.bit_map is not None:
+            return
+        started, started_cpu = time.perf_counter(), time.process_time()
+        bit_map = None
+        if self.is_main:
+            state.plan = self.build(state)
+            bit_map = state.plan.bit_map()
+        bit_map = dist_utils.broadcast_object(bit_map, state.ctx)
+        quantize_student(state.model, bit_map, state.quantizer_scale)
+        state.bit_map = bit_map
+        if state.flip_tracker is not None:          # codes of another bit-width are not comparable
+            state.flip_tracker = type(state.flip_tracker)()
+        self.seconds, self.cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
+        if self.is_main and self.on_plan is not None:
+            self.on_plan(state.plan, self.seconds)
+
+
+class QuantizationDiagnostics:
+    """The fraction of quantized codes that flipped this step (every step), and the per-layer quantization error
+    and code distribution every `log_interval` steps and at the last (to `log_layers(step, rows)`)."""
+
+    def __init__(self, log_interval: int, log_layers: Callable[[int, list[dict]], None] | None = None):
+        self.log_interval, self.log_layers = log_interval, log_layers
+
+    def on_step_end(self, state: TrainState, metrics: StepMetrics) -> None:
+        from ..quantization import layer_quantization_report
+        flips = state.flip_tracker.update(state.model) if state.flip_tracker is not None else {}
+        if flips:
+            sizes = {name: m.weight.numel() for name, m in state.model.named_modules() if name in flips}
+            metrics.flip_rate = sum(flips[k] * sizes[k] for k in flips) / sum(sizes.values())
+        if state.step % self.log_interval and state.step != state.total_steps:
+            return
+        report = layer_quantization_report(state.model)
+        if not report:
+            return
+        total = sum(r["n_params"] for r in report)
+        metrics.quantization_error = sum(r["rel_error"] * r["n_params"] for r in report) / total
+        if self.log_layers is not None:
+            rows = []
+            for r in report:
+                dist = r.get("code_distribution") or {}
+                rows.append({"layer": r["name"], "module_type": r["name"].rsplit(".", 1)[-1], "bits": r["bits"],
+                             "n_params": r["n_params"], "rel_error": r["rel_error"], "frac_neg": dist.get("neg"),
+                             "frac_zero": dist.get("zero"), "frac_pos": dist.get("pos"),
+                             "flip_rate": flips.get(r["name"]), "scale": r["scale"]})
+            self.log_layers(state.step, rows)
+
+
+class StoreLogging:
+    def __init__(self, writer):
+        self.writer = writer
+
+    def on_step_end(self, state: TrainState, metrics: StepMetrics) -> None:
+        self.writer.log_step(metrics.step, **metrics.store_values())
+        self.writer.heartbeat()
+
+
+class Console:
+    """The progress bar (stderr) and the guide's line per epoch: "Epoch N, Loss: …, LR: …[, Trust Radius: …]"."""
+
+    def __init__(self, say: Callable[[str], None], show_bar: bool = True):
+        self.say, self.show_bar = say, show_bar
+        self.bar = None
+        self.tokens_ema = None
+
+    def write(self, message: str) -> bool:
+        """Print above the bar; False when no bar is shown."""
+        if self.bar is None:
+            return False
+        self.bar.write(message, file=sys.stdout)
+        return True
+
+    def on_fit_start(self, state: TrainState) -> None:
+        if self.show_bar:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=state.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
+                            file=sys.stderr, leave=False)
+
+    def on_step_end(self, state: TrainState, metrics: StepMetrics) -> None:
+        if self.bar is not None:
+            rate = metrics.tokens_per_s
+            self.tokens_ema = rate if self.tokens_ema is None else 0.9 * self.tokens_ema + 0.1 * rate
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics.loss:.4f}", tok_s=f"{self.tokens_ema:,.0f}", refresh=False)
+        if end_of_epoch(state):
+            rows = [h for h in state.history if h.epoch == metrics.epoch]
+            self.say(epoch_line(metrics.epoch, rows))
+
+    def on_fit_end(self, state: TrainState) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def epoch_line(epoch: int, rows: list[StepMetrics]) -> str:
+    mean = (lambda xs: sum(xs) / len(xs) if xs else math.nan)
+    line = (f"Epoch {epoch}, Loss: {mean([h.loss for h in rows]):.6f}, "
+            f"LR: {mean([h.learning_rate for h in rows if h.learning_rate is not None]):.6f}")
+    radius = rows[-1].trust_radius if rows else None
+    if radius is not None:
+        line += f", Trust Radius: {radius:.6f}"
+    return line
+
+
+class Evaluation:
+    """Validation every `every_steps` steps and/or every `every_epochs` epochs, and always after the last step.
+    `evaluate(state)` runs on rank 0 and returns a metrics dict; `on_result(step, metrics)` reports it."""
+
+    def __init__(self, evaluate: Callable[[TrainState], dict], every_steps: int | None = None,
+                 every_epochs: int | None = None, is_main: bool = True,
+                 on_result: Callable[[int, dict], None] | None = None, annotate: Callable[[], dict] | None = None):
+        self.evaluate, self.every_steps, self.every_epochs = evaluate, every_steps, every_epochs
+        self.is_main, self.on_result, self.annotate = is_main, on_result, annotate
+
+    def due(self, state: TrainState) -> bool:
+        if state.step == state.total_steps:
+            return True
+        if self.every_steps and state.step % self.every_steps == 0:
+            return True
+        return bool(self.every_epochs and state.step % state.steps_per_epoch == 0
+                    and (state.step // state.steps_per_epoch) % self.every_epochs == 0)
+
+    def on_step_end(self, state: TrainState, metrics: StepMetrics) -> None:
+        if state.diverged or not self.due(state):
+            return
+        set_optimizer_mode(state.optimizer, "eval")     # Schedule-Free evaluates at its averaged weights
+        if self.is_main:
+            result = self.evaluate(state)
+            state.evals.append({"step": state.step, **result, **(self.annotate() if self.annotate else {})})
+            if self.on_result is not None:
+                self.on_result(state.step, result)
+        set_optimizer_mode(state.optimizer, "train")
+        dist_utils.barrier(state.ctx)
+
+
+class DivergenceGuard:
+    """`patience` consecutive non-finite losses: the run has diverged (a plain optimizer's weights are NaN after
+    the first; the hybrid skips such steps, so it gets `patience` chances to recover)."""
+
+    def __init__(self, patience: int = 20):
+        self.patience = patience
+        self.streak = 0
+
+    def on_step_end(self, state: TrainState, metrics: StepMetrics) -> None:
+        self.streak = 0 if math.isfinite(metrics.loss) else self.streak + 1
+        if self.streak >= self.patience:
+            first = state.step - self.streak + 1
+            state.diverged = (f"the training loss is {metrics.loss} at step {first}"
+                              + (f" and stayed non-finite for {self.streak} steps" if self.streak > 1 else ""))
+            state.stop_reason = "diverged"
+
+
+class StopRequests:
+    """Ends the loop after this step when a signal arrived, the store's stop flag is set, or `stop_after_steps`
+    steps are done — decided together by all ranks."""
+
+    def __init__(self, signal_received: Callable[[], bool], writer=None, stop_after_steps: int | None = None):
+        self.signal_received, self.writer, self.stop_after_steps = signal_received, writer, stop_after_steps
+
+    def on_step_end(self, state: TrainState, metrics: StepMetrics) -> None:
+        flag = self.signal_received()
+        if self.writer is not None and not flag:
+            flag = self.writer.stop_requested()
+        if self.stop_after_steps is not None and state.step >= self.stop_after_steps:
+            flag = True
+        if dist_utils.any_rank(flag, state.ctx, state.device) and state.step < state.total_steps \
+                and state.stop_reason is None:
+            state.stop_reason = "stop requested"
+
+
+class Checkpointing:
+    """Saves `state.state_dict()` at epoch ends (at most one per `every_s` seconds: a crash loses less than that),
+    after the last step and on a stop. Never after a divergence: the last good checkpoint stays."""
+
+    def __init__(self, path: Path, every_s: float = 30.0, is_main: bool = True,
+                 on_saved: Callable[[Path], None] | None = None):
+        self.path, self.every_s, self.is_main, self.on_saved = Path(path), every_s, is_main, on_saved
+        self.last_saved = time.monotonic()
+
+    def on_fit_start(self, state: TrainState) -> None:
+        self.last_saved = time.monotonic()
+
+    def on_step_end(self, state: TrainState, metrics: StepMetrics) -> None:
+        if state.diverged:
+            return
+        due = state.stop_reason is not None or state.step == state.total_steps or (
+            end_of_epoch(state) and time.monotonic() - self.last_saved >= self.every_s)
+        if due and self.is_main:
+            path = save_checkpoint(self.path, state.state_dict())
+            self.last_saved = time.monotonic()
+            if self.on_saved is not None:
+                self.on_saved(path)
+
+
+def divergence(state: TrainState) -> str | None:
+    """Why a run that reached its end has diverged (its last loss or last validation loss is not finite), naming
+    the step where it went non-finite; None when it has not."""
+    rows = state.history
+    if rows and not math.isfinite(rows[-1].loss):
+        first = len(rows)
+        while first > 1 and not math.isfinite(rows[first - 2].loss):
+            first -= 1
+        return f"the training loss is {rows[-1].loss} from step {rows[first - 1].step} to the last step"
+    if state.evals:
+        last = state.evals[-1]
+        value = last.get("val_loss")
+        if value is not None and not math.isfinite(value):
+            return f"the validation loss is {value} at step {last['step']}"
+    return None

@@ -1,0 +1,126 @@
+"""The CLI refuses bad input in one line, exit code 2, before torch is imported and before any data preparation
+(issue 9 item 3, issue 13 items 2, 3 and 6). Each case runs the real CLI in a subprocess and checks that torch
+was never imported, so these tests take a fraction of a second each."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hybrid_optimization.distill.options import (MAX_BATCH_SIZE, MAX_STEPS, OptionsError, TrainOptions,
+                                                 check_batch_memory)
+from hybrid_optimization.distill.presets import get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+# Runs the CLI's main() and reports whether torch (or transformers) was imported on the way.
+PROBE = ("import sys, json; from hybrid_optimization.distill.cli import main; code = main(sys.argv[1:]); "
+         "print(json.dumps({'code': code, 'torch': 'torch' in sys.modules, "
+         "'transformers': 'transformers' in sys.modules}))")
+
+
+def cli(*argv: str, cwd: Path = ROOT) -> tuple[int, str, dict]:
+    proc = subprocess.run([sys.executable, "-c", PROBE, *argv], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return report["code"], proc.stderr, report
+
+
+def refused(*argv: str) -> str:
+    code, err, report = cli(*argv)
+    assert code == 2, err
+    assert not report["torch"] and not report["transformers"], "validation imported torch"
+    assert err.strip() and err.strip().count("\n") == 0, err           # one line
+    return err.strip()
+
+
+def test_help_and_a_bad_flag_answer_without_importing_torch():
+    code, err, report = cli("--help")
+    assert code == 0 and not report["torch"]
+    assert "must be" not in err and "--max_steps" in subprocess.run(
+        [sys.executable, str(ROOT / "distillation.py"), "--help"], capture_output=True, text=True).stdout
+    assert "invalid float value: 'abc'" in refused("--lr", "abc")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_steps", "99999999999999999999"], f"--max_steps 99999999999999999999 is invalid: it must be an integer "
+                                              f"in [1, {MAX_STEPS:,}]"),
+    (["--epochs", "99999999999999999999999"], "--epochs 99999999999999999999999 is invalid"),
+    (["--batch_size", "200000"], f"--batch_size 200000 is invalid: it must be an integer in [1, {MAX_BATCH_SIZE:,}]"),
+    (["--seq_len", "100000"], "--seq_len 100000 is invalid"),
+    (["--precision_budget", "9"], "--precision_budget 9.0 is invalid: it must be average bits per weight in [1, 8]"),
+    (["--bits", "3", "--qat"], "--bits 3.0 is invalid"),
+    (["--export", "onnx"], "argument --export: invalid choice: 'onnx'"),
+])
+def test_absurd_sizes_and_values_are_refused_in_one_line(tmp_path, argv, message):
+    assert message in refused(*argv, "--runs_root", str(tmp_path))
+    assert list(tmp_path.iterdir()) == []                                  # nothing created
+
+
+def test_the_batch_size_is_checked_against_available_memory():
+    tiny = get_preset("tiny")
+    check_batch_memory(32, 64, tiny, available=2 ** 30)                      # 32 windows fit in 1 GiB
+    with pytest.raises(OptionsError, match=r"--batch_size 60000: one training step needs about .* GiB .* "
+                                           r"available; use --batch_size \d+ or less"):
+        check_batch_memory(60000, 64, tiny, available=8 * 2 ** 30)
+
+
+def test_a_runs_root_that_is_a_file_or_a_symlink_loop_is_refused(tmp_path):
+    a_file = tmp_path / "runs.txt"
+    a_file.write_text("not a folder")
+    assert "is a file, not a directory" in refused("--runs_root", str(a_file))
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    message = refused("--runs_root", str(tmp_path / "loop_a"))
+    assert message.startswith(f"error: --runs_root {tmp_path / 'loop_a'}: cannot be used") and "loop" in message
+    assert "is not a directory" in refused("--runs_root", str(a_file / "sub"))
+
+
+def test_a_read_only_runs_root_is_refused(tmp_path):
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    mounted = False
+    if os.geteuid() == 0:                     # root writes through permission bits: a read-only mount is needed
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)],
+                                 capture_output=True).returncode == 0
+        if not mounted:
+            pytest.skip("running as root and cannot mount a read-only tmpfs here")
+    else:
+        read_only.chmod(0o555)
+    try:
+        assert "is not writable" in refused("--runs_root", str(read_only))
+        assert "is not writable" in refused("--runs_root", str(read_only / "runs"))
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(read_only)], check=False)
+        read_only.chmod(0o755)
+
+
+def test_resume_refuses_flags_that_cannot_change_by_name(tmp_path):
+    data = tmp_path / "x.txt"
+    data.write_text("hello\n")
+    message = refused("--resume", "20260101-000000-abcd", "--lr", "0.5", "--data", str(data), "--max_steps", "9",
+                      "--runs_root", str(tmp_path))
+    assert "--lr, --data cannot change when a run is resumed" in message and "--max_steps" in message.split(
+        "allowed with --resume:")[1]
+
+
+def test_options_file_values_are_never_read_as_flags(tmp_path):
+    options = TrainOptions(run_name="--lr", tags=["-x"], max_steps=99999999999999, runs_root=str(tmp_path))
+    path = tmp_path / "options.json"
+    path.write_text(options.to_json())
+    assert "--max_steps 99999999999999 is invalid" in refused(f"--options={path}")
+    path.write_text("{not json")
+    assert "--options" in refused(f"--options={path}")
+    path.write_text(json.dumps({"gpu": 1}))
+    assert "unknown option(s) gpu" in refused(f"--options={path}")
+
+
+def test_train_options_collect_every_error_with_the_clis_messages():
+    errors = TrainOptions(preset="huge", device="tpu", alpha=2.0, epochs=0, tags=["a,b"]).errors()
+    assert set(errors) == {"preset", "device", "alpha", "epochs", "tags"}
+    assert errors["device"] == "--device 'tpu' is invalid: it must be one of auto, cpu, cuda, mps"
+    assert TrainOptions(export=True).errors() == {} and TrainOptions(export=True).export_format == "packed"
