@@ -694,6 +694,13 @@ class Trainer:
             self.writer.set_artifact("export_manifest", manifest)
         if not same:
             raise RuntimeError(f"the exported student {path} does not reproduce the trained student's logits")
+        fmt = self.options.export_format
+        if fmt != "packed":                   # gguf / hf are made from the packed student (run_export.py)
+            from .run_export import export_packed_student
+            result = export_packed_student(path, fmt)
+            self.say(result.line)
+            if self.writer is not None:
+                self.writer.set_artifact(f"export_{fmt}", result.path)
         return report
 
     # ============================================================================================ helpers ======
