@@ -15,6 +15,7 @@ import torch
 from hybrid_optimization.distill import TrainOptions, train
 from hybrid_optimization.distill.cli import main
 from hybrid_optimization.distill.export import load_exported_student
+from hybrid_optimization.distill.presets import STUDENT_SIZES
 from hybrid_optimization.tracking import RunStore
 from workbench import queries
 
@@ -62,9 +63,10 @@ def test_guide_command_tiny_run_prints_the_guide_lines_and_fills_the_store(tmp_p
     assert len({k for k in keys if k.startswith("val_loss_cluster_")}) >= 2      # per data cluster (those evaluated)
     assert sorted(set(evals["step"])) == [10, 20]
     plan = queries.read_plan(store, run_id)
-    assert len(plan) == 14 and set(plan["bits"]) <= {1.0, 1.58, 2.0}
+    n_linear = 7 * STUDENT_SIZES["tiny"][1]                                    # q k v o gate up down per block
+    assert len(plan) == n_linear and set(plan["bits"]) <= {1.0, 1.58, 2.0}
     layers = queries.read_layers(store, run_id)
-    assert len(layers) == 14 and layers["rel_error"].between(0, 1).all()
+    assert len(layers) == n_linear and layers["rel_error"].between(0, 1).all()
     samples = queries.read_samples(store, run_id)
     assert set(samples["split"]) == {"train", "val"} and samples["cluster"].nunique() == 8
     assert samples["text"].str.len().gt(0).all()

@@ -3,6 +3,7 @@ The launcher's process start is stubbed: these tests check what would be started
 for a bad config."""
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -115,10 +116,11 @@ def test_launch_passes_the_form_to_the_cli_and_opens_the_live_view(filled, start
     assert not at.exception
     (argv,) = started
     run_id = at.session_state["launched_run"]
-    assert argv[:2] == [sys.executable, str(launcher.DISTILLATION_SCRIPT)]
-    assert argv[argv.index("--max_steps") + 1] == "60" and argv[argv.index("--bits") + 1] == "2"
-    assert argv[argv.index("--run_id") + 1] == run_id and argv[argv.index("--runs_root") + 1] == str(runs_root)
-    assert "--quiet" in argv and argv[argv.index("--tags") + 1] == "smoke,e2e"
+    assert argv[:2] == [sys.executable, str(launcher.DISTILLATION_SCRIPT)] and argv[2].startswith("--options=")
+    options = json.loads(Path(argv[2].split("=", 1)[1]).read_text())      # the CLI's TrainOptions
+    assert options["max_steps"] == 60 and options["bits"] == 2
+    assert options["run_id"] == run_id and options["runs_root"] == str(runs_root)
+    assert options["quiet"] and options["tags"] == ["smoke", "e2e"]
     run = RunStore(runs_root).get_run(run_id)
     assert run["status"] == "queued" and run["config"]["initial_trust_radius"] == 0.05
     assert run["config"] == HybridTrainingConfig(max_steps=60, initial_trust_radius=0.05, target_bits=2).to_dict()

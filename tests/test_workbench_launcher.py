@@ -97,7 +97,7 @@ def test_option_errors_name_the_option(tmp_path):
     errors = launcher.option_errors(LaunchOptions(preset="huge", nproc=0, device="tpu", alpha=2.0,
                                                   data=str(tmp_path / "missing.jsonl")))
     assert set(errors) == {"preset", "nproc", "device", "alpha", "data"}
-    assert errors["preset"] == "--preset 'huge' is invalid: it must be one of tiny, smollm2"   # the CLI's message
+    assert errors["preset"] == "preset = 'huge' is invalid: it must be one of tiny, smollm2"   # the CLI's rule
     assert "does not exist" in errors["data"]
     with pytest.raises(LaunchError, match="unknown launch option"):
         LaunchOptions.from_dict({"gpu": True})
@@ -139,7 +139,7 @@ def test_a_bad_config_or_option_starts_nothing(store, monkeypatch):
     with pytest.raises(ConfigError) as info:
         launcher.launch(store, {"initial_trust_radius": 5.0}, {})
     assert str(info.value) == field_error("initial_trust_radius", 5.0)
-    with pytest.raises(LaunchError, match="--device 'tpu'"):
+    with pytest.raises(LaunchError, match="device = 'tpu'"):
         launcher.launch(store, {}, {"device": "tpu"})
     with pytest.raises(LaunchError, match="training CLI .* is missing"):
         launcher.launch(store, {}, {}, script=Path("/nonexistent/distillation.py"))

@@ -101,7 +101,8 @@ def option_errors(options: LaunchOptions) -> dict[str, str]:
     if options.teacher and not Path(options.teacher).expanduser().is_dir():
         errors["teacher"] = f"teacher {options.teacher} is not a folder (a local Hugging Face causal-LM directory)"
     for name, message in train_options(HybridTrainingConfig(), options, "check", Path("runs")).errors().items():
-        errors.setdefault(name, message)
+        flag = f"--{name} "             # the form names the field itself: "alpha = 2.0 is invalid: ..."
+        errors.setdefault(name, f"{name} = {message[len(flag):]}" if message.startswith(flag) else message)
     return errors
 
 
