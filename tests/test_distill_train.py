@@ -261,6 +261,6 @@ def test_resume_with_export_of_a_finished_run_exports_without_training(tmp_path,
     run = RunStore(tmp_path).get_run(done.run_id)
     assert run["status"] == "finished" and run["step"] == 3 and run["summary"]["total_steps"] == 3
     assert Path(run["artifacts"]["export"]).is_file() and run["summary"]["compression_vs_fp32_linear"] > 10
-    steps = RunStore(tmp_path).read_steps(done.run_id)
+    steps = queries.read_steps(RunStore(tmp_path), done.run_id)
     assert steps["step"].tolist() == [1, 2, 3]                         # no step trained twice
     assert main(["--resume", done.run_id, "--quiet", "--runs_root", str(tmp_path)]) == 2   # nothing to do
