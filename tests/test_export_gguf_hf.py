@@ -265,3 +265,21 @@ def test_export_cli_module_runs(tmp_path):
     out = subprocess.run([sys.executable, "-m", "hybrid_optimization.export", "no-such-run", "--runs_root",
                           str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "error:" in out.stderr
+
+
+def test_training_run_with_export_gguf_writes_a_fully_ternary_gguf(tmp_path):
+    """The pipeline end to end (tiny preset, default student size, 2 steps): --export gguf leaves the packed student
+    and a GGUF whose every Linear layer is TQ1_0, both registered with the run."""
+    from hybrid_optimization.distill.options import TrainOptions
+    from hybrid_optimization.distill.train import train
+    from hybrid_optimization.tracking import RunStore
+    result = train(TrainOptions(qat=True, ternary=True, max_steps=2, eval_windows=8, quiet=True, export="gguf",
+                                runs_root=str(tmp_path)))
+    assert result.exit_code == 0
+    run = RunStore(tmp_path).get_run(result.run_id)
+    gguf_path = run["artifacts"]["export_gguf"]
+    reader, tensors = _gguf_tensors(gguf_path)
+    kinds = {name: kind for name, (kind, _) in tensors.items()}
+    assert {kinds[f"blk.0.{n}.weight"] for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                                  "ffn_down")} == {"TQ1_0"}
+    assert kinds["output.weight"] == "F32" and run["artifacts"]["export"].endswith("student.safetensors")
