@@ -140,7 +140,11 @@ def line_figure(series: pd.DataFrame, title: str, x_title: str = "step", log_y: 
     if x_title == "step":
         xaxis.update(integer_ticks(pd.to_numeric(series.x, errors="coerce").to_numpy(dtype="float64")))
     # Legend below the plot: plotly's toolbar sits top-right and would cover a legend there.
-    legend = dict(orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0.0)
+    legend = dict(orientation="h", yanchor="top", y=-0.3, xanchor="left", x=0.0)
+    # The legend takes room below the plot: grow the figure with it, so 20 runs do not squeeze the curves.
+    entries = sum(1 for t in traces if t.get("showlegend", True))
+    if entries > 2:
+        height = min(height + 22 * entries, 900)
     layout = dict(_LAYOUT, title=dict(text=title), uirevision=uirevision or title, height=height,
                   showlegend=len(runs) > 1 or len(names) > 1, xaxis=xaxis, yaxis=yaxis, legend=legend)
     # Built without plotly's per-property validation: it costs ~10 ms a chart on every live refresh. The unit
