@@ -174,7 +174,11 @@ def trials_frame(study) -> pd.DataFrame:
                      "run_id": trial.user_attrs.get("run_id"), "seconds": duration,
                      "last evaluated step": last,
                      **{f"p.{k}": v for k, v in trial.params.items()}})
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    for col in ("value", "seconds", "last evaluated step"):    # missing values as empty cells, not "None"
+        if col in frame:
+            frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    return frame
 
 
 def importances(study) -> dict[str, float]:

@@ -99,10 +99,15 @@ def test_tiny_sweep_from_the_sweep_page(workbench_server, browser_page, screensh
         time.sleep(2)
     elapsed = time.monotonic() - started
     assert len(runs) == 3 and all(r["tags"][:1] == ["sweep:browser-sweep"] for r in runs), runs
+    import optuna
+    study = optuna.load_study(study_name="browser-sweep", storage=f"sqlite:///{runs_root.resolve() / 'sweeps.db'}")
+    while time.monotonic() < deadline and any(not t.state.is_finished() for t in study.get_trials()):
+        time.sleep(1)                    # the sweep records the last trial's value after its run ends
+    assert len(study.get_trials()) == 3 and all(t.state.is_finished() for t in study.get_trials())
     page.get_by_role("tab", name="Results").click()
     page.get_by_role("button", name="Launch with this config").wait_for(timeout=180_000)
     page.wait_for_function(PARCOORDS_JS, timeout=120_000, polling=1000)
-    page.wait_for_timeout(3000)
+    page.wait_for_timeout(5000)          # the results refresh every 2 s while the sweep process lives
     page.screenshot(path=str(screenshots_dir / "sweep-results.png"), full_page=True)
     assert _foreign(requests) == [], _foreign(requests)
     print(f"3-trial tiny sweep from the Sweep page: {elapsed:.0f} s")
