@@ -182,7 +182,7 @@ def test_a_dead_run_shows_as_lost_and_can_be_resumed(runs_root, started):
     assert any("process (pid" in w for w in _texts(at.warning))
     at.button(key="live_resume").click().run()
     (argv,) = started
-    assert argv[-5:] == ["--resume", run_id, "--runs_root", str(runs_root), "--quiet"]
+    assert argv[-3:] == [f"--resume={run_id}", f"--runs_root={runs_root}", "--quiet"]
     assert store.get_run(run_id)["status"] == "queued"
 
 
