@@ -127,7 +127,8 @@ class HybridOptimizationManager:
         if cluster_id is None:
             cluster_id = self.last_cluster_id
         loss_value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-        info = self.optimizer.step(loss=loss_value, cluster_id=cluster_id, grads=grads)
+        self.optimizer.step(loss=loss_value, cluster_id=cluster_id, grads=grads)
+        info = self.optimizer.last_info
         metrics = info.as_dict()
         metrics.update(loss=loss_value, cluster_id=cluster_id,
                        step=step if step is not None else len(self.metrics_history["step"]))

@@ -2,41 +2,36 @@
 
 One step, for all parameters together:
 
-1. Base direction, exactly as torch.optim.AdamW (decoupled weight decay) or torch.optim.SGD (momentum, L2 decay):
-   Δ = -lr·m · (m̂ / (√v̂ + ε) + wd·θ)      with m = the LR multiplier.
-2. Trust region on the *final* update (after moments and weight decay), over every parameter:
-   "absolute":  ‖ΔΘ‖₂ ≤ μ   (the guide's constraint; Δ is scaled by μ/‖ΔΘ‖ when it is longer)
+1. Base update, exactly torch.optim.AdamW's (decoupled weight decay) or torch.optim.SGD's (momentum, L2 decay), per
+   tensor: u = −lr·s · (m̂ / (√v̂ + ε) + wd·θ), with s the built-in schedule factor (1 without one).
+2. The multiplier m and the trust region scale it:  Δ = c·u with c = m, or less where the region binds —
+   "absolute":  ‖ΔΘ‖₂ ≤ μ over every parameter (the guide's constraint);
    "relative":  ‖ΔW‖₂ ≤ μ·‖W‖₂ for each tensor W (LAMB-like, so a large layer cannot take the whole budget).
 3. θ ← θ + Δ.
 
-The multiplier m and the radius μ come from the AuxiliaryNeuralNetwork, which learns online from two signals this
-optimizer measures for it (see auxiliary_nn.py): the hypergradient cos(g_t, Δ_{t-1}) for the LR head and the
-trust-region agreement ratio ρ = actual / predicted loss reduction for the radius head. Without an auxiliary net,
-m = 1 and, when `radius_adaptation` is on, μ follows the classic ρ rule directly.
+m and μ come from the AuxiliaryNeuralNetwork, which learns online from the hypergradient cos(g_t, Δ_{t-1}) and the
+trust-region agreement ratio ρ; without a net m = 1 and μ follows the classic ρ rule. Those decisions are plain
+arithmetic on a few numbers and live in controller.py (HybridController, tested without tensors); this file holds
+the tensor side. An untrained net and trust_region=None give torch's AdamW trajectory.
 
-What the benchmarks (benchmarks/bench_hybrid.py, issue 6) changed, each switchable back for before/after runs:
+torch's optimizer contract holds: every setting is in `defaults` and each param group (so `state_dict()` carries
+them and LR schedulers, `add_param_group` and per-group LRs work); `step(closure)` returns the loss and leaves its
+StepInfo in `optimizer.last_info`; step pre/post hooks, `zero_grad`, deepcopy and pickle behave as for any torch
+optimizer; the aux net, its meta-optimizer and the controller's running numbers are part of `state_dict()`, so a
+checkpoint resumes bit-identically (and loads with torch.load(weights_only=True)).
 
-* ρ from gradients (`rho_from="gradients"`). Minibatch losses of consecutive steps come from different batches
-  (different clusters, with cluster-balanced sampling): their difference is mostly batch noise, so a ρ built on it
-  swung between −30 and +20 and the radius rule shrank μ to its floor. Along the step Δ_{t-1} a quadratic model
-  gives the actual change exactly from the two gradients at its ends (trapezoid rule):
-      actual reduction = −½ (g_{t-1} + g_t)·Δ_{t-1},   predicted (linear model) = −g_{t-1}·Δ_{t-1},
-  so ρ = ½ (1 + g_t·Δ_{t-1} / g_{t-1}·Δ_{t-1}) needs no loss at all: ≈ 1 while the loss is near-linear along the
-  step, ½ at the minimum along it, < 0 when the step overshot by more than 2×. ("losses": the old estimate.)
-* The hypergradient through the projection (`projected_hypergradient=True`): a tensor whose update the trust
-  region cut to the radius does not change when m changes, so it carries no information about m; the LR head
-  learns only from the tensors the constraint left free (no LR signal at all when every tensor was cut). Before,
-  the bound update kept reporting "a larger m would help" and m climbed to 6× while changing nothing.
-* Radius = the aux net's prediction × the classic rule's running factor (`aux_radius="scaled"`): the net's radius
-  head learns slowly (one small Adam step per training step), so from the guide's μ = 0.01 a bound update stayed
-  bound for the whole run. The rule's factor (×2 / ×0.5 per step, from ρ) starts at 1, so an untrained net still
-  gives exactly its initial radius on the first step. ("direct": the net's prediction alone, as before.)
-* An optional base LR schedule inside the optimizer (`warmup_steps`, `decay_steps`: linear warmup, cosine decay
-  to 0), multiplied by the learned multiplier — the aux net corrects a sensible prior instead of having to learn
-  warmup and annealing from a one-step signal. Off by default (0 / None).
-
-Global scalars (lr_multiplier, trust_radius) live in every param_group; the auxiliary net, its meta-optimizer and
-the running statistics are part of `state_dict()`, so a checkpoint resumes bit-identically.
+How the tensor work is done (one host sync per step):
+* u is computed into an update buffer the optimizer owns — torch's functional AdamW/SGD run on that buffer (zeroed
+  first) instead of on θ — and θ then moves by one ordinary in-place add. So the fused CPU/CUDA kernel only ever sees
+  the optimizer's own contiguous buffers and the gradient: a non-contiguous parameter (a view) is updated correctly,
+  and every parameter's version counter moves (the fused kernels do not bump the counters of what they write).
+* `fused=None` (default) uses the fused AdamW kernel where every tensor it touches qualifies (supported device and
+  floating dtype, contiguous buffers and gradient) and torch's foreach path elsewhere; `fused=False` uses foreach
+  (`foreach=False`: the for-loop path). torch itself defaults to foreach because its fused kernel would write the
+  parameters; here it never does.
+* The per-step numbers (‖g‖, g·Δ_{t-1}, ‖u‖, g·u, ‖θ‖ for the relative region) are gathered into one tensor and read
+  once. A non-finite gradient is caught without an earlier read: the fused kernel skips via `found_inf`; groups
+  on the foreach/for-loop path read ‖g‖ first (a second sync).
 
 A step whose loss or gradient is NaN/Inf is skipped: no weight or moment changes, the radius is halved, and the
 skip is counted.
@@ -45,35 +40,35 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from numbers import Integral, Real
 from typing import Any, Callable, Iterable
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw as adamw_functional
-from torch.optim.optimizer import _get_fused_kernels_supported_devices
 from torch.optim.sgd import sgd as sgd_functional
 
-from .auxiliary_nn import RADIUS_RANGE, AuxiliaryNeuralNetwork, trust_region_factor
+from .auxiliary_nn import RADIUS_RANGE, AuxiliaryNeuralNetwork
 from .config import HybridTrainingConfig
-from .state import TrainingStateTracker
+from .controller import HybridController
 
 BASES = ("adamw", "sgd")
-
-
-def _fused_ok(params) -> bool:
-    """torch's fused AdamW kernel (one pass over θ, g, m, v) when every tensor's device and dtype allow it."""
-    devices = _get_fused_kernels_supported_devices()
-    return all(p.device.type in devices and p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-               for p in params)
 TRUST_REGIONS = ("absolute", "relative", None)
 RHO_SOURCES = ("gradients", "losses")
 AUX_RADIUS_MODES = ("scaled", "direct")
+FUSED_DEVICES = ("cpu", "cuda")
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Settings of the whole optimizer (every group holds the same value; step reads the first group's). The rest —
+# lr, betas, eps, weight_decay, momentum, foreach, fused — may differ per group.
+GLOBAL_SETTINGS = ("base", "trust_region", "radius_adaptation", "radius_range", "meta_learning", "meta_horizon",
+                   "n_clusters", "quantization_bits", "quantization_every", "quantization_scale", "rho_from",
+                   "projected_hypergradient", "aux_radius", "warmup_steps", "decay_steps", "anneal_meta_learning")
 
 
 @dataclass
 class StepInfo:
     """What one optimizer step did (also the guide's `update_info`)."""
-    learning_rate: float          # effective LR = base lr × multiplier (first param group)
+    learning_rate: float          # effective LR = base lr × schedule × multiplier (first param group)
     lr_multiplier: float
     trust_radius: float           # μ used for this step (inf when the trust region is off)
     update_magnitude: float       # ‖ΔΘ‖₂ actually applied
@@ -100,57 +95,21 @@ class HybridOptimizer(Optimizer):
                  quantization_bits: float | None = None, quantization_every: int = 1,
                  quantization_scale: float = 1.0, rho_from: str = "gradients", projected_hypergradient: bool = True,
                  aux_radius: str = "scaled", warmup_steps: int = 0, decay_steps: int | None = None,
-                 anneal_meta_learning: bool = True):
-        if not (lr >= 0):
-            raise ValueError(f"lr must be ≥ 0, got {lr!r}")
-        if base not in BASES:
-            raise ValueError(f"base must be one of {', '.join(BASES)}, got {base!r}")
-        if trust_region not in TRUST_REGIONS:
-            raise ValueError(f"trust_region must be 'absolute', 'relative' or None, got {trust_region!r}")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"betas must lie in [0, 1), got {betas!r}")
-        if not (radius_range[0] <= trust_radius <= radius_range[1]):
-            raise ValueError(f"trust_radius must lie in {list(radius_range)}, got {trust_radius!r}")
-        if int(meta_horizon) < 1:
-            raise ValueError(f"meta_horizon must be ≥ 1, got {meta_horizon!r}")
-        if rho_from not in RHO_SOURCES:
-            raise ValueError(f"rho_from must be one of {', '.join(RHO_SOURCES)}, got {rho_from!r}")
-        if aux_radius not in AUX_RADIUS_MODES:
-            raise ValueError(f"aux_radius must be one of {', '.join(AUX_RADIUS_MODES)}, got {aux_radius!r}")
-        if isinstance(warmup_steps, bool) or int(warmup_steps) < 0:
-            raise ValueError(f"warmup_steps must be an integer ≥ 0, got {warmup_steps!r}")
-        if decay_steps is not None and (isinstance(decay_steps, bool) or int(decay_steps) < 1):
-            raise ValueError(f"decay_steps must be None or an integer ≥ 1, got {decay_steps!r}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
-                        lr_multiplier=1.0, trust_radius=float(trust_radius))
+                 anneal_meta_learning: bool = True, foreach: bool | None = None, fused: bool | None = None):
+        if aux_net is not None and not isinstance(aux_net, AuxiliaryNeuralNetwork):
+            raise TypeError(f"aux_net must be an AuxiliaryNeuralNetwork or None, got {type(aux_net).__name__}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum, foreach=foreach,
+                        fused=fused, base=base, trust_region=trust_region, radius_adaptation=radius_adaptation,
+                        radius_range=radius_range, meta_learning=meta_learning, meta_horizon=meta_horizon,
+                        n_clusters=n_clusters, quantization_bits=quantization_bits,
+                        quantization_every=quantization_every, quantization_scale=quantization_scale,
+                        rho_from=rho_from, projected_hypergradient=projected_hypergradient, aux_radius=aux_radius,
+                        warmup_steps=warmup_steps, decay_steps=decay_steps,
+                        anneal_meta_learning=anneal_meta_learning, trust_radius=trust_radius, lr_multiplier=1.0)
+        defaults = _checked_settings(defaults)
         super().__init__(params, defaults)
-        self.base = base
-        self.trust_region = trust_region
-        self.radius_adaptation = radius_adaptation
-        self.radius_range = tuple(radius_range)
         self.aux_net = aux_net
-        self.meta_learning = meta_learning
-        self.meta_horizon = int(meta_horizon)
-        self.n_clusters = n_clusters
-        self.quantization_bits = quantization_bits
-        self.quantization_every = max(int(quantization_every), 1)
-        self.quantization_scale = quantization_scale
-        self.rho_from = rho_from
-        self.projected_hypergradient = bool(projected_hypergradient)
-        self.aux_radius = aux_radius
-        self.warmup_steps = int(warmup_steps)
-        self.decay_steps = None if decay_steps is None else int(decay_steps)
-        self.anneal_meta_learning = bool(anneal_meta_learning)
-        self.tracker = TrainingStateTracker()
-        # Running quantities carried from one step to the next (all plain numbers/tensors: checkpoint-safe).
-        self.hybrid_state: dict[str, Any] = {
-            "steps": 0, "skipped_steps": 0, "constraint_active_steps": 0,
-            "radius": float(trust_radius),      # μ when no aux net decides it
-            "radius_scale": 1.0,                # the rule's running factor on the aux net's radius ("scaled")
-            "backoff": 1.0,                     # radius factor after non-finite steps, recovers to 1
-            "prev_features": None, "prev_loss": None, "prev_predicted": None, "prev_active": False, "prev_norm": 0.0,
-            "actual_ema": 0.0, "predicted_ema": 0.0, "rho_count": 0,
-        }
+        self.controller = HybridController(defaults["trust_radius"])
         self.last_info: StepInfo | None = None
 
     @classmethod
@@ -169,16 +128,47 @@ class HybridOptimizer(Optimizer):
             aux_net=aux_net if config.use_auxiliary_nn else None, meta_horizon=config.meta_horizon,
             n_clusters=config.data_clusters if config.use_clustering else None,
             quantization_bits=config.target_bits if config.use_quantization else None,
-            quantization_every=config.log_interval, quantization_scale=config.quantizer_scale,
+            quantization_every=max(int(config.log_interval), 1), quantization_scale=config.quantizer_scale,
         )
         kwargs.update(overrides)
         return cls(params, **kwargs)
 
-    # -- the step ---------------------------------------------------------------------------------------------------
+    # -- torch's contract: groups, pickling ---------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch's, with the group's settings checked: a bad value or a global setting that differs from the
+        other groups' is a ValueError."""
+        merged = _checked_settings({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
+        if self.param_groups:
+            first = self.param_groups[0]
+            for key in GLOBAL_SETTINGS:
+                if merged[key] != first[key]:
+                    raise ValueError(f"{key} is a setting of the whole optimizer: every param group must use "
+                                     f"{first[key]!r}, got {merged[key]!r}")
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if merged["fused"]:
+            for p in params:
+                if p.device.type not in FUSED_DEVICES or p.dtype not in FUSED_DTYPES:
+                    raise ValueError(f"fused=True needs floating-point parameters on {' or '.join(FUSED_DEVICES)}, "
+                                     f"got {p.dtype} on {p.device.type}; use fused=None (fused where possible)")
+        super().add_param_group({**param_group, **merged, "params": params})
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's keeps only defaults, state and param_groups: without these a copy could not step.
+        return {**super().__getstate__(), "aux_net": self.aux_net, "controller": self.controller,
+                "last_info": self.last_info}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("aux_net", None)
+        self.__dict__.setdefault("controller", HybridController(self.defaults["trust_radius"]))
+        self.__dict__.setdefault("last_info", None)
+
+    # -- the step -----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *, loss: float | torch.Tensor | None = None,
-             cluster_id: int | None = None, grads: list[torch.Tensor | None] | None = None) -> StepInfo:
-        """One hybrid step.
+             cluster_id: int | None = None, grads: list[torch.Tensor | None] | None = None):
+        """One hybrid step; returns the loss (the closure's, else `loss`). What it did: `self.last_info`.
 
         loss : this batch's loss (a number or a tensor). The auxiliary net's features (and, with rho_from="losses",
                the trust-region ratio) need it; with DDP pass the all-reduced loss so every rank decides the same.
@@ -188,111 +178,131 @@ class HybridOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        loss_value = float(loss) if loss is not None else None
-        hs = self.hybrid_state
+        self.last_info = self._hybrid_step(loss, cluster_id, grads)
+        return loss
 
-        params, grad_list = self._params_with_grads(grads)
-        if not params:
-            return self._record(StepInfo(self._effective_lr(), self._multiplier(), self._radius_for_info(),
-                                         0.0, False, 1.0, 0.0, step=hs["steps"]))
-        # One read of the gradients before anything changes: their norm is a feature, and a NaN/Inf anywhere
-        # must stop the step before the first parameter moves.
-        grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grad_list))))
-        if not math.isfinite(grad_norm) or (loss_value is not None and not math.isfinite(loss_value)):
-            return self._skip(grad_norm)
+    def _hybrid_step(self, loss, cluster_id, grads) -> StepInfo:
+        settings, ctl = self.param_groups[0], self.controller
+        entries = self._entries(grads)                  # (group, param, grad) for every parameter with a gradient
+        schedule = ctl.schedule_factor(settings, ctl.steps)
+        if not entries:
+            return StepInfo(self._effective_lr(schedule), float(settings["lr_multiplier"]),
+                            self._radius_for_info(), 0.0, False, 1.0, 0.0, step=ctl.steps, lr_schedule=schedule)
+        params = [p for _, p, _ in entries]
+        grad_list = [g for _, _, g in entries]
+        states = [self._init_state(p, settings["base"]) for p in params]
+        horizon = int(settings["meta_horizon"])
 
-        # 1. What the new gradient says about the previous update (before its buffer is reused): g_t·Δ_{t-1} for
-        #    ρ, and g_t·(the part of the recent updates the multiplier controlled) for the hypergradient.
-        dots = self._dots_with_previous_update(params, grad_list)
-        # 2. This step's multiplier and radius (the radius rule first digests the outcome of the previous step).
-        rho = self._trust_region_ratio(loss_value, dots["full"])
-        state_now = self.tracker.update(loss_value, grad_norm, cluster_id, self.n_clusters)
-        features = state_now.features()
-        multiplier, radius = self._decide(features, rho)
-        schedule = self.lr_schedule_factor(hs["steps"])
+        # 1. The new gradient against the previous update, before the update buffers are reused.
+        measured = _Measurements()
+        measured.add("grad_norm", torch._foreach_norm(grad_list))
+        if isinstance(loss, torch.Tensor):
+            measured.add("loss", [loss.detach().reshape(())])
+        prev = [i for i, s in enumerate(states) if s.get("taken")]      # tensors with a previous update
+        measured.add("dot_prev", [_dot(grad_list[i], states[i]["update"]) for i in prev])
+        if horizon > 1:
+            traced = [i for i in prev if "update_trace" in states[i]]
+            measured.add("dot_trace", [_dot(grad_list[i], states[i]["update_trace"]) for i in traced])
+            measured.add("trace_norm", torch._foreach_norm([states[i]["update_trace"] for i in traced])
+                         if traced else [])
+        groups = self._by_group(entries)
+        early = not all(self._fused_indices(group, idx, states, grad_list) == idx for group, idx in groups)
+        if early or not math.isfinite(_host_loss(loss)):
+            # a group on the foreach/for-loop path would put a NaN gradient into its moments: look first
+            values = measured.read()
+            if not _finite(values, loss):
+                return self._skip(values, schedule)
+            found_inf = None
+        else:
+            finite = torch.isfinite(torch.stack(measured.tensors("grad_norm")).sum())
+            if isinstance(loss, torch.Tensor):
+                finite = finite & torch.isfinite(loss.detach().reshape(()))
+            found_inf = (~finite).to(torch.float32)
+
+        # 2. Base update u of every tensor into its update buffer (θ is not touched yet).
+        for group, idx in groups:
+            self._base_update(group, idx, params, grad_list, states, schedule, found_inf)
+        updates = [s["update"] for s in states]
+        measured.add("update_norm", torch._foreach_norm(updates))
+        measured.add("grad_dot_update", [_dot(g, u) for g, u in zip(grad_list, updates)])
+        relative = settings["trust_region"] == "relative"
+        if relative:
+            measured.add("param_norm", torch._foreach_norm(params))
+        values = measured.read()                                    # the one host sync of the step
+        if not _finite(values, loss):
+            return self._skip(values, schedule)
+
+        # 3. Decide (controller + auxiliary net), project onto the trust region, apply.
+        loss_value = _loss_value(values, loss)
+        grad_norm = _total(values["grad_norm"])
+        scales = [states[i].get("scale", 1.0) for i in prev]
+        dot_full = sum(c * d for c, d in zip(scales, values["dot_prev"]))
+        if horizon > 1:
+            dot_free, prev_norm = sum(values["dot_trace"]), _total(values["trace_norm"])
+        else:
+            dot_free = sum(c * d for c, d, i in zip(scales, values["dot_prev"], prev) if states[i].get("free", True))
+            prev_norm = None
+        observation = ctl.observe(settings, loss=loss_value, grad_norm=grad_norm, dot_full=dot_full,
+                                  dot_free=dot_free, cluster_id=cluster_id, has_aux=self.aux_net is not None,
+                                  prev_norm=prev_norm)
+        prediction = self.aux_net.predict(observation.state) if self.aux_net is not None else None
+        multiplier, radius = ctl.decide(settings, prediction)
+        projection = ctl.project(settings, multiplier, radius, [x * x for x in values["update_norm"]],
+                                 values["grad_dot_update"],
+                                 [x * x for x in values["param_norm"]] if relative else None,
+                                 [p.numel() for p in params] if relative else None)
+        scales = projection.scales
+        if all(c == scales[0] for c in scales):
+            torch._foreach_add_(params, updates, alpha=scales[0])
+        else:
+            for p, u, c in zip(params, updates, scales):
+                p.add_(u, alpha=c)
+        for state, c, free in zip(states, scales, projection.free):
+            state.update(scale=c, free=free, taken=True)
+        if horizon > 1:     # a decaying trace of the last ~H applied updates, of the tensors the multiplier moved
+            traces = [s.setdefault("update_trace", torch.zeros_like(s["update"])) for s in states]
+            torch._foreach_mul_(traces, 1.0 - 1.0 / horizon)
+            for trace, u, c, free in zip(traces, updates, scales, projection.free):
+                if free:
+                    trace.add_(u, alpha=c)
         for group in self.param_groups:
             group["lr_multiplier"], group["trust_radius"] = multiplier, radius
 
-        # 3. One pass, tensor by tensor: base update Δ (into state["update"]), relative trust region, apply.
-        sums = self._update_pass(params, grad_list, multiplier * schedule, radius)
-
-        # 4. The absolute trust region needs the norm of the whole update: when it binds, pull every tensor back.
-        proposed_norm, applied_norm, active = sums["proposed_norm"], sums["applied_norm"], sums["active"]
-        predicted = -sums["grad_dot_update"]
-        free = sums["free"]                  # per tensor: did the multiplier still control its update?
-        if self.trust_region == "absolute" and applied_norm > radius:
-            shrink = radius / applied_norm
-            for p in params:
-                u = self.state[p]["update"]
-                p.add_(u, alpha=shrink - 1.0)
-                u.mul_(shrink)
-            applied_norm, predicted, active = radius, predicted * shrink, True
-            free = [False] * len(params)
-        if not self.projected_hypergradient:
-            free = [True] * len(params)
-        # The updates the next hypergradient looks at: this one (meta_horizon 1) or a decaying trace of the last
-        # ~H updates; only the free tensors' parts, since only those scale with the multiplier.
-        traces = []
-        for p, is_free in zip(params, free):
-            state = self.state[p]
-            if self.meta_horizon > 1:
-                trace = state.setdefault("update_trace", torch.zeros_like(p)).mul_(1.0 - 1.0 / self.meta_horizon)
-                if is_free:
-                    trace.add_(state["update"])
-                traces.append(trace)
-            else:
-                state["free"] = bool(is_free)
-                if is_free:
-                    traces.append(state["update"])
-        prev_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(traces)))) if traces else 0.0
-
-        # 5. Feedback to the auxiliary net on the previous update (cos(g_t, Δ_{t-1}), ρ); it shapes the next step.
-        hypergrad = float("nan")
-        if hs["prev_norm"] > 0 and grad_norm > 0:
-            hypergrad = dots["free"] / (grad_norm * hs["prev_norm"])
-        if self.aux_net is not None and self.meta_learning and hs["prev_features"] is not None:
-            if self.anneal_meta_learning and self.decay_steps is not None:
-                # While the schedule anneals the LR on purpose, the greedy one-step signal would keep asking for
-                # more (it cannot see the long-horizon gain of annealing): its learning rate anneals alike.
+        # 4. Feedback to the auxiliary net on the previous update; it shapes the next step.
+        feedback = observation.feedback
+        if feedback is not None:
+            if feedback.meta_lr_scale is not None:
                 for group in self.aux_net.meta_optimizer.param_groups:
-                    group["lr"] = self.aux_net.learning_rate * schedule
-            self.aux_net.update_with_feedback(hs["prev_features"],
-                                              hypergradient=hypergrad if math.isfinite(hypergrad) else None,
-                                              rho=rho if self.radius_adaptation and math.isfinite(rho) else None,
-                                              constraint_active=hs["prev_active"])
-        hs.update(steps=hs["steps"] + 1, prev_features=features, prev_loss=loss_value, prev_predicted=predicted,
-                  prev_active=active, prev_norm=prev_norm, backoff=min(1.0, hs["backoff"] * 1.25))
-        hs["constraint_active_steps"] += int(active)
-
-        info = StepInfo(
+                    group["lr"] = self.aux_net.learning_rate * feedback.meta_lr_scale
+            self.aux_net.update_with_feedback(torch.tensor(feedback.features, dtype=torch.float32),
+                                              hypergradient=feedback.hypergradient, rho=feedback.rho,
+                                              constraint_active=feedback.constraint_active)
+        ctl.record(observation, projection, loss_value)
+        active = projection.active
+        return StepInfo(
             learning_rate=self._effective_lr(schedule), lr_multiplier=multiplier,
-            trust_radius=radius if self.trust_region else float("inf"), update_magnitude=applied_norm,
-            constraint_active=active, efficiency=applied_norm / proposed_norm if active and proposed_norm > 0 else 1.0,
+            trust_radius=radius if settings["trust_region"] else float("inf"),
+            update_magnitude=projection.applied_norm, constraint_active=active,
+            efficiency=projection.applied_norm / projection.proposed_norm
+            if active and projection.proposed_norm > 0 else 1.0,
             gradient_magnitude=grad_norm, quantization_error=self._quantization_error(params),
-            hypergradient=hypergrad, rho=rho, step=hs["steps"], lr_schedule=schedule)
-        return self._record(info)
+            hypergradient=observation.hypergradient, rho=observation.rho, step=ctl.steps, lr_schedule=schedule)
 
     def lr_schedule_factor(self, step: int) -> float:
         """The built-in base schedule at `step` (steps taken so far): linear warmup over `warmup_steps`, then
         cosine decay to 0 at `decay_steps` (when set); 1.0 without a schedule."""
-        factor = 1.0
-        if self.warmup_steps > 0 and step < self.warmup_steps:
-            factor = (step + 1) / self.warmup_steps
-        if self.decay_steps is not None and step >= self.warmup_steps:
-            progress = min(1.0, (step - self.warmup_steps) / max(1, self.decay_steps - self.warmup_steps))
-            factor = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return factor
+        return self.controller.schedule_factor(self.param_groups[0], step)
 
     # -- pieces of the step -------------------------------------------------------------------------------------------
-    def _params_with_grads(self, grads):
-        params, grad_list = [], []
-        all_params = [p for group in self.param_groups for p in group["params"]]
+    def _entries(self, grads):
+        all_params = [(group, p) for group in self.param_groups for p in group["params"]]
         if grads is not None:
             grads = list(grads)
             if len(grads) != len(all_params):
                 raise ValueError(f"got {len(grads)} gradients for {len(all_params)} parameters; pass one gradient "
                                  "(or None) per parameter, in the order of the optimizer's parameters")
-        for i, p in enumerate(all_params):
+        entries = []
+        for i, (group, p) in enumerate(all_params):
             g = grads[i] if grads is not None else p.grad
             if g is None:
                 continue
@@ -300,215 +310,257 @@ class HybridOptimizer(Optimizer):
                 raise ValueError(f"gradient {i} has shape {tuple(g.shape)} but its parameter has {tuple(p.shape)}")
             if g.is_sparse:
                 raise RuntimeError("HybridOptimizer does not support sparse gradients")
-            params.append(p)
-            grad_list.append(g.detach())
-        return params, grad_list
+            entries.append((group, p, g.detach()))
+        return entries
 
-    def _dots_with_previous_update(self, params, grad_list) -> dict[str, float]:
-        """g_t·Δ_{t-1} over all tensors ("full", for ρ) and over the multiplier-controlled part ("free", for the
-        hypergradient: the free tensors' Δ_{t-1}, or the trace of free updates when meta_horizon > 1)."""
-        full, free = [], []
-        for p, g in zip(params, grad_list):
-            state = self.state[p]
-            if "update" not in state:
-                continue
-            dot = torch.vdot(g.reshape(-1), state["update"].reshape(-1))
-            full.append(dot)
-            if self.meta_horizon > 1:
-                if "update_trace" in state:
-                    free.append(torch.vdot(g.reshape(-1), state["update_trace"].reshape(-1)))
-            elif state.get("free", True):
-                free.append(dot)
-        total = lambda xs: float(torch.stack(xs).sum()) if xs else 0.0   # noqa: E731 (one sync per sum)
-        return {"full": total(full), "free": total(free)}
+    @staticmethod
+    def _by_group(entries) -> list[tuple[dict, list[int]]]:
+        groups: dict[int, tuple[dict, list[int]]] = {}
+        for i, (group, _, _) in enumerate(entries):
+            groups.setdefault(id(group), (group, []))[1].append(i)
+        return list(groups.values())
 
-    def _trust_region_ratio(self, loss_value: float | None, grad_dot_prev: float) -> float:
-        """ρ = actual / predicted reduction of the previous update, from running averages (one step is noisy);
-        without an auxiliary net the classic rule adapts μ right here, with one its running factor on the net's
-        radius ("scaled")."""
-        hs = self.hybrid_state
-        rho = float("nan")
-        if hs["prev_predicted"] is not None and hs["prev_features"] is not None:
-            if self.rho_from == "gradients":           # trapezoid rule along Δ_{t-1}: exact for a quadratic
-                actual = 0.5 * (hs["prev_predicted"] - grad_dot_prev)
-            elif loss_value is not None and hs["prev_loss"] is not None:
-                actual = hs["prev_loss"] - loss_value
-            else:
-                actual = None
-            if actual is not None:
-                beta = 0.9
-                hs["actual_ema"] = beta * hs["actual_ema"] + (1 - beta) * actual
-                hs["predicted_ema"] = beta * hs["predicted_ema"] + (1 - beta) * hs["prev_predicted"]
-                hs["rho_count"] += 1
-                if hs["predicted_ema"] > 0:
-                    rho = hs["actual_ema"] / hs["predicted_ema"]
-        if self.radius_adaptation and self.trust_region:
-            factor = trust_region_factor(rho, hs["prev_active"])
-            lo, hi = self.radius_range
-            if self.aux_net is None:
-                hs["radius"] = min(max(hs["radius"] * factor, lo), hi)
-            elif self.aux_radius == "scaled" and factor != 1.0:
-                # keep aux radius × factor inside the range, whatever the net predicts next
-                hs["radius_scale"] = min(max(hs["radius_scale"] * factor, lo / hi), hi / lo)
-        return rho
+    @staticmethod
+    def _fused_indices(group, idx, states, grad_list) -> list[int]:
+        """The tensors of `idx` the fused AdamW kernel may take: every tensor it touches qualifies."""
+        if group["fused"] is False or group["base"] != "adamw":
+            return []
+        out = []
+        for i in idx:
+            g, s = grad_list[i], states[i]
+            tensors = (g, s["update"], s["exp_avg"], s["exp_avg_sq"])
+            if (g.device.type in FUSED_DEVICES and g.dtype in FUSED_DTYPES and s["step"].dtype == torch.float32
+                    and all(t.is_contiguous() and t.dtype == g.dtype and t.device == g.device for t in tensors)):
+                out.append(i)
+        return out
 
-    def _decide(self, features: torch.Tensor, rho: float) -> tuple[float, float]:
-        hs = self.hybrid_state
-        if self.aux_net is not None:
-            multiplier, aux_radius = self.aux_net.predict(features)
-            if not self.radius_adaptation:
-                radius = hs["radius"]
-            elif self.aux_radius == "scaled":
-                lo, hi = self.radius_range
-                radius = min(max(aux_radius * hs["radius_scale"], lo), hi)
-            else:
-                radius = aux_radius
+    def _base_update(self, group, idx, params, grad_list, states, schedule, found_inf) -> None:
+        """u_i = the base optimizer's update of tensor i at lr × schedule, into states[i]["update"] (θ unchanged)."""
+        lr = float(group["lr"]) * schedule
+        wd = float(group["weight_decay"])
+        updates = [states[i]["update"] for i in idx]
+        torch._foreach_zero_(updates)
+        if group["base"] == "adamw":
+            fused = set(self._fused_indices(group, idx, states, grad_list))
+            for use_fused, part in ((True, [i for i in idx if i in fused]), (False, [i for i in idx if i not in fused])):
+                if not part:
+                    continue
+                adamw_functional([states[i]["update"] for i in part], [grad_list[i] for i in part],
+                                 [states[i]["exp_avg"] for i in part], [states[i]["exp_avg_sq"] for i in part], [],
+                                 [states[i]["step"] for i in part], foreach=None if use_fused else group["foreach"] is not False,
+                                 fused=use_fused, found_inf=found_inf if use_fused else None, amsgrad=False,
+                                 beta1=group["betas"][0], beta2=group["betas"][1], lr=lr, weight_decay=0.0,
+                                 eps=group["eps"], maximize=False)
+            if wd:                                  # decoupled weight decay: u −= lr·wd·θ
+                torch._foreach_add_(updates, [params[i] for i in idx], alpha=-lr * wd)
         else:
-            multiplier, radius = 1.0, hs["radius"]
-        radius = max(radius * hs["backoff"], self.radius_range[0] * 1e-3)
-        return multiplier, radius
+            gs = [grad_list[i] for i in idx]
+            if wd:                                  # SGD's L2 decay enters the gradient (and the momentum)
+                gs = torch._foreach_add(gs, [params[i] for i in idx], alpha=wd)
+            buffers = [states[i].get("momentum_buffer") for i in idx]
+            sgd_functional(updates, gs, buffers, foreach=group["foreach"] is not False, fused=False,
+                           weight_decay=0.0, momentum=group["momentum"], lr=lr, dampening=0.0, nesterov=False,
+                           maximize=False)
+            for i, buf in zip(idx, buffers):
+                if buf is not None:
+                    states[i]["momentum_buffer"] = buf
 
-    def _update_pass(self, params, grad_list, multiplier, radius) -> dict[str, Any]:
-        """Base step through torch's own AdamW/SGD kernels (fused where the device has them), with Δ recovered as
-        θ_new − θ_old, then the relative trust region. Returns the sums the rest of the step needs, and which
-        tensors the trust region left free (in `params` order)."""
-        grad_of = {p: g for p, g in zip(params, grad_list)}
-        ordered, updates = [], []
-        for group in self.param_groups:
-            ps = [p for p in group["params"] if p in grad_of]
-            if not ps:
-                continue
-            gs = [grad_of[p] for p in ps]
-            us = [self._init_state(group, p)["update"] for p in ps]
-            torch._foreach_copy_(us, ps)                       # θ_old
-            lr = group["lr"] * multiplier
-            if self.base == "adamw":
-                steps = [self.state[p]["step"] for p in ps]
-                adamw_functional(ps, gs, [self.state[p]["exp_avg"] for p in ps],
-                                 [self.state[p]["exp_avg_sq"] for p in ps], [], steps, fused=_fused_ok(ps),
-                                 amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1], lr=lr,
-                                 weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-            else:
-                buffers = [self.state[p].get("momentum_buffer") for p in ps]
-                sgd_functional(ps, gs, buffers, weight_decay=group["weight_decay"], momentum=group["momentum"],
-                               lr=lr, dampening=0.0, nesterov=False, maximize=False)
-                for p, buf in zip(ps, buffers):
-                    if buf is not None:
-                        self.state[p]["momentum_buffer"] = buf
-            for p, u in zip(ps, us):
-                torch.sub(p, u, out=u)                        # Δ = θ_new − θ_old
-            ordered += ps
-            updates += us
-        norms = torch.stack(torch._foreach_norm(updates))
-        proposed_sq = float((norms ** 2).sum())
-        active = False
-        capped = set()
-        if self.trust_region == "relative":
-            # ‖ΔW‖ ≤ μ·‖W_old‖ (a zero tensor, e.g. a fresh bias, may move μ·1e-3·√n)
-            old_norms = torch.stack(torch._foreach_norm([p - u for p, u in zip(ordered, updates)]))
-            numels = torch.tensor([float(p.numel()) for p in ordered], dtype=old_norms.dtype)
-            limits = radius * torch.maximum(old_norms, 1e-3 * numels.sqrt())
-            ratios = (limits / norms.clamp_min(1e-30)).clamp(max=1.0)
-            for i in torch.nonzero(ratios < 1.0).flatten().tolist():
-                s = float(ratios[i])
-                ordered[i].add_(updates[i], alpha=s - 1.0)
-                updates[i].mul_(s)
-                capped.add(ordered[i])
-                active = True
-            norms = norms * ratios
-        grad_dot_update = sum(torch.vdot(grad_of[p].reshape(-1), u.reshape(-1)) for p, u in zip(ordered, updates))
-        return {"grad_dot_update": float(grad_dot_update), "proposed_norm": math.sqrt(proposed_sq),
-                "applied_norm": float(torch.linalg.vector_norm(norms)), "active": active,
-                "free": [p not in capped for p in params]}
-
-    def _init_state(self, group, p) -> dict:
+    def _init_state(self, p, base) -> dict:
         state = self.state[p]
         if "update" not in state:
-            state["update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if self.base == "adamw":
+            # contiguous buffers whatever the parameter's layout: the fused kernel gets only tensors it handles
+            state["update"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            if base == "adamw":
                 # float32 step counters on the parameter's device, as torch's fused AdamW keeps them
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return state
 
     def _quantization_error(self, params) -> float | None:
-        if self.quantization_bits is None or self.hybrid_state["steps"] % self.quantization_every:
+        settings = self.param_groups[0]
+        bits = settings["quantization_bits"]
+        if bits is None or self.controller.steps % int(settings["quantization_every"]):
             return None
         from .quantization import fake_quantize   # only needed when quantization is tracked
         err_sq = total_sq = 0.0
         for p in params:
             if p.dim() < 2:
                 continue
-            q = fake_quantize(p.detach(), self.quantization_bits, scale_factor=self.quantization_scale)
+            q = fake_quantize(p.detach(), bits, scale_factor=settings["quantization_scale"])
             err_sq += float(torch.sum((p - q) ** 2))
             total_sq += float(torch.sum(p ** 2))
         return math.sqrt(err_sq / total_sq) if total_sq > 0 else None
 
-    def _skip(self, grad_norm: float) -> StepInfo:
-        hs = self.hybrid_state
-        hs["skipped_steps"] += 1
-        hs["backoff"] *= 0.5
-        hs["prev_features"] = None       # no feedback from a step that was not taken
-        radius = self._radius_for_info() * 0.5 if self.trust_region else float("inf")
-        for group in self.param_groups:
-            group["trust_radius"] = radius
-        info = StepInfo(self._effective_lr(), self._multiplier(), radius, 0.0, False, 0.0, grad_norm,
-                        skipped=True, step=hs["steps"])
-        return self._record(info)
+    def _skip(self, values: dict[str, list[float]], schedule: float) -> StepInfo:
+        settings = self.param_groups[0]
+        radius = self.controller.skip(settings)
+        if settings["trust_region"]:
+            for group in self.param_groups:
+                group["trust_radius"] = radius
+        grad_norm = _total(values["grad_norm"])
+        return StepInfo(self._effective_lr(schedule), float(settings["lr_multiplier"]), radius, 0.0, False, 0.0,
+                        grad_norm, skipped=True, step=self.controller.steps, lr_schedule=schedule)
 
-    def _record(self, info: StepInfo) -> StepInfo:
-        self.last_info = info
-        return info
-
-    def _multiplier(self) -> float:
-        return float(self.param_groups[0]["lr_multiplier"])
-
-    def _effective_lr(self, schedule: float | None = None) -> float:
-        if schedule is None:
-            schedule = self.lr_schedule_factor(self.hybrid_state["steps"])
-        return float(self.param_groups[0]["lr"]) * schedule * self._multiplier()
+    def _effective_lr(self, schedule: float) -> float:
+        first = self.param_groups[0]
+        return float(first["lr"]) * schedule * float(first["lr_multiplier"])
 
     def _radius_for_info(self) -> float:
-        return float(self.param_groups[0]["trust_radius"])
+        first = self.param_groups[0]
+        return float(first["trust_radius"]) if first["trust_region"] else float("inf")
 
     # -- introspection and checkpointing ------------------------------------------------------------------------------
     @property
     def constraint_activation_rate(self) -> float:
-        hs = self.hybrid_state
-        taken = hs["steps"]
-        return hs["constraint_active_steps"] / taken if taken else 0.0
+        return self.controller.constraint_activation_rate
 
     def set_aux_net(self, aux_net: AuxiliaryNeuralNetwork | None) -> None:
         """Use another auxiliary net from the next step on: it starts from its own prediction (the rule's running
         factor is reset, and the previous step, decided by the old net, gives it no feedback)."""
         self.aux_net = aux_net
-        self.hybrid_state["radius_scale"] = 1.0
-        self.hybrid_state["prev_features"] = None
+        self.controller.forget_previous_step()
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        hs = dict(self.hybrid_state)
-        state["hybrid"] = {
-            "state": hs,
-            "tracker": self.tracker.state_dict(),
-            "aux_net": self.aux_net.full_state_dict() if self.aux_net is not None else None,
-        }
+        state["hybrid"] = {"controller": self.controller.state_dict(),
+                           "aux_net": self.aux_net.full_state_dict() if self.aux_net is not None else None}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         hybrid = state_dict.pop("hybrid", None)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:        # groups saved before a setting existed get today's value
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        for state in self.state.values():      # updates saved before per-tensor scales were applied as they are
+            if "update" in state and "scale" not in state:
+                state.update(scale=1.0, taken=True)
         if hybrid is None:
             return
-        self.hybrid_state.update(hybrid["state"])
-        self.tracker.load_state_dict(hybrid["tracker"])
+        if "controller" in hybrid:
+            self.controller.load_state_dict(hybrid["controller"])
+        else:                                  # the first checkpoint format: one dict of running numbers
+            self.controller.load_state_dict({**hybrid["state"], "tracker": hybrid["tracker"]})
         if hybrid["aux_net"] is not None:
             if self.aux_net is None:
                 raise ValueError("this checkpoint holds an auxiliary network but the optimizer has none: build the "
                                  "optimizer with aux_net=AuxiliaryNeuralNetwork(...) (or use_auxiliary_nn=True)")
             self.aux_net.load_full_state_dict(hybrid["aux_net"])
+
+
+class _Measurements:
+    """Per-step numbers as 0-dim tensors under names, read back to the host in one go."""
+
+    def __init__(self):
+        self._parts: list[tuple[str, list[torch.Tensor]]] = []
+
+    def add(self, name: str, tensors: list[torch.Tensor]) -> None:
+        self._parts.append((name, list(tensors)))
+
+    def tensors(self, name: str) -> list[torch.Tensor]:
+        return next(t for n, t in self._parts if n == name)
+
+    def read(self) -> dict[str, list[float]]:
+        stacked = [torch.stack(ts).to(torch.float64) for _, ts in self._parts if ts]
+        numbers = torch.cat(stacked).tolist() if stacked else []
+        out, start = {}, 0
+        for name, ts in self._parts:
+            out[name], start = numbers[start:start + len(ts)], start + len(ts)
+        return out
+
+
+def _total(norms: list[float]) -> float:
+    return math.sqrt(sum(x * x for x in norms))
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.vdot(a.reshape(-1), b.reshape(-1))
+
+
+def _host_loss(loss) -> float:
+    """The loss as a number when it is one already (a tensor loss is read with the step's statistics)."""
+    return 0.0 if loss is None or isinstance(loss, torch.Tensor) else float(loss)
+
+
+def _loss_value(values: dict[str, list[float]], loss) -> float | None:
+    if loss is None:
+        return None
+    return values["loss"][0] if "loss" in values else float(loss)
+
+
+def _finite(values: dict[str, list[float]], loss) -> bool:
+    loss_value = _loss_value(values, loss)
+    return math.isfinite(sum(values["grad_norm"])) and (loss_value is None or math.isfinite(loss_value))
+
+
+def _checked_settings(s: dict[str, Any]) -> dict[str, Any]:
+    """The settings with tuples normalised; a ValueError naming the first bad one and what is allowed."""
+    s = dict(s)
+
+    def number(key, low=None, high=None, low_open=False, high_open=False, allow_none=False):
+        value = s[key]
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)) \
+                or (low is not None and (value <= low if low_open else value < low)) \
+                or (high is not None and (value >= high if high_open else value > high)):
+            lo = "" if low is None else f"{'>' if low_open else '≥'} {low}"
+            hi = "" if high is None else f"{'<' if high_open else '≤'} {high}"
+            raise ValueError(f"{key} must be a finite number {' and '.join(x for x in (lo, hi) if x)}, got {value!r}")
+
+    def integer(key, low, allow_none=False):
+        value = s[key]
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
+            raise ValueError(f"{key} must be an integer ≥ {low}{' or None' if allow_none else ''}, got {value!r}")
+
+    def choice(key, allowed):
+        if s[key] not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {s[key]!r}")
+
+    number("lr", 0.0)
+    try:
+        s["betas"] = tuple(float(b) for b in s["betas"])
+    except (TypeError, ValueError):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {s['betas']!r}") from None
+    if len(s["betas"]) != 2 or not all(0.0 <= b < 1.0 for b in s["betas"]):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {s['betas']!r}")
+    number("eps", 0.0)
+    number("weight_decay", 0.0)
+    number("momentum", 0.0)
+    for key in ("foreach", "fused"):
+        if s[key] not in (None, True, False):
+            raise ValueError(f"{key} must be None, True or False, got {s[key]!r}")
+    if s["foreach"] and s["fused"]:
+        raise ValueError("foreach=True and fused=True cannot be used together: choose one (or None for the default)")
+    choice("base", BASES)
+    choice("trust_region", TRUST_REGIONS)
+    choice("rho_from", RHO_SOURCES)
+    choice("aux_radius", AUX_RADIUS_MODES)
+    try:
+        lo, hi = (float(x) for x in s["radius_range"])
+    except (TypeError, ValueError):
+        raise ValueError(f"radius_range must be two numbers 0 < low ≤ high, got {s['radius_range']!r}") from None
+    if not (0 < lo <= hi < math.inf):
+        raise ValueError(f"radius_range must be two numbers 0 < low ≤ high, got {s['radius_range']!r}")
+    s["radius_range"] = (lo, hi)
+    number("trust_radius", 0.0, low_open=True)
+    if not lo <= s["trust_radius"] <= hi:
+        raise ValueError(f"trust_radius must lie in [{lo:g}, {hi:g}], got {s['trust_radius']!r}")
+    s["trust_radius"] = float(s["trust_radius"])
+    integer("meta_horizon", 1)
+    integer("n_clusters", 1, allow_none=True)
+    integer("quantization_every", 1)
+    number("quantization_scale", 0.0, low_open=True)
+    number("quantization_bits", 0.0, low_open=True, allow_none=True)
+    integer("warmup_steps", 0)
+    integer("decay_steps", 1, allow_none=True)
+    for key in ("radius_adaptation", "meta_learning", "projected_hypergradient", "anneal_meta_learning"):
+        s[key] = bool(s[key])
+    return s
 
 
 def _as_param_list(parameters) -> list[torch.Tensor]:
@@ -586,14 +638,15 @@ class ConstrainedOptimizer:
             raise ValueError("ConstrainedOptimizer.step got different parameters than on its first call; create "
                              "one ConstrainedOptimizer per set of parameters")
         opt = self.optimizer
-        opt.trust_region = self.trust_region if constraint_radius is not None else None
         if constraint_radius is not None:
             if not constraint_radius > 0:
                 raise ValueError(f"constraint_radius must be > 0 (or None for no constraint), got {constraint_radius!r}")
-            opt.hybrid_state["radius"] = float(constraint_radius)
+            opt.controller.radius = float(constraint_radius)
         for group in opt.param_groups:
             group["lr"] = learning_rate
-        return opt.step(loss=loss, grads=grads)
+            group["trust_region"] = self.trust_region if constraint_radius is not None else None
+        opt.step(loss=loss, grads=grads)
+        return opt.last_info
 
     def state_dict(self) -> dict:
         return self.optimizer.state_dict() if self.optimizer is not None else {}

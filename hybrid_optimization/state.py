@@ -27,6 +27,10 @@ class TrainingState:
 
     def features(self) -> torch.Tensor:
         """The normalised feature vector (float32, shape [6]); non-finite inputs map to 0."""
+        return torch.tensor(self.feature_values(), dtype=torch.float32)
+
+    def feature_values(self) -> list[float]:
+        """The normalised features as plain numbers (what `features()` holds)."""
         values = (
             _signed_log1p(self.current_loss),
             _log10(self.gradient_magnitude) / 4.0,
@@ -35,8 +39,7 @@ class TrainingState:
             _log10(self.gradient_variance) / 4.0,
             math.log10(1.0 + max(float(self.step_number), 0.0)) / 2.0,
         )
-        clean = [max(-5.0, min(5.0, v)) if math.isfinite(v) else 0.0 for v in values]
-        return torch.tensor(clean, dtype=torch.float32)
+        return [max(-5.0, min(5.0, v)) if math.isfinite(v) else 0.0 for v in values]
 
 
 def _signed_log1p(x: float) -> float:

@@ -110,7 +110,8 @@ def _quadratic_run(rho_from, offsets, steps=12, lr=0.5):
         opt.zero_grad()
         loss = 0.5 * (x ** 2).sum() + offsets[t]
         loss.backward()
-        rhos.append(opt.step(loss=loss).rho)
+        opt.step(loss=loss)
+        rhos.append(opt.last_info.rho)
     return rhos
 
 
@@ -135,7 +136,8 @@ def test_scaled_radius_follows_the_rule_and_starts_at_the_untrained_nets_radius(
             opt.zero_grad()
             loss = w.sum()                      # linear: ρ = 1 exactly, and every step binds
             loss.backward()
-            out.append(opt.step(loss=loss).trust_radius)
+            opt.step(loss=loss)
+            out.append(opt.last_info.trust_radius)
         return out
 
     scaled, direct = radii("scaled"), radii("direct")
@@ -154,7 +156,8 @@ def test_no_lr_signal_from_updates_the_trust_region_cut():
             opt.zero_grad()
             loss = 0.5 * (w ** 2).sum()
             loss.backward()
-            info = opt.step(loss=loss)
+            opt.step(loss=loss)
+            info = opt.last_info
             assert info.constraint_active
         return info.lr_multiplier
 
@@ -168,7 +171,8 @@ def test_builtin_schedule_warms_up_and_decays():
     assert [opt.lr_schedule_factor(s) for s in (0, 3)] == [0.25, 1.0]
     assert opt.lr_schedule_factor(12) == pytest.approx(0.5) and opt.lr_schedule_factor(20) == 0.0
     w.grad = torch.ones(3)
-    info = opt.step(loss=1.0)
+    opt.step(loss=1.0)
+    info = opt.last_info
     assert info.lr_schedule == 0.25 and info.learning_rate == pytest.approx(0.025)
     assert HybridOptimizer([w]).lr_schedule_factor(10 ** 6) == 1.0       # off by default
     with pytest.raises(ValueError, match="warmup_steps"):

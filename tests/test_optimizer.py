@@ -9,6 +9,8 @@ from torch import nn
 
 from hybrid_optimization import AuxiliaryNeuralNetwork, ConstrainedOptimizer, HybridOptimizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def mlp(seed=0, d_in=10, hidden=32):
     torch.manual_seed(seed)
@@ -31,7 +33,11 @@ def train(model, opt, steps, X, y, batch=32, seed=0, check=None):
         opt.zero_grad()
         loss = ((model(X[idx]) - y[idx]) ** 2).mean()
         loss.backward()
-        info = opt.step(loss=loss) if isinstance(opt, HybridOptimizer) else opt.step()
+        if isinstance(opt, HybridOptimizer):
+            assert opt.step(loss=loss) is loss           # torch's contract: step returns the loss
+            info = opt.last_info
+        else:
+            info = opt.step()
         infos.append(info)
         if check:
             check(before, list(model.parameters()), info)
@@ -170,7 +176,8 @@ def test_zero_gradients_are_a_no_op():
     before = [p.detach().clone() for p in model.parameters()]
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    info = opt.step(loss=1.0)
+    opt.step(loss=1.0)
+    info = opt.last_info
     assert info.update_magnitude == 0.0 and not info.constraint_active
     for a, b in zip(before, model.parameters()):
         assert torch.equal(a, b)
@@ -189,8 +196,9 @@ def test_non_finite_gradient_is_skipped_and_counted(bad):
     opt.zero_grad()
     loss.backward()
     model[0].weight.grad[0, 0] = bad
-    info = opt.step(loss=loss)
-    assert info.skipped and opt.hybrid_state["skipped_steps"] == 1
+    opt.step(loss=loss)
+    info = opt.last_info
+    assert info.skipped and opt.controller.skipped_steps == 1
     assert info.trust_radius < radius_before
     for a, b in zip(before, model.parameters()):
         assert torch.equal(a, b)
@@ -204,7 +212,8 @@ def test_non_finite_loss_is_skipped():
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     before = [p.detach().clone() for p in model.parameters()]
-    assert opt.step(loss=float("nan")).skipped
+    opt.step(loss=float("nan"))
+    assert opt.last_info.skipped
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
@@ -243,7 +252,8 @@ def test_quantization_error_is_reported_when_tracked():
     opt = HybridOptimizer(model.parameters(), lr=1e-2, quantization_bits=1.58)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
-    info = opt.step(loss=1.0)
+    opt.step(loss=1.0)
+    info = opt.last_info
     assert info.quantization_error is not None and 0.1 < info.quantization_error < 1.0
 
 

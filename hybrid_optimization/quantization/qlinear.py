@@ -10,13 +10,15 @@ dequantized ternary weights with a fresh absmean would keep the codes but shrink
 scale is reused and the outputs match the exported model bit for bit. `release_scale()` returns to scales computed
 from the weights (e.g. before fine-tuning the loaded model).
 
-k-bit layers cache their MSE clipping ratios (`clip_ratio`, one per channel/group; the scale is still
-ratio * absmax of the current weights, every step). The grid search behind the ratio costs ~10 passes over the
-weight, so in training it reruns every `scale_search_interval` forwards (default 16) rather than every step;
-outside training it reruns whenever the weight has changed since the last search. The forward pass and
-`quantized_weight()` always use the same ratio, so an export equals what the layer computes. The cache is not part
-of the state_dict (a resumed k-bit run searches again at its first step; scale_search_interval=1 makes k-bit
-training independent of the cache, e.g. for bit-identical resume).
+k-bit layers search an MSE clipping ratio per channel/group (the scale is ratio * absmax of the current weights).
+The search costs ~10 passes over the weight, so in training a ratio may be reused for `scale_search_interval`
+training forwards (default 16; the distillation pipeline uses 1, a search every step): the count of forwards alone
+decides, never the weight's version counter — torch's fused optimizer kernels write weights without bumping it, and
+a ratio keyed on it went stale for a whole run (issue 13). Outside training every forward searches on the current
+weights (nothing cached, so no writer can leave it stale). `quantized_weight()` returns what the next forward
+computes, so an export equals the layer. The cached ratio is not part of the state_dict: with
+scale_search_interval=1 k-bit training does not depend on it, so a resumed run follows the uninterrupted one
+exactly.
 
 Activation quantization (act_bits) of one input tensor is computed once and shared: q/k/v projections (and
 gate/up) read the same normed hidden states, and quantizing them three times would triple that cost.
@@ -42,7 +44,7 @@ class QuantLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.register_buffer("fixed_scale", None, persistent=False)
         self.register_buffer("clip_ratio", None, persistent=False)
-        self._ratio_key = None            # (weight version, data pointer, bits, group_size) of the last search
+        self._ratio_layout = None         # (bits, group_size) the cached training ratio was searched for
         self._forwards_since_search = 0
         if isinstance(scale_search_interval, bool) or not isinstance(scale_search_interval, int) \
                 or scale_search_interval < 1:
@@ -131,25 +133,19 @@ class QuantLinear(nn.Linear):
         self.fixed_scale = None
 
     def _current_clip_ratio(self, in_forward: bool = False) -> torch.Tensor | None:
-        """The cached k-bit clipping ratio, searched again when stale (rules in the module docstring).
-
-        In training only a forward pass may refresh it, so `quantized_weight()` (e.g. a flip-rate tracker between
-        steps) returns what the last forward used and never changes the training run."""
+        """The k-bit clipping ratio the next forward uses (rules in the module docstring); only a training forward
+        stores a searched ratio, so quantized_weight() never changes a training run."""
         if self._bits < 2 or self._bits == TERNARY_BITS or self.fixed_scale is not None:
             return None
-        key = (self.weight._version, self.weight.data_ptr(), self._bits, self._group_size)
-        if self.training:
-            due = in_forward and self._forwards_since_search >= self.scale_search_interval
-        else:
-            due = True
-        # A ratio searched for other bits or another group layout is never reused; one for older weights is,
-        # until a search is due.
-        stale = self.clip_ratio is None or key[2:] != self._ratio_key[2:] or (key != self._ratio_key and due)
-        if stale:
-            self.clip_ratio = search_clip_ratio(self.weight, self._bits, self._group_size)
-            self._ratio_key = key
-            self._forwards_since_search = 0
-        return self.clip_ratio
+        layout = (self._bits, self._group_size)
+        due = (not self.training or self.clip_ratio is None or layout != self._ratio_layout
+               or self._forwards_since_search >= self.scale_search_interval)
+        if not due:
+            return self.clip_ratio
+        ratio = search_clip_ratio(self.weight, self._bits, self._group_size)
+        if in_forward and self.training:
+            self.clip_ratio, self._ratio_layout, self._forwards_since_search = ratio, layout, 0
+        return ratio
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits, group_size: int | None = None, act_bits: int | None = None,
