@@ -67,7 +67,7 @@ class Answer:
         return self.n_tokens / self.total_s if self.total_s > 0 else 0.0
 
     def stats_line(self) -> str:
-        first = f"first token {self.first_token_s:.2f} s · " if self.first_token_s is not None else ""
+        first = f"first token {self.first_token_s:.3f} s · " if self.first_token_s is not None else ""
         dropped = (f" · {self.dropped_prompt_tokens} prompt token(s) unknown to the student dropped"
                    if self.dropped_prompt_tokens else "")
         return f"{self.n_tokens} tokens · {self.tokens_per_s:.1f} tokens/s · {first}{self.stop_reason}{dropped}"
