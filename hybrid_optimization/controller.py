@@ -13,6 +13,8 @@ and applies the update. Everything it decides from those numbers lives here, so 
 * the multiplier and the radius of this step (the net's prediction, or 1 and the rule's μ), with a backoff after
   non-finite steps;
 * the projection onto the trust region from per-tensor norms: one scale per tensor;
+* optionally one LR factor per parameter cluster (a param group), by hypergradient descent on that cluster's own
+  cos(g_c, Δ_c), on top of the net's multiplier (per-layer hypergradient descent; issue 10);
 * what the auxiliary net learns from: the normalised hypergradient cos(g_t, Δ_{t-1}) (only over the tensors the
   multiplier still controlled), ρ, and whether the constraint bound — about the state the previous step was
   decided in.
@@ -26,7 +28,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from .auxiliary_nn import trust_region_factor
+from .auxiliary_nn import LR_RANGE, trust_region_factor
 from .state import TrainingState, TrainingStateTracker
 
 RHO_BETA = 0.9          # running-average weight of the actual and predicted reductions behind ρ
@@ -135,25 +137,27 @@ class HybridController:
         return multiplier, max(radius * self.backoff, lo * 1e-3)
 
     @staticmethod
-    def project(settings: Mapping[str, Any], multiplier: float, radius: float, update_sq: Sequence[float],
-                grad_dot_update: Sequence[float], param_sq: Sequence[float] | None = None,
+    def project(settings: Mapping[str, Any], multiplier: float | Sequence[float], radius: float,
+                update_sq: Sequence[float], grad_dot_update: Sequence[float], param_sq: Sequence[float] | None = None,
                 numels: Sequence[int] | None = None) -> Projection:
         """Scale each tensor's base update u_i (norm² update_sq[i], g_i·u_i grad_dot_update[i]) into the region.
 
+        multiplier : one for all tensors, or one per tensor (per-cluster multipliers).
         "absolute": ‖ΔΘ‖ ≤ μ over all tensors together;  "relative": ‖ΔW_i‖ ≤ μ·max(‖W_i‖, 1e-3·√n_i) per tensor
         (param_sq, numels needed; a zero tensor such as a fresh bias may still move);  None: no constraint."""
         mode = settings["trust_region"]
         n = len(update_sq)
-        scales, free, active = [multiplier] * n, [True] * n, False
-        proposed = multiplier * math.sqrt(sum(update_sq))
+        multipliers = [float(multiplier)] * n if isinstance(multiplier, (int, float)) else list(multiplier)
+        scales, free, active = list(multipliers), [True] * n, False
+        proposed = math.sqrt(sum(m * m * q for m, q in zip(multipliers, update_sq)))
         if mode == "absolute" and proposed > radius:
-            scales, free, active = [multiplier * radius / proposed] * n, [False] * n, True
+            scales, free, active = [m * radius / proposed for m in multipliers], [False] * n, True
         elif mode == "relative":
             for i in range(n):
-                norm = multiplier * math.sqrt(update_sq[i])
+                norm = multipliers[i] * math.sqrt(update_sq[i])
                 limit = radius * max(math.sqrt(param_sq[i]), 1e-3 * math.sqrt(numels[i]))
                 if norm > limit:
-                    scales[i], free[i], active = multiplier * limit / norm, False, True
+                    scales[i], free[i], active = multipliers[i] * limit / norm, False, True
         applied = radius if mode == "absolute" and active else math.sqrt(
             sum(s * s * q for s, q in zip(scales, update_sq)))
         predicted = -sum(s * d for s, d in zip(scales, grad_dot_update))
@@ -161,6 +165,17 @@ class HybridController:
             free = [True] * n
         free_norm = math.sqrt(sum(s * s * q for s, q, f in zip(scales, update_sq, free) if f))
         return Projection(scales, free, active, proposed, applied, predicted, free_norm)
+
+    @staticmethod
+    def cluster_scale(scale: float, hypergradient: float, meta_lr: float,
+                      lr_range: tuple[float, float] = LR_RANGE) -> float:
+        """One step of hypergradient descent on a parameter cluster's own LR factor, in log space: the cosine
+        cos(g_c, Δ_c) of the cluster's gradient with its previous (free) update says whether its step was too long
+        (> 0) or too short (< 0). Clamped to the multiplier's range; unchanged without a signal."""
+        if not math.isfinite(hypergradient):
+            return scale
+        log_scale = math.log(scale) - meta_lr * max(-1.0, min(1.0, hypergradient))
+        return math.exp(min(max(log_scale, math.log(lr_range[0])), math.log(lr_range[1])))
 
     def record(self, observation: Observation, projection: Projection, loss: float | None,
                free_norm: float | None = None) -> None:

@@ -10,9 +10,11 @@ One step, for all parameters together:
 3. θ ← θ + Δ.
 
 m and μ come from the AuxiliaryNeuralNetwork, which learns online from the hypergradient cos(g_t, Δ_{t-1}) and the
-trust-region agreement ratio ρ; without a net m = 1 and μ follows the classic ρ rule. Those decisions are plain
-arithmetic on a few numbers and live in controller.py (HybridController, tested without tensors); this file holds
-the tensor side. An untrained net and trust_region=None give torch's AdamW trajectory.
+trust-region agreement ratio ρ; without a net m = 1 and μ follows the classic ρ rule. With
+`cluster_multipliers=True` each param group — a parameter cluster — also gets its own LR factor
+(`group["cluster_lr_scale"]`) by hypergradient descent on its own cos(g_c, Δ_c) (off by default). Those decisions
+are plain arithmetic on a few numbers and live in controller.py (HybridController, tested without tensors); this
+file holds the tensor side. An untrained net and trust_region=None give torch's AdamW trajectory.
 
 torch's optimizer contract holds: every setting is in `defaults` and each param group (so `state_dict()` carries
 them and LR schedulers, `add_param_group` and per-group LRs work); `step(closure)` returns the loss and leaves its
@@ -62,7 +64,8 @@ FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # lr, betas, eps, weight_decay, momentum, foreach, fused — may differ per group.
 GLOBAL_SETTINGS = ("base", "trust_region", "radius_adaptation", "radius_range", "meta_learning", "meta_horizon",
                    "n_clusters", "quantization_bits", "quantization_every", "quantization_scale", "rho_from",
-                   "projected_hypergradient", "aux_radius", "warmup_steps", "decay_steps", "anneal_meta_learning")
+                   "projected_hypergradient", "aux_radius", "warmup_steps", "decay_steps", "anneal_meta_learning",
+                   "cluster_multipliers", "cluster_meta_lr")
 
 
 @dataclass
@@ -95,7 +98,8 @@ class HybridOptimizer(Optimizer):
                  quantization_bits: float | None = None, quantization_every: int = 1,
                  quantization_scale: float = 1.0, rho_from: str = "gradients", projected_hypergradient: bool = True,
                  aux_radius: str = "scaled", warmup_steps: int = 0, decay_steps: int | None = None,
-                 anneal_meta_learning: bool = True, foreach: bool | None = None, fused: bool | None = None):
+                 anneal_meta_learning: bool = True, cluster_multipliers: bool = False, cluster_meta_lr: float = 0.02,
+                 foreach: bool | None = None, fused: bool | None = None):
         if aux_net is not None and not isinstance(aux_net, AuxiliaryNeuralNetwork):
             raise TypeError(f"aux_net must be an AuxiliaryNeuralNetwork or None, got {type(aux_net).__name__}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum, foreach=foreach,
@@ -105,7 +109,9 @@ class HybridOptimizer(Optimizer):
                         quantization_every=quantization_every, quantization_scale=quantization_scale,
                         rho_from=rho_from, projected_hypergradient=projected_hypergradient, aux_radius=aux_radius,
                         warmup_steps=warmup_steps, decay_steps=decay_steps,
-                        anneal_meta_learning=anneal_meta_learning, trust_radius=trust_radius, lr_multiplier=1.0)
+                        anneal_meta_learning=anneal_meta_learning, cluster_multipliers=cluster_multipliers,
+                        cluster_meta_lr=cluster_meta_lr, trust_radius=trust_radius, lr_multiplier=1.0,
+                        cluster_lr_scale=1.0)
         defaults = _checked_settings(defaults)
         super().__init__(params, defaults)
         self.aux_net = aux_net
@@ -247,7 +253,11 @@ class HybridOptimizer(Optimizer):
                                   prev_norm=prev_norm)
         prediction = self.aux_net.predict(observation.state) if self.aux_net is not None else None
         multiplier, radius = ctl.decide(settings, prediction)
-        projection = ctl.project(settings, multiplier, radius, [x * x for x in values["update_norm"]],
+        multipliers = multiplier
+        if settings["cluster_multipliers"]:     # each param group (parameter cluster) its own LR factor on top
+            self._update_cluster_scales(groups, values, prev, states)
+            multipliers = [multiplier * group["cluster_lr_scale"] for group, _, _ in entries]
+        projection = ctl.project(settings, multipliers, radius, [x * x for x in values["update_norm"]],
                                  values["grad_dot_update"],
                                  [x * x for x in values["param_norm"]] if relative else None,
                                  [p.numel() for p in params] if relative else None)
@@ -257,8 +267,8 @@ class HybridOptimizer(Optimizer):
         else:
             for p, u, c in zip(params, updates, scales):
                 p.add_(u, alpha=c)
-        for state, c, free in zip(states, scales, projection.free):
-            state.update(scale=c, free=free, taken=True)
+        for state, c, free, norm in zip(states, scales, projection.free, values["update_norm"]):
+            state.update(scale=c, free=free, taken=True, free_sq=(c * norm) ** 2 if free else 0.0)
         if horizon > 1:     # a decaying trace of the last ~H applied updates, of the tensors the multiplier moved
             traces = [s.setdefault("update_trace", torch.zeros_like(s["update"])) for s in states]
             torch._foreach_mul_(traces, 1.0 - 1.0 / horizon)
@@ -313,6 +323,18 @@ class HybridOptimizer(Optimizer):
             entries.append((group, p, g.detach()))
         return entries
 
+    def _update_cluster_scales(self, groups, values, prev, states) -> None:
+        """Each group's LR factor from its own hypergradient cos(g_c, Δ_c) (the free part of its last update)."""
+        dot_prev = dict(zip(prev, values["dot_prev"]))
+        meta_lr = float(self.param_groups[0]["cluster_meta_lr"])
+        for group, idx in groups:
+            grad_norm = _total([values["grad_norm"][i] for i in idx])
+            prev_norm = math.sqrt(sum(states[i].get("free_sq", 0.0) for i in idx))
+            dot = sum(states[i]["scale"] * dot_prev[i] for i in idx if i in dot_prev and states[i].get("free", True))
+            cosine = dot / (grad_norm * prev_norm) if grad_norm > 0 and prev_norm > 0 else float("nan")
+            group["cluster_lr_scale"] = self.controller.cluster_scale(float(group["cluster_lr_scale"]), cosine,
+                                                                      meta_lr)
+
     @staticmethod
     def _by_group(entries) -> list[tuple[dict, list[int]]]:
         groups: dict[int, tuple[dict, list[int]]] = {}
@@ -342,15 +364,16 @@ class HybridOptimizer(Optimizer):
         torch._foreach_zero_(updates)
         if group["base"] == "adamw":
             fused = set(self._fused_indices(group, idx, states, grad_list))
-            for use_fused, part in ((True, [i for i in idx if i in fused]), (False, [i for i in idx if i not in fused])):
+            for use_fused in (True, False):
+                part = [i for i in idx if (i in fused) == use_fused]
                 if not part:
                     continue
+                foreach = None if use_fused else group["foreach"] is not False
                 adamw_functional([states[i]["update"] for i in part], [grad_list[i] for i in part],
                                  [states[i]["exp_avg"] for i in part], [states[i]["exp_avg_sq"] for i in part], [],
-                                 [states[i]["step"] for i in part], foreach=None if use_fused else group["foreach"] is not False,
-                                 fused=use_fused, found_inf=found_inf if use_fused else None, amsgrad=False,
-                                 beta1=group["betas"][0], beta2=group["betas"][1], lr=lr, weight_decay=0.0,
-                                 eps=group["eps"], maximize=False)
+                                 [states[i]["step"] for i in part], foreach=foreach, fused=use_fused,
+                                 found_inf=found_inf if use_fused else None, amsgrad=False, beta1=group["betas"][0],
+                                 beta2=group["betas"][1], lr=lr, weight_decay=0.0, eps=group["eps"], maximize=False)
             if wd:                                  # decoupled weight decay: u −= lr·wd·θ
                 torch._foreach_add_(updates, [params[i] for i in idx], alpha=-lr * wd)
         else:
@@ -558,7 +581,10 @@ def _checked_settings(s: dict[str, Any]) -> dict[str, Any]:
     number("quantization_bits", 0.0, low_open=True, allow_none=True)
     integer("warmup_steps", 0)
     integer("decay_steps", 1, allow_none=True)
-    for key in ("radius_adaptation", "meta_learning", "projected_hypergradient", "anneal_meta_learning"):
+    number("cluster_meta_lr", 0.0, low_open=True)
+    number("cluster_lr_scale", 0.0, low_open=True)
+    for key in ("radius_adaptation", "meta_learning", "projected_hypergradient", "anneal_meta_learning",
+                "cluster_multipliers"):
         s[key] = bool(s[key])
     return s
 

@@ -131,3 +131,10 @@ def test_state_dict_round_trip_is_plain_numbers():
     a = take_step(ctl, s, dot_full=-1.0)
     b = take_step(other, s, dot_full=-1.0)
     assert a[0].rho == b[0].rho and a[1] == b[1] and a[2] == b[2]
+
+
+def test_cluster_scale_is_hypergradient_descent_in_log_space_within_the_range():
+    assert HybridController.cluster_scale(1.0, -1.0, 0.1) == pytest.approx(math.exp(0.1))   # undershoot: up
+    assert HybridController.cluster_scale(1.0, 0.5, 0.1) == pytest.approx(math.exp(-0.05))  # overshoot: down
+    assert HybridController.cluster_scale(2.0, float("nan"), 0.1) == 2.0                   # no signal
+    assert HybridController.cluster_scale(9.9, -1.0, 1.0) == pytest.approx(10.0)           # clamped

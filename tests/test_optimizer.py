@@ -300,3 +300,24 @@ def test_constrained_optimizer_accepts_one_tensor_and_flat_gradients():
         opt.step(parameters=torch.zeros(5, requires_grad=True), gradients=torch.ones(5))
     with pytest.raises(ValueError, match="gradients for"):
         ConstrainedOptimizer(use_quantization=False).step(model.parameters, [torch.ones(1)], 1e-3, 0.5)
+
+
+# -- per-cluster LR multipliers (issue 10: per-layer hypergradient descent, off by default) -------------------------
+def _cluster_run(lrs, on=True, steps=300):
+    X, y = regression(n=512, d=20)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 1))
+    opt = HybridOptimizer([{"params": model[0].parameters(), "lr": lrs[0]},
+                           {"params": model[2].parameters(), "lr": lrs[1]}], trust_region=None,
+                          cluster_multipliers=on)
+    train(model, opt, steps, X, y)
+    return [g["cluster_lr_scale"] for g in opt.param_groups], full_loss(model, X, y)
+
+
+def test_cluster_multipliers_move_apart_when_one_clusters_lr_is_10x_off():
+    (first, low), loss = _cluster_run((1e-2, 1e-3))          # the head's LR 10× too small
+    assert low > 1.5 * first and low > 2.0, (first, low)
+    assert loss < _cluster_run((1e-2, 1e-3), on=False)[1]
+    (first, high), _ = _cluster_run((1e-2, 1e-1))             # the head's LR 10× too large
+    assert high < first and high < 0.7, (first, high)
+    assert _cluster_run((1e-2, 1e-1), on=False, steps=5)[0] == [1.0, 1.0]     # off by default: no factor
