@@ -268,7 +268,6 @@ def run_trial(trial, spec: SweepSpec, runs_root: Path, poll_s: float = POLL_S) -
         proc = subprocess.Popen(argv, cwd=str(Path(__file__).resolve().parents[1]), stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=err, env=env, start_new_session=True)
     store.update_run(run_id, pid=proc.pid, host=socket.gethostname())
-    sampler = _sampler(run_dir, proc.pid)
     reported: list[tuple[int, float]] = []
     last_step, pruned = -1, False
     while True:
@@ -291,8 +290,6 @@ def run_trial(trial, spec: SweepSpec, runs_root: Path, poll_s: float = POLL_S) -
         if code is not None:
             break
         time.sleep(poll_s)
-    if sampler is not None:
-        sampler.stop()
     run = store.get_run(run_id)
     value = objective_value(spec, reported, int(run.get("step") or 0))
     if pruned:
@@ -307,15 +304,6 @@ def run_trial(trial, spec: SweepSpec, runs_root: Path, poll_s: float = POLL_S) -
 
 class TrialFailed(RuntimeError):
     pass
-
-
-def _sampler(run_dir: Path, pid: int):
-    """CPU % and RSS of the trial's process into its run folder (the Live page shows them); None if unavailable."""
-    try:
-        from .system_metrics import SYSTEM_METRICS_FILE, SystemSampler
-        return SystemSampler(run_dir / SYSTEM_METRICS_FILE, pid=pid).start()
-    except Exception:            # psutil missing or the process already gone: the trial itself is unaffected
-        return None
 
 
 # -- the study ----------------------------------------------------------------------------------------------------

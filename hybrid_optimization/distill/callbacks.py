@@ -99,6 +99,21 @@ class StoreLogging:
         self.writer.heartbeat()
 
 
+class SystemMetrics:
+    """CPU %, RSS and (on CUDA) GPU memory/utilisation of this process every few seconds while it trains, into
+    <run folder>/system_metrics.csv (hybrid_optimization/system_metrics.py); the workbench's Live page draws them."""
+
+    def __init__(self, run_dir: Path, every_s: float = 2.0):
+        from ..system_metrics import SYSTEM_METRICS_FILE, SystemSampler
+        self.sampler = SystemSampler(Path(run_dir) / SYSTEM_METRICS_FILE, every_s=every_s)
+
+    def on_fit_start(self, state: TrainState) -> None:
+        self.sampler.start()
+
+    def on_fit_end(self, state: TrainState) -> None:
+        self.sampler.stop()
+
+
 class Console:
     """The progress bar (stderr) and the guide's line per epoch: "Epoch N, Loss: …, LR: …[, Trust Radius: …]"."""
 

@@ -44,7 +44,7 @@ from ..precision import build_precision_plan
 from ..quantization import SUPPORTED_BITS, CodeFlipTracker, QuantizedExportError
 from ..schema import RunSummary, metrics_csv_header, render_summary
 from ..tracking import RunNotFound, RunStore, StoreError, pid_alive
-from .callbacks import (Checkpointing, Console, DivergenceGuard, Evaluation, PrecisionPlanSwitch,
+from .callbacks import (Checkpointing, Console, DivergenceGuard, Evaluation, PrecisionPlanSwitch, SystemMetrics,
                         QuantizationDiagnostics, StopRequests, StoreLogging, divergence)
 from .checkpoint import FILENAME as CHECKPOINT_NAME
 from .checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint
@@ -538,6 +538,8 @@ class Trainer:
             found.append(QuantizationDiagnostics(self.cfg.log_interval, writer.log_layers if writer else None))
         if writer is not None:
             found.append(StoreLogging(writer))
+        if main and self.run_dir is not None:
+            found.append(SystemMetrics(self.run_dir))
         if main:
             self.console = Console(self.say, show_bar=opts.progress and not opts.quiet)
             found.append(self.console)
