@@ -476,7 +476,10 @@ def main(argv: list[str] | None = None) -> Path:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--quick", action="store_const", const="quick", dest="mode", help="3 seeds, ≤ 10 min on 2 cores")
-    mode.add_argument("--full", action="store_const", const="full", dest="mode", help="5 seeds, longer runs, smollm2")
+    mode.add_argument("--medium", action="store_const", const="medium", dest="mode",
+                      help="issue 10: both AlgoPerf tracks on the medium workload (benchmarks/tracks.py, medium.py)")
+    mode.add_argument("--full", action="store_const", const="full", dest="mode",
+                      help="the --medium protocol scaled up (for a GPU: --full --device cuda)")
     mode.add_argument("--changes", action="store_const", const="changes", dest="mode",
                       help="W2 only: issue 6's hybrid changes taken out one at a time (quick budget)")
     mode.add_argument("--smoke", action="store_const", const="smoke", dest="mode", help="CI: seconds, 1 seed")
@@ -499,6 +502,11 @@ def main(argv: list[str] | None = None) -> Path:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be ≥ 1")
+    if args.mode in ("medium", "full"):               # issue 10: both tracks (benchmarks/tracks.py)
+        from benchmarks import tracks
+        env = environment(args, ["benchmarks/bench_hybrid.py", *argv])
+        return tracks.main(args.mode, args.out or RESULTS / args.mode, args.device, args.jobs, args.threads,
+                           args.seeds, args.steps, env=env, log=print if not args.quiet else (lambda m: None))
     b = budget(args.mode)
     if args.seeds:
         b.seeds = tuple(range(args.seeds))
@@ -539,6 +547,9 @@ def main(argv: list[str] | None = None) -> Path:
     from benchmarks.report import write_report
     path = write_report(out, b, env, workload_info, protocol, rows, extra)
     log(f"Report written to {path} ({env['total_seconds']:.0f} s in total)")
+    if args.mode == "smoke":                            # issue 10's tracks at smoke size: every row present
+        from benchmarks import tracks
+        tracks.main("smoke", out / "tracks", args.device, 1, args.threads, env=env, log=log)
     return path
 
 

@@ -115,6 +115,9 @@ def build_optimizer(method: Method, model: torch.nn.Module, cfg: HybridTrainingC
         import schedulefree
         optimizer = schedulefree.AdamWScheduleFree(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=wd,
                                                    warmup_steps=warmup)
+    elif method.optimizer == "muon":             # issue 10: Muon for hidden matrices + AdamW for the rest
+        from .baselines import MuonWithAdamW
+        optimizer = MuonWithAdamW(model, lr, weight_decay=wd, betas=(0.9, 0.999))
     else:
         raise ValueError(f"unknown optimizer {method.optimizer!r}")
     scheduler = None

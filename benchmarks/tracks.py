@@ -1,0 +1,447 @@
+"""Both AlgoPerf tracks for the hybrid (issue 10): external tuning and self-tuning, on one shared set of runs.
+
+    python benchmarks/bench_hybrid.py --medium              # the medium workload (medium.py) → results/medium/
+    python benchmarks/bench_hybrid.py --full --device cuda  # the same protocol, scaled up → results/full/
+    python -m benchmarks.tracks --smoke --out /tmp/x        # CI: seconds, every track, method and target row
+
+The protocol (MLCommons AlgoPerf, Dahl et al. 2023, reduced to one workload: W2 = ternary QAT distillation):
+
+- One LR grid for everyone, spanning 100× (medium: 1e-4, 3e-4, 1e-3, 3e-3, 1e-2).
+- External tuning: every method — the hybrids too — runs each LR of the grid on a separate tuning seed; its tuned
+  LR is the one with the lowest best validation loss there (same grid, same 5-run tuning budget for every method;
+  no extension at the grid's edge, which would give some methods more trials). Then ≥ 5 evaluation seeds at the
+  tuned LR. Target = the median over the evaluation seeds of the tuned AdamW + warmup + cosine reference's best
+  validation loss. Score = steps to target (a miss counts as infinite), medians over seeds, paired bootstrap.
+- Self-tuning: no tuning — every method runs at every LR of the grid on every evaluation seed (the user who does
+  not know the right LR). Score = the median over the grid of the median over seeds of steps to target (same
+  target). The bootstrap resamples seeds, paired across methods and LRs (seed s means the same initial weights
+  and data order for every run). Plus a performance profile (Dolan & Moré 2002, as AlgoPerf scores): problems =
+  (LR, seed) pairs, ρ_m(τ) = share of problems method m solves within τ× the best method's steps.
+  The external track's evaluation runs are the self-tuning runs at the tuned LR: one set of runs serves both.
+- Ablations of the hybrid at the guide's LR (1e-3) on the evaluation seeds.
+
+Everything runs through the pipeline's training step (see `_train`), one torch thread per run, `jobs` runs in
+parallel; per-step CPU time is measured with evaluations excluded.
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from benchmarks import stats
+from benchmarks.loop import RunSpec, run
+from benchmarks.methods import ABLATIONS, B1, B3, GUIDE_LR, H, R, Method
+
+ADAMW = replace(B1, key="AdamW", label="AdamW, constant LR (guide baseline)", tuned_lr=False)
+ADAMW_COS = replace(R, key="AdamW-cos", label="AdamW + warmup + cosine (AlgoPerf reference)", tuned_lr=False)
+SF = replace(B3, key="SF-AdamW", label="Schedule-Free AdamW (warmup 5 %)", tuned_lr=False)
+MUON = Method("Muon", "Muon (hidden matrices) + AdamW (embedding, norms, head), warmup + cosine", "muon",
+              "warmup_cosine")
+HYB = replace(H, key="H", label="Hybrid = distillation.py --hybrid (aux net, trust region, clusters, plan)")
+HYB_SCHED = replace(H, key="H-sched", label="H + its built-in warmup + cosine (optimizer's own schedule)",
+                    builtin_schedule=True)
+TRACK_METHODS = (ADAMW, ADAMW_COS, SF, MUON, HYB, HYB_SCHED)
+TRACK_ABLATIONS = tuple(m for m in ABLATIONS if m.key in ("H-aux", "H-TR", "H-param", "H-frozen"))
+ALL_TRACK = {m.key: m for m in (*TRACK_METHODS, *TRACK_ABLATIONS)}
+REFERENCE = "AdamW-cos"          # the target's source, AlgoPerf's tuned reference
+BITS = 1.58                      # W2: ternary QAT
+
+
+@dataclass
+class TrackBudget:
+    mode: str
+    workload: str                 # "tiny" (the quick workload) | "medium" | "full" (medium.SCALES)
+    seeds: tuple[int, ...]
+    tuning_seed: int
+    steps: int
+    batch_size: int
+    eval_every: int
+    grid: tuple[float, ...]
+    methods: tuple[str, ...]
+    ablations: tuple[str, ...]
+    ablation_lr: float = GUIDE_LR
+
+    @property
+    def n_runs(self) -> int:
+        return len(self.methods) * len(self.grid) * (len(self.seeds) + 1) + len(self.ablations) * len(self.seeds)
+
+    @property
+    def resolution(self) -> float:
+        """Steps-to-target resolution as a share of the budget (the issue asks ≤ 5 %)."""
+        return self.eval_every / self.steps
+
+
+def track_budget(mode: str) -> TrackBudget:
+    methods = tuple(m.key for m in TRACK_METHODS)
+    ablations = tuple(m.key for m in TRACK_ABLATIONS)
+    grid = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+    if mode == "medium":
+        return TrackBudget("medium", "medium", (0, 1, 2, 3, 4), 100, 300, 16, 15, grid, methods, ablations)
+    if mode == "full":
+        return TrackBudget("full", "full", (0, 1, 2, 3, 4), 100, 2000, 32, 50, grid, methods, ablations)
+    if mode == "smoke":
+        return TrackBudget("smoke", "tiny", (0,), 100, 4, 4, 2, (1e-3, 1e-2), methods, ablations)
+    raise ValueError(f"unknown tracks mode {mode!r}: use smoke, medium or full")
+
+
+# -- running ------------------------------------------------------------------------------------------------------
+_PREPARED = None
+
+
+def prepare_workload(workload: str, device: str = "cpu", log=lambda message: None, placeholder_teacher=False):
+    if workload == "tiny":
+        from benchmarks.workload import prepare
+        return prepare(preset="tiny", eval_windows=8, device=device, log=log)
+    from benchmarks.medium import prepare_medium
+    return prepare_medium(workload, device=device, log=log, placeholder_teacher=placeholder_teacher)
+
+
+def _init_worker(workload: str, device: str, threads: int) -> None:
+    global _PREPARED
+    torch.set_num_threads(threads)
+    _PREPARED = prepare_workload(workload, device)
+
+
+def _train(prepared, spec: RunSpec):
+    """One run through the pipeline's training step (benchmarks/loop.py until distill.fit lands)."""
+    return run(prepared, spec)
+
+
+def run_one(spec: RunSpec) -> dict:
+    result = _train(_PREPARED, spec)
+    steps_done = len(result.losses)
+    return {"method": spec.method.key, "lr": spec.lr, "seed": spec.seed, "steps": spec.steps,
+            "evals": [{k: e[k] for k in ("step", "val_loss", "val_loss_fp") if k in e} for e in result.evals],
+            "diverged": bool(result.diverged), "skipped_steps": result.skipped_steps, "steps_done": steps_done,
+            "train_cpu_s": result.train_cpu_s, "train_s": result.train_s,
+            "cpu_ms_per_step": 1e3 * (result.train_cpu_s - result.plan_cpu_s) / max(steps_done, 1),
+            "optimizer_state_mb": result.optimizer_state_mb,
+            "mean_multiplier": float(np.mean(result.multipliers)) if result.multipliers else 1.0}
+
+
+def run_all(specs: list[RunSpec], workload: str, device: str, jobs: int, threads: int, log) -> list[dict]:
+    order = sorted(specs, key=lambda s: -(s.steps * (1.3 if s.method.is_hybrid else 1.0)))   # long jobs first
+    out = []
+    if jobs > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(jobs, initializer=_init_worker, initargs=(workload, device, threads)) as pool:
+            for i, row in enumerate(pool.imap_unordered(run_one, order), start=1):
+                out.append(row)
+                _log_row(log, i, len(order), row)
+    else:
+        before = torch.get_num_threads()
+        _init_worker(workload, device, threads)
+        try:
+            for i, spec in enumerate(order, start=1):
+                out.append(run_one(spec))
+                _log_row(log, i, len(order), out[-1])
+        finally:
+            torch.set_num_threads(before)
+    return out
+
+
+def _log_row(log, i: int, n: int, row: dict) -> None:
+    best = min((e["val_loss"] for e in row["evals"]), default=math.nan)
+    log(f"  [{i}/{n}] {row['method']} lr {row['lr']:g} seed {row['seed']}: best val {best:.4f} "
+        f"({row['train_cpu_s']:.1f} s CPU)")
+
+
+def specs_for(b: TrackBudget, device: str) -> list[RunSpec]:
+    spec = lambda key, lr, seed: RunSpec("W2", ALL_TRACK[key], BITS, lr, seed, b.steps, b.batch_size,  # noqa
+                                         b.eval_every, device)
+    runs = [spec(m, lr, seed) for m in b.methods for lr in b.grid for seed in (b.tuning_seed, *b.seeds)]
+    runs += [spec(m, b.ablation_lr, seed) for m in b.ablations for seed in b.seeds]
+    return runs
+
+
+# -- analysis (pure functions of the run rows) -------------------------------------------------------------------
+def best_val(row: dict) -> float:
+    vals = [e["val_loss"] for e in row["evals"] if math.isfinite(e["val_loss"])]
+    return min(vals) if vals else math.inf
+
+
+def final(row: dict, key: str = "val_loss") -> float:
+    return row["evals"][-1].get(key, math.nan) if row["evals"] else math.nan
+
+
+def abs_gap(row: dict) -> float:
+    return abs(final(row, "val_loss") - final(row, "val_loss_fp"))
+
+
+class Runs:
+    """Index of run rows by (method, lr, seed)."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+        self.by = {(r["method"], float(r["lr"]), int(r["seed"])): r for r in rows}
+
+    def get(self, method: str, lr: float, seed: int) -> dict:
+        return self.by[(method, float(lr), int(seed))]
+
+    def values(self, method: str, lr: float, seeds, fn) -> np.ndarray:
+        return np.array([fn(self.get(method, lr, s)) for s in seeds], dtype=float)
+
+
+def tuned_lrs(runs: Runs, b: TrackBudget) -> dict[str, float]:
+    """External tuning: each method's LR with the lowest best validation loss on the tuning seed (ties: smaller)."""
+    return {m: min(b.grid, key=lambda lr: (best_val(runs.get(m, lr, b.tuning_seed)), lr)) for m in b.methods}
+
+
+def steps_to_target(row: dict, target: float) -> float:
+    return stats.first_reaching(row["evals"], target, "step")
+
+
+def grid_score(matrix: np.ndarray) -> float:
+    """Self-tuning score of a [n_lr, n_seeds] steps-to-target matrix: median over LRs of the median over seeds."""
+    per_lr = [stats.median(row) for row in matrix]
+    return stats.median(per_lr)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, score, n_boot: int = 4000, seed: int = 0):
+    """(point, low, high) of score(a)/score(b), resampling the last axis (seeds) with the same draws for both."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    n = a.shape[-1]
+    if n == 0 or b.shape[-1] != n:
+        raise ValueError(f"paired samples need equal, non-zero seed counts (got {n} and {b.shape[-1]})")
+    point = stats.ratio(score(a), score(b))
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    boot = np.array([stats.ratio(score(a[..., i]), score(b[..., i])) for i in idx])
+    return point, float(np.percentile(boot, 2.5, method="lower")), float(np.percentile(boot, 97.5, method="higher"))
+
+
+def performance_profile(times: dict[str, np.ndarray], taus: np.ndarray) -> dict[str, np.ndarray]:
+    """Dolan–Moré profile: times[m] = steps to target per problem (inf = miss); ρ_m(τ) for each τ.
+    A problem no method solves counts as unsolved for everyone."""
+    stack = np.vstack([np.asarray(t, dtype=float).ravel() for t in times.values()])
+    best = stack.min(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratios = np.where(np.isfinite(stack), stack / best, np.inf)
+    solved = np.isfinite(ratios)                    # a miss never counts, not even at τ = ∞
+    return {m: np.array([(solved[i] & (ratios[i] <= tau)).mean() for tau in taus]) for i, m in enumerate(times)}
+
+
+def analyse(rows: list[dict], b: TrackBudget, n_boot: int = 4000) -> dict:
+    runs = Runs(rows)
+    seeds = list(b.seeds)
+    tuned = tuned_lrs(runs, b)
+    target = float(np.median(runs.values(REFERENCE, tuned[REFERENCE], seeds, best_val)))
+    stt = lambda row: steps_to_target(row, target)  # noqa: E731
+    ext_steps = {m: runs.values(m, tuned[m], seeds, stt) for m in b.methods}
+    ext_final = {m: runs.values(m, tuned[m], seeds, lambda r: final(r)) for m in b.methods}
+    ext_gap = {m: runs.values(m, tuned[m], seeds, abs_gap) for m in b.methods}
+    med = lambda x: stats.median(x)  # noqa: E731
+    external = {}
+    for m in b.methods:
+        external[m] = {
+            "tuned_lr": tuned[m], "steps": ext_steps[m].tolist(), "median_steps": med(ext_steps[m]),
+            "final_val": med(ext_final[m]), "abs_gap": med(ext_gap[m]),
+            "hits": int(np.isfinite(ext_steps[m]).sum()),
+            "vs": {ref: paired_bootstrap(ext_steps[m], ext_steps[ref], med, n_boot)
+                   for ref in (REFERENCE, "Muon", "AdamW", "SF-AdamW") if ref in b.methods},
+            "final_vs": {ref: paired_bootstrap(ext_final[m], ext_final[ref], med, n_boot)
+                         for ref in (REFERENCE, "AdamW") if ref in b.methods},
+            "gap_vs": {ref: paired_bootstrap(ext_gap[m], ext_gap[ref], med, n_boot)
+                       for ref in (REFERENCE, "AdamW") if ref in b.methods},
+        }
+    matrices = {m: np.vstack([runs.values(m, lr, seeds, stt) for lr in b.grid]) for m in b.methods}
+    selftune = {}
+    for m in b.methods:
+        per_lr = {f"{lr:g}": {"median_steps": med(matrices[m][i]),
+                              "median_final": med(runs.values(m, lr, seeds, lambda r: final(r))),
+                              "hits": int(np.isfinite(matrices[m][i]).sum()),
+                              "diverged": int(sum(runs.get(m, lr, s)["diverged"] for s in seeds))}
+                  for i, lr in enumerate(b.grid)}
+        selftune[m] = {"score": grid_score(matrices[m]), "per_lr": per_lr,
+                       "divergences": sum(v["diverged"] for v in per_lr.values()),
+                       "vs": {ref: paired_bootstrap(matrices[m], matrices[ref], grid_score, n_boot)
+                              for ref in ("AdamW", "SF-AdamW", REFERENCE, "Muon") if ref in b.methods}}
+    taus = np.array([1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0, math.inf])
+    profile = performance_profile(matrices, taus)
+    ablations = {}
+    for m in b.ablations:
+        steps = runs.values(m, b.ablation_lr, seeds, stt)
+        base = runs.values("H", b.ablation_lr, seeds, stt) if "H" in b.methods else steps
+        ablations[m] = {"median_steps": med(steps), "final_val": med(runs.values(m, b.ablation_lr, seeds,
+                                                                                lambda r: final(r))),
+                        "vs_H": paired_bootstrap(steps, base, med, n_boot),
+                        "diverged": int(sum(runs.get(m, b.ablation_lr, s)["diverged"] for s in seeds))}
+    cost = {m: {"cpu_ms_per_step": med([r["cpu_ms_per_step"] for r in rows if r["method"] == m]),
+                "optimizer_state_mb": med([r["optimizer_state_mb"] for r in rows if r["method"] == m])}
+            for m in (*b.methods, *b.ablations)}
+    return {"tuned_lr": tuned, "target": target, "external": external, "selftune": selftune,
+            "profile": {"taus": taus.tolist(), "rho": {m: v.tolist() for m, v in profile.items()}},
+            "ablations": ablations, "cost": cost}
+
+
+# -- the targets of issue 10 (bars exactly as filed; never loosened) -----------------------------------------------
+def targets(a: dict, b: TrackBudget) -> list[dict]:
+    """One row per target: {"target", "bar", "measured", "met"}; a target whose runs are absent is not met."""
+    rows = []
+    st, ex = a["selftune"], a["external"]
+    if "H" in st:
+        h = st["H"]
+        va, vs = h["vs"].get("AdamW"), h["vs"].get("SF-AdamW")
+        met = bool(va and vs and va[0] <= 0.75 and va[2] < 1 and vs[0] <= 0.90 and vs[2] < 1
+                   and h["divergences"] == 0)
+        rows.append({"target": "self-tuning: H's steps to target, median over the LR grid",
+                     "bar": "≤ 0.75× AdamW constant and ≤ 0.90× Schedule-Free, intervals below 1; 0 divergences "
+                            "on the grid",
+                     "measured": f"H/AdamW {fmt_ci(va)}; H/SF-AdamW {fmt_ci(vs)}; divergences {h['divergences']}",
+                     "met": met})
+    if "H" in ex:
+        v = ex["H"]["vs"].get(REFERENCE)
+        rows.append({"target": "external tuning: H tuned vs AdamW-cosine tuned", "bar": "≤ 0.90×, interval below 1",
+                     "measured": f"H/AdamW-cos {fmt_ci(v)}", "met": bool(v and v[0] <= 0.90 and v[2] < 1)})
+        v = ex["H"]["vs"].get("Muon")
+        rows.append({"target": "external tuning: H tuned vs Muon tuned", "bar": "≤ 1.0× (no worse than the best "
+                     "matrix method)", "measured": f"H/Muon {fmt_ci(v)}", "met": bool(v and v[0] <= 1.0)})
+        g, f = ex["H"]["gap_vs"].get("AdamW"), ex["H"]["final_vs"].get("AdamW")
+        rows.append({"target": "quantization gap |gap| (external track, tuned LRs)",
+                     "bar": "≥ 15 % below AdamW-QAT (point ≤ 0.85×, interval below 1) at equal or lower "
+                            "validation loss (final-loss ratio ≤ 1.0)",
+                     "measured": f"\\|gap\\| H/AdamW {fmt_ci(g)}; final val loss H/AdamW {fmt_ci(f)}",
+                     "met": bool(g and f and g[0] <= 0.85 and g[2] < 1 and f[0] <= 1.0)})
+    if REFERENCE in ex and "AdamW" in ex:
+        v = ex[REFERENCE]["final_vs"].get("AdamW")
+        rows.append({"target": "sanity: the tuned cosine reference beats constant LR at this budget",
+                     "bar": "final val loss AdamW-cos tuned / AdamW constant tuned < 1, interval below 1",
+                     "measured": f"{fmt_ci(v)} (AdamW-cos {ex[REFERENCE]['final_val']:.4f} at lr "
+                                 f"{ex[REFERENCE]['tuned_lr']:g} vs AdamW {ex['AdamW']['final_val']:.4f} at lr "
+                                 f"{ex['AdamW']['tuned_lr']:g})",
+                     "met": bool(v and v[0] < 1 and v[2] < 1)})
+    return rows
+
+
+def fmt_ci(v) -> str:
+    if not v:
+        return "–"
+    f = lambda x: "∞" if math.isinf(x) else f"{x:.2f}"  # noqa: E731
+    return f"{f(v[0])} [{f(v[1])}, {f(v[2])}]"
+
+
+def protocol(b: TrackBudget, device: str, jobs: int, threads: int, log) -> dict:
+    started = time.perf_counter()
+    specs = specs_for(b, device)
+    log(f"{len(specs)} runs: {len(b.methods)} methods × {len(b.grid)} LRs × {len(b.seeds) + 1} seeds "
+        f"(tuning seed {b.tuning_seed}) + {len(b.ablations)} ablations × {len(b.seeds)} seeds at lr {b.ablation_lr:g}")
+    rows = run_all(specs, b.workload, device, jobs, threads, log)
+    analysis = analyse(rows, b)
+    return {"rows": rows, "analysis": analysis, "targets": targets(analysis, b),
+            "protocol_seconds": time.perf_counter() - started}
+
+
+
+# -- timing probe: what the full protocol of a mode will cost, from a few steps of each method -------------------
+def probe(mode: str = "medium", steps: int = 10, device: str = "cpu", jobs: int = 2, log=print,
+          placeholder_teacher: bool = True) -> dict:
+    """Run `steps` steps of each method (1 thread, evaluation excluded) and one evaluation on the mode's workload;
+    extrapolate the protocol's total time. By default with placeholder teacher logits (the step's cost does not
+    depend on them) so that the probe needs no trained teacher. Measured in process CPU time, which other processes sharing the cores
+    inflate far less than wall time; on an idle machine with `jobs` cores, wall ≈ CPU / jobs."""
+    from hybrid_optimization.distill.evaluate import evaluate
+    from hybrid_optimization.distill.student import StudentLM
+    b = track_budget(mode)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        prepared = prepare_workload(b.workload, device, log, placeholder_teacher=placeholder_teacher)
+        prepare_cpu, prepare_wall = time.process_time() - c0, time.perf_counter() - t0
+        clusters_cpu = prepared.clusters(0).cpu_seconds
+        per_step, plan = {}, {}
+        for key in (*b.methods, *b.ablations):
+            m = ALL_TRACK[key]
+            result = _train(prepared, RunSpec("W2", m, BITS, GUIDE_LR, 0, steps, b.batch_size, steps, device))
+            per_step[key] = (result.train_cpu_s - result.plan_cpu_s) / steps
+            plan[key] = result.plan_cpu_s
+            log(f"  {key}: {1e3 * per_step[key]:.0f} ms CPU / step, precision plan {plan[key]:.1f} s CPU")
+        model = StudentLM(prepared.student_config)
+        from hybrid_optimization.distill.train import quantize_student
+        quantize_student(model, BITS, 1.0)
+        c = time.process_time()
+        evaluate(model, prepared.dataset.val.tokens[prepared.eval_index],
+                 prepared.logits.val_values[prepared.eval_index], prepared.logits.val_indices[prepared.eval_index],
+                 prepared.clusters(0).val[prepared.eval_index], device=device)
+        eval_cpu = time.process_time() - c
+    finally:
+        torch.set_num_threads(before)
+    evals = math.ceil(b.steps / b.eval_every)
+    total = 0.0
+    for spec in specs_for(b, device):
+        k = spec.method.key
+        total += spec.steps * per_step[k] + plan[k] + evals * eval_cpu
+    n_seeds = len(b.seeds) + 1
+    total += clusters_cpu * n_seeds * jobs          # every worker clusters every seed once
+    estimate = {"mode": mode, "probe_steps": steps, "cpu_s_per_step": per_step, "plan_cpu_s": plan,
+                "eval_cpu_s": eval_cpu, "evals_per_run": evals, "clusters_cpu_s_per_seed": clusters_cpu,
+                "runs": b.n_runs, "runs_cpu_s": total, "jobs": jobs,
+                "estimated_wall_min_idle": total / jobs / 60,
+                "prepare_cpu_s_this_time": prepare_cpu, "prepare_wall_s_this_time": prepare_wall,
+                "placeholder_teacher": placeholder_teacher, "load_average": os.getloadavg()}
+    log(f"probe: {b.n_runs} runs ≈ {total / 3600:.2f} CPU-hours → ≈ {total / jobs / 60:.0f} min on an idle "
+        f"{jobs}-core machine (+ the one-time data/teacher cache build; this time {prepare_wall / 60:.1f} min wall)")
+    return estimate
+
+# -- entry point (bench_hybrid.py --medium / --full dispatch here; --smoke runs this at its smoke size too) ---------
+def workload_info(prepared, b: TrackBudget) -> dict:
+    from benchmarks.medium import linear_params
+    from hybrid_optimization.distill.student import StudentLM
+    description = ("Python 3.11 documentation (Debian python3.11-doc, reST sources), distilled from a teacher "
+                   "trained on it" if b.workload != "tiny" else "the quick workload (tiny preset, chatterbot-corpus)")
+    return {"description": description, "train_tokens": prepared.dataset.train.n_tokens,
+            "val_tokens": prepared.dataset.val.n_tokens, "eval_windows": len(prepared.eval_index),
+            "seq_len": prepared.seq_len, "vocab": prepared.dataset.vocab_size,
+            "student_params": StudentLM(prepared.student_config).n_params(),
+            "linear_params": linear_params(prepared.student_config), "prepare_s": prepared.prepare_seconds}
+
+
+def main(mode: str, out, device: str = "cpu", jobs: int = 2, threads: int = 1, seeds: int | None = None,
+         steps: int | None = None, env: dict | None = None, status: str | None = None, log=print):
+    """Run both tracks in `mode` (smoke | medium | full) and write the report to `out`; returns its path."""
+    from pathlib import Path
+
+    from benchmarks import tracks_report
+    started = time.perf_counter()
+    b = track_budget(mode)
+    if seeds:
+        b.seeds = tuple(range(seeds))
+    if steps:
+        b.steps, b.eval_every = steps, max(1, steps // 20)
+    prepared = prepare_workload(b.workload, device, log)        # builds the caches before the workers load them
+    info = workload_info(prepared, b)
+    log(f"workload: {info['train_tokens']:,} training tokens, student {info['student_params'] / 1e6:.2f} M "
+        f"({info['linear_params'] / 1e6:.2f} M in Linear layers); {b.n_runs} runs of {b.steps} steps")
+    result = protocol(b, device, jobs, threads, log)
+    env = dict(env or {})
+    env["total_seconds"] = time.perf_counter() - started
+    path = tracks_report.write(Path(out), b, env, info, result, status)
+    log(f"tracks report written to {path} ({env['total_seconds']:.0f} s)")
+    return path
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Both AlgoPerf tracks for the hybrid (issue 10)")
+    parser.add_argument("--mode", choices=("smoke", "medium", "full"), default="smoke")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--probe", type=int, default=None, metavar="STEPS",
+                        help="timing probe: STEPS steps of each method, then the mode's estimated total time")
+    ns = parser.parse_args()
+    if ns.probe:
+        import json
+        from pathlib import Path
+        estimate = probe(ns.mode, ns.probe, ns.device, max(ns.jobs, 2))
+        Path(ns.out).mkdir(parents=True, exist_ok=True)
+        (Path(ns.out) / "probe.json").write_text(json.dumps(estimate, indent=1))
+        raise SystemExit(0)
+    main(ns.mode, ns.out, ns.device, ns.jobs, 1, ns.seeds, ns.steps, env={"command": "python -m benchmarks.tracks"})

@@ -1,0 +1,110 @@
+"""Issue 10's two-track benchmark: the Muon baseline, the track statistics, the targets table, and a CI smoke run
+(seconds on the quick workload) whose report has every track, method and target row."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import tracks
+from benchmarks.baselines import MuonWithAdamW, is_hidden_matrix
+from benchmarks.tracks_report import targets_table, verdict
+
+pytestmark = pytest.mark.timeout(1800)
+
+
+def _tiny_lm():
+    from hybrid_optimization.distill.student import StudentConfig, StudentLM
+    torch.manual_seed(0)
+    return StudentLM(StudentConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=8))
+
+
+def test_muon_takes_hidden_matrices_and_adamw_the_rest():
+    model = _tiny_lm()
+    opt = MuonWithAdamW(model, lr=1e-2)
+    muon_ids = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in muon_ids) == (p.ndim == 2 and not name.startswith(("embed", "lm_head"))), name
+        assert is_hidden_matrix(name, p) == (id(p) in muon_ids)
+    assert {id(p) for g in opt.adamw.param_groups for p in g["params"]}.isdisjoint(muon_ids)
+
+
+def test_muon_with_adamw_trains_and_a_scheduler_drives_both_parts():
+    model = _tiny_lm()
+    opt = MuonWithAdamW(model, lr=3e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    ids = torch.randint(0, 32, (8, 9), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(20):
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).reshape(-1, 32), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if len(losses) <= 2:
+            sched.step()
+    assert losses[-1] < 0.7 * losses[0]
+    assert opt.muon.param_groups[0]["lr"] == pytest.approx(3e-2 / 4)       # two scheduler steps: × 0.25
+    assert opt.adamw.param_groups[0]["lr"] == pytest.approx(3e-2 / 4)
+    assert len(opt.state) == sum(1 for p in model.parameters())           # both states visible, for memory figures
+
+
+def test_grid_score_profile_and_bootstrap():
+    inf = math.inf
+    # 3 LRs × 2 seeds: per-LR medians 15, inf, 40 → median over the grid 40
+    assert tracks.grid_score(np.array([[10, 20], [inf, inf], [30, 50]])) == 40
+    assert tracks.grid_score(np.array([[inf, inf], [inf, 5], [inf, inf]])) == inf
+    rho = tracks.performance_profile({"a": np.array([10, 20, inf]), "b": np.array([20, 20, inf])},
+                                     np.array([1.0, 2.0, inf]))
+    assert rho["a"].tolist() == pytest.approx([2 / 3, 2 / 3, 2 / 3])
+    assert rho["b"].tolist() == pytest.approx([1 / 3, 2 / 3, 2 / 3])
+    a = np.array([[10, 11, 12, 10, 11]] * 3, dtype=float)
+    point, low, high = tracks.paired_bootstrap(a, 2 * a, tracks.grid_score, n_boot=200)
+    assert point == pytest.approx(0.5) and high < 1
+
+
+def _analysis(hybrid_wins: bool) -> tuple[dict, tracks.TrackBudget]:
+    """A synthetic analysis (5 seeds): AdamW never reaches the target (final 2.2), the other baselines reach it at
+    step 100 (final 2.0 = the target), H at step 50 (final 1.8, smaller gap) or never (final 2.5, larger gap)."""
+    b = tracks.track_budget("smoke")
+    b.seeds = (0, 1, 2, 3, 4)
+    curves = {"AdamW": (3.0, 2.2, 0.2), "H": (1.9, 1.8, 0.1) if hybrid_wins else (3.0, 2.5, 0.3)}
+    rows = []
+    runs = [(m, lr, s) for m in b.methods for lr in b.grid for s in (b.tuning_seed, *b.seeds)]
+    runs += [(m, b.ablation_lr, s) for m in b.ablations for s in b.seeds]
+    for m, lr, seed in runs:
+        v50, v100, gap = curves.get(m, (3.0, 2.0, 0.2))
+        rows.append({"method": m, "lr": lr, "seed": seed, "diverged": False, "cpu_ms_per_step": 10.0,
+                     "optimizer_state_mb": 1.0, "evals": [{"step": 50, "val_loss": v50, "val_loss_fp": v50},
+                                                          {"step": 100, "val_loss": v100, "val_loss_fp": v100 - gap}]})
+    return tracks.analyse(rows, b, n_boot=200), b
+
+
+def test_targets_table_says_yes_only_when_the_bar_is_met():
+    good, b = _analysis(hybrid_wins=True)
+    assert good["target"] == 2.0
+    rows = tracks.targets(good, b)
+    assert len(rows) == 5 and all(r["met"] for r in rows), rows
+    bad, b = _analysis(hybrid_wins=False)
+    rows = tracks.targets(bad, b)
+    assert [r["met"] for r in rows] == [False, False, False, False, True]      # the sanity row is about AdamW
+    table = "\n".join(targets_table(rows))
+    assert table.count("| **no** |") == 4 and table.count("| **yes** |") == 1
+    assert "Leave `--hybrid` off" in verdict(bad, b) and "**Switch `--hybrid` on**" in verdict(good, b)
+
+
+def test_smoke_run_has_every_track_method_and_target_row(tmp_path):
+    path = tracks.main("smoke", tmp_path / "tracks", jobs=1, env={"command": "test"}, log=lambda m: None)
+    text = path.read_text()
+    b = tracks.track_budget("smoke")
+    for section in ("## Verdict", "## Targets (issue 10", "## External tuning track", "## Self-tuning track",
+                    "Performance profile", "## Ablations of H", "## Cost per step", "Budget check:"):
+        assert section in text, section
+    for m in (*b.methods, *b.ablations):
+        assert text.count(f"| **{m}** |") >= (5 if m in b.methods else 2), m    # ext, self, per-LR, profile, cost
+    for target in ("self-tuning: H's steps to target", "external tuning: H tuned vs AdamW-cosine tuned",
+                   "external tuning: H tuned vs Muon tuned", "quantization gap", "sanity: the tuned cosine"):
+        line = next(row for row in text.splitlines() if row.startswith(f"| {target}"))
+        assert line.endswith("| **yes** |") or line.endswith("| **no** |"), line
+    assert (tmp_path / "tracks" / "runs.csv").read_text().count("\n") == b.n_runs + 1
+    assert (tmp_path / "tracks" / "figures.html").stat().st_size > 1000
