@@ -3,12 +3,11 @@
 Why not the quick workload: 45 k tokens of chat data, a 0.6 M-parameter student and 100 steps — the training loss
 fell far below the validation loss and the tuned cosine reference lost to a constant LR. Here:
 
-- Data: real English text obtained offline at install time — the reStructuredText sources of the Python 3.11
-  documentation from the Debian package `python3.11-doc` (`apt-get install python3.11-doc`; PSF licence),
-  /usr/share/doc/python3.11/html/_sources/**/*.rst.txt: tutorial, library and language reference, HOWTOs.
-  One page = one document, so the held-out pages are pages the student never saw. Section underlines
-  ("=====") are dropped (free tokens that say nothing about the optimizer); the rest is kept as written.
-  Pages are taken in sorted path order until `chars` characters — ≥ 1 M training tokens for `medium`.
+- Data: real English text obtained offline at install time — the prose of the Python 3.11 documentation from the
+  Debian package `python3.11-doc` (`apt-get install python3.11-doc`; PSF licence), read by the pipeline's own
+  `--data_source python-docs` loader (hybrid_optimization.distill.data.load_python_docs: one page = one document,
+  markup, code and tables removed), so the held-out pages are pages the student never saw. The first `max_tokens`
+  tokens (pages in path order) are kept: ≥ 1 M training tokens for `medium`.
 - Tokenizer and teacher: the tiny family of the pipeline, trained on this text and cached by content hash
   (hybrid_optimization.distill.tiny): a 1,024-token byte-level BPE and a LLaMA teacher trained once for about one
   epoch, larger than the quick mode's (hidden 256, 4 layers). Its top-k logits are cached once per dataset.
@@ -20,7 +19,6 @@ fell far below the validation loss and the tuned cosine reference lost to a cons
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,22 +26,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hybrid_optimization.distill.data import Document, build_dataset, documents_fingerprint
+from hybrid_optimization.distill.data import build_dataset, documents_fingerprint, load_python_docs
 from hybrid_optimization.distill.student import StudentConfig
 from hybrid_optimization.distill.teacher import TeacherLogits, load_teacher, teacher_topk_cache
 from hybrid_optimization.distill.tiny import tiny_teacher_dir, tiny_tokenizer
 
 from .workload import Prepared
 
-DOCS_GLOB = "/usr/share/doc/python3*/html/_sources"
-INSTALL_HINT = "apt-get install python3.11-doc (Debian/Ubuntu)"
-_UNDERLINE = re.compile(r"^\s*([=\-~^\"'`#*+.:_])\1{3,}\s*$")
-
 
 @dataclass(frozen=True)
 class Scale:
     name: str
-    chars: int | None                 # characters of documentation text to take (None: all pages)
+    max_tokens: int | None            # tokens of documentation text kept (pages in path order; None: all)
     seq_len: int
     d_model: int
     n_layers: int
@@ -59,42 +53,9 @@ class Scale:
 
 
 SCALES = {
-    "medium": Scale("medium", 3_600_000, 64, 256, 3, 4, 688, 256, 4, 4, 600, 16, 64),
+    "medium": Scale("medium", 1_350_000, 64, 256, 3, 4, 688, 256, 4, 4, 600, 16, 64),
     "full": Scale("full", None, 128, 256, 4, 4, 688, 384, 6, 6, 2000, 32, 256),
 }
-
-
-class MediumDataError(RuntimeError):
-    pass
-
-
-def docs_root() -> Path:
-    roots = sorted(Path("/").glob(DOCS_GLOB.lstrip("/")))
-    if not roots:
-        raise MediumDataError(f"the medium workload reads the Python documentation sources ({DOCS_GLOB}); "
-                              f"they are not installed: {INSTALL_HINT}")
-    return roots[-1]
-
-
-def clean(text: str) -> str:
-    return "\n".join(line for line in text.splitlines() if not _UNDERLINE.match(line)).strip()
-
-
-def load_python_docs(chars: int | None, root: Path | None = None) -> list[Document]:
-    """One document per documentation page, in sorted path order, until `chars` characters (None: all)."""
-    root = root or docs_root()
-    documents, total = [], 0
-    for path in sorted(root.rglob("*.rst.txt")):
-        text = clean(path.read_text(encoding="utf-8", errors="replace"))
-        if len(text) < 200:
-            continue
-        documents.append(Document(text=text, source=str(path.relative_to(root))))
-        total += len(text)
-        if chars is not None and total >= chars:
-            break
-    if not documents:
-        raise MediumDataError(f"no documentation pages under {root}: {INSTALL_HINT}")
-    return documents
 
 
 def student_config(scale: Scale, vocab_size: int) -> StudentConfig:
@@ -110,9 +71,10 @@ def linear_params(config: StudentConfig) -> int:
 
 def medium_dataset(s: Scale, split_seed: int = 0, log=lambda message: None):
     """(tokenizer, dataset) of a scale: the documentation pages, a BPE trained on them, packed windows."""
-    documents = load_python_docs(s.chars)
+    documents = load_python_docs()
     tokenizer = tiny_tokenizer(documents, documents_fingerprint(documents), s.vocab, log=log)
-    dataset = build_dataset(documents, tokenizer, s.seq_len, split_seed, source_name="python3.11-doc")
+    dataset = build_dataset(documents, tokenizer, s.seq_len, split_seed, source_name="python-docs",
+                            max_tokens=s.max_tokens)
     log(f"medium data: {len(documents)} pages, {dataset.train.n_tokens:,} training tokens in {len(dataset.train)} "
         f"windows, {dataset.val.n_tokens:,} held-out tokens, vocabulary {dataset.vocab_size}")
     return tokenizer, dataset

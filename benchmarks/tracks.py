@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from benchmarks import stats
-from benchmarks.loop import RunSpec, run
+from benchmarks.bench_hybrid import RunSpec, run    # the harness's one run function (the pipeline's loop)
 from benchmarks.methods import ABLATIONS, B1, B3, GUIDE_LR, H, R, Method
 
 ADAMW = replace(B1, key="AdamW", label="AdamW, constant LR (guide baseline)", tuned_lr=False)
@@ -120,7 +120,7 @@ def _init_worker(workload: str, device: str, threads: int) -> None:
 
 
 def _train(prepared, spec: RunSpec):
-    """One run through the pipeline's training step (benchmarks/loop.py until distill.fit lands)."""
+    """One run through the pipeline's training step: bench_hybrid.run, the harness's one run function."""
     return run(prepared, spec)
 
 
@@ -403,7 +403,7 @@ def probe(mode: str = "medium", steps: int = 10, device: str = "cpu", jobs: int 
 def workload_info(prepared, b: TrackBudget) -> dict:
     from benchmarks.medium import linear_params
     from hybrid_optimization.distill.student import StudentLM
-    description = ("Python 3.11 documentation (Debian python3.11-doc, reST sources), distilled from a teacher "
+    description = ("Python 3.11 documentation prose (Debian python3.11-doc, `--data_source python-docs`), distilled from a teacher "
                    "trained on it" if b.workload not in ("tiny", "quick") else "the quick workload (tiny preset, chatterbot-corpus)")
     return {"description": description, "train_tokens": prepared.dataset.train.n_tokens,
             "val_tokens": prepared.dataset.val.n_tokens, "eval_windows": len(prepared.eval_index),
