@@ -15,7 +15,7 @@ All share the pipeline's weight decay and betas, so only the optimizer (and its 
 """
 from __future__ import annotations
 
-from collections import ChainMap
+from collections.abc import Mapping
 
 import torch
 
@@ -23,6 +23,27 @@ import torch
 def is_hidden_matrix(name: str, param: torch.nn.Parameter) -> bool:
     """Muon's share of the student: 2-D weights inside the transformer blocks (not the embedding, not the head)."""
     return param.ndim == 2 and not name.startswith(("embed", "lm_head"))
+
+
+class _States(Mapping):
+    """Read-only view of several optimizers' `state` dicts. (Not collections.ChainMap: its lookups would go through
+    the first optimizer's defaultdict, which creates an empty entry for every key it lacks.)"""
+
+    def __init__(self, *maps):
+        self.maps = maps
+
+    def __getitem__(self, key):
+        for m in self.maps:
+            if key in m:
+                return m[key]
+        raise KeyError(key)
+
+    def __iter__(self):
+        for m in self.maps:
+            yield from m
+
+    def __len__(self) -> int:
+        return sum(len(m) for m in self.maps)
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
@@ -43,7 +64,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.adamw = torch.optim.AdamW(other, lr=lr, betas=betas, weight_decay=weight_decay) if other else None
         inner = [self.muon] + ([self.adamw] if self.adamw is not None else [])
         self.param_groups = [g for o in inner for g in o.param_groups]
-        self.state = ChainMap(*(o.state for o in inner))
+        self.state = _States(*(o.state for o in inner))
 
     @torch.no_grad()
     def step(self, closure=None):

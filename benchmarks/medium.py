@@ -74,7 +74,7 @@ def medium_dataset(s: Scale, split_seed: int = 0, log=lambda message: None):
     documents = load_python_docs()
     tokenizer = tiny_tokenizer(documents, documents_fingerprint(documents), s.vocab, log=log)
     dataset = build_dataset(documents, tokenizer, s.seq_len, split_seed, source_name="python-docs",
-                            max_tokens=s.max_tokens)
+                            max_tokens=s.max_tokens, max_val_windows=s.eval_windows)   # teacher logits: only those
     log(f"medium data: {len(documents)} pages, {dataset.train.n_tokens:,} training tokens in {len(dataset.train)} "
         f"windows, {dataset.val.n_tokens:,} held-out tokens, vocabulary {dataset.vocab_size}")
     return tokenizer, dataset

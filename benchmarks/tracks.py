@@ -70,6 +70,7 @@ class TrackBudget:
     methods: tuple[str, ...]
     ablations: tuple[str, ...]
     ablation_lr: float = GUIDE_LR
+    n_boot: int = 4000                # bootstrap resamples per interval (smoke: fewer, it only checks the rows)
 
     @property
     def n_runs(self) -> int:
@@ -97,7 +98,7 @@ def track_budget(mode: str) -> TrackBudget:
         return TrackBudget("horizon", "quick", (0, 1, 2), 100, 100, 16, 5, (1e-4, 1e-3, 1e-2),
                            ("AdamW", "AdamW-cos", "H", "H-h8"), ())
     if mode == "smoke":
-        return TrackBudget("smoke", "tiny", (0,), 100, 4, 4, 2, (1e-3, 1e-2), methods, ablations)
+        return TrackBudget("smoke", "tiny", (0,), 100, 4, 4, 2, (1e-3, 1e-2), methods, ablations, n_boot=100)
     raise ValueError(f"unknown tracks mode {mode!r}: use smoke, medium, full or horizon")
 
 
@@ -313,7 +314,7 @@ def targets(a: dict, b: TrackBudget) -> list[dict]:
         rows.append({"target": "external tuning: H tuned vs Muon tuned", "bar": "≤ 1.0× (no worse than the best "
                      "matrix method)", "measured": f"H/Muon {fmt_ci(v)}", "met": bool(v and v[0] <= 1.0)})
         g, f = ex["H"]["gap_vs"].get("AdamW"), ex["H"]["final_vs"].get("AdamW")
-        rows.append({"target": "quantization gap |gap| (external track, tuned LRs)",
+        rows.append({"target": "quantization gap \\|gap\\| (external track, tuned LRs)",
                      "bar": "≥ 15 % below AdamW-QAT (point ≤ 0.85×, interval below 1) at equal or lower "
                             "validation loss (final-loss ratio ≤ 1.0)",
                      "measured": f"\\|gap\\| H/AdamW {fmt_ci(g)}; final val loss H/AdamW {fmt_ci(f)}",
@@ -342,7 +343,7 @@ def protocol(b: TrackBudget, device: str, jobs: int, threads: int, log) -> dict:
     log(f"{len(specs)} runs: {len(b.methods)} methods × {len(b.grid)} LRs × {len(b.seeds) + 1} seeds "
         f"(tuning seed {b.tuning_seed}) + {len(b.ablations)} ablations × {len(b.seeds)} seeds at lr {b.ablation_lr:g}")
     rows = run_all(specs, b.workload, device, jobs, threads, log)
-    analysis = analyse(rows, b)
+    analysis = analyse(rows, b, b.n_boot)
     return {"rows": rows, "analysis": analysis, "targets": targets(analysis, b),
             "protocol_seconds": time.perf_counter() - started}
 

@@ -47,6 +47,9 @@ def test_muon_with_adamw_trains_and_a_scheduler_drives_both_parts():
     assert opt.muon.param_groups[0]["lr"] == pytest.approx(3e-2 / 4)       # two scheduler steps: × 0.25
     assert opt.adamw.param_groups[0]["lr"] == pytest.approx(3e-2 / 4)
     assert len(opt.state) == sum(1 for p in model.parameters())           # both states visible, for memory figures
+    assert all("exp_avg" in opt.state[p] for g in opt.adamw.param_groups for p in g["params"])
+    assert all("momentum_buffer" in opt.state[p] for g in opt.muon.param_groups for p in g["params"])
+    assert len(opt.muon.state) == sum(len(g["params"]) for g in opt.muon.param_groups)   # reading adds nothing
 
 
 def test_grid_score_profile_and_bootstrap():
