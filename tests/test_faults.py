@@ -127,6 +127,8 @@ def resume_and_compare(env, runs_root, run_id, reference) -> dict:
 
 
 def assert_exact(got: dict, reference: dict, what: str) -> None:
+    print(f"{what}: resumed final loss {got['final_loss']!r} val {got['val_loss']!r}; uninterrupted "
+          f"{reference['final_loss']!r} val {reference['val_loss']!r}")
     assert (got["final_loss"], got["val_loss"]) == (reference["final_loss"], reference["val_loss"]), (
         f"{what}: resumed final loss {got['final_loss']!r}, val {got['val_loss']!r}; uninterrupted "
         f"{reference['final_loss']!r}, val {reference['val_loss']!r}; {first_difference(got, reference)}")
