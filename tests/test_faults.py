@@ -140,16 +140,6 @@ def _kill_points(n: int) -> list[int]:
     return sorted(rng.sample(range(FIRST_CHECKPOINT + 1, STEPS - 1), n))
 
 
-# Measured on main at 20:27 UTC (before the optimizer's fused-kernel / 2-bit clipping-cache fix): kill -9 at step 24,
-# resumed final loss 7.646292 / val 5.281116 vs uninterrupted 7.645500 / 5.286959; the first resumed step (21, right
-# after the checkpoint at 20) already differs. Plain AdamW, QAT alone and hybrid without QAT resume exactly.
-INEXACT_RESUME = pytest.mark.xfail(strict=False, reason=(
-    "resume of --hybrid --ternary --qat with 2-bit layers is not exact yet: kill -9 at step 24 -> final loss "
-    "7.646292 / val 5.281116 vs 7.645500 / 5.286959 uninterrupted, first differing step 21 (the first after the "
-    "checkpoint); waits for the optimizer's version-counter cache fix (issue 13 item 1)"))
-
-
-@INEXACT_RESUME
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 def test_interrupted_then_resumed_equals_the_uninterrupted_run(env, tmp_path, reference, sig):
     (at,) = _kill_points(1)
@@ -159,7 +149,6 @@ def test_interrupted_then_resumed_equals_the_uninterrupted_run(env, tmp_path, re
     assert_exact(got, reference, f"{signal.Signals(sig).name} at step {seen}")
 
 
-@INEXACT_RESUME
 @pytest.mark.slow
 def test_five_random_kill_9_points_and_sigint_all_resume_exactly(env, tmp_path, reference):
     results = []
