@@ -19,12 +19,12 @@ pipeline's defaults (HybridTrainingConfig: 1e-5, (0.9, 0.999)) for every method,
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from hybrid_optimization import HybridOptimizer, HybridTrainingConfig
+from hybrid_optimization.controller import HybridController
 
 GUIDE_LR = 1e-3
 WARMUP_FRACTION = 0.05          # AlgoPerf's NAdamW baseline warms up over ~5 % of the steps
@@ -121,11 +121,8 @@ def build_optimizer(method: Method, model: torch.nn.Module, cfg: HybridTrainingC
     else:
         raise ValueError(f"unknown optimizer {method.optimizer!r}")
     scheduler = None
-    if method.schedule == "warmup_cosine":
-        def factor(step: int) -> float:          # step = number of scheduler.step() calls so far
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if method.schedule == "warmup_cosine":       # the optimizer's own schedule prior, applied to AdamW's LR
+        settings = {"warmup_steps": warmup, "decay_steps": steps}
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: HybridController.schedule_factor(settings, step))
     return optimizer, scheduler
