@@ -10,6 +10,8 @@ See options.py for every option (the CLI flags plus Python-only hooks such as `o
 what a run does and loop.py for the training loop itself. The CLI is `python distillation.py --help`.
 """
 import importlib
+import sys
+import types
 
 # Imported on first use: `options`, `presets` and the CLI's parser are torch-free, so the CLI can answer --help and
 # reject a bad flag without loading torch.
@@ -25,4 +27,16 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+class _Package(types.ModuleType):
+    """`train` is the function (train.train), not the submodule train.py: importing a submodule sets it as an
+    attribute of its package, which would otherwise hide the function from `from hybrid_optimization.distill import
+    train` once anything imported hybrid_optimization.distill.train first."""
+
+    def __setattr__(self, name, value):
+        if name == "train" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 __all__ = ["BAD_INPUT_ERRORS", "OptionsError", "TrainOptions", "TrainResult", "train"]
