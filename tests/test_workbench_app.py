@@ -283,7 +283,7 @@ def test_benchmarks_page_shows_a_report_and_its_figures(tmp_path, monkeypatch):
 
 
 # -- baseline / hybrid / mixed stores: every page tells the truth about each kind of run -----------------------------
-ALL_PAGES = (*PAGES, "sweep", "benchmarks")
+ALL_PAGES = (*PAGES, "sweep", "benchmarks", "chat")
 
 
 def _store_of(kind: str, runs_root: Path) -> dict[str, str]:
@@ -508,3 +508,11 @@ def test_sweep_page_starts_the_sweep_cli_with_the_chosen_space(runs_root, monkey
     assert argv[argv.index("--name") + 1] == "my-sweep" and argv[argv.index("--trials") + 1] == "3"
     assert "base_learning_rate=0.0001:0.05:log" in argv and argv[argv.index("--runs_root") + 1] == str(runs_root)
     sweeps._CHILDREN.clear()
+
+
+def test_every_run_status_has_its_own_badge_colour():
+    # A status without an entry would fall back to grey and look like "queued" (a diverged run did before).
+    from hybrid_optimization.schema import RUN_STATUSES
+    from workbench import ui
+    assert set(RUN_STATUSES) <= set(ui.STATUS_COLORS)
+    assert ui.STATUS_COLORS["diverged"] != ui.STATUS_COLORS["queued"]

@@ -25,7 +25,7 @@ PAGES = {  # path relative to app.py -> title; app.py builds st.navigation from 
     "sweep": "workbench/pages/sweep.py",
 }
 STATUS_COLORS = {"queued": "gray", "running": "blue", "finished": "green", "failed": "red", "stopped": "orange",
-                 "lost": "violet"}
+                 "lost": "violet", "diverged": "red"}
 LIVENESS_EVERY_S = 5.0
 
 
