@@ -51,6 +51,7 @@ def test_help_and_a_bad_flag_answer_without_importing_torch():
     (["--epochs", "99999999999999999999999"], "--epochs 99999999999999999999999 is invalid"),
     (["--batch_size", "200000"], f"--batch_size 200000 is invalid: it must be an integer in [1, {MAX_BATCH_SIZE:,}]"),
     (["--seq_len", "100000"], "--seq_len 100000 is invalid"),
+    (["--seq_len", "3"], "--seq_len 3 is invalid: it must be an integer in [8, 8,192]"),   # was accepted, then trained
     (["--precision_budget", "9"], "--precision_budget 9.0 is invalid: it must be average bits per weight in [1, 8]"),
     (["--bits", "3", "--qat"], "--bits 3.0 is invalid"),
     (["--export", "onnx"], "argument --export: invalid choice: 'onnx'"),

@@ -12,6 +12,7 @@ from typing import Any
 
 from hybrid_optimization.config import (BASE_OPTIMIZERS, SUPPORTED_BITS, TRUST_REGION_MODES, HybridTrainingConfig,
                                         config_errors)
+from hybrid_optimization.distill.options import MAX_SEQ_LEN, MIN_SEQ_LEN
 
 # The guide's groups, in the guide's order; fields the guide leaves implicit join the group they belong to.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -152,8 +153,8 @@ def widget_value(name: str, value: Any) -> Any:
 # greys out their groups and saves them false.
 HYBRID_SWITCHES = ("use_auxiliary_nn", "use_trust_region", "use_clustering")
 HYBRID_GROUPS = ("Clustering", "Auxiliary NN", "Trust Region")
-# Window length: shorter windows leave almost no context to distil; longer ones exceed what a CPU run can hold.
-SEQ_LEN_RANGE = (16, 2048)
+# Window length: the CLI's own bounds (one definition, in the torch-free options module).
+SEQ_LEN_RANGE = (MIN_SEQ_LEN, MAX_SEQ_LEN)
 
 
 def baseline_values(values: dict[str, Any]) -> dict[str, Any]:

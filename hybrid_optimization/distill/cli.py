@@ -16,7 +16,8 @@ import traceback
 from pathlib import Path
 
 from ..schema import CLUSTER_BATCHES, DEVICES, EMBEDDERS, EXPORT_FORMATS, TRUST_REGION_MODES
-from .options import DATA_SOURCES, MAX_BATCH_SIZE, MAX_EPOCHS, MAX_SEQ_LEN, MAX_STEPS, OptionsError, TrainOptions
+from .options import (DATA_SOURCES, MAX_BATCH_SIZE, MAX_EPOCHS, MAX_SEQ_LEN, MAX_STEPS, MIN_SEQ_LEN, OptionsError,
+                      TrainOptions)
 from .presets import PRESETS, STUDENT_SIZES
 
 EXIT_CODES = {"finished": 0, "failed": 1, "bad input": 2, "diverged": 3, "stopped (SIGINT)": 130,
@@ -33,11 +34,11 @@ EPILOG = """examples:
   torchrun --nproc_per_node 2 distillation.py --hybrid --ternary --qat --epochs 20
 
 limits: --max_steps (and --epochs × steps per epoch) ≤ {MAX_STEPS:,}; --epochs ≤ {MAX_EPOCHS:,};
-  --batch_size ≤ {MAX_BATCH_SIZE:,} and within the memory available; --seq_len ≤ {MAX_SEQ_LEN:,}.
+  --batch_size ≤ {MAX_BATCH_SIZE:,} and within the memory available; --seq_len in [{MIN_SEQ_LEN}, {MAX_SEQ_LEN:,}].
 resume: only --max_steps, --epochs, --export, --device, --save_metrics, --quiet, --no_progress may change.
 exit codes: 0 finished, 1 failed, 2 bad input (one line; nothing started), 3 diverged (the loss became NaN/Inf),
   130/143 stopped.""".format(MAX_STEPS=MAX_STEPS, MAX_EPOCHS=MAX_EPOCHS, MAX_BATCH_SIZE=MAX_BATCH_SIZE,
-                             MAX_SEQ_LEN=MAX_SEQ_LEN)
+                             MAX_SEQ_LEN=MAX_SEQ_LEN, MIN_SEQ_LEN=MIN_SEQ_LEN)
 
 
 class _Parser(argparse.ArgumentParser):

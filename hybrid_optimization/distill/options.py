@@ -37,6 +37,7 @@ DATA_SOURCES = ("chatterbot", "python-docs")     # named data sources (distill/d
 MAX_STEPS = 10_000_000          # optimizer steps in total (--max_steps, or --epochs × steps per epoch)
 MAX_EPOCHS = 100_000
 MAX_BATCH_SIZE = 65_536         # windows per step (and at most what fits in the available memory)
+MIN_SEQ_LEN = 8                 # tokens per window: fewer leave no context to distil (one bound for CLI and form)
 MAX_SEQ_LEN = 8_192             # tokens per window
 MAX_CLUSTERS = 4_096
 MAX_TOP_K = 4_096
@@ -187,7 +188,7 @@ class TrainOptions:
         int_in("epochs", self.epochs, 1, MAX_EPOCHS)
         int_in("steps_per_epoch", self.steps_per_epoch, 1, MAX_STEPS)
         int_in("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
-        int_in("seq_len", self.seq_len, 2, MAX_SEQ_LEN)
+        int_in("seq_len", self.seq_len, MIN_SEQ_LEN, MAX_SEQ_LEN)
         int_in("data_clusters", self.data_clusters, 1, MAX_CLUSTERS)
         int_in("param_clusters", self.param_clusters, 1, MAX_CLUSTERS)
         int_in("top_k", self.top_k, 1, MAX_TOP_K)

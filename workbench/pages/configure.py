@@ -253,9 +253,6 @@ config_values = _config_values()
 config_errors = config_form.validate(config_values)
 options, option_parse_errors = _options(data_path)
 option_errors = {**launcher.option_errors(LaunchOptions.from_dict(options)), **option_parse_errors}
-low, high = config_form.SEQ_LEN_RANGE
-if "seq_len" not in option_errors and options.get("seq_len") is not None and not low <= options["seq_len"] <= high:
-    option_errors["seq_len"] = f"{options['seq_len']} is invalid: a window is {low}–{high} tokens, or empty"
 option_errors = {name: message.split(" = ", 1)[-1] if message.startswith(f"{name} = ") else message
                  for name, message in option_errors.items()}
 if data_error:
