@@ -26,6 +26,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 CLUSTER_BATCHES = ("mixed", "single")             # --hybrid batches: a share of every cluster, or one cluster each
 EMBEDDERS = ("tfidf", "minilm")                   # sample features for data clustering
 EXPORT_FORMATS = ("packed", "gguf", "hf")         # --export FORMAT; a bare --export is "packed"
+DATA_SOURCES = ("chatterbot", "python-docs")     # --data_source NAME (their loaders: distill/data.py)
 TRUST_REGION_MODES = ("absolute", "relative")
 BASE_OPTIMIZERS = ("adamw", "sgd")
 OPTIMIZERS = ("hybrid", "adamw", "custom")        # what trained a run (its summary title depends on it)

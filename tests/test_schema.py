@@ -61,3 +61,9 @@ def test_to_jsonable_turns_numpy_paths_and_tuples_into_json():
                          "nan": float("nan")})
     assert value == {"a": 1.5, "b": [0, 1, 2], "c": [1, "/x"], "4": True, "nan": value["nan"]}
     assert math.isnan(value["nan"]) and json.loads(json.dumps(value))["b"] == [0, 1, 2]
+
+
+def test_named_data_sources_and_their_loaders_agree():
+    from hybrid_optimization import schema
+    from hybrid_optimization.distill import data
+    assert tuple(data.DATA_SOURCES) == schema.DATA_SOURCES

@@ -173,6 +173,7 @@ def load_python_docs() -> list[Document]:
     return documents
 
 
+# Keyed by schema.DATA_SOURCES (the CLI's choices); tests/test_schema.py checks the two agree.
 DATA_SOURCES = {"chatterbot": load_chatterbot, "python-docs": load_python_docs}
 
 

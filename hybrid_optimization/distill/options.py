@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import ConfigError, HybridTrainingConfig, field_error
-from ..schema import (CLUSTER_BATCHES, DEVICES, EMBEDDERS, EXPORT_FORMATS, PRECISIONS, TRUST_REGION_MODES,
+from ..schema import (CLUSTER_BATCHES, DATA_SOURCES, DEVICES, EMBEDDERS, EXPORT_FORMATS, PRECISIONS, TRUST_REGION_MODES,
                       default_runs_root)
 from .presets import PRESETS, STUDENT_SIZES, get_preset
 
-DATA_SOURCES = ("chatterbot", "python-docs")     # named data sources (distill/data.py DATA_SOURCES)
 # Upper bounds of the sizes (documented in --help). They are far beyond what a run on this project's hardware
 # needs, and low enough that nothing downstream (SQLite integers, tensor shapes, memory) can overflow.
 MAX_STEPS = 10_000_000          # optimizer steps in total (--max_steps, or --epochs × steps per epoch)

@@ -18,9 +18,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..schema import EXPORT_FORMATS
 from .export import ExportError, atomic_file
 
-EXPORT_FORMATS = ("packed", "gguf", "hf")
 EXPORT_NAMES = {"packed": "student.safetensors", "gguf": "student.gguf", "hf": "student-hf"}
 # The pre-tokenizer name llama.cpp knows each preset's tokenizer by (its split regex).
 PRE_TOKENIZERS = {"smollm2": "smollm", "tiny": "gpt-2"}
