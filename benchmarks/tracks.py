@@ -137,25 +137,71 @@ def run_one(spec: RunSpec) -> dict:
             "mean_multiplier": float(np.mean(result.multipliers)) if result.multipliers else 1.0}
 
 
-def run_all(specs: list[RunSpec], workload: str, device: str, jobs: int, threads: int, log) -> list[dict]:
+def _row_key(method: str, lr: float, seed: int, steps: int) -> tuple:
+    return method, float(lr), int(seed), int(steps)
+
+
+def read_journal(path) -> dict[tuple, dict]:
+    """Rows a previous, interrupted invocation finished (one JSON object per line; a torn last line is ignored)."""
+    import json
+    done = {}
+    if path is None or not os.path.exists(path):
+        return done
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue                      # the line a kill cut short: that run simply runs again
+            done[_row_key(row["method"], row["lr"], row["seed"], row["steps"])] = row
+    return done
+
+
+def run_all(specs: list[RunSpec], workload: str, device: str, jobs: int, threads: int, log,
+            journal=None) -> list[dict]:
+    """Every spec's row. With `journal` (a .jsonl path) each finished row is appended at once and rows already
+    there are reused, so an interrupted 100-minute protocol resumes where it stopped instead of starting over."""
+    import json
+    done = read_journal(journal)
+    wanted = {_row_key(s.method.key, s.lr, s.seed, s.steps) for s in specs}
+    out = [row for key, row in done.items() if key in wanted]
+    if out:
+        log(f"  {len(out)} of {len(specs)} runs reused from {journal}")
+    specs = [s for s in specs if _row_key(s.method.key, s.lr, s.seed, s.steps) not in done]
     order = sorted(specs, key=lambda s: -(s.steps * (1.3 if s.method.is_hybrid else 1.0)))   # long jobs first
-    out = []
+    sink = open(journal, "a") if journal is not None else None
+
+    def keep(row: dict) -> None:
+        out.append(row)
+        if sink is not None:
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            os.fsync(sink.fileno())
+        _log_row(log, len(out), len(wanted), row)
+    try:
+        _run_specs(order, workload, device, jobs, threads, keep)
+    finally:
+        if sink is not None:
+            sink.close()
+    return out
+
+
+def _run_specs(order: list[RunSpec], workload: str, device: str, jobs: int, threads: int, keep) -> None:
+    if not order:
+        return
     if jobs > 1:
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(jobs, initializer=_init_worker, initargs=(workload, device, threads)) as pool:
-            for i, row in enumerate(pool.imap_unordered(run_one, order), start=1):
-                out.append(row)
-                _log_row(log, i, len(order), row)
+            for row in pool.imap_unordered(run_one, order):
+                keep(row)
     else:
         before = torch.get_num_threads()
         _init_worker(workload, device, threads)
         try:
-            for i, spec in enumerate(order, start=1):
-                out.append(run_one(spec))
-                _log_row(log, i, len(order), out[-1])
+            for spec in order:
+                keep(run_one(spec))
         finally:
             torch.set_num_threads(before)
-    return out
 
 
 def _log_row(log, i: int, n: int, row: dict) -> None:
@@ -337,12 +383,12 @@ def fmt_ci(v) -> str:
     return f"{f(v[0])} [{f(v[1])}, {f(v[2])}]"
 
 
-def protocol(b: TrackBudget, device: str, jobs: int, threads: int, log) -> dict:
+def protocol(b: TrackBudget, device: str, jobs: int, threads: int, log, journal=None) -> dict:
     started = time.perf_counter()
     specs = specs_for(b, device)
     log(f"{len(specs)} runs: {len(b.methods)} methods × {len(b.grid)} LRs × {len(b.seeds) + 1} seeds "
         f"(tuning seed {b.tuning_seed}) + {len(b.ablations)} ablations × {len(b.seeds)} seeds at lr {b.ablation_lr:g}")
-    rows = run_all(specs, b.workload, device, jobs, threads, log)
+    rows = run_all(specs, b.workload, device, jobs, threads, log, journal)
     analysis = analyse(rows, b, b.n_boot)
     return {"rows": rows, "analysis": analysis, "targets": targets(analysis, b),
             "protocol_seconds": time.perf_counter() - started}
@@ -429,7 +475,9 @@ def main(mode: str, out, device: str = "cpu", jobs: int = 2, threads: int = 1, s
     info = workload_info(prepared, b)
     log(f"workload: {info['train_tokens']:,} training tokens, student {info['student_params'] / 1e6:.2f} M "
         f"({info['linear_params'] / 1e6:.2f} M in Linear layers); {b.n_runs} runs of {b.steps} steps")
-    result = protocol(b, device, jobs, threads, log)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    # runs.jsonl: every finished run's row, written as it finishes; a re-run of the same command resumes from it
+    result = protocol(b, device, jobs, threads, log, journal=Path(out) / "runs.jsonl")
     env = dict(env or {})
     env["total_seconds"] = time.perf_counter() - started
     path = tracks_report.write(Path(out), b, env, info, result, status)

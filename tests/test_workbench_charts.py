@@ -250,6 +250,22 @@ def test_benchmark_report_reads_for_a_user():
     assert len(set(colors)) == 4 and fig.data[2].name == "H · Hybrid optimizer (full)"
 
 
+def test_two_track_report_verdict_is_its_own_verdict_section_and_sorts_first(tmp_path):
+    from workbench import bench_view, queries
+    report = ("# The hybrid against its baselines — both AlgoPerf tracks (medium mode)\n\n## Verdict\n\n"
+              "**Leave `--hybrid` off** on this evidence: it wins neither track.\n\nsecond paragraph\n\n"
+              "## Targets (issue 10; W2 ternary QAT)\n\n| target | bar | measured | met |\n|---|---|---|---|\n"
+              "| self-tuning | ≤ 0.75× | H/AdamW 1.00 [0.90, 1.10] | **no** |\n")
+    assert bench_view.verdict(report) == "**Leave `--hybrid` off** on this evidence: it wins neither track."
+    assert bench_view.verdict("# empty\n\n## Verdict\n\n\n## Setup\n\nx\n") is None
+    for name in ("changes", "quick", "medium"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.md").write_text("# r\n")
+    (tmp_path / "data").mkdir()                                       # no report.md: not a report
+    assert [p.name for p in queries.benchmark_reports(tmp_path)] == ["medium", "quick", "changes"]
+    assert "Muon for hidden matrices" in bench_view.plain("**Muon** beats it")
+
+
 def test_parallel_coordinates_axes_categorical_log_and_constant():
     frame = pd.DataFrame({"lr": [1e-4, 1e-3, 1e-2], "kind": ["hybrid", "baseline", "hybrid"],
                           "same": [4, 4, 4], "val_loss": [5.0, 4.0, 4.5]})

@@ -21,13 +21,21 @@ METHODS = {
     "H-param": "Hybrid without parameter clustering",
     "H-frozen": "Hybrid with a frozen, untrained auxiliary net",
     "H0": "Hybrid, first version (old optimizer, one cluster per batch)",
+    # the two-track report (benchmarks/tracks.py)
+    "AdamW": "AdamW at constant LR (the guide's baseline)",
+    "AdamW-cos": "AdamW + warmup + cosine (the tuned reference)",
+    "SF-AdamW": "Schedule-Free AdamW",
+    "Muon": "Muon for hidden matrices + AdamW for the rest",
+    "H-sched": "Hybrid with its built-in warmup + cosine",
+    "H-h8": "Hybrid with an 8-update meta horizon",
 }
 WORKLOADS = {"W1": "full-precision student", "W2": "ternary (1.58-bit) student", "W3": "1-bit student",
              "W4": "W2 with every method's learning rate ×10 or ×0.1 (robustness to a mis-set LR)"}
 # One distinct colour per method across every figure (references dark/blue/green, hybrids warm/varied).
 METHOD_COLORS = {"R": "#222222", "B1": "#1f77b4", "B2": "#17becf", "B3": "#2ca02c", "H": "#d62728",
                  "H-aux": "#ff7f0e", "H-TR": "#9467bd", "H-data": "#8c564b", "H-param": "#e377c2",
-                 "H-frozen": "#bcbd22", "H0": "#7f7f7f"}
+                 "H-frozen": "#bcbd22", "H0": "#7f7f7f", "AdamW": "#1f77b4", "AdamW-cos": "#222222",
+                 "SF-AdamW": "#2ca02c", "Muon": "#17becf", "H-sched": "#ff9896", "H-h8": "#c49c94"}
 # Emoji marks (blank boxes without an emoji font) -> words.
 MARKS = {"✅": "(win)", "❌": "(loss)", "⚠️": "(warning)", "⚠": "(warning)"}
 WORDING = ((re.compile(r"Issue \d+ targets"), "Targets set for the hybrid"),
@@ -68,9 +76,12 @@ def table_rows(body: str) -> list[list[str]]:
 
 def verdict(markdown: str) -> str | None:
     """One paragraph: the hybrid vs the tuned reference on the headline workload, and how many of the guide's
-    claims the measurements support. None when the report has no headline table."""
+    claims the measurements support. None when the report has neither a "Verdict" section (the two-track report
+    writes its own, from its ratios) nor a headline table (the quick report's)."""
     _, sections = split_report(markdown)
     by_title = {title: body for title, body in sections}
+    if by_title.get("Verdict", "").strip():
+        return by_title["Verdict"].strip().split("\n\n")[0]
     headline_title = next((t for t in by_title if t.startswith("Headline")), None)
     if headline_title is None:
         return None

@@ -369,11 +369,12 @@ def benchmark_results_root() -> "Path":
 
 
 def benchmark_reports(root) -> list:
-    """Report folders under `root` (those holding a report.md), the quick/full reports first."""
+    """Report folders under `root` (those holding a report.md): the two-track reports (full, medium) first, since
+    they decide whether the hybrid earns its place, then the quick one, then the rest by name."""
     from pathlib import Path
     root = Path(root)
     if not root.is_dir():
         return []
     found = [p for p in sorted(root.iterdir()) if (p / "report.md").is_file()]
-    order = {"quick": 0, "full": 1}
-    return sorted(found, key=lambda p: (order.get(p.name, 2), p.name))
+    order = {"full": 0, "medium": 1, "quick": 2}
+    return sorted(found, key=lambda p: (order.get(p.name, len(order)), p.name))
