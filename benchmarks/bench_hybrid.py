@@ -162,7 +162,8 @@ def run(prepared: Prepared, spec: RunSpec) -> RunResult:
     callbacks = [Timing(result, device)]      # first: its timer starts before the plan is made in a step
     plan = None
     if method.param_clustering and spec.bits < 16:
-        plan = PrecisionPlanSwitch(max(1, round(PLAN_WARMUP_FRACTION * spec.steps)), lambda s: make_precision_plan(
+        at = method.plan_fraction if method.plan_fraction is not None else PLAN_WARMUP_FRACTION
+        plan = PrecisionPlanSwitch(max(1, round(at * spec.steps)), lambda s: make_precision_plan(
             s.model, s.data.tokens, s.data.values, s.data.indices, cfg, spec.bits, spec.batch_size, ALPHA,
             TEMPERATURE, device))
         callbacks.append(plan)

@@ -49,6 +49,8 @@ class Method:
     optimizer_kwargs: dict = field(default_factory=dict)  # HybridOptimizer overrides (from_config(**kwargs))
     builtin_schedule: bool = False          # hybrid: warmup_steps / decay_steps from the run's length
     mixed_batches: bool = False             # data clustering: balanced mixed batches instead of one cluster each
+    groups: str = "one"                     # hybrid param groups: one | muon (hidden matrices) | roles (see below)
+    plan_fraction: float | None = None      # precision plan after this share of the steps (None: the pipeline's)
 
     @property
     def is_hybrid(self) -> bool:
@@ -99,6 +101,39 @@ def hybrid_config(method: Method, lr: float, bits: float, steps: int, batch_size
     return HybridTrainingConfig(**values)
 
 
+def _role(name: str) -> str:
+    if name.startswith("embed"):
+        return "embedding"
+    if ".attn." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "mlp"
+    return "head_and_norms"
+
+
+def hybrid_param_groups(method: Method, model: torch.nn.Module) -> list[dict]:
+    """The hybrid's param groups for `method.groups`:
+    one    every parameter in one group (what --hybrid runs);
+    muon   the 2-D hidden matrices with base="muon" (momentum 0.95, as torch.optim.Muon) — Muon's direction under the
+           learned multiplier and the trust region — and AdamW for the embedding, norms and head (as Muon's authors);
+    roles  one group per role (embedding, attention, MLP, head + norms), each with its own hypergradient-driven LR
+           factor when the method sets cluster_multipliers (per-layer-type hypergradient descent)."""
+    from .baselines import is_hidden_matrix
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if method.groups == "one":
+        return [{"params": [p for _, p in named]}]
+    if method.groups == "muon":
+        hidden = [p for n, p in named if is_hidden_matrix(n, p)]
+        return [{"params": hidden, "base": "muon", "momentum": 0.95},
+                {"params": [p for n, p in named if not is_hidden_matrix(n, p)]}]
+    if method.groups == "roles":
+        roles: dict[str, list] = {}
+        for n, p in named:
+            roles.setdefault(_role(n), []).append(p)
+        return [{"params": params} for params in roles.values()]
+    raise ValueError(f"unknown param grouping {method.groups!r}: use one, muon or roles")
+
+
 def build_optimizer(method: Method, model: torch.nn.Module, cfg: HybridTrainingConfig, steps: int,
                     n_clusters: int | None):
     """(optimizer, lr_scheduler or None) for `method` on `model`."""
@@ -106,7 +141,7 @@ def build_optimizer(method: Method, model: torch.nn.Module, cfg: HybridTrainingC
     warmup = max(1, round(WARMUP_FRACTION * steps))
     if method.optimizer == "hybrid":
         schedule = dict(warmup_steps=warmup, decay_steps=steps) if method.builtin_schedule else {}
-        optimizer = HybridOptimizer.from_config(model.parameters(), cfg, quantization_bits=None,
+        optimizer = HybridOptimizer.from_config(hybrid_param_groups(method, model), cfg, quantization_bits=None,
                                                 n_clusters=n_clusters if method.data_clustering else None,
                                                 **schedule, **method.optimizer_kwargs)
     elif method.optimizer == "adamw":

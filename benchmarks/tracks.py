@@ -50,9 +50,20 @@ HYB_SCHED = replace(H, key="H-sched", label="H + its built-in warmup + cosine (o
 # looks at a decaying trace of the last ~8 updates instead of the last one (HybridOptimizer meta_horizon).
 HYB_HORIZON = replace(H, key="H-h8", label="H with meta_horizon 8 (hypergradient over a decaying trace of ~8 "
                       "updates)", config={"meta_horizon": 8})
+# Issue 10's "make the hybrid win" candidates, each one change to H, measured before/after by the `variants` mode.
+VARIANTS = (
+    replace(H, key="H-muon", label="H with Muon's direction for the hidden matrices (orthogonalized update × learned "
+            "multiplier × trust region; AdamW for embedding, norms, head)", groups="muon"),
+    replace(H, key="H-cm", label="H with one hypergradient LR factor per parameter group (embedding, attention, MLP, "
+            "head + norms)", groups="roles", optimizer_kwargs={"cluster_multipliers": True}),
+    replace(H, key="H-rel", label="H with the relative trust region (‖ΔW‖ ≤ μ‖W‖ per tensor)",
+            config={"trust_region_mode": "relative"}),
+    replace(H, key="H-plan50", label="H with the precision plan after 50 % of the steps instead of 10 %",
+            plan_fraction=0.5),
+)
 TRACK_METHODS = (ADAMW, ADAMW_COS, SF, MUON, HYB, HYB_SCHED)
 TRACK_ABLATIONS = tuple(m for m in ABLATIONS if m.key in ("H-aux", "H-TR", "H-param", "H-frozen"))
-ALL_TRACK = {m.key: m for m in (*TRACK_METHODS, *TRACK_ABLATIONS, HYB_HORIZON)}
+ALL_TRACK = {m.key: m for m in (*TRACK_METHODS, *TRACK_ABLATIONS, HYB_HORIZON, *VARIANTS)}
 REFERENCE = "AdamW-cos"          # the target's source, AlgoPerf's tuned reference
 BITS = 1.58                      # W2: ternary QAT
 
@@ -92,6 +103,11 @@ def track_budget(mode: str) -> TrackBudget:
         # LR only (with the ablations) so that the grid stays at the five methods the issue names.
         return TrackBudget("medium", "medium", (0, 1, 2, 3, 4), 100, 200, 16, 10, grid,
                            tuple(k for k in methods if k != "H-sched"), ("H-sched", *ablations))
+    if mode == "variants":
+        # The medium protocol's runs (reused from results/medium/runs.jsonl: same specs, nothing re-run) + each
+        # candidate change of H at one LR on the same 5 evaluation seeds, scored against the same target.
+        return TrackBudget("variants", "medium", (0, 1, 2, 3, 4), 100, 200, 16, 10, grid,
+                           tuple(k for k in methods if k != "H-sched"), (*(m.key for m in VARIANTS), HYB_HORIZON.key))
     if mode == "full":
         return TrackBudget("full", "full", (0, 1, 2, 3, 4), 100, 2000, 32, 50, grid, methods, ablations)
     if mode == "horizon":          # the meta-horizon experiment: quick workload, small budget, 3 seeds
@@ -99,7 +115,7 @@ def track_budget(mode: str) -> TrackBudget:
                            ("AdamW", "AdamW-cos", "H", "H-h8"), ())
     if mode == "smoke":
         return TrackBudget("smoke", "tiny", (0,), 100, 4, 4, 2, (1e-3, 1e-2), methods, ablations, n_boot=100)
-    raise ValueError(f"unknown tracks mode {mode!r}: use smoke, medium, full or horizon")
+    raise ValueError(f"unknown tracks mode {mode!r}: use smoke, medium, variants, full or horizon")
 
 
 # -- running ------------------------------------------------------------------------------------------------------
@@ -460,7 +476,8 @@ def workload_info(prepared, b: TrackBudget) -> dict:
 
 
 def main(mode: str, out, device: str = "cpu", jobs: int = 2, threads: int = 1, seeds: int | None = None,
-         steps: int | None = None, env: dict | None = None, status: str | None = None, log=print):
+         steps: int | None = None, env: dict | None = None, status: str | None = None, log=print,
+         ablation_lr: float | None = None, reuse=None):
     """Run both tracks in `mode` (smoke | medium | full) and write the report to `out`; returns its path."""
     from pathlib import Path
 
@@ -471,13 +488,20 @@ def main(mode: str, out, device: str = "cpu", jobs: int = 2, threads: int = 1, s
         b.seeds = tuple(range(seeds))
     if steps:
         b.steps, b.eval_every = steps, max(1, steps // 20)
+    if ablation_lr:
+        b.ablation_lr = ablation_lr
     prepared = prepare_workload(b.workload, device, log)        # builds the caches before the workers load them
     info = workload_info(prepared, b)
     log(f"workload: {info['train_tokens']:,} training tokens, student {info['student_params'] / 1e6:.2f} M "
         f"({info['linear_params'] / 1e6:.2f} M in Linear layers); {b.n_runs} runs of {b.steps} steps")
     Path(out).mkdir(parents=True, exist_ok=True)
+    journal = Path(out) / "runs.jsonl"
+    if reuse is not None and not journal.exists() and Path(reuse).is_file():
+        import shutil
+        shutil.copyfile(reuse, journal)       # same specs → the same rows; only the missing runs will run
+        log(f"reusing the finished runs of {reuse}")
     # runs.jsonl: every finished run's row, written as it finishes; a re-run of the same command resumes from it
-    result = protocol(b, device, jobs, threads, log, journal=Path(out) / "runs.jsonl")
+    result = protocol(b, device, jobs, threads, log, journal=journal)
     env = dict(env or {})
     env["total_seconds"] = time.perf_counter() - started
     path = tracks_report.write(Path(out), b, env, info, result, status)
@@ -488,12 +512,15 @@ def main(mode: str, out, device: str = "cpu", jobs: int = 2, threads: int = 1, s
 if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="Both AlgoPerf tracks for the hybrid (issue 10)")
-    parser.add_argument("--mode", choices=("smoke", "medium", "full", "horizon"), default="smoke")
+    parser.add_argument("--mode", choices=("smoke", "medium", "variants", "full", "horizon"), default="smoke")
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--ablation-lr", type=float, default=None, help="LR of the ablations / variants")
+    parser.add_argument("--reuse", default=None, help="a runs.jsonl whose finished runs this invocation reuses "
+                                                      "(variants: benchmarks/results/medium/runs.jsonl)")
     parser.add_argument("--probe", type=int, default=None, metavar="STEPS",
                         help="timing probe: STEPS steps of each method, then the mode's estimated total time")
     ns = parser.parse_args()
@@ -504,4 +531,5 @@ if __name__ == "__main__":
         Path(ns.out).mkdir(parents=True, exist_ok=True)
         (Path(ns.out) / "probe.json").write_text(json.dumps(estimate, indent=1))
         raise SystemExit(0)
-    main(ns.mode, ns.out, ns.device, ns.jobs, 1, ns.seeds, ns.steps, env={"command": "python -m benchmarks.tracks"})
+    main(ns.mode, ns.out, ns.device, ns.jobs, 1, ns.seeds, ns.steps, env={"command": "python -m benchmarks.tracks"},
+         ablation_lr=ns.ablation_lr, reuse=ns.reuse)

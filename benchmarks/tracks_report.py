@@ -155,12 +155,14 @@ def render(b: TrackBudget, env: dict, workload: dict, result: dict, status: str 
     for m, rho in a["profile"]["rho"].items():
         lines.append(f"| **{m}** | " + " | ".join(f"{x:.2f}" for x in rho) + " |")
     if a["ablations"]:
-        lines += ["", f"## Ablations of H (lr {b.ablation_lr:g}, the guide's)", "",
-                  "| method | steps to target (median) | ×H [95 % CI] | final val loss | diverged |",
-                  "|---|---|---|---|---|"]
+        whose = ", the guide's" if b.ablation_lr == 1e-3 else ""
+        lines += ["", f"## Ablations of H (lr {b.ablation_lr:g}{whose}; each row one change to H, paired over the "
+                  f"same seeds)", "",
+                  "| method | what changes | steps to target (median) | ×H [95 % CI] | final val loss | diverged |",
+                  "|---|---|---|---|---|---|"]
         for m, v in a["ablations"].items():
-            lines.append(f"| **{m}** | {_steps(v['median_steps'])} | {fmt_ci(v['vs_H'])} | {_f(v['final_val'], 4)} | "
-                         f"{v['diverged']} |")
+            lines.append(f"| **{m}** | {ALL_TRACK[m].label} | {_steps(v['median_steps'])} | {fmt_ci(v['vs_H'])} | "
+                         f"{_f(v['final_val'], 4)} | {v['diverged']} |")
     lines += ["", "## Cost per step", "", "| method | CPU ms / step (median) | ×AdamW | optimizer state (MB) |",
               "|---|---|---|---|"]
     base = a["cost"].get("AdamW", {}).get("cpu_ms_per_step", math.nan)

@@ -1,9 +1,12 @@
-"""HybridOptimizer: AdamW (or SGD + momentum) × a learned LR multiplier, inside a trust region.
+"""HybridOptimizer: AdamW (or SGD + momentum, or Muon) × a learned LR multiplier, inside a trust region.
 
 One step, for all parameters together:
 
 1. Base update, exactly torch.optim.AdamW's (decoupled weight decay) or torch.optim.SGD's (momentum, L2 decay), per
-   tensor: u = −lr·s · (m̂ / (√v̂ + ε) + wd·θ), with s the built-in schedule factor (1 without one).
+   tensor: u = −lr·s · (m̂ / (√v̂ + ε) + wd·θ), with s the built-in schedule factor (1 without one). `base` is a
+   per-group setting: a group with base="muon" (2-D weight matrices only) takes Muon's direction instead — Nesterov
+   momentum, orthogonalized by 5 Newton–Schulz steps, scaled to AdamW's update RMS (0.2·√max(A, B), Moonlight's
+   rule) so one base LR serves both kinds of group: u = −lr·s · (0.2·√max(A, B)·NS(M) + wd·θ).
 2. The multiplier m and the trust region scale it:  Δ = c·u with c = m, or less where the region binds —
    "absolute":  ‖ΔΘ‖₂ ≤ μ over every parameter (the guide's constraint);
    "relative":  ‖ΔW‖₂ ≤ μ·‖W‖₂ for each tensor W (LAMB-like, so a large layer cannot take the whole budget).
@@ -54,15 +57,18 @@ from .auxiliary_nn import RADIUS_RANGE, AuxiliaryNeuralNetwork
 from .config import HybridTrainingConfig
 from .controller import HybridController
 
-BASES = ("adamw", "sgd")
+BASES = ("adamw", "sgd", "muon")
+# Muon's quintic Newton–Schulz coefficients and step count (Jordan et al. 2024; torch.optim.Muon's defaults).
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
 TRUST_REGIONS = ("absolute", "relative", None)
 RHO_SOURCES = ("gradients", "losses")
 AUX_RADIUS_MODES = ("scaled", "direct")
 FUSED_DEVICES = ("cpu", "cuda")
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Settings of the whole optimizer (every group holds the same value; step reads the first group's). The rest —
-# lr, betas, eps, weight_decay, momentum, foreach, fused — may differ per group.
-GLOBAL_SETTINGS = ("base", "trust_region", "radius_adaptation", "radius_range", "meta_learning", "meta_horizon",
+# lr, betas, eps, weight_decay, momentum, base, foreach, fused — may differ per group.
+GLOBAL_SETTINGS = ("trust_region", "radius_adaptation", "radius_range", "meta_learning", "meta_horizon",
                    "n_clusters", "quantization_bits", "quantization_every", "quantization_scale", "rho_from",
                    "projected_hypergradient", "aux_radius", "warmup_steps", "decay_steps", "anneal_meta_learning",
                    "cluster_multipliers", "cluster_meta_lr")
@@ -152,6 +158,11 @@ class HybridOptimizer(Optimizer):
                                      f"{first[key]!r}, got {merged[key]!r}")
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if merged["base"] == "muon":
+            for p in params:
+                if p.dim() != 2:
+                    raise ValueError(f"base 'muon' orthogonalizes 2-D weight matrices, got a parameter of shape "
+                                     f"{tuple(p.shape)}; put it in a group with base 'adamw' or 'sgd'")
         if merged["fused"]:
             for p in params:
                 if p.device.type not in FUSED_DEVICES or p.dtype not in FUSED_DTYPES:
@@ -196,7 +207,7 @@ class HybridOptimizer(Optimizer):
                             self._radius_for_info(), 0.0, False, 1.0, 0.0, step=ctl.steps, lr_schedule=schedule)
         params = [p for _, p, _ in entries]
         grad_list = [g for _, _, g in entries]
-        states = [self._init_state(p, settings["base"]) for p in params]
+        states = [self._init_state(p, group["base"]) for group, p, _ in entries]
         horizon = int(settings["meta_horizon"])
 
         # 1. The new gradient against the previous update, before the update buffers are reused.
@@ -362,7 +373,9 @@ class HybridOptimizer(Optimizer):
         wd = float(group["weight_decay"])
         updates = [states[i]["update"] for i in idx]
         torch._foreach_zero_(updates)
-        if group["base"] == "adamw":
+        if group["base"] == "muon":
+            self._muon_update(group, idx, params, grad_list, states, lr)
+        elif group["base"] == "adamw":
             fused = set(self._fused_indices(group, idx, states, grad_list))
             for use_fused in (True, False):
                 part = [i for i in idx if (i in fused) == use_fused]
@@ -388,6 +401,20 @@ class HybridOptimizer(Optimizer):
                 if buf is not None:
                     states[i]["momentum_buffer"] = buf
 
+    @staticmethod
+    def _muon_update(group, idx, params, grad_list, states, lr) -> None:
+        """Muon's direction into the update buffers: Nesterov momentum (torch.optim.Muon's lerp form), then
+        orthogonalized and scaled to AdamW's update RMS; decoupled weight decay as AdamW's."""
+        beta, wd = float(group["momentum"]), float(group["weight_decay"])
+        for i in idx:
+            g, state = grad_list[i], states[i]
+            buf = state["momentum_buffer"]
+            buf.lerp_(g, 1.0 - beta)
+            direction = _orthogonalize(g.lerp(buf, beta))
+            state["update"].copy_(direction).mul_(-lr * 0.2 * math.sqrt(max(g.shape)))
+            if wd:
+                state["update"].add_(params[i], alpha=-lr * wd)
+
     def _init_state(self, p, base) -> dict:
         state = self.state[p]
         if "update" not in state:
@@ -398,6 +425,8 @@ class HybridOptimizer(Optimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            elif base == "muon":
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return state
 
     def _quantization_error(self, params) -> float | None:
@@ -492,6 +521,22 @@ class _Measurements:
         for name, ts in self._parts:
             out[name], start = numbers[start:start + len(ts)], start + len(ts)
         return out
+
+
+def _orthogonalize(matrix: torch.Tensor) -> torch.Tensor:
+    """≈ U·Vᵀ of `matrix` (singular values pushed to ~[0.5, 1.5]) by Muon's quintic Newton–Schulz iteration. In
+    float32, not torch.optim.Muon's bfloat16: bf16 matmuls are several times slower than fp32 on CPUs without
+    AMX, and on a GPU the matrices here are small."""
+    a, b, c = NS_COEFFICIENTS
+    x = matrix.to(torch.float32)
+    tall = x.size(0) > x.size(1)
+    if tall:                                   # iterate on the wide side: X·Xᵀ is the smaller Gram matrix
+        x = x.T
+    x = x / (x.norm() + 1e-7)                  # spectral norm ≤ Frobenius norm ≤ 1: inside NS's basin
+    for _ in range(NS_STEPS):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if tall else x).to(matrix.dtype)
 
 
 def _total(norms: list[float]) -> float:

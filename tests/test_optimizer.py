@@ -123,7 +123,7 @@ def test_relative_trust_region_bounds_each_tensor():
     def check(before, after, info):
         for b, a in zip(before, after):
             limit = info.trust_radius * max(float(b.norm()), 1e-3 * math.sqrt(b.numel()))
-            assert float((a - b).norm()) <= limit * (1 + 1e-5)
+            assert float((a - b).detach().norm()) <= limit * (1 + 1e-5)
 
     train(model, opt, 30, X, y, check=check)
 
@@ -321,3 +321,67 @@ def test_cluster_multipliers_move_apart_when_one_clusters_lr_is_10x_off():
     (first, high), _ = _cluster_run((1e-2, 1e-1))             # the head's LR 10× too large
     assert high < first and high < 0.7, (first, high)
     assert _cluster_run((1e-2, 1e-1), on=False, steps=5)[0] == [1.0, 1.0]     # off by default: no factor
+
+
+# -- Muon's direction inside the hybrid (issue 10: base="muon" for the 2-D hidden matrices) ------------------------
+def _muon_groups(model, **muon):
+    hidden = [model[0].weight]
+    rest = [model[0].bias, *model[2].parameters()]
+    return [{"params": hidden, "base": "muon", "momentum": 0.95, **muon}, {"params": rest}]
+
+
+def test_muon_base_matches_torch_muon_direction_and_scale():
+    """Without aux net and trust region, a muon group's step is torch.optim.Muon's (match_rms_adamw, Nesterov,
+    momentum 0.95) up to bf16 vs fp32 Newton–Schulz; the AdamW group is AdamW's."""
+    torch.manual_seed(0)
+    ours, ref = mlp(), mlp()
+    ref.load_state_dict(ours.state_dict())
+    opt = HybridOptimizer(_muon_groups(ours), lr=1e-2, weight_decay=0.0, trust_region=None)
+    muon = torch.optim.Muon([ref[0].weight], lr=1e-2, weight_decay=0.0, momentum=0.95,
+                            adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW([ref[0].bias, *ref[2].parameters()], lr=1e-2, weight_decay=0.0)
+    X, y = regression(d=10)
+    for step in range(5):
+        for model in (ours, ref):
+            model.zero_grad()
+            nn.functional.mse_loss(model(X[:64]), y[:64]).backward()
+        before = ours[0].weight.detach().clone()
+        opt.step()
+        muon.step()
+        adamw.step()
+        ours_delta, ref_delta = (ours[0].weight - before).detach(), (ref[0].weight - before).detach()
+        cos = float(torch.nn.functional.cosine_similarity(ours_delta.flatten(), ref_delta.flatten(), dim=0))
+        assert cos > 0.99, (step, cos)
+        assert float(ours_delta.norm() / ref_delta.norm()) == pytest.approx(1.0, rel=0.05)
+        torch.testing.assert_close(ours[2].weight, ref[2].weight)
+        ours[0].weight.data.copy_(ref[0].weight)          # keep the two trajectories together for the next step
+    # the update is orthogonalized: its singular values are all of one size (≈ U·Vᵀ, NS keeps them in ~[0.5, 1.5])
+    s = torch.linalg.svdvals(ours_delta.detach())
+    assert float(s.max() / s.min()) < 3.5
+
+
+def test_muon_base_trains_under_the_aux_net_and_trust_region_and_resumes_exactly():
+    X, y = regression(d=10)
+    torch.manual_seed(0)
+    model = mlp()
+    opt = HybridOptimizer(_muon_groups(model), lr=3e-3, aux_net=AuxiliaryNeuralNetwork())
+    start = full_loss(model, X, y)
+    train(model, opt, 60, X, y)
+    assert full_loss(model, X, y) < 0.5 * start
+    assert "momentum_buffer" in opt.state[model[0].weight] and "exp_avg" not in opt.state[model[0].weight]
+    twin = copy.deepcopy(model)
+    opt2 = HybridOptimizer(_muon_groups(twin), lr=3e-3, aux_net=AuxiliaryNeuralNetwork())
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    opt2.load_state_dict(torch.load(buffer, weights_only=True))
+    train(model, opt, 5, X, y, seed=1)
+    train(twin, opt2, 5, X, y, seed=1)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_muon_base_refuses_a_parameter_that_is_not_a_matrix():
+    model = mlp()
+    with pytest.raises(ValueError, match="base 'muon' orthogonalizes 2-D weight matrices.*shape \\(32,\\)"):
+        HybridOptimizer([{"params": [model[0].weight, model[0].bias], "base": "muon"}])

@@ -111,3 +111,24 @@ def test_smoke_run_has_every_track_method_and_target_row(tmp_path):
         assert line.endswith("| **yes** |") or line.endswith("| **no** |"), line
     assert (tmp_path / "tracks" / "runs.csv").read_text().count("\n") == b.n_runs + 1
     assert (tmp_path / "tracks" / "figures.html").stat().st_size > 1000
+
+
+def test_every_hybrid_variant_trains_and_an_interrupted_protocol_resumes_from_its_journal(tmp_path):
+    """Issue 10's candidate changes to H (Muon direction, per-group multipliers, relative trust region, later plan,
+    meta horizon) each run through the pipeline's step; the journal keeps every finished run, so a second
+    invocation runs nothing again."""
+    b = tracks.track_budget("smoke")
+    keys = [m.key for m in tracks.VARIANTS] + ["H-h8"]
+    specs = [tracks.RunSpec("W2", tracks.ALL_TRACK[k], tracks.BITS, 1e-3, 0, b.steps, b.batch_size, b.eval_every,
+                            "cpu") for k in keys]
+    journal = tmp_path / "runs.jsonl"
+    said = []
+    rows = tracks.run_all(specs, b.workload, "cpu", 1, 1, said.append, journal)
+    assert sorted(r["method"] for r in rows) == sorted(keys)
+    assert all(r["steps_done"] == b.steps and r["evals"] for r in rows), rows
+    with open(journal, "a") as f:
+        f.write('{"method": "H-mu')                     # a line a kill cut short is ignored, not fatal
+    said.clear()
+    again = tracks.run_all(specs, b.workload, "cpu", 1, 1, said.append, journal)
+    assert said == [f"  {len(keys)} of {len(keys)} runs reused from {journal}"]
+    assert sorted(map(repr, again)) == sorted(map(repr, rows))
