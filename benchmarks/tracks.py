@@ -56,6 +56,9 @@ VARIANTS = (
             "multiplier × trust region; AdamW for embedding, norms, head)", groups="muon"),
     replace(H, key="H-cm", label="H with one hypergradient LR factor per parameter group (embedding, attention, MLP, "
             "head + norms)", groups="roles", optimizer_kwargs={"cluster_multipliers": True}),
+    replace(H, key="H-hd", label="H with a hypergradient-descent LR factor on top of the aux net (log-space, meta LR "
+            "0.05; Baydin et al. 2018's multiplicative rule)", optimizer_kwargs={"cluster_multipliers": True,
+                                                                                  "cluster_meta_lr": 0.05}),
     replace(H, key="H-rel", label="H with the relative trust region (‖ΔW‖ ≤ μ‖W‖ per tensor)",
             config={"trust_region_mode": "relative"}),
     replace(H, key="H-plan50", label="H with the precision plan after 50 % of the steps instead of 10 %",

@@ -26,8 +26,13 @@ METHODS = {
     "AdamW-cos": "AdamW + warmup + cosine (the tuned reference)",
     "SF-AdamW": "Schedule-Free AdamW",
     "Muon": "Muon for hidden matrices + AdamW for the rest",
-    "H-sched": "Hybrid with its built-in warmup + cosine",
     "H-h8": "Hybrid with an 8-update meta horizon",
+    "H-muon": "Hybrid with Muon's direction for the hidden matrices",
+    "H-cm": "Hybrid with one learned LR factor per parameter group",
+    "H-hd": "Hybrid with a hypergradient-descent LR factor on top of the auxiliary net",
+    "H-rel": "Hybrid with the relative trust region",
+    "H-plan50": "Hybrid with the precision plan at 50 % of the steps",
+    "H-sched": "Hybrid with its built-in warmup + cosine",
 }
 WORKLOADS = {"W1": "full-precision student", "W2": "ternary (1.58-bit) student", "W3": "1-bit student",
              "W4": "W2 with every method's learning rate ×10 or ×0.1 (robustness to a mis-set LR)"}
