@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hybrid_optimization.distill import TrainOptions, train
+from hybrid_optimization.distill.options import OptionsError
 from hybrid_optimization.distill.cli import main
 from hybrid_optimization.distill.export import load_exported_student
 from hybrid_optimization.distill.presets import STUDENT_SIZES
@@ -103,6 +104,31 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, cluster_batch
         assert torch.equal(p, q), name
     assert full.summary["final_loss"] == resumed.summary["final_loss"]
     assert store.get_run(stopped.run_id)["status"] == "finished"
+
+
+class _StepCounter:
+    """A loop callback that records the steps it saw (hooks of a resume call must run)."""
+
+    def __init__(self, seen: list):
+        self.seen = seen
+
+    def on_step_end(self, state, metrics) -> None:
+        self.seen.append(state.step)
+
+
+def test_python_api_resume_refuses_a_changed_fixed_option_by_name(tmp_path):
+    stopped = train(TrainOptions(max_steps=4, steps_per_epoch=2, quiet=True, runs_root=str(tmp_path), seed=1,
+                                 eval_windows=8, stop_after_steps=2))
+    assert stopped.status == "stopped"
+    steps_before = len(RunStore(tmp_path).read_steps(stopped.run_id))
+    with pytest.raises(OptionsError, match=r"lr=0\.01 \(the run's: None\).*cannot change when a run is resumed"):
+        train(TrainOptions(resume=stopped.run_id, runs_root=str(tmp_path), quiet=True, lr=0.01))
+    run = RunStore(tmp_path).get_run(stopped.run_id)
+    assert run["status"] == "stopped" and len(RunStore(tmp_path).read_steps(stopped.run_id)) == steps_before
+    seen = []
+    resumed = train(TrainOptions(resume=stopped.run_id, runs_root=str(tmp_path), quiet=True, seed=1, max_steps=4,
+                                 callbacks=[_StepCounter(seen)]))          # the stored seed again: not a change
+    assert resumed.status == "finished" and resumed.steps == 4 and seen == [3, 4]
 
 
 def test_crash_is_recorded_as_failed_with_its_traceback(tmp_path):

@@ -53,7 +53,7 @@ from .data import (SUBSET_MIN_WINDOWS, DataError, Dataset, build_dataset, docume
 from .evaluate import evaluate
 from .losses import distillation_loss
 from .loop import TrainData, TrainState, fit, quantize_student, set_optimizer_mode
-from .options import MAX_STEPS, RESUME_OVERRIDABLE, OptionsError, TrainOptions
+from .options import MAX_STEPS, RESUME_ALWAYS_ALLOWED, RESUME_OVERRIDABLE, OptionsError, TrainOptions
 from .samplers import ShuffleBatchSampler
 from .student import StudentConfig, StudentLM
 from .teacher import EXPECTED_TOKENS_PER_S, TeacherError, load_teacher, smollm2_gguf_path, teacher_topk_cache
@@ -125,12 +125,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# Python-side hooks of a resume call: they are not stored with the run, so the caller's always apply.
+RESUME_HOOKS = ("optimizer_factory", "stop_after_steps", "track", "runs_root", "callbacks")
+
+
 def merge_for_resume(stored: TrainOptions, given: TrainOptions) -> TrainOptions:
-    """The stored run's options, with the overridable values the resume call set explicitly (non-default)."""
+    """The stored run's options, with the overridable values the resume call set explicitly (non-default).
+
+    The CLI refuses a fixed flag on --resume (TrainOptions.validate, from `given`). A Python caller has no `given`,
+    so a fixed option set to something other than its default and the stored value (say `lr=0.01` on a run that
+    trained at 0.001) is refused here, by name — it would otherwise be dropped without a word."""
     defaults = TrainOptions()
+    if given.given is None:
+        ignored = {"given", "run_id", "train_windows", "hybrid_config", *RESUME_OVERRIDABLE, *RESUME_ALWAYS_ALLOWED,
+                   *RESUME_HOOKS}
+        fixed = [f"{name}={getattr(given, name)!r} (the run's: {getattr(stored, name)!r})"
+                 for name in TrainOptions.__dataclass_fields__ if name not in ignored
+                 and getattr(given, name) != getattr(defaults, name) and getattr(given, name) != getattr(stored, name)]
+        if fixed:
+            raise OptionsError(f"resume {given.resume}: {'; '.join(fixed)} cannot change when a run is resumed; "
+                               f"only {', '.join(n for n in RESUME_OVERRIDABLE)} may")
     changes = {name: getattr(given, name) for name in RESUME_OVERRIDABLE
                if getattr(given, name) != getattr(defaults, name)}
-    hooks = {name: getattr(given, name) for name in ("optimizer_factory", "stop_after_steps", "track", "runs_root")}
+    hooks = {name: getattr(given, name) for name in RESUME_HOOKS}
     return stored.replace(**changes, **hooks, resume=given.resume, run_id=None)
 
 
