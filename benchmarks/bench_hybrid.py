@@ -440,6 +440,10 @@ def environment(args, argv: list[str]) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if commit and dirty:                 # the code that ran is not exactly that commit: say so
+            commit += " + uncommitted changes"
     except (OSError, subprocess.SubprocessError):
         commit = ""
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
@@ -479,6 +483,8 @@ def main(argv: list[str] | None = None) -> Path:
     mode.add_argument("--quick", action="store_const", const="quick", dest="mode", help="3 seeds, ≤ 10 min on 2 cores")
     mode.add_argument("--medium", action="store_const", const="medium", dest="mode",
                       help="issue 10: both AlgoPerf tracks on the medium workload (benchmarks/tracks.py, medium.py)")
+    mode.add_argument("--variants", action="store_const", const="variants", dest="mode",
+                      help="issue 10: candidate changes to H scored against the --medium runs (reused, not re-run)")
     mode.add_argument("--full", action="store_const", const="full", dest="mode",
                       help="the --medium protocol scaled up (for a GPU: --full --device cuda)")
     mode.add_argument("--changes", action="store_const", const="changes", dest="mode",
@@ -487,6 +493,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (full mode on a GPU machine)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel runs (default: 2 on CPU, 1 on a GPU)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    parser.add_argument("--add-method", action="append", default=[], metavar="KEY",
+                        help="--medium/--variants/--full: also run this method (e.g. the variant H-rel) on the "
+                             "whole LR grid, in both tracks")
     parser.add_argument("--seeds", type=int, default=None, help="override the number of evaluation seeds")
     parser.add_argument("--steps", type=int, default=None, help="override the step budget of every run")
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<mode>)")
@@ -503,11 +512,13 @@ def main(argv: list[str] | None = None) -> Path:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be ≥ 1")
-    if args.mode in ("medium", "full"):               # issue 10: both tracks (benchmarks/tracks.py)
+    if args.mode in ("medium", "variants", "full"):   # issue 10: both tracks (benchmarks/tracks.py)
         from benchmarks import tracks
         env = environment(args, ["benchmarks/bench_hybrid.py", *argv])
+        reuse = RESULTS / "medium" / "runs.jsonl" if args.mode == "variants" else None
         return tracks.main(args.mode, args.out or RESULTS / args.mode, args.device, args.jobs, args.threads,
-                           args.seeds, args.steps, env=env, log=print if not args.quiet else (lambda m: None))
+                           args.seeds, args.steps, env=env, log=print if not args.quiet else (lambda m: None),
+                           reuse=reuse, extra_methods=tuple(args.add_method))
     b = budget(args.mode)
     if args.seeds:
         b.seeds = tuple(range(args.seeds))

@@ -327,6 +327,10 @@ def analyse(rows: list[dict], b: TrackBudget, n_boot: int = 4000) -> dict:
                        for ref in (REFERENCE, "AdamW") if ref in b.methods},
         }
     matrices = {m: np.vstack([runs.values(m, lr, seeds, stt) for lr in b.grid]) for m in b.methods}
+    # Beside steps to target: the same grid score of the final validation loss. When most runs miss the target
+    # (a short budget), the steps score is ∞ for everyone and cannot rank; the loss a user ends with still can.
+    final_matrices = {m: np.vstack([runs.values(m, lr, seeds, lambda r: final(r)) for lr in b.grid])
+                      for m in b.methods}
     selftune = {}
     for m in b.methods:
         per_lr = {f"{lr:g}": {"median_steps": med(matrices[m][i]),
@@ -337,7 +341,10 @@ def analyse(rows: list[dict], b: TrackBudget, n_boot: int = 4000) -> dict:
         selftune[m] = {"score": grid_score(matrices[m]), "per_lr": per_lr,
                        "divergences": sum(v["diverged"] for v in per_lr.values()),
                        "vs": {ref: paired_bootstrap(matrices[m], matrices[ref], grid_score, n_boot)
-                              for ref in ("AdamW", "SF-AdamW", REFERENCE, "Muon") if ref in b.methods}}
+                              for ref in ("AdamW", "SF-AdamW", REFERENCE, "Muon") if ref in b.methods},
+                       "final_score": grid_score(final_matrices[m]),
+                       "final_vs": {ref: paired_bootstrap(final_matrices[m], final_matrices[ref], grid_score, n_boot)
+                                    for ref in ("AdamW", "SF-AdamW", REFERENCE, "Muon") if ref in b.methods}}
     taus = np.array([1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0, math.inf])
     profile = performance_profile(matrices, taus)
     ablations = {}
@@ -395,10 +402,10 @@ def targets(a: dict, b: TrackBudget) -> list[dict]:
     return rows
 
 
-def fmt_ci(v) -> str:
+def fmt_ci(v, digits: int = 2) -> str:
     if not v:
         return "–"
-    f = lambda x: "∞" if math.isinf(x) else f"{x:.2f}"  # noqa: E731
+    f = lambda x: "∞" if math.isinf(x) else f"{x:.{digits}f}"  # noqa: E731
     return f"{f(v[0])} [{f(v[1])}, {f(v[2])}]"
 
 
@@ -480,7 +487,7 @@ def workload_info(prepared, b: TrackBudget) -> dict:
 
 def main(mode: str, out, device: str = "cpu", jobs: int = 2, threads: int = 1, seeds: int | None = None,
          steps: int | None = None, env: dict | None = None, status: str | None = None, log=print,
-         ablation_lr: float | None = None, reuse=None):
+         ablation_lr: float | None = None, reuse=None, extra_methods: tuple[str, ...] = ()):
     """Run both tracks in `mode` (smoke | medium | full) and write the report to `out`; returns its path."""
     from pathlib import Path
 
@@ -493,6 +500,12 @@ def main(mode: str, out, device: str = "cpu", jobs: int = 2, threads: int = 1, s
         b.steps, b.eval_every = steps, max(1, steps // 20)
     if ablation_lr:
         b.ablation_lr = ablation_lr
+    unknown = [k for k in extra_methods if k not in ALL_TRACK]
+    if unknown:
+        raise ValueError(f"unknown method {', '.join(unknown)}: use one of {', '.join(ALL_TRACK)}")
+    # a candidate promoted to the full grid (both tracks, the profile) beside H, no longer an ablation
+    b.methods = (*b.methods, *(k for k in extra_methods if k not in b.methods))
+    b.ablations = tuple(k for k in b.ablations if k not in extra_methods)
     prepared = prepare_workload(b.workload, device, log)        # builds the caches before the workers load them
     info = workload_info(prepared, b)
     log(f"workload: {info['train_tokens']:,} training tokens, student {info['student_params'] / 1e6:.2f} M "
@@ -522,6 +535,8 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--ablation-lr", type=float, default=None, help="LR of the ablations / variants")
+    parser.add_argument("--add-method", action="append", default=[], metavar="KEY",
+                        help="also run this method (e.g. a variant) on the whole grid, in both tracks")
     parser.add_argument("--reuse", default=None, help="a runs.jsonl whose finished runs this invocation reuses "
                                                       "(variants: benchmarks/results/medium/runs.jsonl)")
     parser.add_argument("--probe", type=int, default=None, metavar="STEPS",
@@ -535,4 +550,4 @@ if __name__ == "__main__":
         (Path(ns.out) / "probe.json").write_text(json.dumps(estimate, indent=1))
         raise SystemExit(0)
     main(ns.mode, ns.out, ns.device, ns.jobs, 1, ns.seeds, ns.steps, env={"command": "python -m benchmarks.tracks"},
-         ablation_lr=ns.ablation_lr, reuse=ns.reuse)
+         ablation_lr=ns.ablation_lr, reuse=ns.reuse, extra_methods=tuple(ns.add_method))

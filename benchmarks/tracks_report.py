@@ -35,6 +35,11 @@ def _kind(v) -> str:
     return "indistinguishable"
 
 
+def _loss_kind(v) -> str:
+    """'lower' / 'higher' / 'indistinguishable' for a (point, low, high) ratio of losses."""
+    return {"fewer": "lower", "more": "higher"}.get(_kind(v), "indistinguishable")
+
+
 def verdict(a: dict, b: TrackBudget) -> str:
     """When to switch --hybrid on, what it buys, what it costs — in plain words, from the measured ratios."""
     st, ex, cost = a["selftune"], a["external"], a["cost"]
@@ -43,6 +48,7 @@ def verdict(a: dict, b: TrackBudget) -> str:
     h_st, h_ex = st["H"], ex["H"]
     va, vs = h_st["vs"]["AdamW"], h_st["vs"].get("SF-AdamW")
     v_ref, v_muon = h_ex["vs"][REFERENCE], h_ex["vs"].get("Muon")
+    nobody = all(math.isinf(v["score"]) for v in st.values())   # no method reaches the target over the grid
     robust_win = _kind(va) == "fewer" and h_st["divergences"] == 0
     tuned_win = _kind(v_ref) == "fewer"
     parts = []
@@ -58,10 +64,20 @@ def verdict(a: dict, b: TrackBudget) -> str:
         best = min(ex, key=lambda m: (ex[m]["median_steps"], ex[m]["final_val"]))
         parts.append(f"**Leave `--hybrid` off** on this evidence: it wins neither track. With a tuned LR use "
                      f"{best} ({ALL_TRACK[best].label}).")
-    parts.append(f"Self-tuning (one run at each LR of a {b.grid[-1] / b.grid[0]:.0f}× grid, nothing tuned): H needs "
-                 f"{fmt_ci(va)}× the steps of AdamW at a constant LR ({_kind(va)})"
-                 + (f" and {fmt_ci(vs)}× those of Schedule-Free AdamW ({_kind(vs)})" if vs else "")
-                 + f"; {h_st['divergences']} of {len(b.grid) * len(b.seeds)} runs diverged.")
+    if nobody:
+        fa = h_st["final_vs"]["AdamW"]
+        ranked = sorted(st, key=lambda m: st[m]["final_score"])
+        parts.append(f"Self-tuning (one run at each LR of a {b.grid[-1] / b.grid[0]:.0f}× grid, nothing tuned): "
+                     f"**no method reaches the target at most LRs of the grid**, so steps to target cannot rank them "
+                     f"here. By the final validation loss, median over the grid, H ends at {h_st['final_score']:.3f}: "
+                     f"{fmt_ci(fa)}× AdamW at a constant LR ({_loss_kind(fa)}), rank {ranked.index('H') + 1} of "
+                     f"{len(ranked)} (best: {ranked[0]}, {st[ranked[0]]['final_score']:.3f}); "
+                     f"{h_st['divergences']} of {len(b.grid) * len(b.seeds)} runs diverged.")
+    else:
+        parts.append(f"Self-tuning (one run at each LR of a {b.grid[-1] / b.grid[0]:.0f}× grid, nothing tuned): H "
+                     f"needs {fmt_ci(va)}× the steps of AdamW at a constant LR ({_kind(va)})"
+                     + (f" and {fmt_ci(vs)}× those of Schedule-Free AdamW ({_kind(vs)})" if vs else "")
+                     + f"; {h_st['divergences']} of {len(b.grid) * len(b.seeds)} runs diverged.")
     parts.append(f"External tuning (every method's LR tuned on a separate seed): H tuned needs {fmt_ci(v_ref)}× the "
                  f"steps of tuned AdamW + warmup + cosine ({_kind(v_ref)})"
                  + (f" and {fmt_ci(v_muon)}× those of tuned Muon ({_kind(v_muon)})" if v_muon else "") + ".")
@@ -117,7 +133,7 @@ def render(b: TrackBudget, env: dict, workload: dict, result: dict, status: str 
               f"- Target: median over the evaluation seeds of tuned {REFERENCE}'s best validation loss = "
               f"{a['target']:.4f} (tuned LR {a['tuned_lr'][REFERENCE]:g}).",
               f"- Run: `{env.get('command', '')}` · {env.get('date', '')} · {env.get('machine', '')} · device "
-              f"{env.get('device', '')} · {env.get('jobs', '')} jobs × {env.get('threads', '')} thread · load "
+              f"{env.get('device', '')} · {env.get('jobs', '')} jobs × {env.get('threads_per_job', env.get('threads', ''))} thread · load "
               f"{env.get('load_average_start', '')} · torch {env.get('torch', '')} · commit "
               f"{env.get('git_commit', '')} · {env.get('total_seconds', 0) / 60:.1f} min in total.", "",
               "Methods:", ""]
@@ -140,6 +156,14 @@ def render(b: TrackBudget, env: dict, workload: dict, result: dict, status: str 
         s = st[m]
         lines.append(f"| **{m}** | {_steps(s['score'])} | {fmt_ci(s['vs'].get('AdamW'))} | "
                      f"{fmt_ci(s['vs'].get('SF-AdamW'))} | {fmt_ci(s['vs'].get(REFERENCE))} | {s['divergences']} |")
+    lines += ["", "The same grid score of the final validation loss (median over the grid of the median over seeds; "
+              "lower is better) — it ranks the methods even where steps to target cannot:", "",
+              "| method | final loss, grid median | ×AdamW [95 % CI] | ×SF-AdamW [95 % CI] | ×AdamW-cos [95 % CI] "
+              "| ×Muon [95 % CI] |", "|---|---|---|---|---|---|"]
+    for m in b.methods:
+        s = st[m]
+        lines.append(f"| **{m}** | {s['final_score']:.4f} | " + " | ".join(
+            fmt_ci(s["final_vs"].get(ref), 3) for ref in ("AdamW", "SF-AdamW", REFERENCE, "Muon")) + " |")
     head = " | ".join(f"lr {lr:g}" for lr in b.grid)
     lines += ["", "Median steps to target (hits / seeds) and median final validation loss at each LR:", "",
               f"| method | {head} |", "|---|" + "---|" * len(b.grid)]

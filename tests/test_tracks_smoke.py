@@ -132,3 +132,30 @@ def test_every_hybrid_variant_trains_and_an_interrupted_protocol_resumes_from_it
     again = tracks.run_all(specs, b.workload, "cpu", 1, 1, said.append, journal)
     assert said == [f"  {len(keys)} of {len(keys)} runs reused from {journal}"]
     assert sorted(map(repr, again)) == sorted(map(repr, rows))
+
+
+def test_when_no_method_reaches_the_target_over_the_grid_the_verdict_ranks_by_final_loss():
+    """A budget too short for steps to target (every method misses at most LRs): the self-tuning verdict must not
+    read ∞/∞ = 1.00 as "indistinguishable"; it says so and ranks by the final loss over the grid."""
+    b = tracks.track_budget("smoke")
+    b.seeds = (0, 1, 2, 3, 4)
+    rows = []
+    for m in b.methods:
+        for lr in b.grid:
+            for seed in (b.tuning_seed, *b.seeds):
+                # the reference reaches its own target (2.0) only at lr 1e-3; H ends lowest everywhere else
+                end = 2.0 if (m == tracks.REFERENCE and lr == 1e-3) else (2.05 if m == "H" else 2.3)
+                rows.append({"method": m, "lr": lr, "seed": seed, "diverged": False, "cpu_ms_per_step": 10.0,
+                             "optimizer_state_mb": 1.0,
+                             "evals": [{"step": 50, "val_loss": 3.0, "val_loss_fp": 2.9},
+                                       {"step": 100, "val_loss": end, "val_loss_fp": end - 0.1}]})
+    rows += [{"method": m, "lr": b.ablation_lr, "seed": s, "diverged": False, "cpu_ms_per_step": 10.0,
+              "optimizer_state_mb": 1.0, "evals": [{"step": 100, "val_loss": 2.3, "val_loss_fp": 2.2}]}
+             for m in b.ablations for s in b.seeds]
+    a = tracks.analyse(rows, b, n_boot=200)
+    assert all(math.isinf(v["score"]) for v in a["selftune"].values())
+    h = a["selftune"]["H"]
+    assert h["final_score"] == pytest.approx(2.05) and h["final_vs"]["AdamW"][2] < 1
+    text = verdict(a, b)
+    assert "no method reaches the target at most LRs of the grid" in text and "rank 1 of" in text
+    assert "1.00 [1.00, 1.00]× the steps" not in text
