@@ -351,9 +351,12 @@ def analyse(rows: list[dict], b: TrackBudget, n_boot: int = 4000) -> dict:
     for m in b.ablations:
         steps = runs.values(m, b.ablation_lr, seeds, stt)
         base = runs.values("H", b.ablation_lr, seeds, stt) if "H" in b.methods else steps
-        ablations[m] = {"median_steps": med(steps), "final_val": med(runs.values(m, b.ablation_lr, seeds,
-                                                                                lambda r: final(r))),
+        finals = runs.values(m, b.ablation_lr, seeds, lambda r: final(r))
+        base_finals = runs.values("H", b.ablation_lr, seeds, lambda r: final(r)) if "H" in b.methods else finals
+        ablations[m] = {"median_steps": med(steps), "final_val": med(finals),
                         "vs_H": paired_bootstrap(steps, base, med, n_boot),
+                        "final_vs_H": paired_bootstrap(finals, base_finals, med, n_boot),
+                        "better_seeds": int(np.sum(finals < base_finals)),
                         "diverged": int(sum(runs.get(m, b.ablation_lr, s)["diverged"] for s in seeds))}
     cost = {m: {"cpu_ms_per_step": med([r["cpu_ms_per_step"] for r in rows if r["method"] == m]),
                 "optimizer_state_mb": med([r["optimizer_state_mb"] for r in rows if r["method"] == m])}
@@ -414,9 +417,12 @@ def protocol(b: TrackBudget, device: str, jobs: int, threads: int, log, journal=
     specs = specs_for(b, device)
     log(f"{len(specs)} runs: {len(b.methods)} methods × {len(b.grid)} LRs × {len(b.seeds) + 1} seeds "
         f"(tuning seed {b.tuning_seed}) + {len(b.ablations)} ablations × {len(b.seeds)} seeds at lr {b.ablation_lr:g}")
+    wanted = {_row_key(s.method.key, s.lr, s.seed, s.steps) for s in specs}
+    reused = len(wanted & set(read_journal(journal)))
     rows = run_all(specs, b.workload, device, jobs, threads, log, journal)
     analysis = analyse(rows, b, b.n_boot)
-    return {"rows": rows, "analysis": analysis, "targets": targets(analysis, b),
+    return {"rows": rows, "analysis": analysis, "targets": targets(analysis, b), "reused_runs": reused,
+            "run_cpu_seconds": float(sum(r["train_cpu_s"] for r in rows)),
             "protocol_seconds": time.perf_counter() - started}
 
 

@@ -135,7 +135,11 @@ def render(b: TrackBudget, env: dict, workload: dict, result: dict, status: str 
               f"- Run: `{env.get('command', '')}` · {env.get('date', '')} · {env.get('machine', '')} · device "
               f"{env.get('device', '')} · {env.get('jobs', '')} jobs × {env.get('threads_per_job', env.get('threads', ''))} thread · load "
               f"{env.get('load_average_start', '')} · torch {env.get('torch', '')} · commit "
-              f"{env.get('git_commit', '')} · {env.get('total_seconds', 0) / 60:.1f} min in total.", "",
+              f"{env.get('git_commit', '')} · {env.get('total_seconds', 0) / 60:.1f} min for this invocation"
+              + (f", which reused {result['reused_runs']} finished runs from runs.jsonl (run by an earlier "
+                 f"invocation of this protocol; their time is not in that figure)" if result.get("reused_runs") else "")
+              + (f" · the runs' training CPU time, all runs: {result['run_cpu_seconds'] / 3600:.2f} CPU-h"
+                 if result.get("run_cpu_seconds") else "") + ".", "",
               "Methods:", ""]
     lines += [f"- **{k}**: {ALL_TRACK[k].label}" for k in (*b.methods, *b.ablations)] + [""]
 
@@ -182,11 +186,16 @@ def render(b: TrackBudget, env: dict, workload: dict, result: dict, status: str 
         whose = ", the guide's" if b.ablation_lr == 1e-3 else ""
         lines += ["", f"## Ablations of H (lr {b.ablation_lr:g}{whose}; each row one change to H, paired over the "
                   f"same seeds)", "",
-                  "| method | what changes | steps to target (median) | ×H [95 % CI] | final val loss | diverged |",
-                  "|---|---|---|---|---|---|"]
+                  "| method | what changes | steps to target (median) | ×H [95 % CI] | final val loss (median) | "
+                  "final ×H [95 % CI] | seeds better than H | diverged |",
+                  "|---|---|---|---|---|---|---|---|"]
         for m, v in a["ablations"].items():
             lines.append(f"| **{m}** | {ALL_TRACK[m].label} | {_steps(v['median_steps'])} | {fmt_ci(v['vs_H'])} | "
-                         f"{_f(v['final_val'], 4)} | {v['diverged']} |")
+                         f"{_f(v['final_val'], 4)} | {fmt_ci(v.get('final_vs_H'), 3)} | "
+                         f"{v.get('better_seeds', '–')}/{len(b.seeds)} | {v['diverged']} |")
+        at = a["selftune"].get("H", {}).get("per_lr", {}).get(f"{b.ablation_lr:g}")
+        if at:
+            lines += ["", f"H itself at lr {b.ablation_lr:g}: final val loss (median) {_f(at['median_final'], 4)}."]
     lines += ["", "## Cost per step", "", "| method | CPU ms / step (median) | ×AdamW | optimizer state (MB) |",
               "|---|---|---|---|"]
     base = a["cost"].get("AdamW", {}).get("cpu_ms_per_step", math.nan)
