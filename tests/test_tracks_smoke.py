@@ -159,3 +159,4 @@ def test_when_no_method_reaches_the_target_over_the_grid_the_verdict_ranks_by_fi
     text = verdict(a, b)
     assert "no method reaches the target at most LRs of the grid" in text and "rank 1 of" in text
     assert "1.00 [1.00, 1.00]× the steps" not in text
+    assert "**Without tuning, `--hybrid` ends lower than AdamW at a constant LR**" in text
