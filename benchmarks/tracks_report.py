@@ -60,7 +60,10 @@ def verdict(a: dict, b: TrackBudget) -> str:
         parts.append(f"**With a tuned learning rate, leave `--hybrid` off**: tuned {best} "
                      f"({ALL_TRACK[best].label}) gets there first and ends lower. **Without tuning, `--hybrid` ends "
                      f"lower than AdamW at a constant LR** over a 100× LR grid"
-                     + (f" — but {ranked[0]} ends lower still." if ranked[0] != "H" else "."))
+                     + ("." if ranked[0] == "H" else
+                        f" — but {ranked[0]} ends lower still." if _loss_kind(h_st["final_vs"].get(ranked[0], (1, 1, 1)))
+                        == "higher" else f"; against {ranked[0]} it is level ({fmt_ci(h_st['final_vs'].get(ranked[0]), 3)}"
+                        f"×, not distinguishable)."))
     elif robust_win and tuned_win:
         parts.append("**Switch `--hybrid` on**: it reached the target in fewer steps both when the LR is not known "
                      "and when every method's LR is tuned.")
