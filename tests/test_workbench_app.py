@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def started(monkeypatch):
         def poll(self):
             return None
 
-    monkeypatch.setattr(launcher, "start_process", lambda argv, cwd, log_dir, env: calls.append(argv) or Proc())
+    from hybrid_optimization import launch as launch_path   # the one process start (launches and resumes)
+    monkeypatch.setattr(launch_path, "start", lambda argv, log_dir, **kw: calls.append(argv) or Proc())
     yield calls
     launcher._CHILDREN.clear()
 
@@ -99,8 +101,9 @@ def test_invalid_config_shows_the_cores_message_and_launches_nothing(filled, sta
     at.number_input(key="cfg.data_clusters").set_value(0).run()
     errors = _texts(at.error)
     # The core's messages, without its class prefix (the field is right above the message).
-    assert field_error("base_learning_rate", "fast").replace("HybridTrainingConfig.", "") in errors
-    assert field_error("data_clusters", 0).replace("HybridTrainingConfig.", "") in errors
+    plain = __import__("workbench.ui", fromlist=["plain"]).plain      # shown literally (no markdown)
+    assert plain(field_error("base_learning_rate", "fast").replace("HybridTrainingConfig.", "")) in errors
+    assert plain(field_error("data_clusters", 0).replace("HybridTrainingConfig.", "")) in errors
     at.button(key="launch").click().run()
     assert "Not launched: the configuration has errors (see the messages above)." in _texts(at.error)
     assert started == [] and len(queries.list_runs(store)) == before
@@ -374,8 +377,9 @@ def test_option_errors_sit_under_their_fields_without_internal_prefixes(runs_roo
     at.text_input(key="opt.alpha").input("2").run()
     errors = _texts(at.error)
     low, high = config_form.SEQ_LEN_RANGE     # the CLI's own bounds and message (one definition)
-    assert f"3 is invalid: it must be an integer in [{low}, {high:,}]" in errors
-    assert any(e.startswith("2") and "[0, 1]" in e for e in errors)
+    plain = __import__("workbench.ui", fromlist=["plain"]).plain      # shown literally (no markdown)
+    assert plain(f"3 is invalid: it must be an integer in [{low}, {high:,}]") in errors
+    assert any(e.startswith("2") and plain("[0, 1]") in e for e in errors)
     assert not any("HybridTrainingConfig." in e for e in errors)
     at.button(key="launch").click().run()
     assert started == []
@@ -517,3 +521,46 @@ def test_every_run_status_has_its_own_badge_colour():
     from workbench import ui
     assert set(RUN_STATUSES) <= set(ui.STATUS_COLORS)
     assert ui.STATUS_COLORS["diverged"] != ui.STATUS_COLORS["queued"]
+
+
+# -- plain text: names, tags, notes and errors are never markdown or HTML ----------------------------------------------
+HOSTILE_NAME = "![x](http://host/p.png) <b>x</b>"
+TEXT_ELEMENTS = ("markdown", "caption", "error", "warning", "info", "success", "subheader", "title")
+
+
+def _rendered_texts(at: AppTest) -> list[str]:
+    return [str(e.value) for kind in TEXT_ELEMENTS for e in at.get(kind)]
+
+
+def test_plain_escapes_every_markdown_and_html_construct():
+    from workbench.ui import plain
+    assert plain("![x](http://host/p.png)") == r"\!\[x\](http\://host/p.png)"
+    assert plain("<b>x</b>") == r"\<b\>x\</b\>"
+    assert plain(":red[x] $y$ a*b* _c_ snake_case") == r"\:red\[x\] \$y\$ a\*b\* \_c\_ snake_case"
+    assert plain("# h\n- item\n1. n") == "\\# h  \n\\- item  \n1\\. n"
+    assert plain("run-1 (seed 0)") == "run-1 (seed 0)"          # ordinary text stays as typed
+
+
+def test_run_names_tags_and_errors_are_shown_literally_on_every_page(runs_root, started):
+    from workbench.ui import plain
+    store = RunStore(runs_root)
+    run_id = write_synthetic_run(store, 60, "finished", name=HOSTILE_NAME, seed=0, tags=["<i>t</i>"])
+    failed = write_synthetic_run(store, 30, "failed", name="crash ![y](http://host/q.png)", seed=1)
+    store.set_status(failed, "lost", error="marked lost: ![z](http://host/r.png) <img src=x>")   # Live warns with it
+    at = _app().run()
+    for page, selected in (("live", run_id), ("summary", run_id), ("precision", run_id), ("clusters", run_id),
+                           ("live", failed), ("summary", failed)):
+        at.session_state["selected_run"] = selected
+        _open(at, page)
+        assert not at.exception, (page, [e.value for e in at.exception])
+        texts = _rendered_texts(at)
+        unescaped = [t for t in texts if re.search(r"(?<!\\)(!\[|<b>|<img|<i>)", t)]
+        assert not unescaped, (page, unescaped)
+        if page in ("live", "summary"):
+            name = HOSTILE_NAME if selected == run_id else "crash ![y](http://host/q.png)"
+            assert any(plain(name) in t for t in texts), (page, texts)
+    # A field error quotes what was typed: escaped too.
+    at.switch_page("workbench/pages/configure.py").run()
+    at.text_input(key="cfg.base_learning_rate").input("![w](http://host/s.png)").run()
+    errors = _texts(at.error)
+    assert any(plain("![w](http://host/s.png)") in e for e in errors) and not any("![w](" in e for e in errors)

@@ -10,9 +10,34 @@ import streamlit as st
 
 from hybrid_optimization.distill.export import ExportError
 from hybrid_optimization.distill.run_export import EXPORT_FORMATS, EXPORT_NAMES, export_packed_student
+from workbench import ui
 
 LABELS = {"packed": "Packed safetensors (this project's loader)", "gguf": "GGUF for llama.cpp (ternary TQ1_0)",
           "hf": "Hugging Face LlamaForCausalLM folder (zip)"}
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _read(path_text: str, stamp: tuple) -> bytes:
+    """The file's bytes, or the folder zipped; `stamp` (sizes and mtimes) makes a changed file a new entry."""
+    path = Path(path_text)
+    return zipped(path) if path.is_dir() else path.read_bytes()
+
+
+def file_bytes(path: Path) -> bytes:
+    """What a download button hands over, built BEFORE the button renders. A deferred `data=callable` is dropped
+    when the script reruns, so a click within about a second of a rerun delivered nothing (MediaFileStorageError:
+    Deferred file ... not found). Bytes get a content-addressed id that the rerun registers again, so the link a
+    browser already holds stays valid; the cache keeps reruns from re-reading or re-zipping an unchanged file."""
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _read(str(path), stamp)
+
+
+def download(where, path: Path, key: str, file_name: str | None = None) -> None:
+    """A Download button for a file or folder (zipped) that always delivers: the bytes exist when it renders, and
+    clicking it does not rerun the page (on_click="ignore"), so the charts and forms around it stay as they are."""
+    where.download_button("Download", data=file_bytes(path), file_name=file_name or path.name, key=key,
+                          icon=":material/download:", on_click="ignore")
 
 
 def zipped(folder: Path) -> bytes:
@@ -37,20 +62,18 @@ def show(run: dict) -> None:
         col1, col2 = st.columns([3, 1])
         if target.exists():
             size = sum(f.stat().st_size for f in target.rglob("*")) if target.is_dir() else target.stat().st_size
-            col1.markdown(f"**{LABELS[fmt]}** — `{target.name}` ({size / 2**20:.2f} MiB)")
-            name = target.name + (".zip" if target.is_dir() else "")
-            data = (lambda t=target: zipped(t)) if target.is_dir() else (lambda t=target: t.read_bytes())
-            col2.download_button("Download", data=data, file_name=name, key=f"export_download.{fmt}",
-                                 icon=":material/download:")
+            col1.markdown(f"**{LABELS[fmt]}** — {ui.plain(target.name)} ({size / 2**20:.2f} MiB)")
+            download(col2, target, key=f"export_download.{fmt}",
+                     file_name=target.name + (".zip" if target.is_dir() else ""))
         else:
             col1.markdown(f"**{LABELS[fmt]}** — not made yet")
             if col2.button("Export", key=f"export_make.{fmt}", icon=":material/file_export:"):
                 try:
                     with st.spinner(f"Writing {EXPORT_NAMES[fmt]}…"):
                         result = export_packed_student(packed, fmt)
-                    st.session_state["export_message"] = result.line
+                    st.session_state["export_message"] = ui.plain(result.line)
                 except ExportError as exc:
-                    st.session_state["export_message"] = f"error: {exc}"
+                    st.session_state["export_message"] = f"error: {ui.plain(exc)}"
                 st.rerun()
     message = st.session_state.pop("export_message", None)
     if message:

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from hybrid_optimization.config import ConfigError, HybridTrainingConfig
-from workbench.launcher import LaunchError, LaunchOptions
+from workbench.launcher import LaunchError, check_form
 
 PRESETS_DIR = "presets"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
@@ -40,7 +40,7 @@ def list_presets(runs_root: Path) -> list[str]:
 def save_preset(runs_root: Path, name: str, config: dict, options: dict) -> Path:
     path = _path(runs_root, name)
     HybridTrainingConfig.from_dict(config)       # raises ConfigError with the core's message
-    LaunchOptions.from_dict(options)
+    check_form(options)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.part")
     tmp.write_text(json.dumps({"config": config, "options": options}, indent=2, sort_keys=True))
@@ -64,7 +64,7 @@ def load_preset(runs_root: Path, name: str) -> tuple[dict, dict]:
     options = data.get("options") or {}
     try:
         config = HybridTrainingConfig.from_dict(data["config"]).to_dict()
-        LaunchOptions.from_dict(options)
+        check_form(options)
     except (ConfigError, LaunchError, TypeError) as exc:
         raise PresetError(f"preset {name!r} is invalid: {exc}") from None
     return config, options

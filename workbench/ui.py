@@ -3,6 +3,7 @@ liveness upkeep, status badges. Pages stay short and read top to bottom.
 """
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -29,6 +30,26 @@ STATUS_COLORS = {"queued": "gray", "running": "blue", "finished": "green", "fail
 LIVENESS_EVERY_S = 5.0
 
 
+# Characters that start a markdown, HTML or Streamlit construct (links and images `![..](..)`, tags `<b>`, entities
+# `&lt;`, emphasis, code, tables, strikethrough, LaTeX `$..$`, `:red[..]` / `:material/..:` directives, headings,
+# setext underlines). Escaped with a backslash (CommonMark renders `\x` as `x`), so the text shows as typed.
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*\[\]<>!|~$:&#={}])")
+_WORD_UNDERSCORE = re.compile(r"(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")   # `_` that can open or close emphasis
+_LINE_START = re.compile(r"^(\s*)([-+>]|\d+[.)])(?=\s|$)", re.M)                 # list items and quotes at a line's start
+
+
+def plain(text) -> str:
+    """`text` (a run name, tag, note, error message: anything a user or a file controls) escaped so that any
+    Streamlit text element (st.markdown, st.caption, st.error, ...) shows it literally: never a link, an image
+    fetched from a host, HTML, a heading or a colour. Line breaks are kept. Use it on every interpolated value:
+    st.error(f"Not launched: {ui.plain(exc)}")."""
+    text = _MARKDOWN_SPECIALS.sub(r"\\\1", str(text))
+    text = _WORD_UNDERSCORE.sub(r"\\_", text)
+    text = _LINE_START.sub(lambda m: m.group(1) + "".join("\\" + c if not c.isdigit() else c for c in m.group(2)),
+                           text)
+    return text.replace("\n", "  \n")
+
+
 def runs_root() -> Path:
     if "runs_root" not in st.session_state:
         st.session_state["runs_root"] = str(default_runs_root())
@@ -41,10 +62,10 @@ def open_store(create: bool = False) -> RunStore | None:
     try:
         store = RunStore(root, create=create)
     except StoreMissing as exc:
-        st.info(f"{exc}\n\nStart one on the **Configure** page.")
+        st.info(f"{plain(exc)}\n\nStart one on the **Configure** page.")
         return None
     except StoreError as exc:
-        st.error(str(exc))
+        st.error(plain(exc))
         return None
     upkeep(store)
     return store
@@ -60,7 +81,7 @@ def upkeep(store: RunStore) -> None:
         launcher.reap(store)
         store.refresh_liveness()
     except StoreError as exc:  # e.g. a read-only runs root: show the runs, say why liveness is unknown
-        st.caption(f"could not update run liveness: {exc}")
+        st.caption(f"could not update run liveness: {plain(exc)}")
 
 
 def status_badge(status: str) -> str:
@@ -99,7 +120,7 @@ def list_runs(store: RunStore, include_archived: bool = False) -> pd.DataFrame:
     try:
         return queries.list_runs(store, include_archived=include_archived)
     except StoreError as exc:
-        st.error(str(exc))
+        st.error(plain(exc))
         return pd.DataFrame(columns=["run_id", "name", "status"])
 
 

@@ -14,7 +14,7 @@ ui.page_header("Benchmarks", "Hybrid vs baselines, measured by `python benchmark
 root = queries.benchmark_results_root()
 reports = queries.benchmark_reports(root)
 if not reports:
-    st.info(f"No benchmark report under {root}. Run `python benchmarks/bench_hybrid.py --quick` to make one.")
+    st.info(f"No benchmark report under {ui.plain(root)}. Run `python benchmarks/bench_hybrid.py --quick` to make one.")
     st.stop()
 chosen = st.selectbox("Report", reports, format_func=lambda p: p.name, key="benchmark_report")
 markdown = (chosen / "report.md").read_text(encoding="utf-8")
@@ -48,4 +48,4 @@ with st.expander(f"Figures ({len(figures)})"):
         try:
             st.plotly_chart(bench_view.recolor(pio.read_json(path)), width="stretch", key=f"bench-{path.stem}")
         except ValueError as exc:                 # a damaged figure file: say which, show the rest
-            st.warning(f"{path.name}: not a plotly figure ({exc})")
+            st.warning(f"{ui.plain(path.name)}: not a plotly figure ({ui.plain(exc)})")

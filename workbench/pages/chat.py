@@ -40,9 +40,9 @@ def load_models(run_id: str, runs_root: str) -> ChatModels:
 try:
     models = load_models(run_id, str(store.root))
 except ValueError as exc:       # no trained student, failed run, tokenizer gone: one line
-    st.error(str(exc))
+    st.error(ui.plain(exc))
     st.stop()
-st.caption(models.description)
+st.caption(ui.plain(models.description))
 
 c1, c2, c3, c4 = st.columns(4)
 settings = Settings(
@@ -64,13 +64,13 @@ if history and st.button("Clear conversation", key="chat_clear"):
 def show_answer(column, who: str, text: str, stats: str | None) -> None:
     with column.chat_message("assistant", avatar=":material/school:" if who == "teacher" else ":material/memory:"):
         st.markdown(f"**{who}**")
-        st.markdown(text or "_(no text)_")
+        st.markdown(ui.plain(text) if text else "_(no text)_")
         if stats:
             st.caption(stats)
 
 
 for turn in history:
-    st.chat_message("user").markdown(turn["user"])
+    st.chat_message("user").markdown(ui.plain(turn["user"]))
     columns = st.columns(len(WHO))
     for column, who in zip(columns, WHO):
         if who in turn:
@@ -99,7 +99,7 @@ def generate(who: str, messages: list[dict], answer: Answer, out: queue.Queue) -
 
 message = st.chat_input("Message the student")
 if message:
-    st.chat_message("user").markdown(message)
+    st.chat_message("user").markdown(ui.plain(message))
     columns = st.columns(len(WHO))
     boxes, texts, answers = {}, {}, {}
     tokens: queue.Queue = queue.Queue()
@@ -119,10 +119,10 @@ if message:
             continue
         if piece is None:
             running.discard(who)
-            boxes[who][0].markdown(texts[who] or "_(no text)_")
+            boxes[who][0].markdown(ui.plain(texts[who]) if texts[who] else "_(no text)_")
             boxes[who][1].caption(answers[who].stats_line())
             continue
         texts[who] += piece
-        boxes[who][0].markdown(texts[who] + "▌")
+        boxes[who][0].markdown(ui.plain(texts[who]) + "▌")
         time.sleep(0)        # let the generating threads run between updates
     history.append({"user": message, **{who: (texts[who], answers[who].stats_line()) for who in speakers}})

@@ -33,7 +33,7 @@ try:
     batches = queries.read_cluster_batches(store, run_id)
     evals = queries.read_evals(store, run_id)
 except StoreError as exc:
-    st.error(str(exc))
+    st.error(ui.plain(exc))
     st.stop()
 
 has_features = not samples.empty and samples.features.notna().all()

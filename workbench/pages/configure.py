@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import streamlit as st
 
-from hybrid_optimization.config import ConfigError
+from hybrid_optimization.config import ConfigError, HybridTrainingConfig
 from hybrid_optimization.tracking import RunStore, StoreError, StoreMissing
 from workbench import config_form, datasets, launcher, presets, ui
-from workbench.launcher import LaunchError, LaunchOptions
+from workbench.launcher import LaunchError
 
 FORM = "form_values"          # non-widget copy of every field: survives page switches (widget state does not)
 DATA_SOURCES = ("chatterbot-corpus (default)", "Upload a file", "Path on this machine")
-OPTION_DEFAULTS = LaunchOptions().to_dict()
+OPTION_DEFAULTS = launcher.form_defaults()
 PRESET_DEFAULT = "preset default"   # shown for options where None means "what the preset says"
 
 
@@ -89,9 +89,17 @@ def _options(data_path: str | None) -> tuple[dict, dict[str, str]]:
     return options, errors
 
 
+def _safe_config(values: dict):
+    """The form's config when it is valid (its errors are shown by its fields), else None (the defaults)."""
+    try:
+        return HybridTrainingConfig.from_dict(values)
+    except (ConfigError, TypeError):
+        return None
+
+
 def _field_error(errors: dict[str, str], name: str, where=st) -> None:
     if name in errors:
-        where.error(errors[name], icon=":material/error:")
+        where.error(ui.plain(errors[name]), icon=":material/error:")
 
 
 def _config_widget(name: str, errors: dict[str, str], disabled: bool = False) -> None:
@@ -123,10 +131,10 @@ def _load_preset() -> None:
     try:
         config, options = presets.load_preset(ui.runs_root(), name)
     except presets.PresetError as exc:
-        st.session_state["preset_message"] = ("error", str(exc))
+        st.session_state["preset_message"] = ("error", ui.plain(exc))
         return
     _set_form(config, options)
-    st.session_state["preset_message"] = ("success", f"Loaded preset {name!r}.")
+    st.session_state["preset_message"] = ("success", f"Loaded preset {ui.plain(repr(name))}.")
 
 
 def _save_preset(config: dict, options: dict) -> None:
@@ -134,18 +142,18 @@ def _save_preset(config: dict, options: dict) -> None:
     try:
         path = presets.save_preset(ui.runs_root(), name, config, options)
     except (presets.PresetError, ConfigError, LaunchError) as exc:
-        st.session_state["preset_message"] = ("error", f"Not saved: {exc}")
+        st.session_state["preset_message"] = ("error", f"Not saved: {ui.plain(exc)}")
         return
-    st.session_state["preset_message"] = ("success", f"Saved preset {name!r} to {path}.")
+    st.session_state["preset_message"] = ("success", f"Saved preset {ui.plain(repr(name))} to {ui.plain(path)}.")
 
 
 def _delete_preset() -> None:
     name = st.session_state.get("preset_choice")
     try:
         presets.delete_preset(ui.runs_root(), name)
-        st.session_state["preset_message"] = ("success", f"Deleted preset {name!r}.")
+        st.session_state["preset_message"] = ("success", f"Deleted preset {ui.plain(repr(name))}.")
     except presets.PresetError as exc:
-        st.session_state["preset_message"] = ("error", str(exc))
+        st.session_state["preset_message"] = ("error", ui.plain(exc))
 
 
 # -- the page -----------------------------------------------------------------------------------------------------
@@ -162,7 +170,7 @@ except StoreMissing:
     pass
 except StoreError as exc:
     store_problem = str(exc)
-    st.error(store_problem)
+    st.error(ui.plain(store_problem))
 _init_state()
 # "Launch with this config" (Sweep page): the best trial's config and options fill the form.
 pending = st.session_state.pop("configure_load", None)
@@ -203,7 +211,7 @@ with st.container(border=True):
                     with st.spinner("Checking the file with the pipeline's reader…"):
                         count = datasets.validate_upload(saved, upload.name)
                     data_path = str(saved)
-                    st.success(f"{upload.name}: {count} documents.")
+                    st.success(f"{ui.plain(upload.name)}: {count} documents.")
                 except datasets.DataFileError as exc:
                     data_error = str(exc)
             else:
@@ -224,7 +232,7 @@ with st.container(border=True):
             st.caption("About 2,000 English conversations from the PyPI package chatterbot-corpus, rendered with the "
                        "teacher's chat template.")
         if data_error:
-            st.error(data_error, icon=":material/error:")
+            st.error(ui.plain(data_error), icon=":material/error:")
 
     e1, e2, e3, e4 = st.columns(4)
     e1.text_input("Teacher folder (optional)", key="opt.teacher",
@@ -252,7 +260,7 @@ with st.container(border=True):
 config_values = _config_values()
 config_errors = config_form.validate(config_values)
 options, option_parse_errors = _options(data_path)
-option_errors = {**launcher.option_errors(LaunchOptions.from_dict(options)), **option_parse_errors}
+option_errors = {**launcher.option_errors(options, _safe_config(config_values)), **option_parse_errors}
 option_errors = {name: message.split(" = ", 1)[-1] if message.startswith(f"{name} = ") else message
                  for name, message in option_errors.items()}
 if data_error:
@@ -277,7 +285,7 @@ for i, (title, names) in enumerate(groups):
             _config_widget(name, config_errors, disabled=off)
 
 if "nproc" in option_errors:
-    st.error(option_errors["nproc"], icon=":material/error:")
+    st.error(ui.plain(option_errors["nproc"]), icon=":material/error:")
 
 problems = len(config_errors) + len(option_errors) + (1 if data_error else 0) + (1 if store_problem else 0)
 launch_col, status_col = st.columns([1, 3])
@@ -291,7 +299,7 @@ if launch:
         try:
             run_id = launcher.launch(RunStore(root, create=True), config_values, options)
         except (ConfigError, LaunchError, StoreError) as exc:
-            status_col.error(f"Not launched: {exc}")
+            status_col.error(f"Not launched: {ui.plain(exc)}")
         else:
             _remember()
             st.session_state["selected_run"] = run_id
@@ -313,6 +321,6 @@ with st.expander("Presets", expanded=False, icon=":material/bookmark:"):
     preset_options = {**options, "data": data_path}
     q2.button("Save", key="preset_save", on_click=_save_preset, args=(config_values, preset_options),
               disabled=bool(config_errors))
-    st.caption(f"Presets are JSON files in {presets.presets_dir(root)}.")
+    st.caption(f"Presets are JSON files in {ui.plain(presets.presets_dir(root))}.")
 
 _remember()

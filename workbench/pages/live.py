@@ -38,7 +38,7 @@ if run_id is None:
 try:
     page_run = store.get_run(run_id)
 except StoreError as exc:
-    st.error(str(exc))
+    st.error(ui.plain(exc))
     st.stop()
 
 c1, c2, c3, c4 = st.columns([1.2, 1, 1.6, 1.2])
@@ -58,7 +58,7 @@ charts_key = f"live_charts.{'hybrid' if hybrid else 'baseline'}"
 if any(c not in available for c in st.session_state.get(charts_key, [])):
     st.session_state.pop(charts_key)
 shown = st.multiselect("Charts", available, default=defaults, key=charts_key)
-st.caption(f"**{queries.run_label(page_run)}** · {headline.kind_label(page_run)}")
+st.caption(f"**{ui.plain(queries.run_label(page_run))}** · {headline.kind_label(page_run)}")
 st.caption(f"Each series is downsampled on the server to at most {queries.MAX_POINTS:,} points (the minimum and "
            "maximum of every bucket are kept, so spikes stay visible); smoothing is computed on all points first. "
            "Zoom and pan are kept across refreshes; double-click a chart to reset.")
@@ -97,7 +97,7 @@ def _controls(run: dict) -> None:
             try:
                 launcher.resume(store, run["run_id"])
             except (LaunchError, StoreError) as exc:
-                st.error(f"Not resumed: {exc}")
+                st.error(f"Not resumed: {ui.plain(exc)}")
             else:
                 st.rerun()  # full rerun: the run is active again, so the fragment starts refreshing
 
@@ -134,7 +134,7 @@ def live_view() -> None:
     try:
         run = store.get_run(run_id)
     except StoreError as exc:
-        st.error(str(exc))
+        st.error(ui.plain(exc))
         return
     if run["status"] != page_run["status"] and not paused:
         st.rerun()  # the run started, ended or changed state: redraw the page (refreshing switches on or off)
@@ -165,7 +165,7 @@ def live_view() -> None:
         st.error("The run failed. Traceback:")
         st.code(run["error"], language="text")
     elif run["status"] == "lost":
-        st.warning((run.get("error") or "The run's process is gone.") + " Resume continues from its last checkpoint.")
+        st.warning(ui.plain(run.get("error") or "The run's process is gone.") + " Resume continues from its last checkpoint.")
 
     x_col, x_title = ("step", "step") if x_axis == "step" else ("time_s", "seconds since the first step")
     t0 = float(steps.wall_time.iloc[0]) if len(steps) else None

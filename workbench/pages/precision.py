@@ -22,7 +22,7 @@ try:
     plan = queries.read_plan(store, run_id)
     history = queries.read_layers(store, run_id, all_steps=True)
 except StoreError as exc:
-    st.error(str(exc))
+    st.error(ui.plain(exc))
     st.stop()
 
 if plan.empty:
@@ -44,7 +44,7 @@ export = (run.get("artifacts") or {}).get("export")
 summary = run.get("summary") or {}
 if export and Path(export).is_file():
     whole = summary.get("compression_vs_fp32_file")
-    st.caption(f"Exported file `{Path(export).name}`: {Path(export).stat().st_size / 2**20:.2f} MiB on disk — the "
+    st.caption(f"Exported file {ui.plain(Path(export).name)}: {Path(export).stat().st_size / 2**20:.2f} MiB on disk — the "
                "whole file: packed codes plus scales, embeddings and head"
                + (f"; compression vs FP32 (whole file) {whole:.2f}×" if whole else "") + ".")
 

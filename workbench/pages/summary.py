@@ -22,12 +22,12 @@ if run_id is None:
 try:
     run = store.get_run(run_id)
 except StoreError as exc:
-    st.error(str(exc))
+    st.error(ui.plain(exc))
     st.stop()
 
 hybrid = headline.is_hybrid(run)
 st.subheader(("Hybrid optimization summary" if hybrid else "Training summary — baseline: AdamW at constant LR"))
-st.markdown(f"**{queries.run_label(run)}** {ui.status_badge(run['status'])} · preset `{run.get('preset')}` · "
+st.markdown(f"**{ui.plain(queries.run_label(run))}** {ui.status_badge(run['status'])} · preset {ui.plain(run.get('preset'))} · "
             f"created {time.strftime('%Y-%m-%d %H:%M', time.localtime(run['created_at']))}")
 summary = run.get("summary") or {}
 if run["status"] != "finished":
@@ -76,13 +76,12 @@ for kind, path_text in sorted(artifacts.items(), key=lambda item: (item[0] != "e
     col1, col2 = st.columns([3, 1])
     if path.is_file():
         size = path.stat().st_size
-        col1.markdown(f"**{kind}** — `{path.name}` ({headline.format_value('export_bytes', size)})")
-        col2.download_button("Download", data=lambda p=path: p.read_bytes(), file_name=path.name,
-                             key=f"summary_download.{kind}", icon=":material/download:")
+        col1.markdown(f"**{ui.plain(kind)}** — {ui.plain(path.name)} ({headline.format_value('export_bytes', size)})")
+        export_panel.download(col2, path, key=f"summary_download.{kind}")
     elif path.is_dir():
-        col1.markdown(f"**{kind}** — folder `{path}`")
+        col1.markdown(f"**{ui.plain(kind)}** — folder {ui.plain(path)}")
     else:
-        col1.markdown(f"**{kind}** — `{path}` (missing on disk)")
+        col1.markdown(f"**{ui.plain(kind)}** — {ui.plain(path)} (missing on disk)")
 
 export_panel.show(run)
 
