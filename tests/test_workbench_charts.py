@@ -278,3 +278,34 @@ def test_parallel_coordinates_axes_categorical_log_and_constant():
     assert list(dims["LR (log)"].ticktext) == ["0.0001", "0.001", "0.01"]
     assert list(dims["kind"].ticktext) == ["baseline", "hybrid"]
     assert list(fig.data[0].line.color) == [5.0, 4.0, 4.5]
+
+
+def test_group_figure_draws_a_band_under_each_groups_line_with_its_count():
+    series = pd.concat([_series(f"r{i}") .assign(smooth=lambda f, i=i: f.smooth + i) for i in range(3)]
+                       + [_series("b0")], ignore_index=True)
+    groups = queries.group_series(series, {"r0": "lr=1e-3", "r1": "lr=1e-3", "r2": "lr=1e-3", "b0": "lr=3e-3"})
+    colors = {"lr=1e-3": "#1f77b4", "lr=3e-3": "#d62728"}
+    fig = charts.group_figure(groups, "Loss", colors=colors, uirevision="g", x_range=(5, 40))
+    _validated(fig)
+    shown = [t for t in fig.data if t.showlegend is not False]
+    assert [t.name for t in shown] == ["lr=1e-3 (n=3)", "lr=3e-3 (n=1)"]
+    assert shown[0].line.color == "#1f77b4" and shown[0].line.width == 2
+    high, low = [t for t in fig.data if t.legendgroup == "lr=1e-3 (n=3)" and t.showlegend is False]
+    assert low.fill == "tonexty" and low.fillcolor == "rgba(31, 119, 180, 0.18)"
+    assert np.all(np.asarray(low.y) <= np.asarray(shown[0].y)) and np.all(np.asarray(shown[0].y) <= np.asarray(high.y))
+    np.testing.assert_allclose(np.asarray(high.y) - np.asarray(low.y), 2.0)       # min–max of +0, +1, +2
+    assert list(fig.layout.xaxis.range) == [5, 40] and fig.layout.uirevision == "g"
+    assert charts.group_figure(pd.DataFrame(), "Loss").layout.annotations[0].text == "no data yet"
+
+
+def test_compare_axes_are_numeric_varying_and_short():
+    frame = pd.DataFrame({"cfg.base_learning_rate": [1e-3, 1e-2], "cfg.use_trust_region": [True, False],
+                          "cfg.use_auxiliary_nn": [True, False], "cfg.max_steps": [100, 100],
+                          "cfg.auxiliary_nn_hidden_size": [16, 64], "cfg.trust_region_mode": ["relative", "absolute"]})
+    dims = charts.config_axes(frame, list(frame.columns), log_if=lambda c: "learning_rate" in c)
+    assert dims == [("cfg.base_learning_rate", "base LR", True), ("cfg.auxiliary_nn_hidden_size", "aux NN hidden s…",
+                                                                     False)]
+    fig = charts.parallel_coordinates(frame.assign(v=[4.0, 5.0]), dims + [("v", "val")], color="v", title=None)
+    go.Figure(fig.to_dict())
+    assert not fig.layout.title.text and [d.label for d in fig.data[0].dimensions] == ["base LR (log)",
+                                                                                        "aux NN hidden s…", "val"]

@@ -94,7 +94,7 @@ def integer_ticks(xs: np.ndarray) -> dict:
 def line_figure(series: pd.DataFrame, title: str, x_title: str = "step", log_y: bool = False,
                 colors: dict[str, str] | None = None, uirevision: str | None = None,
                 labels: dict[str, str] | None = None, height: int = 300, color_by: str = "auto",
-                raw: bool = True, y_title: str | None = None) -> go.Figure:
+                raw: bool = True, y_title: str | None = None, x_range: tuple[float, float] | None = None) -> go.Figure:
     """Curves from chart series (columns run, series, x, raw, smooth — see queries.chart_series).
 
     Each curve is a faint raw line plus a bold smoothed line of the same colour. With one run, curves are
@@ -139,6 +139,8 @@ def line_figure(series: pd.DataFrame, title: str, x_title: str = "step", log_y: 
     xaxis = dict(title=dict(text=x_title), automargin=True)
     if x_title == "step":
         xaxis.update(integer_ticks(pd.to_numeric(series.x, errors="coerce").to_numpy(dtype="float64")))
+    if x_range is not None:          # the page's shared x range: every chart shows the same steps
+        xaxis.update(range=list(x_range), autorange=False)
     # Legend below the plot: plotly's toolbar sits top-right and would cover a legend there.
     legend = dict(orientation="h", yanchor="top", y=-0.3, xanchor="left", x=0.0)
     # The legend takes room below the plot: grow the figure with it, so 20 runs do not squeeze the curves.
@@ -290,14 +292,15 @@ def code_distribution_figure(layers: pd.DataFrame, title: str = "Ternary code di
 
 
 def parallel_coordinates(frame: pd.DataFrame, dims: list[tuple], color: str | None = None,
-                         title: str = "Config vs result", color_title: str | None = None,
+                         title: str | None = "Config vs result", color_title: str | None = None,
                          height: int = 420) -> go.Figure:
     """One line per run (or trial) across axes `dims` [(column, label) or (column, label, log)], coloured by
     `color` (the result). Text and boolean columns become categorical axes (ticks name the values); log axes
     (log-uniform searched rates) are spaced by order of magnitude with ticks in real values; constant or empty
-    columns are left out, since an axis with one value says nothing."""
+    columns are left out, since an axis with one value says nothing. title=None: no title of its own (the page's
+    heading already names it)."""
     if frame is None or frame.empty:
-        return _empty(title, "nothing to show yet")
+        return _empty(title or "", "nothing to show yet")
     dimensions = []
     for dim in dims:
         col, label, log = (*dim, False)[:3]
@@ -329,17 +332,101 @@ def parallel_coordinates(frame: pd.DataFrame, dims: list[tuple], color: str | No
             continue
         dimensions.append(dict(label=label, values=filled.to_numpy(dtype="float64")))
     if not dimensions:
-        return _empty(title, "the selected runs do not differ in these fields")
+        return _empty(title or "", "the selected runs do not differ in these fields")
     line = {}
     if color and color in frame:
         shade = pd.to_numeric(frame[color], errors="coerce")
         if shade.notna().any():
             line = dict(color=shade.fillna(shade.max()).to_numpy(dtype="float64"), colorscale="Viridis_r",
                         showscale=True, colorbar=dict(title=dict(text=color_title or color)))
-    fig = go.Figure(go.Parcoords(dimensions=dimensions, line=line))
-    fig.update_layout(title=dict(text=title, y=0.98, yanchor="top"), height=height,
-                      margin=dict(l=70, r=70, t=110, b=30))
+    fig = go.Figure(go.Parcoords(dimensions=dimensions, line=line, labelangle=0, labelside="top"))
+    if title:
+        fig.update_layout(title=dict(text=title, y=0.98, yanchor="top"), margin=dict(l=70, r=70, t=110, b=30))
+    else:
+        fig.update_layout(margin=dict(l=70, r=70, t=60, b=30))
+    fig.update_layout(height=height)
     return fig
+
+
+def short_axis_title(name: str, width: int = 16) -> str:
+    """A config field as a short axis title: known abbreviations (LR, μ, NN), underscores to spaces, cut to
+    `width` characters, so that neighbouring parallel-coordinate axes do not overlap."""
+    text = name[4:] if name.startswith("cfg.") else name
+    for long, short in (("learning_rate", "LR"), ("auxiliary_nn", "aux NN"), ("trust_radius", "μ"),
+                        ("trust_region", "TR"), ("parameter_", "param "), ("initial_", "init "),
+                        ("_clusters", " clusters"), ("target_", ""), ("max_", "max ")):
+        text = text.replace(long, short)
+    text = text.replace("_", " ").strip()
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def config_axes(frame: pd.DataFrame, columns: list[str], log_if=lambda c: False) -> list[tuple]:
+    """Parallel-coordinate axes for Compare: only numeric (not boolean) config columns whose values vary across
+    the shown runs, with short titles. Booleans are left out: on/off switches of the hybrid's parts repeat the
+    hybrid/baseline split, which gets one axis of its own ("kind")."""
+    dims = []
+    for col in columns:
+        if col not in frame:
+            continue
+        values = frame[col]
+        if values.map(lambda v: isinstance(v, (bool, np.bool_))).any():
+            continue
+        numeric = pd.to_numeric(values, errors="coerce")
+        if numeric.notna().sum() < values.notna().sum() or numeric.nunique(dropna=True) < 2:
+            continue
+        dims.append((col, short_axis_title(col), bool(log_if(col))))
+    return dims
+
+
+def group_figure(groups: pd.DataFrame, title: str, x_title: str = "step", log_y: bool = False,
+                 colors: dict[str, str] | None = None, uirevision: str | None = None, height: int = 300,
+                 y_title: str | None = None, x_range: tuple[float, float] | None = None,
+                 stat: str = "median", band: str = "min–max") -> go.Figure:
+    """One line per group (queries.group_series: group, series, x, center, low, high, n): the median or mean over
+    its runs, bold, over a shaded band (min–max or ± std) of the same colour; the legend says how many runs."""
+    if groups is None or groups.empty:
+        return _empty(title)
+    traces = []
+    names = list(dict.fromkeys(groups.series))
+    for g, group in enumerate(dict.fromkeys(groups.group)):
+        color = (colors or {}).get(group, color_for(g))
+        for s, name in enumerate(names):
+            part = groups[(groups.group == group) & (groups.series == name)]
+            if part.empty:
+                continue
+            runs = int(part.n.max())
+            label = f"{group} (n={runs})" + (f" · {series_name(name)}" if len(names) > 1 else "")
+            x = part.x.to_numpy()
+            traces.append(dict(type="scatter", x=x, y=part.high.to_numpy(), mode="lines", line=dict(width=0),
+                               legendgroup=label, showlegend=False, hoverinfo="skip", name=f"{label} high"))
+            traces.append(dict(type="scatter", x=x, y=part.low.to_numpy(), mode="lines", line=dict(width=0),
+                               fill="tonexty", fillcolor=_rgba(color, 0.18), legendgroup=label, showlegend=False,
+                               hoverinfo="skip", name=f"{label} low"))
+            traces.append(dict(type="scatter", x=x, y=part.center.to_numpy(), name=label, legendgroup=label,
+                               mode="lines+markers" if len(x) <= 30 else "lines",
+                               line=dict(color=color, width=2, dash=SERIES_DASHES[s % len(SERIES_DASHES)]),
+                               customdata=np.stack([part.low.to_numpy(), part.high.to_numpy(), part.n.to_numpy()],
+                                                   axis=1),
+                               hovertemplate=f"{stat} %{{y:.4g}} [%{{customdata[0]:.4g}}, %{{customdata[1]:.4g}}] "
+                                             f"({band}, %{{customdata[2]}} runs)"))
+    yaxis = dict(type="log" if log_y else "linear", title=dict(text=y_title or ""), automargin=True,
+                 exponentformat="power" if log_y else "e")
+    xaxis = dict(title=dict(text=x_title), automargin=True)
+    if x_range is not None:
+        xaxis.update(range=list(x_range), autorange=False)
+    entries = sum(1 for t in traces if t.get("showlegend", True))
+    legend = dict(orientation="h", yanchor="top", y=-0.3, xanchor="left", x=0.0)
+    layout = dict(_LAYOUT, title=dict(text=title), uirevision=uirevision or title,
+                  height=min(height + 22 * entries, 900) if entries > 2 else height, showlegend=True,
+                  xaxis=xaxis, yaxis=yaxis, legend=legend)
+    return go.Figure(data=traces, layout=layout, _validate=False)
+
+
+def _rgba(color: str, alpha: float) -> str:
+    """'#1f77b4' (or 'rgb(…)') -> 'rgba(r, g, b, alpha)' for a band's fill."""
+    from plotly.colors import hex_to_rgb, unlabel_rgb
+    r, g, b = hex_to_rgb(color) if color.startswith("#") else unlabel_rgb(color)
+    return f"rgba({int(r)}, {int(g)}, {int(b)}, {alpha})"
 
 
 def importance_figure(importances: dict[str, float], title: str = "Parameter importance",

@@ -259,15 +259,17 @@ class RunCache:
     status: str | None = None
     reads: int = 0
     columns: tuple[str, ...] = ()
+    memo: dict = field(default_factory=dict)      # run_series results, valid while nothing new was read
 
     def reset(self) -> None:
         self.steps, self.evals, self.logs = pd.DataFrame(), pd.DataFrame(), pd.DataFrame()
         self.last_step, self.last_eval_step, self.last_seq = -1, -1, 0
+        self.memo = {}
 
     def refresh(self, store: RunStore, run: dict, columns: tuple[str, ...] | None = None,
                 log_lines: int = 200) -> int:
         """Read new rows (of `columns` only: the charts on screen; None = all); returns how many step rows were
-        new. Asking for a column not read so far re-reads the run once with it."""
+        new. Asking for a column not read so far re-reads the run once with it. log_lines=0 reads no logs."""
         status = run.get("status")
         if self.status is not None and self.status not in ACTIVE_STATUSES and status in ACTIVE_STATUSES:
             self.reset()
@@ -285,6 +287,8 @@ class RunCache:
         if len(new_evals):
             self.evals = new_evals if self.evals.empty else pd.concat([self.evals, new_evals], ignore_index=True)
             self.last_eval_step = int(new_evals.step.max())
+        if log_lines <= 0:            # Compare: no log lines wanted
+            return len(new_steps)
         # Only the newest `log_lines` lines matter to the view; older new lines are skipped, not queued.
         new_logs = read_logs(store, self.run_id, after_seq=self.last_seq, limit=log_lines, tail=True)
         if len(new_logs):
@@ -292,6 +296,40 @@ class RunCache:
                          if len(self.logs) else new_logs)
             self.last_seq = int(new_logs.seq.iloc[-1])
         return len(new_steps)
+
+
+EVAL_PREFIX = "eval:"     # a metric name "eval:val_loss" is an evaluation key; any other is a step column
+
+
+def step_columns_for(metrics) -> tuple[str, ...]:
+    """Step columns the given metrics need (constraint_rate is derived from constraint_active)."""
+    needed = {"constraint_active" if m == "constraint_rate" else m for m in metrics if not m.startswith(EVAL_PREFIX)}
+    return tuple(c for c in STEP_COLUMNS if c in needed)
+
+
+def run_series(cache: RunCache, metric: str, x: str = "step", smoothing: float = DEFAULT_SMOOTHING,
+               max_points: int = MAX_POINTS) -> pd.DataFrame:
+    """One run's chart series of `metric` from what its RunCache holds (step metric smoothed then downsampled;
+    an evaluation metric as logged), remembered until the cache reads something new — so a live tick recomputes
+    only the runs that moved."""
+    version = (cache.last_step, cache.last_eval_step, len(cache.steps), len(cache.evals), cache.columns)
+    key = (metric, x, smoothing, max_points)
+    hit = cache.memo.get(key)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    steps = cache.steps
+    if metric.startswith(EVAL_PREFIX):
+        t0 = float(steps.wall_time.iloc[0]) if len(steps) and "wall_time" in steps else None
+        out = eval_series(cache.evals, [metric[len(EVAL_PREFIX):]], run=cache.run_id, x=x, t0=t0,
+                          max_points=max_points)
+        out = out.assign(smooth=out.raw)          # evaluations: the logged values, not smoothed
+    else:
+        derived = steps
+        if metric == "constraint_rate" or x == "time_s":
+            derived = with_derived(steps)
+        out = chart_series(derived, metric, x, smoothing, max_points, run=cache.run_id)
+    cache.memo[key] = (version, out)
+    return out
 
 
 # -- run summary, sizes, diffs, exports -----------------------------------------------------------------------------
@@ -341,16 +379,24 @@ def config_diff(runs: dict[str, dict]) -> pd.DataFrame:
 
 
 def metrics_csv(store: RunStore, run_ids: list[str]) -> bytes:
-    """Every step row of the given runs, one CSV (run_id first), for download."""
-    buffer = io.StringIO()
-    header = True
+    """Every step row of the given runs and their evaluations (val_loss, val_ppl, ... as columns on the step they
+    were logged at), one CSV (run_id first), for download. A value that was not logged is an empty cell."""
+    frames, eval_keys = [], set()
     for run_id in run_ids:
-        frame = read_steps(store, run_id)
-        frame.insert(0, "run_id", run_id)
-        frame.to_csv(buffer, index=False, header=header)
-        header = False
-    if header:  # nothing written: still a valid CSV with the header
-        pd.DataFrame(columns=["run_id", "step", "wall_time", *STEP_COLUMNS]).to_csv(buffer, index=False)
+        steps = read_steps(store, run_id)
+        evals = read_evals(store, run_id)
+        if len(evals):
+            wide = evals.pivot_table(index="step", columns="key", values="value", aggfunc="last")
+            eval_keys.update(wide.columns)
+            steps = steps.merge(wide.reset_index(), on="step", how="outer").sort_values("step")
+        steps.insert(0, "run_id", run_id)
+        frames.append(steps)
+    columns = ["run_id", "step", "wall_time", *STEP_COLUMNS, *sorted(eval_keys)]
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    out = out.reindex(columns=columns)
+    out["step"] = pd.to_numeric(out["step"], errors="coerce").astype("Int64")
+    buffer = io.StringIO()
+    out.to_csv(buffer, index=False, na_rep="")
     return buffer.getvalue().encode()
 
 
@@ -378,3 +424,194 @@ def benchmark_reports(root) -> list:
     found = [p for p in sorted(root.iterdir()) if (p / "report.md").is_file()]
     order = {"full": 0, "medium": 1, "quick": 2}
     return sorted(found, key=lambda p: (order.get(p.name, len(order)), p.name))
+
+
+# -- grouping runs (W&B-style bands over seeds / configs / sweeps) --------------------------------------------------
+NO_GROUP = "(none)"
+GROUP_SPECIAL = ("sweep", "tag", "kind", "preset")       # beside every cfg.<field>
+GROUP_STATS = ("median", "mean")
+GROUP_BANDS = ("min–max", "± std")
+GROUP_GRID = 1000      # points per group line: the x grid every run of a group is interpolated onto
+
+
+def group_labels(runs: pd.DataFrame, by: str, kinds: dict[str, str] | None = None) -> dict[str, str]:
+    """run_id -> the label of its group under `by`: "sweep" (its sweep:NAME tag), "tag" (its tags), "kind"
+    (hybrid / baseline, from `kinds`), "preset", or a config field as "cfg.<name>". A run without the value gets
+    "(no sweep)", "(no tag)", "(unset)"."""
+    out: dict[str, str] = {}
+    for row in runs.itertuples(index=False):
+        record = row._asdict()
+        run_id = record["run_id"]
+        if by == "sweep":
+            names = [t.split(":", 1)[1] for t in (record.get("tags") or []) if str(t).startswith("sweep:")]
+            out[run_id] = names[0] if names else "(no sweep)"
+        elif by == "tag":
+            tags = sorted(t for t in (record.get("tags") or []) if not str(t).startswith("sweep:"))
+            out[run_id] = ", ".join(tags) if tags else "(no tag)"
+        elif by == "kind":
+            out[run_id] = (kinds or {}).get(run_id, "—")
+        else:
+            value = runs.loc[runs.run_id == run_id, by].iloc[0] if by in runs.columns else None
+            out[run_id] = "(unset)" if _missing(value) else f"{by[4:] if by.startswith('cfg.') else by} = " \
+                + _short_number(value)
+    return out
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _short_number(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        return str(value)
+    return f"{float(value):.4g}"
+
+
+def group_series(series: pd.DataFrame, groups: dict[str, str], stat: str = "median", band: str = "min–max",
+                 grid_points: int = GROUP_GRID) -> pd.DataFrame:
+    """Per-run chart series (run, series, x, raw, smooth) -> one line per (group, series): columns group, series,
+    x, center, low, high, n (runs with a value at that x).
+
+    Each run's smoothed values are interpolated onto the group's x grid (the union of its runs' x, thinned to
+    `grid_points` when longer), inside that run's own x range only — a run that stopped early does not pretend
+    to go on. center is the median or mean over the runs; the band is their min–max or mean ± std."""
+    if stat not in GROUP_STATS:
+        raise ValueError(f"group statistic {stat!r} is invalid: it must be one of {', '.join(GROUP_STATS)}")
+    if band not in GROUP_BANDS:
+        raise ValueError(f"group band {band!r} is invalid: it must be one of {', '.join(GROUP_BANDS)}")
+    columns = ["group", "series", "x", "center", "low", "high", "n"]
+    if series is None or series.empty:
+        return pd.DataFrame(columns=columns)
+    parts = []
+    frame = series.assign(group=series.run.map(groups).fillna("(other)"))
+    for (group, name), part in frame.groupby(["group", "series"], sort=False):
+        xs = np.unique(part.x.to_numpy(dtype="float64"))
+        if len(xs) > grid_points:
+            xs = np.unique(np.round(np.linspace(xs[0], xs[-1], grid_points), 6))
+        rows = []
+        for _, run_part in part.groupby("run", sort=False):
+            rx = run_part.x.to_numpy(dtype="float64")
+            ry = run_part.smooth.to_numpy(dtype="float64")
+            order = np.argsort(rx, kind="stable")
+            rx, ry = rx[order], ry[order]
+            ok = np.isfinite(ry)
+            rx, ry = rx[ok], ry[ok]
+            values = np.full(len(xs), np.nan)
+            if len(rx):
+                inside = (xs >= rx[0]) & (xs <= rx[-1])
+                values[inside] = np.interp(xs[inside], rx, ry)
+            rows.append(values)
+        matrix = np.vstack(rows)
+        n = np.isfinite(matrix).sum(axis=0)
+        keep = n > 0
+        matrix, xs, n = matrix[:, keep], xs[keep], n[keep]
+        if stat == "median":
+            center = np.nanmedian(matrix, axis=0)
+        else:
+            center = np.nanmean(matrix, axis=0)
+        if band == "min–max":
+            low, high = np.nanmin(matrix, axis=0), np.nanmax(matrix, axis=0)
+        else:
+            spread = np.nanstd(matrix, axis=0)
+            mean = np.nanmean(matrix, axis=0)
+            low, high = mean - spread, mean + spread
+        parts.append(pd.DataFrame({"group": group, "series": name, "x": xs, "center": center, "low": low,
+                                   "high": high, "n": n}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+
+
+def group_table(table: pd.DataFrame, groups: dict[str, str], numeric: list[str], stat: str = "median") -> pd.DataFrame:
+    """The run table with groups as rows: `runs` (count) and the median (or mean) of each numeric column over the
+    group's runs, plus its spread (min–max) for the first one. `table` needs a `run id` column."""
+    frame = table.assign(group=table["run id"].map(groups))
+    agg = frame.groupby("group", sort=True)
+    out = pd.DataFrame({"runs": agg.size()})
+    for col in numeric:
+        if col not in frame:
+            continue
+        values = pd.to_numeric(frame[col], errors="coerce")
+        grouped = values.groupby(frame.group)
+        out[col] = grouped.median() if stat == "median" else grouped.mean()
+    return out.reset_index()
+
+
+# -- run-table query (pandas DataFrame.query) -------------------------------------------------------------------------
+class QueryError(ValueError):
+    """A run-table query that does not parse or names an unknown column (one line for the user)."""
+
+
+def query_frame(runs: pd.DataFrame, kinds: dict[str, str] | None = None) -> pd.DataFrame:
+    """The run list with the names a query uses: config fields and results by their own names (val_loss,
+    base_learning_rate, trust_region_mode), plus name, status, step, preset, kind, tags (text) and run_id. A
+    result that shares a config field's name is `final_<name>`."""
+    out = pd.DataFrame({"run_id": runs.run_id.to_numpy(), "name": runs.name.fillna(runs.run_id).to_numpy(),
+                        "status": runs.status.to_numpy()}, index=runs.index)
+    for col in ("step", "preset"):
+        if col in runs:
+            out[col] = runs[col].to_numpy()
+    out["kind"] = runs.run_id.map(kinds or {}).fillna("—").to_numpy()
+    out["tags"] = runs.tags.apply(lambda t: ", ".join(t or [])).to_numpy() if "tags" in runs else ""
+    for col in runs.columns:
+        if col.startswith("cfg."):
+            out[col[4:]] = runs[col].to_numpy()
+    for col in runs.columns:
+        if col.startswith("final."):
+            key = col[6:]
+            name = key if key not in out.columns else f"final_{key}"
+            out[name] = pd.to_numeric(runs[col], errors="coerce").to_numpy() if runs[col].map(
+                lambda v: v is None or isinstance(v, (int, float))).all() else runs[col].to_numpy()
+    return out
+
+
+_SINGLE_EQUALS = __import__("re").compile(r"(?<![<>=!])=(?!=)")
+
+
+def query_runs(frame: pd.DataFrame, text: str) -> pd.Series:
+    """Boolean mask over `frame` (query_frame's) for a pandas query such as
+    `val_loss < 4.1 and trust_region_mode == "relative"`. A single `=` is read as `==`. Raises QueryError with
+    one line naming the problem and what is allowed."""
+    text = (text or "").strip()
+    if not text:
+        return pd.Series(True, index=frame.index)
+    expression = _SINGLE_EQUALS.sub("==", text)
+    try:
+        result = frame.query(expression, engine="python", local_dict={}, global_dict={})
+    except pd.errors.UndefinedVariableError as exc:
+        name = str(exc).split("'")[1] if "'" in str(exc) else str(exc)
+        raise QueryError(f"query {text!r} is invalid: no column {name!r}; columns are the run's config fields "
+                         "and results, e.g. val_loss, base_learning_rate, trust_region_mode, kind, status, "
+                         "name, tags") from None
+    except Exception as exc:          # a syntax error, a type mismatch ("abc" < 3), ...: one line, no traceback
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise QueryError(f"query {text!r} is invalid ({detail}); write e.g. val_loss < 4.1 and "
+                         "trust_region_mode == \"relative\" (text in quotes; and / or / not)") from None
+    return frame.index.isin(result.index)
+
+
+# -- one number format (headline.VALUE_LABELS) as a table column format -----------------------------------------------
+def column_format(fmt: str) -> tuple[float, str]:
+    """A headline format ("{:.4f}", "{:.1%}", "{:,.0f}", "{:.2f}×", "{:.4g}") -> (scale, printf format) for a
+    sortable numeric table column that reads exactly as Summary prints the number. "{:,.0f}" is (1, "localized")
+    after rounding: the browser adds the thousands separators, and no decimals show ("294", not "294.137")."""
+    import re
+    match = re.fullmatch(r"\{:(,?)\.(\d+)([fg%])\}(.*)", fmt or "")
+    if not match:
+        return 1.0, "%.4g"
+    comma, digits, kind, suffix = match.groups()
+    suffix = suffix.replace("%", "%%")
+    if kind == "%":
+        return 100.0, f"%.{digits}f%%{suffix}"
+    if comma:
+        return 1.0, "localized" if digits == "0" and not suffix else f"%.{digits}f{suffix}"
+    return 1.0, f"%.{digits}{kind}{suffix}"
+
+
+def display_text(value) -> str:
+    """A config or diff cell as text: empty for a missing value (never "None" / "nan"), numbers short."""
+    if _missing(value):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)

@@ -1,5 +1,8 @@
-"""Compare runs: a run table (status, preset, key config, final metrics, editable tags and notes) with selection;
-overlaid curves of the selected runs, one colour per run across charts; config diff; metrics CSV; archive/delete."""
+"""Compare runs: a run table (status, preset, key config, final metrics, editable tags and notes) with a query and
+selection; overlaid curves of the selected runs — one colour per run, or one line per group (median or mean over
+its runs with a min–max or ± std band) — that refresh incrementally while a run trains; parallel coordinates of
+config vs result; config diff; metrics CSV; archive/delete. Chart choice, smoothing, axes and grouping live in
+session state and in the URL, so a comparison can be bookmarked or sent."""
 from __future__ import annotations
 
 import hashlib
@@ -8,10 +11,8 @@ import time
 import pandas as pd
 import streamlit as st
 
-from hybrid_optimization.tracking import STEP_COLUMNS, RunStore, StoreError
-from workbench import charts, queries, ui
-
-from workbench import headline
+from hybrid_optimization.tracking import ACTIVE_STATUSES, STEP_COLUMNS, RunStore, StoreError
+from workbench import charts, headline, queries, ui
 
 # The run table's columns: store column -> what the user reads. Metric columns come from the run's summary (or
 # its latest evaluation while it trains): one definition each (workbench/headline.py).
@@ -21,9 +22,16 @@ KEY_CONFIG = {"cfg.target_bits": "bits", "cfg.base_learning_rate": "base LR", "c
 RESULTS = ("final_loss", "val_loss", "val_ppl", "kl_teacher", "top1_agreement", "tokens_per_s")
 STEP_METRICS = ("loss", "learning_rate", "lr_multiplier", "trust_radius", "constraint_rate", "update_magnitude",
                 "gradient_magnitude", "quantization_error", "flip_rate", "tokens_per_s")
-EVAL_PREFIX = "eval:"
+EVAL_PREFIX = queries.EVAL_PREFIX
 SELECTED = "compare_selected"
+CACHES = "compare_caches"       # run id -> queries.RunCache: what this session has read of each run
 RAW_LINES_UP_TO = 6    # more overlaid runs: smoothed lines only, or the chart becomes a blur (and slow to draw)
+X_AXES = ("step", "wall time")
+ROWS = ("runs", "groups")
+# Widget key -> URL parameter; the URL is written from the widgets on every run and read once per session.
+URL_KEYS = {"compare_metrics": "metrics", "compare_smoothing": "smooth", "compare_x": "x", "compare_group": "group",
+            "compare_stat": "stat", "compare_band": "band", "compare_rows": "rows", "compare_query": "q",
+            "compare_xmin": "xmin", "compare_xmax": "xmax", "compare_logy": "logy"}
 
 ui.page_header("Compare runs")
 store = ui.open_store()
@@ -35,6 +43,54 @@ if all_runs.empty:
     st.info("No runs in this runs root yet. Start one on the **Configure** page.")
     st.stop()
 
+
+def _from_url() -> None:
+    """Restore the view from the URL (a bookmark or a sent link) once per session, or when the link changes."""
+    params = {k: st.query_params.get(k) for k in URL_KEYS.values() if st.query_params.get(k) is not None}
+    signature = repr(sorted(params.items()))
+    if not params or signature == st.session_state.get("_compare_url"):
+        return
+    st.session_state["_compare_url"] = signature
+    state = st.session_state
+    try:
+        if "metrics" in params:
+            state["compare_metrics"] = [m for m in params["metrics"].split(",") if m]
+        if "smooth" in params:
+            state["compare_smoothing"] = min(0.99, max(0.0, float(params["smooth"])))
+        if params.get("x") in X_AXES:
+            state["compare_x"] = params["x"]
+        if "group" in params:
+            state["compare_group"] = params["group"]
+        if params.get("stat") in queries.GROUP_STATS:
+            state["compare_stat"] = params["stat"]
+        if params.get("band") in queries.GROUP_BANDS:
+            state["compare_band"] = params["band"]
+        if params.get("rows") in ROWS:
+            state["compare_rows"] = params["rows"]
+        if "q" in params:
+            state["compare_query"] = params["q"]
+        for key in ("xmin", "xmax"):
+            if key in params:
+                state[f"compare_{key}"] = float(params[key]) if params[key] else None
+        if "logy" in params:
+            state["compare_logy"] = [m for m in params["logy"].split(",") if m]
+    except ValueError:
+        st.caption("Part of this link's view could not be read; the rest is restored.")
+
+
+def _to_url(values: dict) -> None:
+    for key, param in URL_KEYS.items():
+        value = values.get(key)
+        if value is None or value == "" or value == []:
+            st.query_params.pop(param, None)
+        else:
+            st.query_params[param] = ",".join(value) if isinstance(value, list) else str(value)
+    # What this page wrote is not a new link: the next run must not "restore" it over the user's next change.
+    params = {k: st.query_params.get(k) for k in URL_KEYS.values() if st.query_params.get(k) is not None}
+    st.session_state["_compare_url"] = repr(sorted(params.items()))
+
+
+_from_url()
 # Colours follow creation order over all runs, so a run keeps its colour whatever else is selected.
 colors = charts.run_colors(list(all_runs.sort_values("created_at").run_id))
 labels = {row.run_id: queries.run_label(row._asdict()) for row in all_runs.itertuples()}
@@ -43,14 +99,28 @@ linked = [r for r in st.query_params.get("runs", "").split(",") if r in set(all_
 if linked and ",".join(linked) != st.session_state.get("_runs_in_url"):   # ?runs=<id>,<id> links to a comparison
     selected.clear()
     selected.update(linked)
-if not selected:
+if not selected and not st.session_state.get("compare_cleared"):
     selected.update(all_runs.run_id.head(min(2, len(all_runs))))
+
+
+@st.cache_data(max_entries=4096, show_spinner=False)
+def kind_of(_store: RunStore, root: str, run_id: str) -> str:
+    """hybrid or baseline (from the run's options; they never change, so cached for good)."""
+    try:
+        return "hybrid" if headline.is_hybrid(_store.get_run(run_id)) else "baseline"
+    except StoreError:
+        return "—"
+
 
 f1, f2, f3 = st.columns([2, 2, 2])
 name_filter = f1.text_input("Filter by name", key="compare_filter_name", placeholder="part of the name or id")
 all_tags = sorted({t for tags in all_runs.tags for t in (tags or [])})
 tag_filter = f2.multiselect("Tags", all_tags, key="compare_filter_tags")
 status_filter = f3.multiselect("Status", sorted(all_runs.status.unique()), key="compare_filter_status")
+query_text = st.text_input(
+    "Query", key="compare_query", placeholder='e.g. val_loss < 4.1 and trust_region_mode == "relative"',
+    help="A pandas query over the run table: config fields and results by name (val_loss, base_learning_rate, "
+         "trust_region_mode, kind, status, name, tags); text in quotes; and / or / not; = is read as ==.")
 runs = all_runs
 if name_filter.strip():
     needle = name_filter.strip().lower()
@@ -60,36 +130,57 @@ if tag_filter:
     runs = runs[runs.tags.apply(lambda t: bool(set(t or []) & set(tag_filter)))]
 if status_filter:
     runs = runs[runs.status.isin(status_filter)]
-
-
-@st.cache_data(max_entries=512, show_spinner=False)
-def kind_of(_store: RunStore, root: str, run_id: str) -> str:
-    """hybrid or baseline (from the run's options; they never change, so cached for good)."""
+kinds = {r: kind_of(store, str(store.root), r) for r in runs.run_id}
+if query_text.strip():
     try:
-        return "hybrid" if headline.is_hybrid(_store.get_run(run_id)) else "baseline"
-    except StoreError:
-        return "—"
+        runs = runs[queries.query_runs(queries.query_frame(runs, kinds), query_text)]
+    except queries.QueryError as exc:
+        st.error(str(exc), icon=":material/error:")
 
+# -- grouping ---------------------------------------------------------------------------------------------------------
+varying = [c for c in runs.columns if c.startswith("cfg.")
+           and runs[c].map(lambda v: repr(v)).nunique() > 1]
+group_options = [queries.NO_GROUP, *queries.GROUP_SPECIAL, *varying]
+if st.session_state.get("compare_group") not in (None, *group_options):
+    group_options.append(st.session_state["compare_group"])      # from a link: keep it, it may vary again
+g1, g2, g3, g4 = st.columns([2, 1, 1, 1])
+group_by = g1.selectbox("Group runs by", group_options, key="compare_group",
+                        format_func=lambda o: o[4:] if o.startswith("cfg.") else o,
+                        help="One line per group: the median or mean over its runs with a shaded band, the number "
+                             "of runs in the legend (e.g. seeds of one config). Any config field, tag or sweep.")
+stat = g2.radio("Line", queries.GROUP_STATS, key="compare_stat", horizontal=True, disabled=group_by == queries.NO_GROUP)
+band = g3.radio("Band", queries.GROUP_BANDS, key="compare_band", horizontal=True,
+                disabled=group_by == queries.NO_GROUP)
+rows_as = g4.radio("Table rows", ROWS, key="compare_rows", horizontal=True, disabled=group_by == queries.NO_GROUP)
+grouped = group_by != queries.NO_GROUP
+groups = queries.group_labels(runs, group_by, kinds) if grouped else {}
 
-def _number(value):
-    return None if value is None or (isinstance(value, float) and pd.isna(value)) else value
-
-
+# -- the run table ----------------------------------------------------------------------------------------------------
 table = pd.DataFrame({
     "select": runs.run_id.isin(selected),
     "name": runs.name.fillna(runs.run_id),
     "status": runs.status,
-    "kind": [kind_of(store, str(store.root), r) for r in runs.run_id],
+    "kind": [kinds[r] for r in runs.run_id],
     "created": pd.to_datetime(runs.created_at, unit="s"),
     "step": runs.step,
 })
+if grouped:
+    table.insert(1, "group", [groups[r] for r in runs.run_id])
 for col, label in KEY_CONFIG.items():
     if col in runs.columns:
-        table[label] = runs[col].map(_number)
+        values = runs[col]
+        # Numbers stay numbers (sortable); switches and text become text; a missing value is an empty cell.
+        table[label] = (pd.to_numeric(values, errors="coerce") if values.map(
+            lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))).all()
+            else values.map(queries.display_text))
+result_columns = []
 for key in RESULTS:
     col = f"final.{key}"
     if col in runs.columns:
-        table[headline.value_label(key)] = pd.to_numeric(runs[col], errors="coerce")
+        scale, fmt = queries.column_format(headline.VALUE_LABELS[key][1])
+        values = pd.to_numeric(runs[col], errors="coerce") * scale
+        table[headline.value_label(key)] = values.round(0) if fmt == "localized" else values
+        result_columns.append(key)
 table["tags"] = runs.tags.apply(lambda t: ", ".join(t or []))
 table["notes"] = runs.notes.fillna("")
 table["run id"] = runs.run_id
@@ -97,75 +188,81 @@ if "archived" in runs and show_archived:
     table["archived"] = runs.archived
 table = table.reset_index(drop=True)
 
-# The editor's edits are kept by row position; a new key whenever the list of runs changes avoids applying
-# them to the wrong rows.
-signature = hashlib.sha1("|".join(runs.run_id).encode()).hexdigest()[:10]
 column_config = {"select": st.column_config.CheckboxColumn("✓", help="Compare this run", width="small"),
                  "created": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm"),
                  "tags": st.column_config.TextColumn(help="comma-separated; saved to the store"),
                  "notes": st.column_config.TextColumn(help="saved to the store", width="large"),
                  "status": st.column_config.TextColumn(width="small"),
-                 "base LR": st.column_config.NumberColumn(format="%.2e"),
-                 headline.value_label("top1_agreement"): st.column_config.NumberColumn(format="percent"),
-                 headline.value_label("tokens_per_s"): st.column_config.NumberColumn(format="localized")}
-for key in ("final_loss", "val_loss", "kl_teacher"):
-    column_config[headline.value_label(key)] = st.column_config.NumberColumn(format="%.4f")
-column_config[headline.value_label("val_ppl")] = st.column_config.NumberColumn(format="%.2f")
-column_config[headline.value_label("final_loss")] = st.column_config.NumberColumn(
-    format="%.4f", help=headline.FINAL_LOSS_HELP)
-edited = st.data_editor(
-    table, key=f"runs_table.{signature}", hide_index=True, width="stretch",
-    disabled=[c for c in table.columns if c not in ("select", "tags", "notes")], column_config=column_config)
-st.caption(f"{len(runs)} of {len(all_runs)} run(s) shown. Click a column header to sort; "
-           f"“{headline.FINAL_LOSS_LABEL}”: {headline.FINAL_LOSS_HELP[0].lower()}{headline.FINAL_LOSS_HELP[1:]} "
-           "Tags and notes are saved as you edit them.")
-visible = set(runs.run_id)
-selected.difference_update(visible)
-selected.update(edited.loc[edited["select"], "run id"])
-for before, after in zip(table.itertuples(), edited.itertuples()):
-    try:
-        if after.tags != before.tags:
-            store.set_tags(table.at[before.Index, "run id"], [t for t in after.tags.split(",")])
-        if after.notes != before.notes:
-            store.set_notes(table.at[before.Index, "run id"], after.notes)
-    except StoreError as exc:
-        st.error(str(exc))
+                 "base LR": st.column_config.NumberColumn(format="%.3g")}
+for key in result_columns:      # one format per number: Summary's (headline.VALUE_LABELS)
+    column_config[headline.value_label(key)] = st.column_config.NumberColumn(
+        format=queries.column_format(headline.VALUE_LABELS[key][1])[1],
+        help=headline.FINAL_LOSS_HELP if key == "final_loss" else None)
+
+s1, s2, _ = st.columns([1, 1, 4])
+if s1.button("Select all shown", key="compare_select_all", icon=":material/select_all:"):
+    selected.update(runs.run_id)
+    st.rerun()
+if s2.button("Clear selection", key="compare_select_none", icon=":material/deselect:"):
+    selected.clear()
+    st.session_state["compare_cleared"] = True      # not the "newest two" fallback of a first visit
+    st.rerun()
+if grouped and rows_as == "groups":
+    numeric = [headline.value_label(k) for k in result_columns]
+    shown_groups = queries.group_table(table, groups, numeric, stat)
+    st.dataframe(shown_groups, hide_index=True, width="stretch", key="compare_groups_table",
+                 column_config={k: v for k, v in column_config.items() if k in shown_groups.columns})
+    st.caption(f"{len(shown_groups)} group(s) of {len(runs)} run(s); each number is the {stat} over the group's "
+               "runs. Switch the table rows to *runs* to change the selection.")
+    edited = table
+else:
+    # The editor's edits are kept by row position; a new key whenever the list of runs changes avoids applying
+    # them to the wrong rows.
+    signature = hashlib.sha1("|".join(runs.run_id).encode()).hexdigest()[:10]
+    edited = st.data_editor(
+        table, key=f"runs_table.{signature}", hide_index=True, width="stretch",
+        disabled=[c for c in table.columns if c not in ("select", "tags", "notes")], column_config=column_config)
+    st.caption(f"{len(runs)} of {len(all_runs)} run(s) shown. Click a column header to sort; "
+               f"“{headline.FINAL_LOSS_LABEL}”: {headline.FINAL_LOSS_HELP[0].lower()}{headline.FINAL_LOSS_HELP[1:]} "
+               "Tags and notes are saved as you edit them.")
+    selected.difference_update(set(runs.run_id))
+    selected.update(edited.loc[edited["select"], "run id"])
+    for before, after in zip(table.itertuples(), edited.itertuples()):
+        try:
+            if after.tags != before.tags:
+                store.set_tags(table.at[before.Index, "run id"], [t for t in after.tags.split(",")])
+            if after.notes != before.notes:
+                store.set_notes(table.at[before.Index, "run id"], after.notes)
+        except StoreError as exc:
+            st.error(str(exc))
 chosen = [r for r in runs.run_id if r in selected]      # what the filters show is what is compared
+if chosen:
+    st.session_state.pop("compare_cleared", None)
 # The URL names the comparison, so it can be bookmarked or sent.
 st.query_params["runs"] = ",".join(chosen)
 st.session_state["_runs_in_url"] = ",".join(chosen)
-st.caption(f"{len(chosen)} run(s) selected.")
-if not chosen:
-    st.stop()
+st.caption(f"{len(chosen)} run(s) selected" + (f" in {len(set(groups[r] for r in chosen))} group(s)." if grouped
+                                                else "."))
 info = all_runs.set_index("run_id")
 
-
-@st.cache_data(max_entries=256, show_spinner=False)
-def series_of(_store: RunStore, root: str, run_id: str, last_step: int | None, status: str, metrics: tuple[str, ...],
-              x: str, smoothing: float, max_points: int) -> dict[str, pd.DataFrame]:
-    """One run's downsampled series of every chosen metric (step metrics from one read, evaluation metrics from
-    another); cached until the run logs a new step (a finished run: for good). `root`, `last_step` and `status`
-    are part of the cache key."""
-    step_metrics = [m for m in metrics if not m.startswith(EVAL_PREFIX)]
-    columns = sorted({"constraint_active" if m == "constraint_rate" else m for m in step_metrics})
-    steps = queries.with_derived(queries.read_steps(_store, run_id, columns=columns))
-    out = {m: queries.chart_series(steps, m, x, smoothing, max_points, run=run_id) for m in step_metrics}
-    eval_keys = [m[len(EVAL_PREFIX):] for m in metrics if m.startswith(EVAL_PREFIX)]
-    if eval_keys:
-        evals = queries.read_evals(_store, run_id)
-        t0 = float(steps.wall_time.iloc[0]) if len(steps) else None
-        for key in eval_keys:
-            out[EVAL_PREFIX + key] = queries.eval_series(evals, [key], run=run_id, x=x, t0=t0)
-    return out
+# -- curves -------------------------------------------------------------------------------------------------------------
+caches: dict[str, queries.RunCache] = st.session_state.setdefault(CACHES, {})
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
-def eval_keys_of(_store: RunStore, root: str, run_ids: tuple[str, ...], marks: tuple) -> list[str]:
-    keys: set[str] = set()
+def refresh(run_ids: list[str], columns: tuple[str, ...], runs_now: dict[str, dict], live: bool = True) -> int:
+    """Bring each run's cache up to date, reading only rows newer than its step cursor; a finished run whose
+    cache is complete is not read at all, and live=False leaves running runs to the refreshing fragment.
+    Returns how many runs were read."""
+    read = 0
     for run_id in run_ids:
-        evals = queries.read_evals(_store, run_id)
-        keys.update(evals.key.unique() if len(evals) else [])
-    return sorted(keys)
+        run = runs_now[run_id]
+        cache = caches.setdefault(run_id, queries.RunCache(run_id))
+        needs = (cache.reads == 0 or (live and run.get("status") in ACTIVE_STATUSES)
+                 or (live and cache.status != run.get("status")) or not set(columns) <= set(cache.columns))
+        if needs:
+            cache.refresh(store, run, columns=columns, log_lines=0)
+            read += 1
+    return read
 
 
 def _metric_label(metric: str) -> str:
@@ -173,83 +270,138 @@ def _metric_label(metric: str) -> str:
     return charts.series_name(key)
 
 
-eval_keys = eval_keys_of(store, str(store.root), tuple(chosen),
-                         tuple(str(info.at[r, "step"]) + info.at[r, "status"] for r in chosen))
-named_evals = [k for k in eval_keys if not k.startswith("val_loss_cluster_")]
-options = [*(EVAL_PREFIX + k for k in named_evals), *STEP_METRICS,
-           *(EVAL_PREFIX + k for k in eval_keys if k.startswith("val_loss_cluster_"))]
-default_metrics = [m for m in (EVAL_PREFIX + "val_loss", "loss") if m in options]
-c1, c2, c3 = st.columns([3, 1.5, 1])
-if any(m not in options for m in st.session_state.get("compare_metrics", [])):
-    st.session_state["compare_metrics"] = [m for m in st.session_state["compare_metrics"] if m in options]
-metrics = c1.multiselect("Curves (any logged metric; evaluation metrics first)", options, default=default_metrics,
-                         key="compare_metrics", format_func=_metric_label)
-smoothing = c2.slider("Smoothing (EMA)", 0.0, 0.99, queries.DEFAULT_SMOOTHING, 0.01, key="compare_smoothing",
-                      help="Applies to per-step metrics; evaluation points are drawn as logged.")
-x_axis = c3.radio("x axis", ("step", "wall time"), horizontal=True, key="compare_x")
-# Many runs share a chart's drawing budget, so the browser stays responsive; never more than MAX_POINTS.
-max_points = max(500, min(queries.MAX_POINTS, 20_000 // max(1, len(chosen))))
-show_raw = len(chosen) <= RAW_LINES_UP_TO
-st.caption(f"At most {max_points:,} points per series here (min/max per bucket; fewer when many runs are "
-           "overlaid); smoothing uses every point."
-           + ("" if show_raw else f" Faint raw lines are drawn for up to {RAW_LINES_UP_TO} runs."))
-x_col, x_title = ("step", "step") if x_axis == "step" else ("time_s", "seconds since the run's first step")
-started = time.perf_counter()
-per_run = {r: series_of(store, str(store.root), r, None if pd.isna(info.at[r, "step"]) else int(info.at[r, "step"]),
-                        info.at[r, "status"], tuple(metrics), x_col,
-                        smoothing, max_points) for r in chosen}
-grid = st.columns(2)
-for i, metric in enumerate(metrics):
-    parts = [per_run[r][metric] for r in chosen if not per_run[r][metric].empty]
-    series = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-    if metric.startswith(EVAL_PREFIX) and not series.empty:
-        series = series.assign(smooth=series.raw)        # evaluations: the logged values, not smoothed
-    title = _metric_label(metric)
-    with grid[i % 2]:
-        log_y = st.toggle("log y", key=f"compare_logy.{metric}")
-        st.plotly_chart(charts.line_figure(series, title[0].upper() + title[1:], x_title=x_title, log_y=log_y,
-                                           colors=colors, labels=labels, y_title=title,
-                                           uirevision=f"compare:{metric}:{x_col}:{log_y}", color_by="run",
-                                           raw=show_raw),
-                        key=f"compare_chart.{metric}", config={"displaylogo": False})
-st.caption(f"curves of {len(chosen)} run(s) prepared in {time.perf_counter() - started:.2f} s")
+if chosen:
+    st.subheader("Curves")
+    base_runs = {r: {"status": info.at[r, "status"], "step": info.at[r, "step"]} for r in chosen}
+    refresh(chosen, queries.step_columns_for(st.session_state.get("compare_metrics") or ["loss"]), base_runs,
+            live=False)
+    eval_keys = sorted({k for r in chosen for k in (caches[r].evals.key.unique() if len(caches[r].evals) else [])})
+    named_evals = [k for k in eval_keys if not k.startswith("val_loss_cluster_")]
+    options = [*(EVAL_PREFIX + k for k in named_evals), *STEP_METRICS,
+               *(EVAL_PREFIX + k for k in eval_keys if k.startswith("val_loss_cluster_"))]
+    default_metrics = [m for m in (EVAL_PREFIX + "val_loss", "loss") if m in options]
+    # Widget values live in session state (set here, from the URL or by the user), never as widget defaults too.
+    state = st.session_state
+    state["compare_metrics"] = [m for m in state.get("compare_metrics", default_metrics) if m in options]
+    state.setdefault("compare_smoothing", queries.DEFAULT_SMOOTHING)
+    state["compare_logy"] = [m for m in state.get("compare_logy", []) if m in state["compare_metrics"]]
+    c1, c2, c3 = st.columns([3, 1.5, 1])
+    metrics = c1.multiselect("Curves (any logged metric; evaluation metrics first)", options,
+                             key="compare_metrics", format_func=_metric_label)
+    smoothing = c2.slider("Smoothing (EMA)", 0.0, 0.99, step=0.01, key="compare_smoothing",
+                          help="Applies to per-step metrics; evaluation points are drawn as logged.")
+    x_axis = c3.radio("x axis", X_AXES, horizontal=True, key="compare_x")
+    r1, r2, r3 = st.columns([1, 1, 3])
+    x_min = r1.number_input("x from", value=None, key="compare_xmin", placeholder="auto",
+                            help="One x range for every chart on this page (empty: all).")
+    x_max = r2.number_input("x to", value=None, key="compare_xmax", placeholder="auto")
+    log_y_metrics = r3.multiselect("log y", metrics, key="compare_logy", format_func=_metric_label)
+    x_range = None
+    if x_min is not None or x_max is not None:
+        x_range = (x_min, x_max)
+        if x_min is not None and x_max is not None and x_min >= x_max:
+            st.error(f"x range {x_min:g}–{x_max:g} is invalid: “x from” must be below “x to”.")
+            x_range = None
+    _to_url({"compare_metrics": metrics, "compare_smoothing": smoothing, "compare_x": x_axis,
+             "compare_group": None if group_by == queries.NO_GROUP else group_by, "compare_stat": stat,
+             "compare_band": band, "compare_rows": rows_as, "compare_query": query_text.strip(),
+             "compare_xmin": x_min, "compare_xmax": x_max, "compare_logy": log_y_metrics})
+    # Many runs share a chart's drawing budget, so the browser stays responsive; never more than MAX_POINTS.
+    max_points = max(500, min(queries.MAX_POINTS, 20_000 // max(1, len(chosen))))
+    show_raw = len(chosen) <= RAW_LINES_UP_TO and not grouped
+    x_col, x_title = ("step", "step") if x_axis == "step" else ("time_s", "seconds since the run's first step")
+    active = [r for r in chosen if info.at[r, "status"] in ACTIVE_STATUSES]
+    st.caption(f"At most {max_points:,} points per series here (min/max per bucket; fewer when many runs are "
+               "overlaid); smoothing uses every point."
+               + ("" if show_raw or grouped else f" Faint raw lines are drawn for up to {RAW_LINES_UP_TO} runs.")
+               + (f" {len(active)} run(s) training: refreshed every {queries.DEFAULT_REFRESH_S} s, reading only "
+                  "their new rows." if active else ""))
+    group_colors = {g: charts.color_for(i) for i, g in enumerate(sorted(set(groups.values())))} if grouped else {}
 
-st.subheader("Config vs result")
-if len(chosen) < 2:
-    st.caption("Select two or more runs to see how their configs relate to their results.")
-else:
-    frame = info.loc[chosen].copy()
-    frame["kind"] = [kind_of(store, str(store.root), r) for r in chosen]
-    config_cols = [c for c in frame.columns if c.startswith("cfg.")]
-    dims = [("kind", "kind")] + [(c, c[4:], "learning_rate" in c or "radius" in c) for c in config_cols]
-    result = "final.val_loss" if "final.val_loss" in frame else "final.final_loss"
-    dims += [(f"final.{k}", headline.value_label(k)) for k in RESULTS if f"final.{k}" in frame]
-    st.plotly_chart(charts.parallel_coordinates(frame.reset_index(), dims, color=result,
-                                                color_title=headline.value_label(result[6:])),
-                    key="compare_parcoords", config={"displaylogo": False})
-    st.caption("One line per run; only fields that differ get an axis. Drag along an axis to filter.")
+    @st.fragment(run_every=queries.DEFAULT_REFRESH_S if active else None)
+    def curves() -> None:
+        started = time.perf_counter()
+        runs_now = dict(base_runs)
+        still_active = []
+        for run_id in active:        # the runs that train: their status and step now (one row each)
+            try:
+                run = store.get_run(run_id)
+            except StoreError:
+                continue
+            runs_now[run_id] = run
+            if run.get("status") in ACTIVE_STATUSES:
+                still_active.append(run_id)
+        read = refresh(chosen, queries.step_columns_for(metrics), runs_now)
+        grid = st.columns(2)
+        for i, metric in enumerate(metrics):
+            parts = [queries.run_series(caches[r], metric, x_col, smoothing, max_points) for r in chosen]
+            parts = [p for p in parts if not p.empty]
+            series = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+            title = _metric_label(metric)
+            log_y = metric in log_y_metrics
+            if grouped:
+                fig = charts.group_figure(queries.group_series(series, groups, stat, band),
+                                          title[0].upper() + title[1:], x_title=x_title, log_y=log_y,
+                                          colors=group_colors, y_title=title, x_range=x_range, stat=stat, band=band,
+                                          uirevision=f"compare:{metric}:{x_col}:{log_y}:{group_by}")
+            else:
+                fig = charts.line_figure(series, title[0].upper() + title[1:], x_title=x_title, log_y=log_y,
+                                         colors=colors, labels=labels, y_title=title, x_range=x_range,
+                                         uirevision=f"compare:{metric}:{x_col}:{log_y}", color_by="run",
+                                         raw=show_raw)
+            with grid[i % 2]:
+                st.plotly_chart(fig, key=f"compare_chart.{metric}", config={"displaylogo": False})
+        elapsed = time.perf_counter() - started
+        st.session_state["compare_tick"] = {"seconds": elapsed, "runs_read": read, "runs": len(chosen)}
+        st.caption(f"curves of {len(chosen)} run(s) prepared in {elapsed:.2f} s ({read} run(s) read"
+                   + (", new rows only" if active else "") + ")")
+        if active and not still_active:      # every run finished: one full rerun stops the timer
+            st.rerun()
 
-st.subheader("Config diff")
-# From the run table's cfg.* columns: no extra query per run.
-details = {labels[r]: {"preset": info.at[r, "preset"],
-                       "config": {c[4:]: info.at[r, c] for c in info.columns if c.startswith("cfg.")
-                                  and not (isinstance(info.at[r, c], float) and pd.isna(info.at[r, c]))}}
-           for r in chosen}
-diff = queries.config_diff(details)
-if len(details) < 2:
-    st.caption("Select two or more runs to see what differs; the selected run's config:")
-    st.dataframe(diff.astype(str), width="stretch")
-elif diff.empty:
-    st.success("The selected runs have identical configs and presets.")
-else:
-    st.dataframe(diff.astype(str), width="stretch")
+    curves()
+
+    st.subheader("Config vs result")
+    if len(chosen) < 2:
+        st.caption("Select two or more runs to see how their configs relate to their results.")
+    else:
+        frame = info.loc[chosen].copy()
+        frame["kind"] = [kinds.get(r, kind_of(store, str(store.root), r)) for r in chosen]
+        config_cols = [c for c in frame.columns if c.startswith("cfg.")]
+        result = "final.val_loss" if "final.val_loss" in frame else "final.final_loss"
+        dims = [("kind", "kind")] + charts.config_axes(frame, config_cols,
+                                                       log_if=lambda c: "learning_rate" in c or "radius" in c)
+        dims.append((result, headline.value_label(result[6:])))
+        st.plotly_chart(charts.parallel_coordinates(frame.reset_index(), dims, color=result, title=None,
+                                                    color_title=headline.value_label(result[6:])),
+                        key="compare_parcoords", config={"displaylogo": False})
+        st.caption("One line per run: the hybrid/baseline split, the numeric config fields that differ between the "
+                   "selected runs, and the result. Drag along an axis to filter.")
+
+    st.subheader("Config diff")
+    # From the run table's cfg.* columns: no extra query per run.
+    details = {labels[r]: {"preset": info.at[r, "preset"],
+                           "config": {c[4:]: info.at[r, c] for c in info.columns if c.startswith("cfg.")
+                                      and not queries._missing(info.at[r, c])}}
+               for r in chosen}
+    diff = queries.config_diff(details).map(queries.display_text)
+    if len(details) < 2:
+        st.caption("Select two or more runs to see what differs; the selected run's config:")
+        st.dataframe(diff, width="stretch")
+    elif diff.empty:
+        st.success("The selected runs have identical configs and presets.")
+    else:
+        st.dataframe(diff, width="stretch")
 
 st.subheader("Export and housekeeping")
+if not chosen:
+    st.caption("Select runs in the table to export, archive or delete them.")
+    st.stop()
 d1, d2, d3 = st.columns(3)
 d1.download_button("Download metrics CSV", data=lambda: queries.metrics_csv(store, chosen),
                    file_name=f"metrics-{len(chosen)}-runs.csv", mime="text/csv", icon=":material/download:",
-                   key="compare_csv", help=f"Every logged step of the selected run(s); columns: run_id, step, "
-                                           f"wall_time, {', '.join(STEP_COLUMNS)}")
+                   key="compare_csv", help=f"Every logged step of the selected run(s) and their evaluations; "
+                                           f"columns: run_id, step, wall_time, {', '.join(STEP_COLUMNS)}, then "
+                                           "val_loss, val_ppl, … (empty where not logged)")
 archive_label = "Unarchive selected" if show_archived and info.loc[chosen, "archived"].all() else "Archive selected"
 if d2.button(archive_label, key="compare_archive", icon=":material/archive:"):
     for r in chosen:
@@ -264,6 +416,7 @@ if d3.button("Delete selected", key="compare_delete", icon=":material/delete:", 
             store.delete_run(r)
         except StoreError as exc:
             problems.append(str(exc))
+        caches.pop(r, None)
     selected.clear()
     st.session_state.pop("compare_confirm_delete", None)
     if problems:

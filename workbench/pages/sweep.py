@@ -1,7 +1,9 @@
 """Sweep: search the hybrid config with Optuna (TPE sampler, median pruner on the runs' evaluations). Choose the
 fields and their ranges, the number of trials, the objective and the parallel workers; every trial is an ordinary
-run (tagged `sweep:<name>`) that every other page shows. Results: the trials, parallel coordinates, parameter
-importance and the best trial's config, which "Launch with this config" puts into the Configure form."""
+run (tagged `sweep:<name>`) that every other page shows. Results (`/sweep?sweep=NAME`): Optuna's own figures —
+history with the best so far, intermediate values, parallel coordinates, slice, contour, importance — the trials and
+the best trial, whose config and options "Launch with this config" puts into the Configure form. A sweep started
+here shows a running panel (trials n/N) until it ends."""
 from __future__ import annotations
 
 import re
@@ -12,7 +14,7 @@ import streamlit as st
 
 from hybrid_optimization import sweep as core
 from hybrid_optimization.tracking import RunStore, StoreError
-from workbench import charts, config_form, headline, sweeps, ui
+from workbench import config_form, sweeps, ui
 
 ui.page_header("Sweep", "Optuna searches the config for you: TPE picks each trial's values from the trials so far, "
                         "the median pruner stops trials whose validation loss trails the others at the same step.")
@@ -32,15 +34,40 @@ except Exception as exc:            # an unreachable database: say which and why
 # Results first once there is a sweep to show (and right after starting one).
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
-def importances(storage: str, name: str, n_complete: int) -> dict[str, float]:
-    """fANOVA importances: seconds of CPU, so computed once per number of completed trials, not every refresh."""
-    return sweeps.importances(sweeps.load(storage, name))
+linked = st.query_params.get("sweep")        # ?sweep=NAME links to a sweep's results
+if linked in names and linked != st.session_state.get("_sweep_in_url"):
+    st.session_state["sweep_selected"] = linked
+running = st.session_state.get("sweep_running")
+if running:
+    # Started from this page: a panel that stays (unlike a toast) with trials n/N and a link; it refreshes while
+    # the sweep's process lives and then says "finished" until dismissed.
+    @st.fragment(run_every=2 if sweeps.process_info(root, running).get("alive") else None)
+    def running_panel() -> None:
+        info = sweeps.process_info(root, running)
+        try:
+            frame = sweeps.trials_frame(sweeps.load(storage, running)) if running in sweeps.list_sweeps(storage) \
+                else pd.DataFrame(columns=["state"])
+        except Exception as exc:            # the storage went away: say so, keep the panel
+            frame = pd.DataFrame(columns=["state"])
+            st.caption(f"cannot read the study: {exc}")
+        done, total = sweeps.progress(info, frame)
+        with st.container(border=True, key="sweep_running_panel"):
+            alive = info.get("alive")
+            badge = ":blue-badge[running]" if alive else ":green-badge[finished]"
+            st.markdown(f"{badge} **Sweep {running}**: trials {done}/{total if total else '?'} · "
+                        f"[link to this sweep](/sweep?sweep={running})")
+            if total:
+                st.progress(min(1.0, done / total), text=f"{done}/{total} trials over")
+            if not alive and st.button("Dismiss", key="sweep_dismiss"):
+                st.session_state.pop("sweep_running", None)
+                st.rerun()
+        if not alive and st.session_state.get("_sweep_was_alive"):
+            st.session_state["_sweep_was_alive"] = False
+            st.rerun()                      # a full rerun: stops this timer, enables Start again
+        st.session_state["_sweep_was_alive"] = bool(alive)
 
-
+    running_panel()
 new_tab, results_tab = st.tabs(["New sweep", "Results"], default="Results" if names else "New sweep")
-if "sweep_started" in st.session_state:   # a sweep was just started: show its results
-    st.toast(f"Sweep {st.session_state.pop('sweep_started')} started in the background.")
 
 with new_tab:
     c1, c2, c3, c4 = st.columns(4)
@@ -96,8 +123,11 @@ with new_tab:
             st.error(f"{field_name}: {message}", icon=":material/error:")
             errors[field_name] = message
     fixed = [] if hybrid else ["hybrid=false"]
+    running_here = sweeps.process_info(root, name.strip()).get("alive", False) if name.strip() else False
     if st.button("Start sweep", type="primary", key="sweep_start", icon=":material/play_arrow:",
-                 disabled=bool(errors) or not chosen):
+                 disabled=bool(errors) or not chosen or running_here,
+                 help=f"Sweep {name.strip()} is running: stop it (Results tab) or wait, or give a new name."
+                 if running_here else None):
         try:
             sweeps.start(root, name.strip(), int(trials), params, objective, target, preset, int(max_steps),
                          int(eval_every), int(workers), pruning, fixed, storage_text.strip() or None)
@@ -105,7 +135,7 @@ with new_tab:
             st.error(f"Not started: {exc}")
         else:
             st.session_state["sweep_selected"] = name.strip()
-            st.session_state["sweep_started"] = name.strip()
+            st.session_state["sweep_running"] = name.strip()
             st.rerun()
     st.caption("The sweep runs as `python -m hybrid_optimization.sweep` in the background (it survives this page); "
                "its trials appear on every other page as runs tagged `sweep:<name>`.")
@@ -131,7 +161,15 @@ with results_tab:
             st.session_state["sweep_pick"] = wanted
         picked = st.selectbox("Sweep", names, key="sweep_pick")
         st.session_state["sweep_selected"] = picked
+        st.query_params["sweep"] = picked          # the sweep's own URL: bookmark it, send it
+        st.session_state["_sweep_in_url"] = picked
         process = sweeps.process_info(root, picked)
+
+        @st.cache_data(max_entries=64, show_spinner=False)
+        def figure_of(storage: str, name: str, kind: str, signature: tuple, objective_label: str):
+            """Optuna's figure, rebuilt only when the trials changed (signature: trials per state, reported
+            intermediate values)."""
+            return sweeps.figure(sweeps.load(storage, name), kind, objective_label)
 
         @st.fragment(run_every=2 if process.get("alive") else None)
         def results() -> None:
@@ -150,29 +188,46 @@ with results_tab:
             if spec is not None:
                 st.caption(f"Objective: {core.OBJECTIVE_LABELS[spec.objective]} (minimised) · search space: "
                            + "; ".join(f"`{p.spec()}`" for p in spec.params)
-                           + f" · {spec.max_steps} steps per trial, preset {spec.preset}")
+                           + f" · {spec.max_steps} steps per trial, evaluated every {spec.eval_every} epoch(s), "
+                             f"preset {spec.preset} · link: [/sweep?sweep={picked}](/sweep?sweep={picked})")
             if frame.empty:
                 st.caption("No trial yet: the first one is setting up.")
                 return
             param_cols = [c for c in frame.columns if c.startswith("p.")]
             objective_label = core.OBJECTIVE_LABELS[spec.objective] if spec else "value"
-            done = frame[frame.state == "complete"]
-            if len(done) >= 1:
-                logs = {p.name for p in spec.params if p.log} if spec else set()
-                dims = [(c, c[2:], c[2:] in logs) for c in param_cols] + [("value", objective_label)]
-                left, right = st.columns([3, 2])
-                left.plotly_chart(charts.parallel_coordinates(done, dims, color="value", color_title=objective_label,
-                                                              title="Parallel coordinates (completed trials)"),
-                                  key="sweep_parcoords", config={"displaylogo": False})
-                right.plotly_chart(charts.importance_figure(importances(storage, picked, len(done))), key="sweep_importance",
-                                   config={"displaylogo": False})
+            reported = sum(len(t.intermediate_values) for t in study.get_trials(deepcopy=False))
+            signature = (tuple(sorted(counts.items())), reported, len(frame))
+
+            def draw(kind: str, where) -> None:
+                fig, why = figure_of(storage, picked, kind, signature, objective_label)
+                with where:
+                    if fig is None:
+                        st.caption(f"{kind}: {why}.")
+                    else:
+                        st.plotly_chart(fig, key=f"sweep_fig.{kind}", config={"displaylogo": False})
+
+            left, right = st.columns(2)
+            draw("history", left)
+            draw("intermediate values", right)
+            more = st.segmented_control("More of Optuna's plots", sweeps.FIGURES[2:], key="sweep_more",
+                                        default="importance")
+            if more:
+                draw(more, st.container())
+                done = int(counts.get("complete", 0))
+                if more == "importance" and done < sweeps.RELIABLE_IMPORTANCE_TRIALS:
+                    st.warning(f"Only {done} completed trial(s): parameter importance is unreliable under "
+                               f"{sweeps.RELIABLE_IMPORTANCE_TRIALS} (it ranks noise). Run more trials before "
+                               "trusting it.", icon=":material/warning:")
             _best_panel(study, objective_label)
             shown = frame.rename(columns={c: c[2:] for c in param_cols})
             shown["open"] = [f"/live?run={r}" if r else None for r in frame.run_id]
-            st.dataframe(shown, hide_index=True, width="stretch",
-                         column_config={"value": st.column_config.NumberColumn(objective_label, format="%.4f"),
-                                        "seconds": st.column_config.NumberColumn(format="%.0f"),
-                                        "open": st.column_config.LinkColumn("run", display_text="open run")})
+            config = {"value": st.column_config.NumberColumn(objective_label, format="%.4f"),
+                      "seconds": st.column_config.NumberColumn(format="%.0f"),
+                      "open": st.column_config.LinkColumn("run", display_text="open run")}
+            for col in param_cols:     # searched values: the one format of this page (3 significant digits)
+                if pd.api.types.is_float_dtype(frame[col]):
+                    config[col[2:]] = st.column_config.NumberColumn(format="%.3g")
+            st.dataframe(shown, hide_index=True, width="stretch", column_config=config)
             tail = sweeps.log_tail(root, picked)
             if tail:
                 with st.expander("Sweep output"):
@@ -190,22 +245,20 @@ with results_tab:
                 cols[0].metric(objective_label, f"{trial.value:.4f}")
                 cols[1].metric("Trial", f"#{trial.number}")
                 cols[2].markdown(f"run [`{run_id}`](/live?run={run_id}) · "
-                                 + ", ".join(f"`{k}` = {config_form.format_number(v)}" for k, v in trial.params.items()))
+                                 + ", ".join(f"`{k}` = {sweeps.format_param(v)}" for k, v in trial.params.items()))
                 try:
-                    run = RunStore(root, create=False).get_run(run_id)
+                    store = RunStore(root, create=False)
+                    run = store.get_run(run_id)
                 except StoreError:
                     st.caption("Its run is in another machine's run store (a shared-storage sweep).")
                     return
-                config = run.get("config") or {}
-                options = (run.get("args") or {}).get("options") or {}
+                load = sweeps.launch_values(run, store, name=f"{study.study_name}-best")
                 with st.expander("Its config"):
-                    st.json(config, expanded=False)
+                    st.json(load["config"], expanded=False)
                 if st.button("Launch with this config", key="sweep_launch_best", icon=":material/rocket_launch:",
-                             help="Opens Configure & launch with this config and these options filled in."):
-                    st.session_state["configure_load"] = {
-                        "config": config, "options": {"hybrid": bool(options.get("hybrid", True)),
-                                                      "preset": options.get("preset") or run.get("preset") or "tiny",
-                                                      "run_name": f"{study.study_name}-best"}}
+                             help="Opens Configure & launch with this trial's config and options (its evaluation "
+                                  "cadence included) filled in."):
+                    st.session_state["configure_load"] = load
                     st.switch_page(ui.PAGES["configure"])
 
         results()

@@ -1,0 +1,251 @@
+"""Compare (workbench/pages/compare.py) under AppTest, and the grouping / query / CSV / format helpers it uses
+(workbench/queries.py), against run stores filled through the real RunWriter API."""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from hybrid_optimization.tracking import RunStore
+from tests.fixtures.workbench_runs import write_synthetic_run
+from workbench import queries
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+LR_A, LR_B = 1e-3, 3e-3
+
+
+@pytest.fixture
+def runs_root() -> Path:
+    return Path(os.environ["HYBRID_RUNS_ROOT"])
+
+
+@pytest.fixture
+def seeds(runs_root):
+    """Five seeds at one learning rate, three at another (the grouping a user wants: mean over seeds)."""
+    store = RunStore(runs_root)
+    ids = {LR_A: [], LR_B: []}
+    for i in range(8):
+        lr = LR_A if i < 5 else LR_B
+        ids[lr].append(write_synthetic_run(store, 100, seed=i, name=f"seed-{i}", eval_every=20, n_samples=8,
+                                           config={"base_learning_rate": lr, "seed": i}))
+    return store, ids
+
+
+def _open(at: AppTest | None = None, **params) -> AppTest:
+    at = at or AppTest.from_file(APP, default_timeout=60)
+    for key, value in params.items():
+        at.query_params[key] = value
+    at.run()
+    at.switch_page("workbench/pages/compare.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _decode(value):
+    import base64
+    if isinstance(value, dict) and "bdata" in value:
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).tolist()
+    return value
+
+
+def _figures(at: AppTest) -> dict[str, dict]:
+    out = {}
+    for chart in at.get("plotly_chart"):
+        fig = json.loads(chart.proto.spec)
+        for trace in fig["data"]:
+            for key in ("x", "y"):
+                if key in trace:
+                    trace[key] = _decode(trace[key])
+        title = (fig["layout"].get("title") or {}).get("text") or fig["data"][0]["type"] if fig["data"] else "empty"
+        out[title] = fig
+    return out
+
+
+def _val_loss_by_step(store: RunStore, run_id: str) -> dict[int, float]:
+    evals = queries.read_evals(store, run_id)
+    rows = evals[evals.key == "val_loss"]
+    return dict(zip(rows.step.astype(int), rows.value))
+
+
+def test_grouping_draws_one_median_line_with_a_min_max_band_per_group(seeds):
+    store, ids = seeds
+    at = _open(runs=",".join(ids[LR_A] + ids[LR_B]), group="cfg.base_learning_rate")
+    assert at.selectbox(key="compare_group").value == "cfg.base_learning_rate"
+    val = _figures(at)["Validation loss (quantized)"]
+    lines = {t["name"]: t for t in val["data"] if t.get("showlegend", True) is not False}
+    assert set(lines) == {"base_learning_rate = 0.001 (n=5)", "base_learning_rate = 0.003 (n=3)"}
+    per_run = [_val_loss_by_step(store, r) for r in ids[LR_A]]
+    steps = sorted(per_run[0])
+    line = lines["base_learning_rate = 0.001 (n=5)"]
+    assert line["x"] == steps
+    np.testing.assert_allclose(line["y"], [np.median([r[s] for r in per_run]) for s in steps])
+    band = [t for t in val["data"] if t.get("legendgroup") == line["name"] and t is not line]
+    low = next(t for t in band if t.get("fill") == "tonexty")
+    high = next(t for t in band if t.get("fill") != "tonexty")
+    np.testing.assert_allclose(low["y"], [min(r[s] for r in per_run) for s in steps])
+    np.testing.assert_allclose(high["y"], [max(r[s] for r in per_run) for s in steps])
+    # Mean ± std instead; the training loss (a step metric) is grouped too.
+    at.radio(key="compare_stat").set_value("mean").run()
+    at.radio(key="compare_band").set_value("± std").run()
+    figures = _figures(at)
+    line = next(t for t in figures["Validation loss (quantized)"]["data"] if t["name"].endswith("(n=5)"))
+    np.testing.assert_allclose(line["y"], [np.mean([r[s] for r in per_run]) for s in steps])
+    assert {t["name"] for t in figures["Training loss"]["data"] if t.get("showlegend", True) is not False} == set(lines)
+    assert at.query_params["stat"] == ["mean"] or at.query_params["stat"] == "mean"
+
+
+def test_groups_as_table_rows_and_grouping_by_tag_and_kind(seeds, runs_root):
+    store, ids = seeds
+    at = _open(runs=",".join(ids[LR_A] + ids[LR_B]), group="cfg.base_learning_rate", rows="groups")
+    table = at.dataframe[0].value.set_index("group")
+    assert table.loc["base_learning_rate = 0.001", "runs"] == 5 and table.loc["base_learning_rate = 0.003", "runs"] == 3
+    finals = [store.get_run(r)["summary"]["val_loss"] for r in ids[LR_B]]
+    assert table.loc["base_learning_rate = 0.003", "Validation loss"] == pytest.approx(np.median(finals))
+    for run_id in ids[LR_B]:
+        store.set_tags(run_id, ["fast"])
+    at = _open(runs=",".join(ids[LR_A] + ids[LR_B]), group="tag")
+    names = {t["name"] for t in _figures(at)["Training loss"]["data"] if t.get("showlegend", True) is not False}
+    assert names == {"fast (n=3)", "(no tag) (n=5)"}
+    at.selectbox(key="compare_group").set_value("kind").run()
+    names = {t["name"] for t in _figures(at)["Training loss"]["data"] if t.get("showlegend", True) is not False}
+    assert names == {"hybrid (n=8)"}
+
+
+def test_live_tick_reads_only_new_rows_of_the_running_runs(runs_root, monkeypatch):
+    store = RunStore(runs_root)
+    finished = [write_synthetic_run(store, 50, seed=i, name=f"done-{i}", n_samples=4) for i in range(3)]
+    live = store.create_run({}, {}, "tiny", name="live", total_steps=10_000)
+    writer = store.writer(live)
+    writer.set_status("running")
+    writer.set_pid(os.getpid())
+    for step in range(1, 41):
+        writer.log_step(step, loss=3.0 / step)
+    writer.flush()
+    reads = []
+    original = RunStore.read_steps
+
+    def counting(self, run_id, after_step=-1, **kwargs):
+        reads.append((run_id, after_step))
+        return original(self, run_id, after_step=after_step, **kwargs)
+
+    monkeypatch.setattr(RunStore, "read_steps", counting)
+    at = _open(runs=",".join([live, *finished]), metrics="loss")
+    assert sorted(r for r, after in reads if after == -1) == sorted([live, *finished])     # each read once in full
+    assert all(after == 40 for r, after in reads if after != -1)
+    assert "refreshed every" in " ".join(str(c.value) for c in at.caption)
+    for step in range(41, 61):
+        writer.log_step(step, loss=3.0 / step)
+    writer.flush()
+    reads.clear()
+    at.run()                                   # the tick (AppTest never fires timers: run again)
+    assert reads == [(live, 40)]               # only the running run, only rows after its cursor
+    assert at.session_state["compare_tick"]["runs_read"] == 1
+    loss = _figures(at)["Training loss"]
+    live_line = next(t for t in loss["data"] if t["name"].startswith("live"))
+    assert live_line["x"][-1] == 60
+    writer.set_status("finished")
+    writer.close()
+    reads.clear()
+    at.run()
+    at.run()
+    assert reads.count((live, 60)) <= 1        # finished: read once more for its status, then not at all
+    assert "refreshed every" not in " ".join(str(c.value) for c in at.caption)
+
+
+def test_view_persists_in_the_url_and_x_range_is_shared(seeds):
+    store, ids = seeds
+    chosen = ids[LR_A][:2]
+    at = _open(runs=",".join(chosen), metrics="eval:val_loss,loss,lr_multiplier", smooth="0.3", x="step",
+               xmin="10", xmax="60", logy="loss")
+    assert at.multiselect(key="compare_metrics").value == ["eval:val_loss", "loss", "lr_multiplier"]
+    assert at.slider(key="compare_smoothing").value == pytest.approx(0.3)
+    figures = _figures(at)
+    ranges = [f["layout"]["xaxis"].get("range") for title, f in figures.items() if f["data"][0]["type"] == "scatter"]
+    assert len(ranges) == 3 and all(r == [10, 60] for r in ranges)
+    assert figures["Training loss"]["layout"]["yaxis"]["type"] == "log"
+    at.slider(key="compare_smoothing").set_value(0.8).run()
+    at.radio(key="compare_x").set_value("wall time").run()
+    params = {k: (v[0] if isinstance(v, list) else v) for k, v in at.query_params.items()}
+    assert params["smooth"] == "0.8" and params["x"] == "wall time" and params["xmin"] == "10.0"
+    assert params["metrics"] == "eval:val_loss,loss,lr_multiplier"
+    # A bookmark of that URL restores the same view in a fresh session.
+    again = _open(**params)
+    assert again.slider(key="compare_smoothing").value == pytest.approx(0.8)
+    assert again.radio(key="compare_x").value == "wall time"
+
+
+def test_run_table_query_filters_and_a_bad_query_is_one_clear_line(seeds):
+    store, ids = seeds
+    at = _open()
+    at.button(key="compare_select_all").click().run()
+    at.text_input(key="compare_query").input("base_learning_rate > 0.002 and kind = 'hybrid'").run()
+    assert not at.error
+    table = at.dataframe[0].value
+    assert sorted(table["run id"]) == sorted(ids[LR_B])
+    at.text_input(key="compare_query").input("val_los < 4").run()
+    (error,) = at.error
+    assert "no column 'val_los'" in error.value and "\n" not in error.value
+    at.text_input(key="compare_query").input("val_loss <").run()
+    (error,) = at.error
+    assert error.value.startswith("query 'val_loss <' is invalid") and "\n" not in error.value
+
+
+def test_parallel_coordinates_are_readable(runs_root):
+    store = RunStore(runs_root)
+    ids = [write_synthetic_run(store, 40, seed=i, name=f"r{i}", n_samples=4, hybrid=i > 0,
+                               config={"base_learning_rate": 10.0 ** -(2 + i), "data_clusters": 2 + i})
+           for i in range(3)]
+    at = _open(runs=",".join(ids))
+    parcoords = next(f for f in _figures(at).values() if f["data"] and f["data"][0]["type"] == "parcoords")
+    labels = [d["label"] for d in parcoords["data"][0]["dimensions"]]
+    assert labels == ["kind", "data clusters", "base LR (log)", "Validation loss"]   # no booleans
+    assert not (parcoords["layout"].get("title") or {}).get("text")      # the page heading names it once
+    assert all(len(label) <= 16 for label in labels)
+
+
+def test_csv_has_validation_metrics_and_empty_cells_and_table_formats(seeds):
+    store, ids = seeds
+    run_id = ids[LR_A][0]
+    frame = pd.read_csv(io.BytesIO(queries.metrics_csv(store, [run_id])), keep_default_na=False)
+    assert {"val_loss", "val_ppl", "kl_teacher", "top1_agreement"} <= set(frame.columns)
+    assert frame.loc[frame.step == 20, "val_loss"].item() != "" and frame.loc[frame.step == 21, "val_loss"].item() == ""
+    text = queries.metrics_csv(store, [run_id]).decode()
+    assert "None" not in text and "nan" not in text.lower()
+    # One format per number: Summary's (headline.VALUE_LABELS) as the table's column format.
+    assert queries.column_format("{:,.0f}") == (1.0, "localized")
+    assert queries.column_format("{:.4f}") == (1.0, "%.4f")
+    assert queries.column_format("{:.1%}") == (100.0, "%.1f%%")
+    assert queries.column_format("{:.2f}×") == (1.0, "%.2f×")
+    assert queries.display_text(None) == "" and queries.display_text(float("nan")) == ""
+    assert queries.display_text(0.000325789) == "0.0003258"
+    with store.writer(run_id) as writer:       # Summary prints 294 for this; the table must not show 294.137
+        writer.set_summary({**store.get_run(run_id)["summary"], "tokens_per_s": 294.137, "top1_agreement": 0.4567})
+    at = _open(runs=",".join(ids[LR_A][:2]))
+    table = at.dataframe[0].value.set_index("run id")
+    assert table.at[run_id, "Tokens/s (whole run)"] == 294.0
+    assert table.at[run_id, "Top-1 agreement"] == pytest.approx(45.67)      # shown as "%.1f%%": 45.7%
+    diff = at.dataframe[-1].value
+    assert "None" not in diff.to_string()
+
+
+def test_group_series_median_band_and_runs_of_different_lengths():
+    short = pd.DataFrame({"run": "a", "series": "loss", "x": [1, 2, 3], "raw": 0.0, "smooth": [3.0, 2.0, 1.0]})
+    long = pd.DataFrame({"run": "b", "series": "loss", "x": [1, 2, 3, 4], "raw": 0.0, "smooth": [5.0, 4.0, 3.0, 2.0]})
+    third = pd.DataFrame({"run": "c", "series": "loss", "x": [1, 3], "raw": 0.0, "smooth": [1.0, 3.0]})
+    series = pd.concat([short, long, third], ignore_index=True)
+    out = queries.group_series(series, {"a": "g", "b": "g", "c": "g"})
+    assert out.x.tolist() == [1, 2, 3, 4] and out.n.tolist() == [3, 3, 3, 1]
+    assert out.center.tolist() == [3.0, 2.0, 3.0, 2.0]          # c interpolated at x=2: 2.0
+    assert out.low.tolist() == [1.0, 2.0, 1.0, 2.0] and out.high.tolist() == [5.0, 4.0, 3.0, 2.0]
+    std = queries.group_series(series, {"a": "g", "b": "g", "c": "h"}, stat="mean", band="± std")
+    g = std[std.group == "g"]
+    assert g.center.iloc[0] == pytest.approx(4.0) and g.high.iloc[0] == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="group statistic 'max' is invalid"):
+        queries.group_series(series, {}, stat="max")
