@@ -2,15 +2,20 @@
 the CLI whose trials are ordinary runs in the run store, tagged with the sweep."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from hybrid_optimization import sweep
+from hybrid_optimization import launch, sweep
+from hybrid_optimization.distill.options import TrainOptions
 from hybrid_optimization.tracking import RunStore
 from workbench import queries
 
@@ -66,17 +71,197 @@ def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env=dict(os.environ))
 
 
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]          # nobody listens once the socket is closed
+
+
+def _files(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+FILES = {"notes.txt": b"not a database\n", "random.bin": bytes(range(256)) * 32,
+         "damaged.db": b"SQLite format 3\x00" + b"\xff" * 8000}
+
+
 @pytest.mark.parametrize("args, words", [
     (["--param", "base_learning_rate=1e-2:1e-4"], "LOW < HIGH"),
     (["--objective", "fastest"], "--objective 'fastest' is invalid"),
     (["--objective", "steps_to_target"], "needs --target"),
     (["--set", "warp=9"], "--set 'warp=9' is invalid"),
+    (["--set", "lr=0.1"], "set it as base_learning_rate"),
+    (["--set", "alpha=0.2", "--set", "alpha=0.3"], "--set alpha is given twice"),
+    # the storage URL: not a URL, not SQLite, a missing folder, servers on a closed port, a damaged file
+    (["--storage", "not a url"], "is not a database URL"),
+    (["--storage", "sqlite:///{dir}/notes.txt"], "is not an SQLite database"),
+    (["--storage", "sqlite:///{dir}/random.bin"], "is not an SQLite database"),
+    (["--storage", "sqlite:///{dir}/no/such/folder/sweeps.db"], "does not exist"),
+    (["--storage", "sqlite:///{dir}/damaged.db"], "is damaged"),
+    (["--storage", "sqlite:///:memory:"], "in-memory"),
+    (["--storage", "postgresql://u:secret@127.0.0.1:{port}/optuna"], "cannot reach the postgresql server"),
+    (["--storage", "mysql://u:secret@127.0.0.1:{port}/optuna"], "cannot reach the mysql server"),
+    (["--storage", "oracle://u:p@host/db"], "not supported"),
+    # the sampler seed, the counts, the name
+    (["--seed", "-1"], "--seed -1 is invalid"),
+    (["--seed", str(2 ** 40)], f"--seed {2 ** 40} is invalid"),
+    (["--trials", "0"], "--trials 0 is invalid"),
+    (["--workers", "1000"], "--workers 1000 is invalid"),
+    # both ends of every range and every choice, against the CLI's own bounds
+    (["--param", "initial_trust_radius=0.5:1000"], "at its high end"),
+    (["--param", "target_bits=1.58,3,5,7"], "target_bits = 3.0 is invalid"),
+    (["--param", "batch_size=70000:80000"], "batch_size = 70000 is invalid"),
+    (["--param", "batch_size=8:70000"], "at its high end"),
+    (["--param", "alpha=0:2"], "--alpha 2.0 is invalid"),
+    (["--param", "seq_len=2:64"], "at its low end"),
+    (["--param", "optimizer=adamw,bogus"], "--optimizer 'bogus' is invalid"),
+    (["--param", "base_learning_rate=1e-4:1e-2", "--param", "base_learning_rate=1e-3:1e-1"], "given twice"),
+    (["--param", "lr=1e-4:1e-2"], "search it as base_learning_rate"),
+    # the base options the trainer would refuse
+    (["--preset", "bogus"], "--preset 'bogus' is invalid"),
+    (["--max_steps", "20000000"], "max_steps = 20000000 is invalid"),
+    (["--eval_every", "0"], "--eval_every 0 is invalid"),
+    (["--set", "seq_len=100000"], "--seq_len 100000 is invalid"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_and_starts_nothing(tmp_path, args, words):
-    done = _cli("--name", "bad", "--trials", "1", "--runs_root", str(tmp_path), *args, timeout=120)
+    runs_root, files = tmp_path / "runs", tmp_path / "files"
+    runs_root.mkdir()
+    files.mkdir()
+    for name, data in FILES.items():
+        (files / name).write_bytes(data)
+    before = _files(tmp_path)
+    args = [a.format(dir=files, port=_closed_port()) for a in args]
+    started = time.monotonic()
+    done = _cli("--name", "bad", "--trials", "1", "--runs_root", str(runs_root), *args, timeout=120)
     assert done.returncode == 2, done.stderr
     assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
-    assert not (tmp_path / "runs.db").exists() and not (tmp_path / sweep.STORAGE_NAME).exists()
+    assert "secret" not in done.stderr                                   # a password is never printed
+    assert _files(tmp_path) == before and not any(runs_root.iterdir())  # nothing written, nothing started
+    assert time.monotonic() - started < 30                              # answered, not hung (~2 s when idle)
+
+
+def test_the_search_space_comes_from_the_options_and_config_fields():
+    fields = sweep.searchable_fields()
+    # config fields, pipeline options, and options added later (optimizer, schedule, warmup_steps) by themselves
+    for name in ("base_learning_rate", "initial_trust_radius", "target_bits", "alpha", "hybrid", "optimizer",
+                 "schedule", "warmup_steps"):
+        assert name in fields, name
+    assert fields["warmup_steps"] is int and fields["use_trust_region"] is bool and fields["alpha"] is float
+    # what the sweep sets itself, and options that are a config field under another name, are not searchable
+    for name in ("max_steps", "run_id", "runs_root", "resume", "lr", "param_clusters", "bits", "export"):
+        assert name not in fields, name
+
+
+def test_a_trial_is_one_options_document_of_the_base_options_and_its_values(tmp_path):
+    spec = sweep.SweepSpec(name="doc", params=[sweep.parse_param("initial_trust_radius=1e-3:1:log"),
+                                               sweep.parse_param("alpha=0.1:0.9"),
+                                               sweep.parse_param("target_bits=1,1.58,2")],
+                           base_config={"batch_size": 8}, base_options={"hybrid": True, "seq_len": 32},
+                           max_steps=12)
+    spec.validate()
+    options = spec.trial_options({"initial_trust_radius": 0.05, "alpha": 0.3, "target_bits": 2.0},
+                                 run_id="r1", runs_root=tmp_path, run_name="doc-0")
+    path = launch.write_options(options, tmp_path)
+    document = json.loads(path.read_text())
+    assert document["hybrid_config"]["initial_trust_radius"] == 0.05 and document["hybrid_config"]["batch_size"] == 8
+    assert (document["alpha"], document["seq_len"], document["max_steps"], document["hybrid"]) == (0.3, 32, 12, True)
+    assert (document["qat"], document["bits"], document["batch_size"], document["lr"]) == (True, 2.0, 8, 0.001)
+    assert document["tags"] == ["sweep:doc"] and document["run_id"] == "r1" and document["quiet"] is True
+    back = TrainOptions.from_dict(document)                        # what the CLI reads back
+    assert back.errors() == {}
+    config = back.hybrid_training_config()
+    assert (config.initial_trust_radius, config.target_bits, config.batch_size) == (0.05, 2.0, 8)
+    assert [p.name for p in tmp_path.iterdir()] == ["options.json"]      # atomic: no temporary file left
+
+
+def test_joining_a_sweep_with_another_objective_target_or_max_steps_is_refused_by_name(tmp_path):
+    spec = sweep.SweepSpec(name="join", params=[sweep.parse_param("base_learning_rate=1e-4:1e-2:log")],
+                           objective="steps_to_target", target=4.0, max_steps=30)
+    sweep.open_study(spec, sweep.default_storage(tmp_path), "join", log=lambda m: None)
+    before = _files(tmp_path)
+    for args, words in ((["--objective", "final_val_loss"], "--objective final_val_loss differs"),
+                        (["--objective", "steps_to_target", "--target", "3.5"], "--target 3.5 differs"),
+                        (["--max_steps", "50"], "--max_steps 50 differs"),
+                        (["--param", "initial_trust_radius=1e-3:1"], "another search space")):
+        done = _cli("--name", "join", "--trials", "1", "--runs_root", str(tmp_path), *args, timeout=120)
+        assert done.returncode == 2 and words in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert _files(tmp_path) == before
+    stored = sweep.stored_spec(sweep.default_storage(tmp_path), "join")
+    same = sweep.SweepSpec(**{**vars(stored)})
+    assert sweep.join_conflicts(stored, same, {"objective", "target", "max_steps", "param"}) is None
+    assert sweep.join_conflicts(stored, sweep.SweepSpec(name="join", params=[]), set()) is None   # by name only
+
+
+def test_a_failing_trial_prints_the_trainers_own_error_line(tmp_path, monkeypatch, capsys):
+    said = "error: --data /x/chats.jsonl: the file is binary (mostly NUL bytes)"
+    trainer = f"import sys; print('loading', file=sys.stderr); print({said!r}, file=sys.stderr); sys.exit(2)"
+    monkeypatch.setattr(sweep.launch, "cli_argv", lambda path, *a, **kw: [sys.executable, "-c", trainer])
+    code = sweep.main(["--name", "fails", "--trials", "2", "--runs_root", str(tmp_path), "--param",
+                       "base_learning_rate=1e-4:1e-2:log", "--max_steps", "5"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert sum(f"failed: run " in line and line.endswith(said) for line in out.splitlines()) == 2, out
+    assert err.strip() == f"sweep fails: no trial completed; the last failure: {said}"
+    store = RunStore(tmp_path, create=False)
+    runs = [store.get_run(r["run_id"]) for r in store.list_runs()]
+    assert len(runs) == 2 and {(r["status"], r["error"]) for r in runs} == {("failed", said)}
+
+
+def test_spawn_writes_one_options_file_and_starts_the_cli_on_it_in_its_own_process_group(tmp_path):
+    script = tmp_path / "cli.py"
+    script.write_text("import os, sys; print(sys.argv[1:], os.getpgrp() == os.getpid()); print('said', file=sys.stderr)")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = launch.spawn({"run_id": "r", "alpha": 0.25}, run_dir, script=script)
+    assert proc.wait(60) == 0
+    assert json.loads((run_dir / "options.json").read_text()) == {"run_id": "r", "alpha": 0.25}
+    assert (run_dir / "stdout.log").read_text().strip() == f"['--options={run_dir / 'options.json'}'] True"
+    assert (run_dir / "stderr.log").read_text().strip() == "said"
+
+
+PARENT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from hybrid_optimization import launch
+    child = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN if sys.argv[1] == 'ignore' "
+             "else signal.SIG_DFL); time.sleep(600)")
+    proc = launch.start([sys.executable, "-c", "import sys\n" + child, sys.argv[1]], Path(sys.argv[2]),
+                        die_with_parent=True, grace_s=1.0)
+    print(proc.pid, flush=True)
+    time.sleep(600)
+""")
+
+
+def _group_alive(pgid: int) -> bool:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the death signal is Linux's prctl")
+@pytest.mark.parametrize("child", ["honours-sigterm", "ignore"])
+def test_a_die_with_parent_child_ends_when_its_parent_is_killed_9(tmp_path, child):
+    """kill -9 of the parent (a sweep): its child ends at once, or after the grace period when it ignores SIGTERM."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, child, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    group = int(parent.stdout.readline())
+    time.sleep(0.5)
+    assert _group_alive(group)
+    parent.kill()
+    parent.wait()
+    killed = time.monotonic()
+    while _group_alive(group) and time.monotonic() - killed < 20:
+        time.sleep(0.1)
+    assert not _group_alive(group), "the child outlived its parent"
+    print(f"{child}: gone {time.monotonic() - killed:.1f} s after kill -9 of its parent")
 
 
 @pytest.mark.slow     # two real tiny trainings: ~1 min on 2 idle cores (most of it process start and setup)
@@ -110,8 +295,7 @@ def test_median_pruner_stops_a_trailing_trial_through_the_store(tmp_path, monkey
     import optuna
 
     fake = REPO / "tests" / "fixtures" / "fake_trainer.py"
-    monkeypatch.setattr(sweep, "trial_argv", lambda config_path, options, spec, config, run_id, runs_root, **kw:
-                        [sys.executable, str(fake), run_id, str(runs_root), str(config_path)])
+    monkeypatch.setattr(sweep.launch, "cli_argv", lambda path, *a, **kw: [sys.executable, str(fake), f"--options={path}"])
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     spec = sweep.SweepSpec(name="prune", params=[sweep.parse_param("base_learning_rate=1e-4:1e-1:log")],
                            max_steps=30)
