@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 from hybrid_optimization.config import HybridTrainingConfig, field_error
 from hybrid_optimization.tracking import RunStore
 from tests.fixtures.workbench_runs import write_synthetic_run
-from workbench import config_form, launcher, presets, queries
+from workbench import config_form, headline, launcher, presets, queries
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 PAGES = ("configure", "live", "clusters", "precision", "compare", "summary")
@@ -242,7 +242,7 @@ def test_clusters_and_precision_pages_show_the_run(filled):
     assert not at.exception and len(at.get("plotly_chart")) == 4
     _open(at, "precision")
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Compression vs FP32 (linear layers)"].endswith("×") and metrics["Average bits (linear layers)"] != "—"
+    assert metrics[headline.PLANNED_COMPRESSION_LABEL].endswith("×") and metrics[headline.PLANNED_BITS_LABEL] != "—"
     assert len(at.get("plotly_chart")) == 6
 
 
@@ -337,11 +337,11 @@ def test_every_page_with_baseline_hybrid_and_mixed_stores(kind, runs_root):
         else:
             assert block.startswith("HYBRID OPTIMIZATION SUMMARY") and "Final Trust Radius" in block
         metrics = {m.label: m.value for m in at.metric}
-        assert metrics["Tokens/s (whole run)"] == "1,500"          # the summary's number, as on every page
+        assert metrics[headline.TOKENS_LABEL] == "1,500"          # the summary's number, as on every page
         _open(at, "live")
         options = at.multiselect(key=f"live_charts.{run_kind}").options
         assert ("Trust radius" in options) == (run_kind == "hybrid")
-        assert {m.label: m.value for m in at.metric}["Tokens/s (whole run)"] == "1,500"
+        assert {m.label: m.value for m in at.metric}[headline.TOKENS_LABEL] == "1,500"
 
 
 def test_constant_learning_rate_is_drawn_at_its_value(runs_root):
@@ -564,3 +564,98 @@ def test_run_names_tags_and_errors_are_shown_literally_on_every_page(runs_root, 
     at.text_input(key="cfg.base_learning_rate").input("![w](http://host/s.png)").run()
     errors = _texts(at.error)
     assert any(plain("![w](http://host/s.png)") in e for e in errors) and not any("![w](" in e for e in errors)
+
+
+def test_one_number_per_label_on_precision_summary_and_live(runs_root):
+    """Planned bits (codes only) and stored bits (codes + scales) are two numbers with two labels; each label shows
+    the same value in the same format on every page. Elapsed says it includes setup; clusters say when a run did not
+    cluster; a per-cluster chart has its y title."""
+    store = RunStore(runs_root)
+    hybrid = write_synthetic_run(store, 60, "finished", name="hybrid", seed=0)
+    baseline = write_synthetic_run(store, 60, "finished", name="baseline", seed=1, hybrid=False)
+    summary = {**store.get_run(hybrid)["summary"], "linear_bits_per_weight": 1.5873, "compression_vs_fp32_linear":
+               32 / 1.5873, "avg_bits": 1.548}
+    with store.writer(hybrid) as w:
+        w.set_summary(summary)
+    at = _app().run()
+    at.session_state["selected_run"] = hybrid
+    _open(at, "precision")
+    precision = {m.label: m.value for m in at.metric}
+    assert precision[headline.STORED_BITS_LABEL] == "1.59" and precision[headline.STORED_COMPRESSION_LABEL] == "20.2×"
+    assert precision[headline.PLANNED_BITS_LABEL] != precision[headline.STORED_BITS_LABEL]   # two meanings, two labels
+    _open(at, "summary")
+    table = at.dataframe[0].value["value"]
+    assert table[headline.STORED_BITS_LABEL] == "1.59" and table[headline.STORED_COMPRESSION_LABEL] == "20.2×"
+    assert table[headline.PLANNED_BITS_LABEL] == headline.format_value("avg_bits", 1.548)
+    _open(at, "live")
+    assert headline.ELAPSED_LABEL in {m.label for m in at.metric}
+    _open(at, "clusters")
+    figures = {_figure(c)["layout"]["title"]["text"]: _figure(c) for c in at.get("plotly_chart")}
+    assert figures["Validation loss per cluster"]["layout"]["yaxis"]["title"]["text"] == "loss (nats/token)"
+    assert not any("did not cluster" in i.value for i in at.info)
+    at.selectbox(key="clusters_run").set_value(baseline).run()
+    assert any("did not cluster its data" in i.value for i in at.info)
+    assert "Batches supplied per cluster" not in {_figure(c)["layout"]["title"]["text"] for c in at.get("plotly_chart")}
+    assert not any("Balanced sampling" in c.value for c in at.caption)
+
+
+def test_format_cell_leaves_empty_cells_empty():
+    assert headline.format_cell("val_loss", None) == "" and headline.format_cell("val_loss", float("nan")) == ""
+    assert headline.format_cell("tokens_per_s", 294.137) == "294" == headline.format_value("tokens_per_s", 294.137)
+
+
+def test_live_y_titles_follow_the_trust_region_mode_and_fit(runs_root):
+    store = RunStore(runs_root)
+    relative = write_synthetic_run(store, 60, "finished", name="rel", seed=0, config={"trust_region_mode": "relative"})
+    absolute = write_synthetic_run(store, 60, "finished", name="abs", seed=1)
+    at = _app().run()
+    titles = {}
+    at.session_state["selected_run"] = relative
+    at.session_state["live_charts.hybrid"] = ["Trust radius", "Tokens/s"]
+    _open(at, "live")
+    for run_id in (relative, absolute):
+        at.selectbox(key="live_run").set_value(run_id).run()
+        assert not at.exception
+        titles[run_id] = {_figure(c)["layout"]["title"]["text"]: _figure(c)["layout"]["yaxis"]["title"]["text"]
+                          for c in at.get("plotly_chart")}
+    assert titles[relative]["Trust radius"].startswith("μ (fraction of ‖W‖₂")
+    assert titles[absolute]["Trust radius"] == "μ (L2 norm)"
+    # Charts of another section sit in their own tab, built only when it is open (lazy tabs).
+    assert "Tokens/s" not in titles[absolute] and [t.label for t in at.tabs] == ["Training (1)", "Gradients & speed (1)"]
+    at.multiselect(key="live_charts.hybrid").set_value(["Tokens/s"]).run()
+    tokens = next(_figure(c) for c in at.get("plotly_chart") if _figure(c)["layout"]["title"]["text"] == "Tokens/s")
+    # A 300 px chart's vertical title longer than ~20 characters ran into the chart title.
+    assert len(tokens["layout"]["yaxis"]["title"]["text"]) <= 20
+
+
+def test_live_draws_each_setup_stage_with_its_progress_and_eta(runs_root):
+    """The first launch: the store's setup stages (the trainer's RunWriter.stage) drawn as bars with n/N and an
+    ETA — the tiny teacher's training steps, then the teacher logits — and refreshed on the next tick."""
+    store = RunStore(runs_root)
+    run_id = store.create_run(HybridTrainingConfig().to_dict(), {"argv": ["--hybrid"]}, "tiny", name="first",
+                              status="queued", total_steps=100)
+    writer = store.writer(run_id)
+    writer.set_pid(os.getpid())
+    writer.set_status("running")
+    writer.stage("data")
+    writer.stage("data", ended=True)
+    writer.stage("teacher")
+    writer.flush()
+    time.sleep(0.2)
+    writer.stage("teacher", done=50, total=200)
+    writer.flush()
+    at = _app().run()
+    at.session_state["selected_run"] = run_id
+    _open(at, "live")
+    assert not at.exception
+    bars = {str(p.proto.text): p.value for p in at.get("progress")}
+    teacher = next(text for text in bars if "50/200 training steps" in text)
+    assert "left" in teacher and bars[teacher] == 25           # st.progress keeps percent
+    assert "Setting up" in " ".join(_texts(at.markdown)) and "Teacher logits" in " ".join(_texts(at.markdown))
+    writer.stage("teacher", ended=True)
+    writer.stage("teacher_logits", done=300, total=779)
+    writer.flush()
+    at.run()                                                     # the fragment's next tick
+    assert any("300/779 windows" in str(p.proto.text) for p in at.get("progress"))
+    writer.set_status("finished")
+    writer.close()

@@ -23,9 +23,20 @@ FINAL_LOSS_LABEL = "Final training loss"
 # The summary's own definition (schema.RunSummary), so the page says what the number is.
 FINAL_LOSS_HELP = next(f.metadata["doc"] for f in dataclasses.fields(RunSummary) if f.name == "final_loss")
 FINAL_LOSS_HELP = FINAL_LOSS_HELP[0].upper() + FINAL_LOSS_HELP[1:] + " (the summary's Final Loss)."
-TOKENS_LABEL = "Tokens/s (whole run)"
-TOKENS_HELP = ("Training tokens ÷ training time (evaluations included), as the run's summary computes it; "
-               "while the run trains, over the steps so far.")
+TOKENS_LABEL = "Tokens/s (training, setup excluded)"
+TOKENS_HELP = ("Training tokens ÷ training time, from the first to the last step (evaluations included, setup "
+               "excluded), as the run's summary computes it; while the run trains, over the steps so far.")
+ELAPSED_LABEL = "Elapsed (setup + training)"
+ELAPSED_HELP = ("Wall time since the run started: data, teacher, teacher logits and clustering, then training "
+                "(evaluations included). Training alone is the summary's Training time.")
+TRAIN_TIME_LABEL = "Training time (setup excluded)"
+# Bits per weight and compression have two meanings, each with its own label: the precision PLAN's average over the
+# quantized linear layers (codes only, what the planner chose) and what the packed export STORES for them (codes +
+# per-group scales, so a little more bits and a little less compression).
+PLANNED_BITS_LABEL = "Planned bits/weight (linear layers, codes only)"
+PLANNED_COMPRESSION_LABEL = "Compression vs FP32 (planned codes only)"
+STORED_BITS_LABEL = "Stored bits/weight (linear layers, codes + scales)"
+STORED_COMPRESSION_LABEL = "Compression vs FP32 (linear layers, codes + scales)"
 HYBRID_ONLY_CHARTS = ("LR multiplier", "Trust radius", "Constraint activation (running rate)")
 # Friendly names of the summary's / final values, with their format (Summary and Compare share them).
 VALUE_LABELS: dict[str, tuple[str, str]] = {
@@ -41,7 +52,7 @@ VALUE_LABELS: dict[str, tuple[str, str]] = {
     "avg_lr_multiplier": ("Avg LR multiplier", "{:.2f}×"),
     "constraint_activation_rate": ("Constraint activation", "{:.1%}"),
     "final_trust_radius": ("Final trust radius", "{:.4g}"),
-    "train_seconds": ("Training time", "duration"),
+    "train_seconds": (TRAIN_TIME_LABEL, "duration"),
     "setup_seconds": ("Setup time", "duration"),
     "clustering_seconds": ("Clustering time", "duration"),
     "prepare_seconds": ("Data preparation", "duration"),
@@ -49,16 +60,18 @@ VALUE_LABELS: dict[str, tuple[str, str]] = {
     "peak_rss_mb": ("Peak memory (RSS)", "{:,.0f} MiB"),
     "train_peak_rss_mb": ("Peak memory while training", "{:,.0f} MiB"),
     "cuda_peak_mb": ("Peak GPU memory", "{:,.0f} MiB"),
-    "avg_bits": ("Average bits (linear layers)", "{:.3f}"),
-    "linear_bits_per_weight": ("Bits/weight (linear layers)", "{:.2f}"),
+    "avg_bits": (PLANNED_BITS_LABEL, "{:.2f}"),
+    "planned_compression": (PLANNED_COMPRESSION_LABEL, "{:.1f}×"),
+    "linear_bits_per_weight": (STORED_BITS_LABEL, "{:.2f}"),
     "file_bits_per_weight": ("Bits/weight (whole file)", "{:.2f}"),
-    "compression_vs_fp32_linear": ("Compression vs FP32 (linear layers)", "{:.1f}×"),
+    "compression_vs_fp32_linear": (STORED_COMPRESSION_LABEL, "{:.1f}×"),
     "compression_vs_fp32_file": ("Compression vs FP32 (whole file)", "{:.1f}×"),
     "export_bytes": ("Exported file", "bytes"),
     "skipped_steps": ("Skipped steps (NaN/Inf)", "{:,.0f}"),
     "qdiff_max": ("Max |quantized − FP logit|", "{:.4f}"),
     "qdiff_mean": ("Mean |quantized − FP logit|", "{:.4f}"),
     "teacher_tokens": ("Teacher tokens", "{:,.0f}"),
+    "quantized_params": ("Quantized parameters", "{:,.0f}"),
 }
 # Keys that are not shown as values (per-step duplicates of a headline number, or internal).
 HIDDEN_VALUES = ("final_step_loss", "loss", "optimizer")
@@ -154,6 +167,27 @@ def format_value(key: str, value) -> str:
         return str(value)
 
 
+def format_cell(key: str, value) -> str:
+    """A table cell: the same format as format_value, and an empty cell (not "—", not "None") when there is no
+    value."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    try:
+        if pd.isna(value):
+            return ""
+    except (TypeError, ValueError):
+        pass
+    return format_value(key, value)
+
+
+def elapsed_seconds(run: dict, now: float | None = None) -> float | None:
+    """Wall time from the run's start (setup included) to its end, or to now while it is active."""
+    started, ended = run.get("started_at"), run.get("ended_at")
+    if not started:
+        return None
+    return max(0.0, (ended or (time.time() if now is None else now)) - started)
+
+
 def value_label(key: str) -> str:
     if key.startswith("val_loss_cluster_"):
         return f"Validation loss, cluster {key.rsplit('_', 1)[-1]}"
@@ -231,3 +265,58 @@ def setup_stages(logs: pd.DataFrame, has_steps: bool) -> list[Stage]:
     setup_done = all(stage.state == "done" for stage in stages)
     stages.append(Stage("Training", "active" if has_steps or setup_done else "pending"))
     return stages
+
+
+# The trainer's setup stages as the run store records them (RunWriter.stage / RunStore.read_stages): the name on the
+# page and the unit of their n/N, in the order a first run goes through them.
+STORE_STAGES = {"data": ("Reading the data", "characters"), "teacher": ("Teacher", "training steps"),
+                "teacher_logits": ("Teacher logits", "windows"), "clustering": ("Clustering", "samples"),
+                "student": ("Student", "")}
+
+
+def store_stages(rows, has_steps: bool, now: float | None = None) -> list[Stage]:
+    """The setup stages from the store's `stages` rows (dicts: stage, started_at, updated_at, ended_at, done, total,
+    detail), each done / active / pending with n/N and an ETA from its own rate so far. Stages a run skipped (a
+    cached teacher) are absent; the ones it has not reached yet are listed as waiting."""
+    now = time.time() if now is None else now
+    seen = {row["stage"]: row for row in rows}
+    stages = []
+    for key, (name, unit) in STORE_STAGES.items():
+        row = seen.get(key)
+        if row is None:
+            later = any(k in seen for k in list(STORE_STAGES)[list(STORE_STAGES).index(key) + 1:])
+            if later or has_steps:
+                continue                      # skipped (cached, or not this kind of run): not shown
+            stages.append(Stage(name, "pending"))
+            continue
+        state = "done" if row.get("ended_at") is not None or has_steps else "active"
+        stage = Stage(name, state, detail=str(row.get("detail") or ""))
+        done, total = row.get("done"), row.get("total")
+        if state == "done":
+            seconds = (row.get("ended_at") or now) - (row.get("started_at") or now)
+            stage.detail = stage.detail or f"took {format_duration(max(0.0, seconds))}"
+        elif done is not None and total:
+            stage.fraction = max(0.0, min(1.0, float(done) / float(total)))
+            parts = [f"{_count(done)}/{_count(total)} {unit}".rstrip()]
+            elapsed = (row.get("updated_at") or now) - (row.get("started_at") or now)
+            if done > 0 and elapsed > 0:
+                left = (float(total) - float(done)) * elapsed / float(done) - max(0.0, now - (row.get("updated_at")
+                                                                                            or now))
+                parts.append(f"about {format_duration(max(0.0, left))} left")
+            stage.detail = " · ".join(parts + ([stage.detail] if row.get("detail") else []))
+        else:
+            since = now - (row.get("started_at") or now)
+            stage.detail = stage.detail or f"running for {format_duration(max(0.0, since))}"
+        stages.append(stage)
+    for extra in rows:                          # a stage this page does not know yet: shown under its own name
+        if extra["stage"] not in STORE_STAGES:
+            state = "done" if extra.get("ended_at") is not None or has_steps else "active"
+            stages.append(Stage(str(extra["stage"]).replace("_", " ").capitalize(), state,
+                                detail=str(extra.get("detail") or "")))
+    stages.append(Stage("Training", "active" if has_steps or all(s.state == "done" for s in stages) else "pending"))
+    return stages
+
+
+def _count(value) -> str:
+    value = float(value)
+    return f"{value / 1e6:.1f} M" if value >= 1e7 else f"{value:,.0f}"

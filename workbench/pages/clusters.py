@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from hybrid_optimization.tracking import StoreError
-from workbench import charts, queries, ui
+from hybrid_optimization.tracking import ACTIVE_STATUSES, StoreError
+from workbench import charts, headline, queries, ui
 
 ui.page_header("Clusters", "Data clusters of a run: what the K-means grouping found and how the cluster-balanced "
                            "sampler used it.")
@@ -68,12 +68,21 @@ if not batches.empty and not sizes.empty:
     reference = share * batches.batches.sum()
 config = run.get("config") or {}
 cap = config.get("max_sample_repeats")
-if batches.empty and config.get("cluster_batches") == "mixed":
+clustered = headline.is_hybrid(run) and config.get("use_clustering", True)
+if not clustered:
+    # A baseline (or clustering switched off) draws its batches uniformly: no balanced sampling to explain.
+    right.info("This run did not cluster its data: it draws its batches uniformly at random "
+               f"({ui.plain(headline.kind_label(run)) if not headline.is_hybrid(run) else 'use_clustering off'}). "
+               "The groups on this page are K-means clusters computed only to report the validation loss per "
+               "cluster; training did not use them.")
+elif batches.empty and config.get("cluster_batches") == "mixed":
     # Mixed batches have no single cluster: the sampler gives every batch an equal share of each cluster.
     right.info("This run used mixed cluster-balanced batches: every batch takes an equal share of each data cluster "
                f"(a sample at most max_sample_repeats = {cap if cap is not None else '—'} times per epoch), so there "
                "is no per-batch cluster to count. Runs with `--cluster_batches single` show the batches per cluster "
                "here.")
+elif batches.empty and run["status"] not in ACTIVE_STATUSES:
+    right.info(f"This run ({run['status']}) recorded no batches per cluster.")
 else:
     right.plotly_chart(charts.cluster_bar(batches, "batches", "Batches supplied per cluster", "batches",
                                           reference=reference, reference_name="if sampled in proportion to size"),
@@ -88,7 +97,7 @@ cluster_keys = sorted((k for k in evals.key.unique() if k.startswith("val_loss_c
 series = queries.eval_series(evals, cluster_keys, run=run_id)
 ids = {k: int(k.rsplit("_", 1)[1]) for k in cluster_keys if k.rsplit("_", 1)[1].isdigit()}
 log_y = st.toggle("log y", key="clusters_logy")
-st.plotly_chart(charts.line_figure(series, "Validation loss per cluster", log_y=log_y,
+st.plotly_chart(charts.line_figure(series, "Validation loss per cluster", log_y=log_y, y_title="loss (nats/token)",
                                    colors={k: charts.color_for(c) for k, c in ids.items()},
                                    labels={k: f"cluster {c}" for k, c in ids.items()},
                                    uirevision=f"{run_id}:cluster-loss:{log_y}"),

@@ -21,11 +21,21 @@ SYSTEM_CHARTS = {"CPU (%)": ("cpu_percent",), "Memory (RSS, MiB)": ("rss_mb",),
 Y_TITLES = {"Loss": "loss (nats/token)", "Learning rate": "learning rate", "LR multiplier": "× base LR",
             "Trust radius": "μ (L2 norm)", "Constraint activation (running rate)": "fraction of steps",
             "Update magnitude ‖ΔΘ‖": "‖ΔΘ‖₂", "Gradient magnitude ‖g‖": "‖g‖₂",
-            "Quantization error": "‖W−Q(W)‖/‖W‖", "Flip rate": "fraction of codes", "Tokens/s": "tokens/s (each step, evaluations excluded)",
+            "Quantization error": "‖W−Q(W)‖/‖W‖", "Flip rate": "fraction of codes", "Tokens/s": "tokens/s per step",
             "Validation loss": "loss (nats/token)", "Validation perplexity": "perplexity",
             "KL to the teacher": "KL (nats/token)", "Top-1 agreement with the teacher": "fraction",
             "Quantized vs full-precision logits": "|Δ logit|", "CPU (%)": "% of one core",
             "Memory (RSS, MiB)": "MiB", "GPU memory (MiB)": "MiB", "GPU utilisation (%)": "%"}
+
+# Sections of the chosen charts, one lazy tab each.
+CHART_SECTIONS = {
+    "Training": ("Loss", "Learning rate", "LR multiplier", "Trust radius", "Constraint activation (running rate)"),
+    "Gradients & speed": ("Update magnitude ‖ΔΘ‖", "Gradient magnitude ‖g‖", "Tokens/s"),
+    "Evaluation": ("Validation loss", "Validation perplexity", "KL to the teacher", "Top-1 agreement with the teacher",
+                   "Other evaluation metrics"),
+    "Quantization": ("Quantization error", "Flip rate", "Quantized vs full-precision logits"),
+    "System": tuple(SYSTEM_CHARTS),
+}
 
 ui.page_header("Live run")
 store = ui.open_store()
@@ -75,9 +85,16 @@ def _cache(run_id: str) -> queries.RunCache:
     return caches[run_id]
 
 
-def _chart(title: str, series, x_title: str, key: str) -> None:
+def y_title(title: str, run: dict) -> str | None:
+    """The y-axis title with its unit; the trust radius's unit depends on the run's trust-region mode."""
+    if title == "Trust radius" and (run.get("config") or {}).get("trust_region_mode") == "relative":
+        return "μ (fraction of ‖W‖₂, per tensor)"
+    return Y_TITLES.get(title)
+
+
+def _chart(title: str, series, x_title: str, key: str, y_title: str | None = None) -> None:
     log_y = st.toggle("log y", key=f"logy.{title}")
-    fig = charts.line_figure(series, title, x_title=x_title, log_y=log_y, y_title=Y_TITLES.get(title),
+    fig = charts.line_figure(series, title, x_title=x_title, log_y=log_y, y_title=y_title,
                              uirevision=f"{run_id}:{title}:{x_title}:{log_y}")
     st.plotly_chart(fig, key=key, config={"displaylogo": False})
 
@@ -102,10 +119,15 @@ def _controls(run: dict) -> None:
                 st.rerun()  # full rerun: the run is active again, so the fragment starts refreshing
 
 
-def _setup_stages(logs: pd.DataFrame) -> None:
-    """Before the first step: the setup stages (tokenizer, teacher, teacher logits n/N, clustering) and their state,
-    instead of empty charts and a bare "running"."""
-    stages = headline.setup_stages(logs, has_steps=False)
+def _setup_stages(run_id: str, logs: pd.DataFrame) -> None:
+    """Before the first step: the setup stages (data, teacher training n/N, teacher logits n/N, clustering, student)
+    with a bar and an ETA each, from the store's stage rows the trainer updates as it goes (refreshed with the
+    fragment); a run recorded before those rows existed falls back to its log lines."""
+    try:
+        rows = list(store.read_stages(run_id)) if hasattr(store, "read_stages") else []
+    except StoreError:
+        rows = []
+    stages = headline.store_stages(rows, has_steps=False) if rows else headline.setup_stages(logs, has_steps=False)
     with st.container(border=True):
         st.markdown("**Setting up** — no training step yet; the first run on new data trains a tokenizer and a "
                     "teacher and caches the teacher's logits (later runs read the cache).")
@@ -129,6 +151,30 @@ def _system_frame(run_id: str, t0: float | None) -> pd.DataFrame:
     return frame
 
 
+def chart_groups(titles: list[str]) -> list[tuple[str, list[str]]]:
+    """The chosen charts by section (a tab each), in the order chosen; empty sections left out."""
+    groups = [(label, [t for t in titles if t in members]) for label, members in CHART_SECTIONS.items()]
+    placed = {t for _, members in groups for t in members}
+    groups.append(("Other", [t for t in titles if t not in placed]))
+    return [(label, members) for label, members in groups if members]
+
+
+def _draw(title: str, run: dict, steps: pd.DataFrame, cache, system: pd.DataFrame, x_col: str, x_title: str,
+          t0: float | None) -> None:
+    if title in queries.LIVE_CHARTS:
+        parts = [queries.chart_series(steps, col, x_col, smoothing, run=run_id) for col in queries.LIVE_CHARTS[title]]
+    elif title in SYSTEM_CHARTS:
+        parts = [queries.chart_series(system, col, "time_s", 0.0, run=run_id) for col in SYSTEM_CHARTS[title]]
+    else:   # evaluation metrics: logged every few steps, on the same x axis as the step charts
+        keys = queries.EVAL_CHARTS.get(title) or queries.other_eval_keys(
+            cache.evals.key.unique() if not cache.evals.empty else [])
+        parts = [queries.eval_series(cache.evals, [k], run=run_id, x=x_col, t0=t0) for k in keys]
+    parts = [p for p in parts if not p.empty]
+    series = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    chart_x = "seconds since the first step" if title in SYSTEM_CHARTS else x_title
+    _chart(title, series, chart_x, key=f"live.{title}", y_title=y_title(title, run))
+
+
 @st.fragment(run_every=interval)
 def live_view() -> None:
     try:
@@ -149,15 +195,15 @@ def live_view() -> None:
     head[1].metric("Step", "—" if info["step"] is None else f"{info['step']:,}",
                    help=None if not info["total"] else f"of {info['total']:,}")
     rate = headline.throughput(run, steps)
-    head[2].metric(headline.TOKENS_LABEL, "—" if rate is None else f"{rate:,.0f}", help=headline.TOKENS_HELP)
+    head[2].metric(headline.TOKENS_LABEL, headline.format_value("tokens_per_s", rate), help=headline.TOKENS_HELP)
     head[3].metric("ETA", queries.format_duration(headline.eta_seconds(run, steps)),
                    help="Steps to go × measured seconds per step over the run so far (evaluations included).")
-    started, ended = run.get("started_at"), run.get("ended_at")
-    head[4].metric("Elapsed", queries.format_duration(((ended or time.time()) - started) if started else None))
+    head[4].metric(headline.ELAPSED_LABEL, queries.format_duration(headline.elapsed_seconds(run)),
+                   help=headline.ELAPSED_HELP)
     if info["fraction"] is not None and info["step"]:
         st.progress(info["fraction"], text=f"{info['step']:,} / {info['total']:,} steps")
     if run["status"] in ACTIVE_STATUSES and steps.empty:
-        _setup_stages(cache.logs)
+        _setup_stages(run_id, cache.logs)
     if run.get("stop_requested"):
         st.info("Stop requested — waiting for the trainer to finish its step.")
     _controls(run)
@@ -173,22 +219,19 @@ def live_view() -> None:
     setting_up = run["status"] in ACTIVE_STATUSES and steps.empty
     if setting_up:   # empty charts say nothing while the run sets up: they appear with the first step
         st.caption("The charts appear with the first training step.")
-    grid = st.columns(2)
-    for slot, title in enumerate([] if setting_up else shown):
-        if title in queries.LIVE_CHARTS:
-            parts = [queries.chart_series(steps, col, x_col, smoothing, run=run_id)
-                     for col in queries.LIVE_CHARTS[title]]
-        elif title in SYSTEM_CHARTS:
-            parts = [queries.chart_series(system, col, "time_s", 0.0, run=run_id) for col in SYSTEM_CHARTS[title]]
-        else:   # evaluation metrics: logged every few steps, on the same x axis as the step charts
-            keys = queries.EVAL_CHARTS.get(title) or queries.other_eval_keys(
-                cache.evals.key.unique() if not cache.evals.empty else [])
-            parts = [queries.eval_series(cache.evals, [k], run=run_id, x=x_col, t0=t0) for k in keys]
-        parts = [p for p in parts if not p.empty]
-        series = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-        chart_x = "seconds since the first step" if title in SYSTEM_CHARTS else x_title
-        with grid[slot % 2]:
-            _chart(title, series, chart_x, key=f"live.{title}")
+    groups = [] if setting_up else chart_groups(shown)
+    # Charts in tabs that run lazily (on_change="rerun"): only the open tab's figures are built and sent, so 12
+    # charts cost what 4–5 do, on the server and in the browser (issue 19: 12–14 s with every chart at once).
+    tabs = (st.tabs([f"{label} ({len(titles)})" for label, titles in groups], key="live_tab", on_change="rerun")
+            if len(groups) > 1 else [st.container() for _ in groups])
+    for tab, (_, titles) in zip(tabs, groups):
+        if getattr(tab, "open", True) is False:
+            continue
+        with tab:
+            grid = st.columns(2)
+            for slot, title in enumerate(titles):
+                with grid[slot % 2]:
+                    _draw(title, run, steps, cache, system, x_col, x_title, t0)
 
     st.markdown("**Last log lines**")
     if cache.logs.empty:

@@ -7,7 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 from hybrid_optimization.tracking import StoreError
-from workbench import charts, queries, ui
+from workbench import charts, headline, queries, ui
 
 ui.page_header("Precision", "How many bits each layer got, why, and what quantization does to it.")
 store = ui.open_store()
@@ -30,23 +30,36 @@ if plan.empty:
             "for hybrid runs that quantize with parameter clustering on; layer statistics appear every "
             "log_interval steps of a quantized run.")
 size = queries.plan_size(plan)
-m = st.columns(5)
-m[0].metric("Average bits (linear layers)", "—" if size["avg_bits"] is None else f"{size['avg_bits']:.3f}",
-            help="Parameter-weighted over the layers of the plan.")
-m[1].metric("Quantized parameters", f"{size['params']:,}" if size["params"] else "—")
-m[2].metric("Packed size (linear layers)", "—" if size["bytes"] is None else f"{size['bytes'] / 2**20:.2f} MiB",
-            help="bits × parameters of the planned layers, without scales.")
-m[3].metric("FP32 size (linear layers)", "—" if size["fp32_bytes"] is None else f"{size['fp32_bytes'] / 2**20:.2f} MiB")
-m[4].metric("Compression vs FP32 (linear layers)", "—" if size["compression"] is None else f"{size['compression']:.2f}×",
-            help="32 bits ÷ the plan's average bits over the quantized linear layers only (no scales, embeddings "
-                 "or head). The exported file below is the whole model.")
-export = (run.get("artifacts") or {}).get("export")
 summary = run.get("summary") or {}
+# Two meanings, two labels (headline.py): the plan's bits (codes only) here, the packed export's (codes + scales)
+# beside them when the run exported — the same numbers and labels as the Run summary page.
+m = st.columns(4)
+m[0].metric(headline.PLANNED_BITS_LABEL, headline.format_value("avg_bits", size["avg_bits"]),
+            help="Parameter-weighted average of the plan's bits over the quantized linear layers: codes only, "
+                 "without the per-group scales.")
+m[1].metric(headline.PLANNED_COMPRESSION_LABEL, headline.format_value("planned_compression", size["compression"]),
+            help="32 bits ÷ the planned bits/weight. No scales, embeddings or head.")
+m[2].metric(headline.STORED_BITS_LABEL, headline.format_value("linear_bits_per_weight",
+                                                             summary.get("linear_bits_per_weight")),
+            help="What the packed export stores for the linear layers: codes + scales, × 8 ÷ parameters. Empty until "
+                 "the run exports.")
+m[3].metric(headline.STORED_COMPRESSION_LABEL, headline.format_value("compression_vs_fp32_linear",
+                                                                    summary.get("compression_vs_fp32_linear")),
+            help="32 bits ÷ the stored bits/weight (the Run summary's number).")
+n = st.columns(4)
+n[0].metric(headline.value_label("quantized_params"), headline.format_value("quantized_params", size["params"] or None))
+n[1].metric("Planned code size (linear layers, no scales)",
+            headline.format_value("export_bytes", size["bytes"]) if size["bytes"] is not None else "—",
+            help="bits × parameters of the planned layers, without scales.")
+n[2].metric("FP32 size (linear layers)",
+            headline.format_value("export_bytes", size["fp32_bytes"]) if size["fp32_bytes"] else "—")
+export = (run.get("artifacts") or {}).get("export")
 if export and Path(export).is_file():
-    whole = summary.get("compression_vs_fp32_file")
-    st.caption(f"Exported file {ui.plain(Path(export).name)}: {Path(export).stat().st_size / 2**20:.2f} MiB on disk — the "
-               "whole file: packed codes plus scales, embeddings and head"
-               + (f"; compression vs FP32 (whole file) {whole:.2f}×" if whole else "") + ".")
+    n[3].metric("Exported file (whole model)", headline.format_value("export_bytes", Path(export).stat().st_size),
+                help="Packed codes plus scales, embeddings and head"
+                     + (f"; {headline.value_label('compression_vs_fp32_file')} "
+                        f"{headline.format_value('compression_vs_fp32_file', summary['compression_vs_fp32_file'])}"
+                        if summary.get("compression_vs_fp32_file") else "") + ".")
 
 left, right = st.columns([2, 1])
 left.plotly_chart(charts.bits_per_layer_figure(plan), key="precision_bits")

@@ -1,0 +1,159 @@
+"""Live page render time with 12 charts while a run trains (issue 19's target: ≤ 2 s), and the first launch's
+setup-stage progress.
+
+    python benchmarks/bench_live.py [--steps 5000] [--repeats 3] [--browser] [--out results.json]
+
+Server side (always): a run of --steps steps written through the real RunWriter (status running, this process as
+its pid, so liveness keeps it active), opened on the Live page through streamlit.testing's AppTest — the real page
+script — with 12 charts chosen: `first_render_s` is a fresh session's render, `refresh_s` the next rerun after 20
+more steps (what the live fragment does every tick). Both are medians over --repeats sessions.
+
+--browser: the same run in Debian Chromium (Playwright) against `streamlit run`: seconds from opening
+/live?run=ID until every chart of the open tab is drawn (`browser_render_s`), and until all 12 are drawn after
+visiting each tab (`browser_all_tabs_s`).
+
+The run is synthetic (tests/fixtures/workbench_runs.py): this measures the workbench, not training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TWELVE = ["Loss", "Learning rate", "LR multiplier", "Trust radius", "Constraint activation (running rate)",
+          "Update magnitude ‖ΔΘ‖", "Gradient magnitude ‖g‖", "Quantization error", "Flip rate", "Tokens/s",
+          "Validation loss", "Validation perplexity"]
+
+
+def _running_run(runs_root: Path, steps: int) -> tuple[str, object]:
+    from hybrid_optimization.tracking import RunStore
+    from tests.fixtures.workbench_runs import write_synthetic_run
+    store = RunStore(runs_root)
+    run_id = write_synthetic_run(store, steps, "running", name="bench-live", pid=os.getpid(), eval_every=50)
+    return run_id, store
+
+
+def _more_steps(store, run_id: str, start: int, n: int = 20) -> None:
+    with store.writer(run_id) as w:
+        for step in range(start, start + n):
+            w.log_step(step, wall_time=time.time(), loss=1.0, learning_rate=1e-3, tokens_per_s=2000.0)
+
+
+def server_render(steps: int, repeats: int) -> dict:
+    from streamlit.testing.v1 import AppTest
+    first, refresh, charts = [], [], []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["HYBRID_RUNS_ROOT"] = str(Path(tmp) / "runs")
+            run_id, store = _running_run(Path(tmp) / "runs", steps)
+            at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+            at.session_state["selected_run"] = run_id
+            at.session_state["live_charts.hybrid"] = TWELVE
+            at.run()
+            at.switch_page("workbench/pages/live.py")
+            started = time.perf_counter()
+            at.run()
+            first.append(time.perf_counter() - started)
+            assert not at.exception, [e.value for e in at.exception]
+            charts.append(len(at.get("plotly_chart")))
+            _more_steps(store, run_id, steps + 1)
+            started = time.perf_counter()
+            at.run()
+            refresh.append(time.perf_counter() - started)
+    return {"steps": steps, "charts_chosen": len(TWELVE), "charts_rendered_per_run": charts,
+            "first_render_s": round(statistics.median(first), 3), "refresh_s": round(statistics.median(refresh), 3),
+            "first_render_all_s": [round(x, 3) for x in first], "refresh_all_s": [round(x, 3) for x in refresh]}
+
+
+DRAWN_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).filter(p =>
+    p._fullData && p._fullData.length && p.offsetParent !== null).length"""
+
+
+def browser_render(steps: int) -> dict:
+    import signal
+    import subprocess
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    from tests.e2e.conftest import CHROMIUM, CHROMIUM_FLAGS, free_port, wait_healthy
+    with tempfile.TemporaryDirectory() as tmp:
+        runs_root = Path(tmp) / "runs"
+        run_id, _ = _running_run(runs_root, steps)
+        port = free_port()
+        log = Path(tmp) / "streamlit.log"
+        env = dict(os.environ, HYBRID_RUNS_ROOT=str(runs_root))
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+                                     "--server.address", "127.0.0.1", "--server.headless", "true",
+                                     "--browser.gatherUsageStats", "false"], cwd=REPO, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(url, proc, log)
+            urllib.request.urlopen(url, timeout=10).read()
+            with sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+                page = browser.new_page(viewport={"width": 1400, "height": 2000})
+                page.set_default_timeout(120_000)
+                page.goto(f"{url}/live?run={run_id}")           # warm the server and the browser once
+                page.get_by_role("heading", name="Live run").wait_for()
+                page.wait_for_function(f"() => ({DRAWN_JS})() >= 2", polling=100)
+                page.evaluate("() => { sessionStorage.clear(); }")
+                page.goto(f"{url}/live?run={run_id}")
+                started = time.perf_counter()
+                page.get_by_role("heading", name="Live run").wait_for()
+                page.wait_for_function(f"() => ({DRAWN_JS})() >= 1", polling=50)
+                # Every chart of the open tab drawn: their count stops growing for a second.
+                last, stable_since = -1, time.perf_counter()
+                while time.perf_counter() - stable_since < 2.0:
+                    now = page.evaluate(DRAWN_JS)
+                    if now != last:
+                        last, stable_since, drawn_at = now, time.perf_counter(), time.perf_counter()
+                    page.wait_for_timeout(50)
+                first = drawn_at - started
+                tabs = page.get_by_role("tab")
+                total = last
+                for i in range(1, tabs.count()):
+                    tabs.nth(i).click()
+                    page.wait_for_timeout(300)
+                    page.wait_for_function(f"() => ({DRAWN_JS})() >= 1", polling=100)
+                    total += page.evaluate(DRAWN_JS)
+                browser.close()
+            return {"browser_render_s": round(first, 3), "charts_drawn_in_first_view": last,
+                    "browser_all_tabs_s": round(time.perf_counter() - started - 2.0, 3), "charts_drawn_total": total}
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--browser", action="store_true")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if args.steps < 2 or args.repeats < 1:
+        print("--steps must be ≥ 2 and --repeats ≥ 1", file=sys.stderr)
+        return 2
+    results = {"live_12_charts": server_render(args.steps, args.repeats)}
+    if args.browser:
+        results["live_12_charts"].update(browser_render(args.steps))
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
