@@ -659,3 +659,34 @@ def test_live_draws_each_setup_stage_with_its_progress_and_eta(runs_root):
     assert any("300/779 windows" in str(p.proto.text) for p in at.get("progress"))
     writer.set_status("finished")
     writer.close()
+
+
+def test_benchmarks_page_tells_a_newcomer_what_to_use(monkeypatch):
+    """The committed two-track report: one sentence per situation from its verdict, every method name explained,
+    no "–×", no infinite ratio called indistinguishable, and the figures of figures.html drawn (not loaded from a
+    CDN)."""
+    root = Path(APP).parent / "benchmarks" / "results"
+    if not (root / "variants" / "report.md").is_file():
+        pytest.skip("the committed variants report is not in this checkout")
+    monkeypatch.setenv("HYBRID_BENCHMARK_RESULTS", str(root))
+    at = _open(_app().run(), "benchmarks")
+    at.selectbox(key="benchmark_report").set_value(root / "variants").run()
+    assert not at.exception, [e.value for e in at.exception]
+    texts = _texts(at.markdown)
+    advice = next(t for t in texts if "**LR tuned** →" in t)
+    assert "**LR unknown** →" in advice and "--trust_region_mode relative" in advice
+    glossary = " ".join(texts)
+    for term in ("**H**:", "**H-rel**:", "**W2**:", "**AlgoPerf**:"):
+        assert term in glossary, term
+    assert not any("–×" in t for t in texts)
+    assert not any(re.search(r"∞ \[[^\]]*\]×[^()]*\((indistinguishable|not distinguishable)\)", t) for t in texts)
+    assert any(t.startswith("### Figures (") for t in texts) and len(at.get("plotly_chart")) >= 1
+
+
+def test_figures_are_read_out_of_figures_html():
+    import plotly.graph_objects as go
+    from workbench import bench_view
+    html = go.Figure(go.Scatter(x=[1, 2], y=[3, 4], name="H")).to_html(include_plotlyjs="cdn")
+    (fig,) = bench_view.figures_from_html(html + html.replace('"H"', '"AdamW"'))[:1]
+    assert list(fig.data[0].y) == [3, 4] and fig.data[0].name == "H"
+    assert len(bench_view.figures_from_html(html + html)) == 2 and bench_view.figures_from_html("<html/>") == []

@@ -4,6 +4,7 @@ functions (no Streamlit), so the Benchmarks page stays short and this is tested 
 every number is the report's own."""
 from __future__ import annotations
 
+import json
 import re
 
 import plotly.graph_objects as go
@@ -36,6 +37,22 @@ METHODS = {
 }
 WORKLOADS = {"W1": "full-precision student", "W2": "ternary (1.58-bit) student", "W3": "1-bit student",
              "W4": "W2 with every method's learning rate ×10 or ×0.1 (robustness to a mis-set LR)"}
+# Words the reports use besides the method codes (the page's glossary).
+TERMS = {
+    "AlgoPerf": "MLCommons' benchmark of training algorithms; this project follows its two tracks below and its "
+                "measure, steps to reach a target validation loss.",
+    "External tuning track": "every method's learning rate is tuned first, on a separate seed; then compared.",
+    "Self-tuning track": "nothing is tuned: one run at each learning rate of a 100× grid, as a user who does not "
+                         "know the right LR would run it.",
+    "Steps to target": "training steps until the validation loss first reaches the target (fewer is better).",
+    "×R, ×H, ×AdamW": "a ratio to the named reference, paired over the same seeds: below 1 is better for "
+                      "losses and steps.",
+    "[a, b]": "the 95 % paired bootstrap interval of that ratio; when it contains 1 the two are not "
+              "distinguishable.",
+    "∞": "the method did not reach the target in at least half of the paired runs, so there is no finite ratio.",
+    "Performance profile": "for each ratio τ, the share of problems a method solves within τ × the best "
+                           "method's steps (higher and further left is better).",
+}
 # One distinct colour per method across every figure (references dark/blue/green, hybrids warm/varied).
 METHOD_COLORS = {"R": "#222222", "B1": "#1f77b4", "B2": "#17becf", "B3": "#2ca02c", "H": "#d62728",
                  "H-aux": "#ff7f0e", "H-TR": "#9467bd", "H-data": "#8c564b", "H-param": "#e377c2",
@@ -49,6 +66,59 @@ WORDING = ((re.compile(r"Issue \d+ targets"), "Targets set for the hybrid"),
 _CODE = re.compile(r"\*\*(" + "|".join(sorted(map(re.escape, METHODS), key=len, reverse=True)) + r")\*\*")
 
 
+_INFINITE = re.compile(r"∞ \[([^\]]*)\]× ((?:the steps of|those of)[^(]*?)\s*\((indistinguishable|not distinguishable|"
+                       r"more|fewer|less)\)")
+_MISSING_RATIO = re.compile(r"\(–×,?\s*(not distinguishable)?\)|–×")
+
+
+def tidy_ratios(markdown: str) -> str:
+    """No missing value shown as "–×", and no infinite ratio called "indistinguishable": an infinite median means
+    the method did not reach the target in at least half the paired runs, which says more than its interval."""
+    markdown = _INFINITE.sub(lambda m: f"∞× {m.group(2).strip()} (it did not reach the target in at least half "
+                             f"the paired runs; interval [{m.group(1)}])", markdown)
+    return _MISSING_RATIO.sub("(no paired value)", markdown)
+
+
+def situations(markdown: str) -> list[str]:
+    """One plain sentence per situation, from the report's own verdict: "LR tuned → …", "LR unknown → …". Empty
+    when the report has no such verdict (e.g. the quick report)."""
+    _, sections = split_report(markdown)
+    text = dict(sections).get("Verdict", "")
+    found = []
+    tuned = re.search(r"\*\*With a tuned learning rate, ([^*]+)\*\*:?\s*([^.]*\.)?", text)
+    if tuned:
+        found.append(f"**LR tuned** → {tuned.group(1).strip()}" + (f": {tuned.group(2).strip()}" if tuned.group(2)
+                                                                     else "."))
+    unknown = re.search(r"\*\*Without tuning, ([^*]+)\*\*\s*([^;.]*)", text)
+    if unknown:
+        line = f"**LR unknown** → {unknown.group(1).strip()} {unknown.group(2).strip()}".rstrip()
+        best = re.search(r"best: ([\w-]+),", text)
+        if best and best.group(1) == "H-rel":
+            line += ("; the hybrid with the relative trust region (`--hybrid --trust_region_mode relative`) ends "
+                     "lowest of all over the grid")
+        found.append(line + ".")
+    return found
+
+
+def figures_from_html(html: str) -> list[go.Figure]:
+    """The figures of a report's figures.html (plotly's `Plotly.newPlot(id, data, layout, config)` calls), without
+    the page's script tag, which loads plotly.js from a CDN: this app loads nothing from the internet."""
+    decoder = json.JSONDecoder()
+    figures = []
+    for match in re.finditer(r"Plotly\.newPlot\(\s*", html):
+        at = match.end()
+        try:
+            _, at = decoder.raw_decode(html, at)                      # the div id
+            at = html.index(",", at) + 1
+            data, at = decoder.raw_decode(html, len(html[:at]) + len(html[at:]) - len(html[at:].lstrip()))
+            at = html.index(",", at) + 1
+            layout, _ = decoder.raw_decode(html, len(html[:at]) + len(html[at:]) - len(html[at:].lstrip()))
+        except ValueError:
+            continue
+        figures.append(go.Figure(data=data, layout=layout))
+    return figures
+
+
 def split_report(markdown: str) -> tuple[str, list[tuple[str, str]]]:
     """(the lines before the first section, [(section title, section body)])."""
     parts = re.split(r"^## +(.+)$", markdown, flags=re.M)
@@ -57,6 +127,7 @@ def split_report(markdown: str) -> tuple[str, list[tuple[str, str]]]:
 
 def plain(markdown: str) -> str:
     """The report's text for a user: text marks, no internal issue numbers, methods named in full."""
+    markdown = tidy_ratios(markdown)
     for mark, word in MARKS.items():
         markdown = markdown.replace(mark, word)
     for pattern, replacement in WORDING:

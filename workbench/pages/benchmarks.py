@@ -1,6 +1,7 @@
-"""Benchmarks: the reports that benchmarks/bench_hybrid.py wrote (markdown + plotly figures), for a user: the
-verdict first, the headline table with plain method names and a legend, details folded. Nothing here is computed
-by the app: every number comes from the run that wrote the report (workbench/bench_view.py only rewords it)."""
+"""Benchmarks: the reports that benchmarks/bench_hybrid.py wrote (markdown + plotly figures), for a newcomer: what to
+use in each situation first (from the report's own verdict), the method names explained, the headline table, the
+robustness table when the report has one, the figures, and the details folded. Nothing here is computed by the
+app: every number comes from the run that wrote the report (workbench/bench_view.py only rewords it)."""
 from __future__ import annotations
 
 import plotly.io as pio
@@ -20,32 +21,46 @@ chosen = st.selectbox("Report", reports, format_func=lambda p: p.name, key="benc
 markdown = (chosen / "report.md").read_text(encoding="utf-8")
 preamble, sections = bench_view.split_report(markdown)
 
+# What to use, one sentence per situation, from the report's verdict (the two-track reports write one).
+advice = bench_view.situations(markdown)
+if advice:
+    st.markdown("### What to use")
+    st.markdown("\n".join(f"- {bench_view.plain(line)}" for line in advice))
 summary = bench_view.verdict(markdown)
 if summary:
-    st.markdown("### Verdict")
-    st.info(summary)
-# The quick report's headline table, or the two-track report's targets table: shown open, the rest folded.
-headline = [(t, b) for t, b in sections if t.startswith(("Headline", "Targets"))]
-for title, body in headline:
+    with st.expander("The verdict in full", expanded=not advice):
+        st.markdown(bench_view.plain(summary))
+with st.expander("What the names mean", expanded=True):
+    left, right = st.columns(2)
+    left.markdown("\n".join(f"- **{code}**: {name}" for code, name in bench_view.METHODS.items()))
+    right.markdown("\n".join(f"- **{code}**: {name}" for code, name in bench_view.WORKLOADS.items())
+                   + "\n" + "\n".join(f"- **{term}**: {meaning}" for term, meaning in bench_view.TERMS.items()))
+# The quick report's headline table or the two-track report's targets table, and a robustness table (how a method
+# copes with a mis-set LR) when the report has one: shown open; the rest folded.
+opened = [(t, b) for t, b in sections if t.startswith(("Headline", "Targets")) or "robust" in t.lower()]
+for title, body in opened:
     st.markdown(f"### {bench_view.plain(title)}")
     st.markdown(bench_view.plain(body))
-with st.expander("What the names mean", expanded=not summary):
-    st.markdown("\n".join(f"- **{code}** — {name}" for code, name in bench_view.METHODS.items()))
-    st.markdown("\n".join(f"- **{code}** — {name}" for code, name in bench_view.WORKLOADS.items()))
-    st.caption("Ratios are method ÷ reference (lower is better) with a 95 % paired bootstrap interval; "
-               "“(win)” means the whole interval is below 1, “(loss)” above 1.")
+
+figures: list[tuple[str, object]] = []
+for path in sorted((chosen / "figures").glob("*.json")) if (chosen / "figures").is_dir() else []:
+    try:
+        figures.append((path.stem, pio.read_json(path)))
+    except ValueError as exc:                 # a damaged figure file: say which, show the rest
+        st.warning(f"{ui.plain(path.name)}: not a plotly figure ({ui.plain(exc)})")
+if not figures and (chosen / "figures.html").is_file():
+    # figures.html loads plotly.js from a CDN: its figures are read out of it and drawn here instead.
+    html = (chosen / "figures.html").read_text(encoding="utf-8", errors="replace")
+    figures = [(f"figure-{i}", fig) for i, fig in enumerate(bench_view.figures_from_html(html))]
+if figures:
+    st.markdown(f"### Figures ({len(figures)})")
+    for name, fig in figures:
+        st.plotly_chart(bench_view.recolor(fig), width="stretch", key=f"bench-{name}")
+
 with st.expander("How it was measured"):
     st.markdown(bench_view.plain(preamble))
 for title, body in sections:
-    if (title, body) in headline:
+    if (title, body) in opened or title == "Verdict":
         continue
     with st.expander(bench_view.plain(title)):
         st.markdown(bench_view.plain(body))
-
-figures = sorted((chosen / "figures").glob("*.json")) if (chosen / "figures").is_dir() else []
-with st.expander(f"Figures ({len(figures)})"):
-    for path in figures:
-        try:
-            st.plotly_chart(bench_view.recolor(pio.read_json(path)), width="stretch", key=f"bench-{path.stem}")
-        except ValueError as exc:                 # a damaged figure file: say which, show the rest
-            st.warning(f"{ui.plain(path.name)}: not a plotly figure ({ui.plain(exc)})")
