@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from hybrid_optimization.distill.export import ExportError, export_student
-from hybrid_optimization.distill.export_gguf import UNUSED_IDS_KEY, export_gguf, gguf_tokenizer_fields
+from hybrid_optimization.distill.export_gguf import (DEFAULT_LINEAR_TYPE, SUPPRESS_TOKENS_KEY, export_gguf,
+                                                     gguf_tokenizer_fields)
 from hybrid_optimization.distill.export_hf import export_hf
 from hybrid_optimization.distill.llama_format import permute_for_gguf
 from hybrid_optimization.distill.run_export import export_packed_student, main as export_main
@@ -124,6 +125,7 @@ def test_transformers_reads_gguf_and_hf_with_the_students_logits(tmp_path, token
 
 
 def test_gguf_metadata_and_tokenizer_fields(tmp_path, tokenizer_dir):
+    import gguf
     model, vocab, _ = _student()
     export_gguf(model, vocab, tokenizer_dir, tmp_path / "s.gguf", other_type="Q8_0")
     reader, tensors = _gguf_tensors(tmp_path / "s.gguf")
@@ -135,7 +137,12 @@ def test_gguf_metadata_and_tokenizer_fields(tmp_path, tokenizer_dir):
     assert fields["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 1]
     assert fields["tokenizer.ggml.bos_token_id"] == 1 and fields["tokenizer.ggml.eos_token_id"] == 2
     assert "<|im_start|>" in fields["tokenizer.chat_template"]
-    assert sorted(fields[UNUSED_IDS_KEY]) == sorted(set(range(300)) - set(vocab.tolist()))
+    # llama.cpp's own key for ids its sampler must never pick (read as an INT32 array by src/llama-vocab.cpp)
+    assert sorted(fields[SUPPRESS_TOKENS_KEY]) == sorted(set(range(300)) - set(vocab.tolist()))
+    assert reader.fields[SUPPRESS_TOKENS_KEY].types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32]
+    assert "hybrid.unused_token_ids" not in fields                   # the private key nothing read is gone
+    assert fields["general.quantization_version"] == gguf.GGML_QUANT_VERSION == 2
+    assert reader.fields["general.quantization_version"].types == [gguf.GGUFValueType.UINT32]
     assert tensors["token_embd.weight"][0] == "Q8_0" and tensors["output.weight"][0] == "Q8_0"
     assert tensors["blk.0.attn_norm.weight"][0] == "F32"
 
@@ -213,6 +220,12 @@ def test_export_from_the_packed_student_and_cli_errors(tmp_path, tokenizer_dir, 
     assert result.path == tmp_path / "student.gguf" and result.report.fully_ternary
     assert export_packed_student(packed, "hf").path == tmp_path / "student-hf"
     assert (tmp_path / "student-hf" / "model.safetensors").is_file()
+    assert result.report.linear_type == DEFAULT_LINEAR_TYPE              # the CLI's default is the exporter's
+    # one mode for every exported file (safetensors alone would create model.safetensors 0600)
+    from hybrid_optimization.distill.export_hf import regular_file_mode
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in [tmp_path / "student.gguf",
+                                                              *(tmp_path / "student-hf").iterdir()]}
+    assert set(modes.values()) == {oct(regular_file_mode())}, modes
 
     from hybrid_optimization.tracking import RunStore
     store = RunStore(tmp_path / "runs")
@@ -261,6 +274,46 @@ def test_llama_cpp_runs_the_ternary_gguf(tmp_path, tokenizer_dir):
         assert (logits - expected).abs().max() < 0.05 * expected.abs().max(), linear_type
 
 
+@pytest.mark.slow
+def test_llama_cpp_never_samples_an_unused_token_at_temperature_1(tmp_path, tokenizer_dir):
+    """Opt-in (`-m slow`; same llama-cpp-python interpreter as above, skipped without it): sampled at temperature 1
+    with no top-k / top-p / min-p cut, an unused token is never drawn; without the suppression it is.
+
+    llama.cpp's own programs (llama-cli, llama-server) apply `tokenizer.ggml.suppress_tokens` themselves: the vocab
+    loader reads it and common/sampling.cpp gives each id a -inf bias. llama-cpp-python builds its own sampler chain
+    and does not, so here the ids come from llama.cpp's own parse of the file (`Llama.metadata`, llama.cpp's GGUF
+    reader) and the -inf bias is added as common/sampling.cpp adds it, before llama.cpp's sampler draws.
+    """
+    python = os.environ.get("LLAMA_PYTHON", "/work/llama-venv/bin/python")
+    if not os.path.exists(python):
+        pytest.skip(f"no llama-cpp-python interpreter at {python} (see test_llama_cpp_runs_the_ternary_gguf)")
+    model, vocab, ids = _student()
+    path = tmp_path / "s.gguf"
+    export_gguf(model, vocab, tokenizer_dir, path)
+    unused = sorted(set(range(300)) - set(vocab.tolist()))
+    script = ("import json,re,sys,llama_cpp,numpy as np\n"
+              "m=llama_cpp.Llama(sys.argv[1],n_ctx=256,verbose=False,n_threads=2,seed=1)\n"
+              "listed=[int(x) for x in re.findall(r'-?\\d+',m.metadata.get('tokenizer.ggml.suppress_tokens',''))]\n"
+              "def suppress(input_ids,scores):\n"
+              "    scores=np.array(scores,copy=True); scores[listed]=-np.inf; return scores\n"
+              "out={'listed':listed}\n"
+              "for name,procs in (('suppressed',llama_cpp.LogitsProcessorList([suppress])),('plain',None)):\n"
+              "    drawn=[]\n"
+              "    for r in range(8):\n"
+              "        for i,t in enumerate(m.generate(json.loads(sys.argv[2]),top_k=0,top_p=1.0,min_p=0.0,temp=1.0,\n"
+              "                                          repeat_penalty=1.0,logits_processor=procs)):\n"
+              "            drawn.append(int(t))\n"
+              "            if i==31: break\n"
+              "    out[name]=drawn\n"
+              "print(json.dumps(out))\n")
+    done = subprocess.run([python, "-c", script, str(path), json.dumps(vocab[ids[0, :8]].tolist())],
+                          capture_output=True, text=True, timeout=600, check=True)
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["listed"] == unused                      # llama.cpp reads the key, every unused id in it
+    assert len(out["suppressed"]) == 256 and not set(out["suppressed"]) & set(unused)
+    assert set(out["plain"]) & set(unused), "without the key's bias unused tokens are drawn: the check can fail"
+
+
 def test_export_cli_module_runs(tmp_path):
     out = subprocess.run([sys.executable, "-m", "hybrid_optimization.export", "no-such-run", "--runs_root",
                           str(tmp_path)], capture_output=True, text=True, timeout=120)
@@ -269,7 +322,8 @@ def test_export_cli_module_runs(tmp_path):
 
 def test_training_run_with_export_gguf_writes_a_fully_ternary_gguf(tmp_path):
     """The pipeline end to end (tiny preset, default student size, 2 steps): --export gguf leaves the packed student
-    and a GGUF whose every Linear layer is TQ1_0, both registered with the run."""
+    and a GGUF whose every Linear layer is TQ2_0 (the default: the faster-decoding ternary type), both registered
+    with the run; every exported file has the same mode (0644 under the usual umask)."""
     from hybrid_optimization.distill.options import TrainOptions
     from hybrid_optimization.distill.train import train
     from hybrid_optimization.tracking import RunStore
@@ -281,5 +335,5 @@ def test_training_run_with_export_gguf_writes_a_fully_ternary_gguf(tmp_path):
     reader, tensors = _gguf_tensors(gguf_path)
     kinds = {name: kind for name, (kind, _) in tensors.items()}
     assert {kinds[f"blk.0.{n}.weight"] for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
-                                                  "ffn_down")} == {"TQ1_0"}
+                                                  "ffn_down")} == {DEFAULT_LINEAR_TYPE} == {"TQ2_0"}
     assert kinds["output.weight"] == "F32" and run["artifacts"]["export"].endswith("student.safetensors")

@@ -5,9 +5,12 @@ student computes with), `generation_config.json` and the run's tokenizer files.
 The vocabulary is the tokenizer's full one (llama_format.py: embedding and head expanded, unused rows zero);
 `generation_config.suppress_tokens` lists the unused ids, so `model.generate()` never samples a token the student
 was not trained on. The folder is built under a temporary name and swapped in, so a failed export leaves nothing.
+Every file gets the mode an ordinary write gives (0644 under the usual umask), like the other exports: safetensors
+creates model.safetensors 0600.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,8 +70,18 @@ def export_hf(student: StudentLM, vocab: torch.Tensor, tokenizer_dir: str | Path
         copied = [name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
         for name in copied:
             shutil.copy2(tokenizer_dir / name, tmp / name)
+        mode = regular_file_mode()
+        for file in tmp.iterdir():
+            os.chmod(file, mode)
     folder = Path(path)
     if not folder.is_dir():
         raise ExportError(f"the HF export folder {folder} was not created")
     return HFExportReport(path=str(folder), folder_bytes=sum(f.stat().st_size for f in folder.iterdir()),
                           n_params=sum(t.value.numel() for t in tensors), n_unused_tokens=len(unused))
+
+
+def regular_file_mode() -> int:
+    """0666 less the process's umask: the mode open() gives a new file (os.umask can only be read by setting it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
