@@ -1,6 +1,16 @@
 """Workbench speed and memory, measured in a real browser (Debian Chromium + Playwright) against `streamlit run`.
 
     python benchmarks/bench_workbench.py [--soak-minutes 10] [--latency-samples 20] [--out results.json]
+    python benchmarks/bench_workbench.py --targets [--out results.json]     # issue 19's Compare/Sweep targets
+
+--targets (no browser; the server's part, through streamlit.testing's AppTest, which runs the real pages):
+- compare_grouped_render: 100 runs × 2,000 steps written through the real RunWriter (95 finished, 5 training),
+  all selected, grouped into 10 groups by learning rate, validation and training loss: a fresh session's
+  Compare render (target ≤ 2 s).
+- compare_live_tick: the same session after each of the 5 training runs logged 20 more steps: a rerun, which
+  reads only their new rows (target ≤ 0.5 s per tick); the curves fragment's own time is reported beside it.
+- sweep_200_render: a study of 200 trials (with intermediate values, a quarter pruned) on the Sweep page opened
+  by its ?sweep= link: history, intermediate values and importance drawn (target ≤ 2 s).
 
 What it measures (issue 4, "Measure"):
 1. latency: a metric row written through RunWriter (the trainer's API, default batched commits every 1 s) ->
@@ -87,7 +97,17 @@ def main() -> None:
     parser.add_argument("--latency-samples", type=int, default=20)
     parser.add_argument("--compare-steps", type=int, default=10_000)
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--targets", action="store_true", help="issue 19's Compare/Sweep server timings only")
+    parser.add_argument("--runs", type=int, default=100, help="--targets: runs in the Compare store")
+    parser.add_argument("--steps", type=int, default=2000, help="--targets: steps per run")
+    parser.add_argument("--trials", type=int, default=200, help="--targets: trials of the sweep")
     args = parser.parse_args()
+    if args.targets:
+        results = targets(args.runs, args.steps, args.trials)
+        print(json.dumps(results, indent=2))
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2))
+        return
     from playwright.sync_api import sync_playwright
 
     results: dict = {"machine": f"{os.cpu_count()} CPUs", "load_average_at_start": os.getloadavg()[0],
@@ -255,6 +275,150 @@ def main() -> None:
     print(json.dumps(results, indent=2))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
+
+
+CPU_TIMES: dict[str, list[float]] = {}
+
+
+def _timed_run(at, what: str = "") -> float:
+    """Wall seconds of one AppTest run; its CPU seconds (this process: the script runs in a thread of it) are
+    kept under `what` — on a shared, loaded machine they tell what an idle one would take."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    at.run()
+    elapsed = time.perf_counter() - t0
+    CPU_TIMES.setdefault(what, []).append(time.process_time() - c0)
+    if at.exception:
+        raise RuntimeError(f"the page raised: {at.exception[0].value}")
+    return elapsed
+
+
+def targets(n_runs: int = 100, n_steps: int = 2000, n_trials: int = 200, groups: int = 10, training: int = 5,
+            repeats: int = 3) -> dict:
+    """Issue 19's Compare and Sweep targets, measured on the real pages through AppTest (server side)."""
+    import numpy as np
+    import optuna
+    from streamlit.testing.v1 import AppTest
+
+    from hybrid_optimization import sweep as core
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    results: dict = {"machine": f"{os.cpu_count()} CPUs", "load_average_at_start": round(os.getloadavg()[0], 2),
+                     "runs": n_runs, "steps_per_run": n_steps, "groups": groups, "training_runs": training,
+                     "sweep_trials": n_trials}
+    rates = [float(r) for r in np.geomspace(1e-4, 1e-2, groups)]
+    with tempfile.TemporaryDirectory(prefix="bench-workbench-targets-") as tmp:
+        root = Path(tmp) / "runs"
+        os.environ["HYBRID_RUNS_ROOT"] = str(root)
+        store = RunStore(root)
+        t0 = time.perf_counter()
+        ids, live = [], []
+        for i in range(n_runs):
+            running = i >= n_runs - training
+            run_id = write_synthetic_run(store, n_steps, "running" if running else "finished", seed=i,
+                                         name=f"run-{i:03d}", n_samples=8, eval_every=100,
+                                         config={"base_learning_rate": rates[i % groups], "seed": i},
+                                         pid=os.getpid() if running else None)
+            ids.append(run_id)
+            if running:
+                live.append(run_id)
+        results["write_store_s"] = round(time.perf_counter() - t0, 1)
+        print(f"store: {n_runs} runs × {n_steps} steps written in {results['write_store_s']} s", flush=True)
+
+        app = str(REPO / "app.py")
+
+        def compare_session():
+            at = AppTest.from_file(app, default_timeout=600)
+            at.query_params["runs"] = ",".join(ids)
+            at.query_params["group"] = "cfg.base_learning_rate"
+            at.query_params["metrics"] = "eval:val_loss,loss"
+            at.run()
+            at.switch_page("workbench/pages/compare.py")
+            return at
+
+        renders, curves = [], []
+        for _ in range(repeats):
+            at = compare_session()
+            renders.append(_timed_run(at, "compare_grouped_render_cpu_s"))
+            curves.append(at.session_state["compare_tick"]["seconds"])
+        # The first session of a fresh server reads every run; later sessions (a reload, another tab) find the
+        # finished runs in the server-wide cache. Both are reported.
+        results["compare_grouped_render_first_session_s"] = round(renders[0], 3)
+        results["compare_grouped_render_first_session_cpu_s"] = round(CPU_TIMES["compare_grouped_render_cpu_s"][0], 3)
+        results["compare_grouped_render_s"] = summarise(renders)
+        results["compare_grouped_render_curves_part_s"] = summarise(curves)
+        shown = [c for c in at.get("plotly_chart")]
+        results["compare_charts_drawn"] = len(shown)
+        print("compare grouped render", results["compare_grouped_render_s"], "cpu",
+              summarise(CPU_TIMES["compare_grouped_render_cpu_s"]), flush=True)
+
+        writers = {r: store.writer(r) for r in live}
+        step = n_steps
+        ticks, tick_curves, tick_reads = [], [], []
+        for _ in range(5):
+            for run_id, writer in writers.items():      # one second of training at ~20 steps/s
+                for s in range(step + 1, step + 21):
+                    writer.log_step(s, wall_time=time.time(), loss=1.0 + 1.0 / s, learning_rate=1e-3)
+                writer.flush()
+            step += 20
+            ticks.append(_timed_run(at, "compare_live_tick_cpu_s"))
+            tick = at.session_state["compare_tick"]
+            tick_curves.append(tick["seconds"])
+            tick_reads.append(tick["runs_read"])
+        for writer in writers.values():
+            writer.close()
+        results["compare_live_tick_s"] = summarise(ticks)
+        results["compare_live_tick_curves_fragment_s"] = summarise(tick_curves)
+        results["compare_live_tick_runs_read"] = sorted(set(tick_reads))
+        print("compare live tick", results["compare_live_tick_s"], "fragment", results[
+            "compare_live_tick_curves_fragment_s"], "runs read per tick", results["compare_live_tick_runs_read"],
+              flush=True)
+
+        # -- Sweep page, 200 trials -----------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        spec = core.SweepSpec(name="bench", params=[core.parse_param("base_learning_rate=1e-4:1e-2:log"),
+                                                    core.parse_param("data_clusters=2:16"),
+                                                    core.parse_param("initial_trust_radius=1e-3:1:log")])
+        study, _ = core.open_study(spec, core.default_storage(root), "bench")
+        rng = np.random.default_rng(0)
+        dists = {"base_learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+                 "data_clusters": optuna.distributions.IntDistribution(2, 16),
+                 "initial_trust_radius": optuna.distributions.FloatDistribution(1e-3, 1.0, log=True)}
+        trials = []
+        for i in range(n_trials):
+            params = {"base_learning_rate": float(10 ** rng.uniform(-4, -2)), "data_clusters": int(rng.integers(2, 17)),
+                      "initial_trust_radius": float(10 ** rng.uniform(-3, 0))}
+            value = 4 + (np.log10(params["base_learning_rate"]) + 3) ** 2 + 0.01 * params["data_clusters"]
+            pruned = i % 4 == 3
+            trials.append(optuna.trial.create_trial(
+                params=params, distributions=dists, value=None if pruned else float(value),
+                state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE,
+                intermediate_values={s: float(value + 10 / s) for s in range(10, 31 if pruned else 61, 10)},
+                user_attrs={"run_id": ids[i % len(ids)]}))
+        study.add_trials(trials)
+        results["write_study_s"] = round(time.perf_counter() - t0, 1)
+        sweep_renders, warm = [], []
+        for _ in range(repeats):
+            at = AppTest.from_file(app, default_timeout=600)
+            at.query_params["sweep"] = "bench"
+            at.run()
+            at.switch_page("workbench/pages/sweep.py")
+            sweep_renders.append(_timed_run(at, "sweep_200_render_cpu_s"))
+            warm.append(_timed_run(at, "sweep_200_rerun_cpu_s"))
+        results["sweep_200_render_first_session_s"] = round(sweep_renders[0], 3)
+        results["sweep_200_render_first_session_cpu_s"] = round(CPU_TIMES["sweep_200_render_cpu_s"][0], 3)
+        results["sweep_200_render_s"] = summarise(sweep_renders)
+        results["sweep_200_rerun_s"] = summarise(warm)
+        results["sweep_figures_drawn"] = len(at.get("plotly_chart"))
+        print("sweep 200 render", results["sweep_200_render_s"], "rerun", results["sweep_200_rerun_s"], flush=True)
+    for what, values in CPU_TIMES.items():
+        if what:
+            results[what] = summarise(values)
+    bars = {"compare_grouped_render_s": 2.0, "compare_live_tick_s": 0.5, "sweep_200_render_s": 2.0}
+    results["targets_met_wall"] = {k: results[k]["median"] <= bar for k, bar in bars.items()}
+    results["targets_met_cpu"] = {k: results[k[:-2] + "_cpu_s"]["median"]
+                                  <= bar for k, bar in bars.items()}
+    results["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    return results
 
 
 def pick(page, label: str, option_text: str) -> None:

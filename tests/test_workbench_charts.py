@@ -309,3 +309,11 @@ def test_compare_axes_are_numeric_varying_and_short():
     go.Figure(fig.to_dict())
     assert not fig.layout.title.text and [d.label for d in fig.data[0].dimensions] == ["base LR (log)",
                                                                                         "aux NN hidden s…", "val"]
+
+
+def test_chart_series_smoothing_is_the_same_ema():
+    values = np.cumsum(np.random.default_rng(1).normal(size=3000)) + 50
+    steps = pd.DataFrame({"step": np.arange(3000), "loss": values})
+    for weight in (0.0, 0.6, 0.95):
+        series = queries.chart_series(steps, "loss", smoothing=weight, max_points=10_000)
+        np.testing.assert_allclose(series.smooth, queries.ema(pd.Series(values), weight), rtol=1e-9)

@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 from hybrid_optimization.tracking import RunStore
 from tests.fixtures.workbench_runs import write_synthetic_run
-from workbench import queries
+from workbench import headline, queries
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 LR_A, LR_B = 1e-3, 3e-3
@@ -229,8 +229,8 @@ def test_csv_has_validation_metrics_and_empty_cells_and_table_formats(seeds):
         writer.set_summary({**store.get_run(run_id)["summary"], "tokens_per_s": 294.137, "top1_agreement": 0.4567})
     at = _open(runs=",".join(ids[LR_A][:2]))
     table = at.dataframe[0].value.set_index("run id")
-    assert table.at[run_id, "Tokens/s (whole run)"] == 294.0
-    assert table.at[run_id, "Top-1 agreement"] == pytest.approx(45.67)      # shown as "%.1f%%": 45.7%
+    assert table.at[run_id, headline.value_label("tokens_per_s")] == 294.0
+    assert table.at[run_id, headline.value_label("top1_agreement")] == pytest.approx(45.67)      # shown as "%.1f%%": 45.7%
     diff = at.dataframe[-1].value
     assert "None" not in diff.to_string()
 

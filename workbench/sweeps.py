@@ -247,6 +247,16 @@ def figure(study, kind: str, objective_label: str = "objective", importance_para
     if kind not in FIGURES:
         raise ValueError(f"figure {kind!r} is invalid: it must be one of {', '.join(FIGURES)}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return _figure(study, kind, objective_label, importance_params)
+    except (ValueError, RuntimeError, ZeroDivisionError) as exc:    # e.g. too few trials for an evaluator
+        return None, f"Optuna could not draw it yet ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+
+
+def _figure(study, kind: str, objective_label: str, importance_params: list[str] | None):
+    import optuna
+    import optuna.visualization as ov
+
     complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
     params = sorted({p for t in complete for p in t.params})
     title = None

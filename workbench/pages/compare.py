@@ -25,6 +25,7 @@ STEP_METRICS = ("loss", "learning_rate", "lr_multiplier", "trust_radius", "const
 EVAL_PREFIX = queries.EVAL_PREFIX
 SELECTED = "compare_selected"
 CACHES = "compare_caches"       # run id -> queries.RunCache: what this session has read of each run
+DIFF_UP_TO = 20       # config diff columns (one per run)
 RAW_LINES_UP_TO = 6    # more overlaid runs: smoothed lines only, or the chart becomes a blur (and slow to draw)
 X_AXES = ("step", "wall time")
 ROWS = ("runs", "groups")
@@ -249,16 +250,36 @@ info = all_runs.set_index("run_id")
 caches: dict[str, queries.RunCache] = st.session_state.setdefault(CACHES, {})
 
 
+@st.cache_resource(max_entries=4096, show_spinner=False)
+def finished_run(_store: RunStore, root: str, run_id: str, step: int | None, status: str,
+                 columns: tuple[str, ...]) -> queries.RunCache:
+    """A run that no longer trains, read once for every session of this server (a reload, a second tab): its
+    rows cannot change while its step and status stay what they are, and both are part of the key."""
+    cache = queries.RunCache(run_id)
+    cache.refresh(_store, {"status": status}, columns=columns, log_lines=0)
+    return cache
+
+
 def refresh(run_ids: list[str], columns: tuple[str, ...], runs_now: dict[str, dict], live: bool = True) -> int:
-    """Bring each run's cache up to date, reading only rows newer than its step cursor; a finished run whose
-    cache is complete is not read at all, and live=False leaves running runs to the refreshing fragment.
-    Returns how many runs were read."""
+    """Bring each run's cache up to date, reading only rows newer than its step cursor; a finished run comes from
+    the server-wide cache (read once) and is not read again, and live=False leaves running runs to the refreshing
+    fragment. Returns how many runs were read by this session."""
     read = 0
     for run_id in run_ids:
         run = runs_now[run_id]
-        cache = caches.setdefault(run_id, queries.RunCache(run_id))
-        needs = (cache.reads == 0 or (live and run.get("status") in ACTIVE_STATUSES)
-                 or (live and cache.status != run.get("status")) or not set(columns) <= set(cache.columns))
+        status = run.get("status")
+        cache = caches.get(run_id)
+        if status not in ACTIVE_STATUSES:
+            if cache is None or cache.status != status or not set(columns) <= set(cache.columns):
+                step = run.get("step")
+                caches[run_id] = finished_run(store, str(store.root), run_id,
+                                              None if step is None or pd.isna(step) else int(step), status,
+                                              tuple(c for c in STEP_COLUMNS if c in set(columns)))
+            continue
+        if cache is None or (cache.status is not None and cache.status not in ACTIVE_STATUSES):
+            # Never refresh the server-wide object of a finished run in place: a resumed run gets this session's own.
+            cache = caches[run_id] = queries.RunCache(run_id)
+        needs = cache.reads == 0 or live or not set(columns) <= set(cache.columns)
         if needs:
             cache.refresh(store, run, columns=columns, log_lines=0)
             read += 1
@@ -378,11 +399,16 @@ if chosen:
                    "selected runs, and the result. Drag along an axis to filter.")
 
     st.subheader("Config diff")
-    # From the run table's cfg.* columns: no extra query per run.
+    # From the run table's cfg.* columns: no extra query per run. A column per run: readable for a few runs only.
+    if len(chosen) > DIFF_UP_TO:
+        st.caption(f"{len(chosen)} runs selected: the diff shows up to {DIFF_UP_TO} (a column per run); group them "
+                   "above, or narrow the selection.")
+    cfg_columns = [c for c in info.columns if c.startswith("cfg.")]
+    diffed = chosen[:DIFF_UP_TO]
+    configs = info.loc[diffed, cfg_columns].to_dict("index")       # one conversion, not a lookup per cell
     details = {labels[r]: {"preset": info.at[r, "preset"],
-                           "config": {c[4:]: info.at[r, c] for c in info.columns if c.startswith("cfg.")
-                                      and not queries._missing(info.at[r, c])}}
-               for r in chosen}
+                           "config": {c[4:]: v for c, v in configs[r].items() if not queries._missing(v)}}
+               for r in diffed}
     diff = queries.config_diff(details).map(queries.display_text)
     if len(details) < 2:
         st.caption("Select two or more runs to see what differs; the selected run's config:")
