@@ -104,9 +104,11 @@ def test_invalid_config_shows_the_cores_message_and_launches_nothing(filled, sta
     plain = __import__("workbench.ui", fromlist=["plain"]).plain      # shown literally (no markdown)
     assert plain(field_error("base_learning_rate", "fast").replace("HybridTrainingConfig.", "")) in errors
     assert plain(field_error("data_clusters", 0).replace("HybridTrainingConfig.", "")) in errors
-    at.button(key="launch").click().run()
-    assert "Not launched: the configuration has errors (see the messages above)." in _texts(at.error)
+    assert at.button(key="launch").disabled                 # no Launch while a field is invalid
     assert started == [] and len(queries.list_runs(store)) == before
+    at.text_input(key="cfg.base_learning_rate").input("0.001").run()
+    at.number_input(key="cfg.data_clusters").set_value(4).run()
+    assert not at.button(key="launch").disabled
 
 
 def test_launch_passes_the_form_to_the_cli_and_opens_the_live_view(filled, started, runs_root):
@@ -244,6 +246,8 @@ def test_clusters_and_precision_pages_show_the_run(filled):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics[headline.PLANNED_COMPRESSION_LABEL].endswith("×") and metrics[headline.PLANNED_BITS_LABEL] != "—"
     assert len(at.get("plotly_chart")) == 6
+    legend = next(d.value for d in at.dataframe if list(d.value.columns) == ["feature", "what it measures"])
+    assert dict(zip(legend.feature, legend["what it measures"]))["fisher"].startswith("curvature: mean squared")
 
 
 def test_compare_table_selection_diff_tags_and_housekeeping(filled):
@@ -360,14 +364,15 @@ def test_constant_learning_rate_is_drawn_at_its_value(runs_root):
 def test_baseline_switch_greys_out_hybrid_options_and_saves_them_off(runs_root, started):
     at = _app().run()
     at.toggle(key="opt.hybrid").set_value(False).run()
-    for name in config_form.HYBRID_SWITCHES:
+    for name in (*config_form.HYBRID_SWITCHES, "trust_radius_adaptation"):
         box = at.checkbox(key=f"baseline.{name}")
         assert box.disabled and box.value is False
+    assert at.selectbox(key="opt.embedder").disabled and at.selectbox(key="opt.cluster_batches").disabled
     at.button(key="launch").click().run()
     (argv,) = started
     assert "--hybrid" not in argv
     run = RunStore(runs_root).get_run(at.session_state["launched_run"])
-    assert not any(run["config"][name] for name in config_form.HYBRID_SWITCHES)
+    assert not any(run["config"][name] for name in (*config_form.HYBRID_SWITCHES, "trust_radius_adaptation"))
     assert at.title[0].value == "Live run"
 
 
@@ -381,7 +386,7 @@ def test_option_errors_sit_under_their_fields_without_internal_prefixes(runs_roo
     assert plain(f"3 is invalid: it must be an integer in [{low}, {high:,}]") in errors
     assert any(e.startswith("2") and plain("[0, 1]") in e for e in errors)
     assert not any("HybridTrainingConfig." in e for e in errors)
-    at.button(key="launch").click().run()
+    assert at.button(key="launch").disabled
     assert started == []
 
 
@@ -690,3 +695,18 @@ def test_figures_are_read_out_of_figures_html():
     (fig,) = bench_view.figures_from_html(html + html.replace('"H"', '"AdamW"'))[:1]
     assert list(fig.data[0].y) == [3, 4] and fig.data[0].name == "H"
     assert len(bench_view.figures_from_html(html + html)) == 2 and bench_view.figures_from_html("<html/>") == []
+
+
+def test_chat_page_draws_before_importing_torch(runs_root):
+    """Chat was blank for ~4 s while `import torch` ran before its first element: the page must draw its header
+    (and its run picker) without importing torch; the models load later, under a spinner."""
+    write_synthetic_run(RunStore(runs_root), 20, "running", name="not finished", seed=0)
+    code = ("import sys\nfrom streamlit.testing.v1 import AppTest\n"
+            f"at = AppTest.from_file({APP!r}, default_timeout=60)\nat.run()\n"
+            "at.switch_page('workbench/pages/chat.py').run()\n"
+            "assert not at.exception, at.exception\n"
+            "print(at.title[0].value, '|', 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HYBRID_RUNS_ROOT": str(runs_root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "Chat | False"

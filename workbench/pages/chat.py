@@ -14,10 +14,12 @@ import time
 
 import streamlit as st
 
-from hybrid_optimization.chat import WHO, Answer, ChatModels, Settings
 from workbench import ui
 
 ui.page_header("Chat", "The student's answer beside its teacher's, same prompt, same sampling settings.")
+# Drawn before anything heavy is imported (torch loads with the models, under the spinner below), so the page is
+# never blank while Python imports.
+from hybrid_optimization.chat import WHO, Answer, ChatModels, Settings  # noqa: E402
 store = ui.open_store()
 if store is None:
     st.stop()

@@ -15,6 +15,12 @@ OPTION_DEFAULTS = launcher.form_defaults()
 PRESET_DEFAULT = "preset default"   # shown for options where None means "what the preset says"
 
 
+# Switches of the hybrid-only groups (the auxiliary NN, trust region and clustering, adaptation included): a
+# baseline run shows and saves them off.
+BASELINE_OFF = tuple(name for group in config_form.HYBRID_GROUPS for name in config_form.GROUPS.get(group, ())
+                     if config_form.widget_kind(name) == "bool")
+
+
 def _key(kind: str, name: str) -> str:
     return f"{kind}.{name}"
 
@@ -65,7 +71,9 @@ def _config_values() -> dict:
     raw = {name: st.session_state[_key("cfg", name)] for name in config_form.defaults()}
     values = config_form.values_from_widgets(raw)
     # The baseline saves what it runs: no auxiliary NN, no trust region, no clustering.
-    return values if st.session_state[_key("opt", "hybrid")] else config_form.baseline_values(values)
+    if st.session_state[_key("opt", "hybrid")]:
+        return values
+    return {**config_form.baseline_values(values), **{name: False for name in BASELINE_OFF if name in values}}
 
 
 def _options(data_path: str | None) -> tuple[dict, dict[str, str]]:
@@ -108,7 +116,7 @@ def _config_widget(name: str, errors: dict[str, str], disabled: bool = False) ->
     help_text = config_form.HELP.get(name)
     kind = config_form.widget_kind(name)
     if kind == "bool":
-        if disabled and name in config_form.HYBRID_SWITCHES:
+        if disabled and name in BASELINE_OFF:
             # Shown as what the baseline runs (off), without touching the hybrid form's own value.
             st.checkbox(label, value=False, key=f"baseline.{name}", help=help_text, disabled=True)
         else:
@@ -243,9 +251,11 @@ with st.container(border=True):
                   help=f"Tokens per training window, {config_form.SEQ_LEN_RANGE[0]}–{config_form.SEQ_LEN_RANGE[1]}. "
                        "Empty: the preset's default (tiny 64, smollm2 128).")
     f1, f2, f3, f4 = st.columns(4)
-    f1.selectbox("Sample embedder", launcher.EMBEDDERS, key="opt.embedder",
-                 help="Features for data clustering: TF-IDF + SVD, or MiniLM sentence embeddings.")
-    f1.selectbox("Cluster batches", launcher.CLUSTER_BATCHES, key="opt.cluster_batches",
+    baseline_run = not st.session_state[_key("opt", "hybrid")]
+    f1.selectbox("Sample embedder", launcher.EMBEDDERS, key="opt.embedder", disabled=baseline_run,
+                 help="Features for data clustering: TF-IDF + SVD, or MiniLM sentence embeddings."
+                      + (" Not used by the baseline (it does not cluster its data)." if baseline_run else ""))
+    f1.selectbox("Cluster batches", launcher.CLUSTER_BATCHES, key="opt.cluster_batches", disabled=baseline_run,
                  help="Hybrid runs: every batch takes an equal share of each data cluster (mixed), or comes from "
                       "one cluster (single, the guide's per-cluster sampling; noisier gradients).")
     f2.text_input("Distillation α (optional)", key="opt.alpha", help="Weight of the teacher's soft targets.")
@@ -289,7 +299,8 @@ if "nproc" in option_errors:
 
 problems = len(config_errors) + len(option_errors) + (1 if data_error else 0) + (1 if store_problem else 0)
 launch_col, status_col = st.columns([1, 3])
-launch = launch_col.button("Launch", type="primary", key="launch", icon=":material/rocket_launch:")
+launch = launch_col.button("Launch", type="primary", key="launch", icon=":material/rocket_launch:",
+                           disabled=bool(problems), help="Fix the problems above first." if problems else None)
 if problems:
     status_col.warning(f"{problems} problem(s) above — fix them to launch.")
 if launch:

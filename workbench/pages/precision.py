@@ -4,10 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
 
 from hybrid_optimization.tracking import StoreError
 from workbench import charts, headline, queries, ui
+
+FEATURES = {
+    "sensitivity": "HAWQ-V2 score: curvature × ‖W − Q(W)‖² at the lowest bit-width; the planner gives the most "
+                   "sensitive layers the most bits",
+    "hessian_trace": "curvature: Hutchinson estimate of the Hessian's trace per parameter, tr(H)/n",
+    "fisher": "curvature: mean squared gradient of the layer's weights (empirical Fisher)",
+    "curvature": "the curvature used in the score: hessian_trace, or fisher where that estimate is ≤ 0",
+}
+
+
+def feature_meaning(name: str) -> str:
+    if name.startswith("err_"):
+        return f"relative quantization error ‖W − Q(W)‖ / ‖W‖ at {name[4:]} bits"
+    return FEATURES.get(name, "a feature the planner stored")
+
 
 ui.page_header("Precision", "How many bits each layer got, why, and what quantization does to it.")
 store = ui.open_store()
@@ -64,7 +80,13 @@ if export and Path(export).is_file():
 left, right = st.columns([2, 1])
 left.plotly_chart(charts.bits_per_layer_figure(plan), key="precision_bits")
 right.plotly_chart(charts.bits_by_module_figure(plan), key="precision_bits_module")
-st.plotly_chart(charts.sensitivity_heatmap(queries.sensitivity_table(plan)), key="precision_sensitivity")
+sensitivity = queries.sensitivity_table(plan)
+st.plotly_chart(charts.sensitivity_heatmap(sensitivity), key="precision_sensitivity")
+if not sensitivity.empty:
+    # The heatmap's rows, explained (hybrid_optimization/precision.py measures them).
+    st.dataframe(pd.DataFrame({"feature": list(sensitivity.columns),
+                               "what it measures": [feature_meaning(c) for c in sensitivity.columns]}),
+                 hide_index=True, width="stretch", key="precision_sensitivity_legend")
 st.plotly_chart(charts.param_cluster_figure(plan), key="precision_clusters")
 
 steps = sorted(history.step.unique()) if not history.empty else []
