@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
 import multiprocessing
 import os
@@ -41,162 +40,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import overhead, stats  # noqa: E402
-from benchmarks.methods import ALL, CHANGES, GUIDE_LR, MAIN, R, Method, build_optimizer, hybrid_config  # noqa: E402
-from benchmarks.workload import Prepared, prepare  # noqa: E402
-from hybrid_optimization import ClusterBalancedSampler  # noqa: E402
-from hybrid_optimization.distill.callbacks import DivergenceGuard, Evaluation, PrecisionPlanSwitch  # noqa: E402
-from hybrid_optimization.distill.evaluate import evaluate  # noqa: E402
-from hybrid_optimization.distill.loop import (TrainData, TrainState, fit, quantize_student,  # noqa: E402
-                                              set_optimizer_mode)
-from hybrid_optimization.distill.samplers import ShuffleBatchSampler  # noqa: E402
-from hybrid_optimization.distill.student import StudentLM  # noqa: E402
-from hybrid_optimization.distill.train import (PLAN_WARMUP_FRACTION, make_precision_plan, peak_rss_mb,  # noqa: E402
-                                               reset_peak_rss)
+from benchmarks.harness import RunResult, RunSpec, Timing, optimizer_state_bytes, run, run_plan  # noqa: E402,F401
+from benchmarks.methods import ALL, CHANGES, GUIDE_LR, MAIN, R  # noqa: E402
+from benchmarks.workload import prepare  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-ALPHA, TEMPERATURE = 0.5, 2.0         # the pipeline's defaults (TrainOptions.alpha / temperature)
-
-
-# -- one training run: the pipeline's own loop (distill.loop.fit) with a timing callback ---------------------------
-@dataclass(frozen=True)
-class RunSpec:
-    workload: str                     # W1 | W2 | W3 | W4x10 | W4/10 | tune-W2 ...
-    method: Method
-    bits: float                       # 32 = full precision; 1.58 ternary; 1 binary
-    lr: float                         # base LR (already scaled for W4)
-    seed: int
-    steps: int
-    batch_size: int
-    eval_every: int
-    device: str = "cpu"
-
-
-@dataclass
-class RunResult:
-    spec: RunSpec
-    evals: list[dict] = field(default_factory=list)       # {"step", "val_loss", "val_loss_fp", "qdiff_*", ...,
-                                                            #  "train_s", "train_cpu_s"} (training time so far)
-    losses: list[float] = field(default_factory=list)     # training loss of each step
-    multipliers: list[float] = field(default_factory=list)
-    radii: list[float] = field(default_factory=list)
-    constraint_active: list[bool] = field(default_factory=list)
-    hypergradients: list[float] = field(default_factory=list)   # the aux net's LR signal of each step
-    rhos: list[float] = field(default_factory=list)             # the trust-region agreement ratio of each step
-    skipped_steps: int = 0
-    diverged: bool = False
-    clustering_s: float = 0.0         # charged to the run when it samples by cluster
-    clustering_cpu_s: float = 0.0
-    train_s: float = 0.0
-    train_cpu_s: float = 0.0
-    peak_rss_mb: float | None = None  # during the training loop (Linux VmHWM, reset at the start)
-    optimizer_state_mb: float = 0.0   # tensors the optimizer keeps (moments, buffers, aux net), at the end
-    plan_avg_bits: float | None = None
-    plan_s: float = 0.0               # the precision plan (once; inside the step that makes it)
-    plan_cpu_s: float = 0.0
-
-
-class Timing:
-    """Each step timed on its own (wall clock and process CPU time; evaluations excluded, so the time to a target
-    is the training time it took, and the CPU time does not grow when other processes share the cores), plus the
-    hybrid optimizer's per-step decisions. First in the callback list, so a precision plan made before a step is
-    charged to that step."""
-
-    def __init__(self, result: RunResult, device: torch.device):
-        self.result, self.device = result, device
-
-    def on_step_start(self, state: TrainState) -> None:
-        self.started, self.started_cpu = time.perf_counter(), time.process_time()
-
-    def on_step_end(self, state: TrainState, metrics) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        r = self.result
-        r.train_s += time.perf_counter() - self.started
-        r.train_cpu_s += time.process_time() - self.started_cpu
-        r.losses.append(metrics.loss)
-        info = state.last_info
-        if info is not None:
-            r.multipliers.append(info.lr_multiplier)
-            r.radii.append(info.trust_radius)
-            r.constraint_active.append(bool(info.constraint_active))
-            r.hypergradients.append(info.hypergradient)
-            r.rhos.append(info.rho)
-            r.skipped_steps += int(info.skipped)
-
-
-def run(prepared: Prepared, spec: RunSpec) -> RunResult:
-    """One benchmark run on data prepared once: the pipeline's seeding, student, quantization, samplers, optimizer
-    and precision plan, trained by the pipeline's `fit`; no run store, checkpoints or per-layer diagnostics.
-    `tests/test_benchmarks_smoke.py` checks it gives the same validation loss as `train(options)`."""
-    method, device = spec.method, torch.device(spec.device)
-    result = RunResult(spec=spec)
-    cfg = hybrid_config(method, spec.lr, spec.bits, spec.steps, spec.batch_size, spec.seed,
-                        data_clusters=prepared.data_clusters)
-    clusters = prepared.clusters(spec.seed)
-    if method.data_clustering:
-        result.clustering_s, result.clustering_cpu_s = clusters.seconds, clusters.cpu_seconds
-
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    student = StudentLM(prepared.student_config).to(device)
-    if spec.bits < 16:
-        quantize_student(student, spec.bits, cfg.quantizer_scale)
-    if method.data_clustering:
-        sampler = ClusterBalancedSampler(clusters.train, spec.batch_size, max_repeats=cfg.max_sample_repeats,
-                                         seed=cfg.seed, mixed=method.mixed_batches)
-    else:
-        sampler = ShuffleBatchSampler(len(prepared.dataset.train), spec.batch_size, seed=cfg.seed)
-    optimizer, scheduler = build_optimizer(method, student, cfg, spec.steps, clusters.n_clusters)
-    logits, index = prepared.logits, prepared.eval_index
-    state = TrainState(model=student, optimizer=optimizer, sampler=sampler, scheduler=scheduler,
-                       data=TrainData(prepared.dataset.train.tokens, logits.train_values, logits.train_indices),
-                       total_steps=spec.steps, steps_per_epoch=spec.steps, alpha=ALPHA, temperature=TEMPERATURE,
-                       device=device, batch_clusters=method.data_clustering and not method.mixed_batches,
-                       grad_clip=method.clip, measure_updates=False, quantizer_scale=cfg.quantizer_scale)
-    set_optimizer_mode(optimizer, "train")
-
-    def validation(state: TrainState) -> dict:
-        return evaluate(state.model, prepared.dataset.val.tokens[index], logits.val_values[index],
-                        logits.val_indices[index], clusters.val[index], device=device)
-
-    callbacks = [Timing(result, device)]      # first: its timer starts before the plan is made in a step
-    plan = None
-    if method.param_clustering and spec.bits < 16:
-        at = method.plan_fraction if method.plan_fraction is not None else PLAN_WARMUP_FRACTION
-        plan = PrecisionPlanSwitch(max(1, round(at * spec.steps)), lambda s: make_precision_plan(
-            s.model, s.data.tokens, s.data.values, s.data.indices, cfg, spec.bits, spec.batch_size, ALPHA,
-            TEMPERATURE, device))
-        callbacks.append(plan)
-    if not method.is_hybrid:                  # a plain optimizer's weights are NaN after one non-finite loss
-        callbacks.append(DivergenceGuard(patience=1))
-    callbacks.append(Evaluation(validation, every_steps=spec.eval_every, annotate=lambda: {
-        "train_s": result.train_s + result.clustering_s, "train_cpu_s": result.train_cpu_s + result.clustering_cpu_s}))
-    reset_peak_rss()
-    fit(state, spec.steps, callbacks)
-    if state.plan is not None:
-        result.plan_avg_bits = float(state.plan.avg_bits)
-        result.plan_s, result.plan_cpu_s = plan.seconds, plan.cpu_seconds
-    result.evals = state.evals
-    result.peak_rss_mb = peak_rss_mb()
-    result.optimizer_state_mb = optimizer_state_bytes(optimizer) / 2 ** 20
-    final = result.evals[-1]["val_loss"] if result.evals else float("nan")
-    first = result.losses[0] if result.losses else float("nan")
-    # Diverged: a non-finite loss, or a final validation loss no better than the loss at the very first step.
-    result.diverged = state.diverged is not None or not math.isfinite(final) or not final < first
-    return result
-
-
-def optimizer_state_bytes(optimizer) -> int:
-    """Bytes of the tensors an optimizer keeps between steps (plus the aux net and its meta-optimizer)."""
-    total = 0
-    for state in optimizer.state.values():
-        total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
-    aux = getattr(optimizer, "aux_net", None)
-    if aux is not None:
-        total += sum(p.numel() * p.element_size() for p in aux.parameters())
-        for state in aux.meta_optimizer.state.values():
-            total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
-    return total
 
 
 @dataclass(frozen=True)

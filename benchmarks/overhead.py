@@ -10,6 +10,7 @@ import io
 import torch
 
 from hybrid_optimization import AuxiliaryNeuralNetwork, TrainingState
+from hybrid_optimization.auxiliary_nn import features as state_features
 
 from . import bench_core, bench_quantization
 from .common import median_time
@@ -52,8 +53,8 @@ def aux_net_cost(repeats: int = 200, rounds: int = 5) -> dict:
     median over `rounds` of the mean time of `repeats` back-to-back calls (microsecond-scale calls are timed in
     blocks, not one by one)."""
     aux = AuxiliaryNeuralNetwork()
-    features = TrainingState(current_loss=2.5, gradient_magnitude=0.1, cluster_id=0, loss_trend=0.98,
-                             gradient_variance=0.01, step_number=100).features()
+    features = state_features(TrainingState(current_loss=2.5, gradient_magnitude=0.1, cluster_id=0, loss_trend=0.98,
+                                            gradient_variance=0.01, step_number=100))
 
     def block(fn) -> float:
         def many():

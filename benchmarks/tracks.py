@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from benchmarks import stats
-from benchmarks.bench_hybrid import RunSpec, run    # the harness's one run function (the pipeline's loop)
+from benchmarks.harness import RunSpec, run    # the harness's one run function (the pipeline's loop)
 from benchmarks.methods import ABLATIONS, B1, B3, GUIDE_LR, H, R, Method
 
 ADAMW = replace(B1, key="AdamW", label="AdamW, constant LR (guide baseline)", tuned_lr=False)
@@ -43,6 +43,10 @@ ADAMW_COS = replace(R, key="AdamW-cos", label="AdamW + warmup + cosine (AlgoPerf
 SF = replace(B3, key="SF-AdamW", label="Schedule-Free AdamW (warmup 5 %)", tuned_lr=False)
 MUON = Method("Muon", "Muon (hidden matrices) + AdamW (embedding, norms, head), warmup + cosine", "muon",
               "warmup_cosine")
+# The LR-free anchor (issue 16): Prodigy estimates its own step size; the grid's LR is the factor on that estimate
+# relative to the guide's 1e-3 (methods.build_optimizer), so "an LR set 100× wrong" means the same for it.
+PRODIGY = Method("Prodigy", "Prodigy (LR-free; grid LR / 1e-3 = factor on its own estimate), warmup + cosine",
+                 "prodigy", "warmup_cosine")
 HYB = replace(H, key="H", label="Hybrid = distillation.py --hybrid (aux net, trust region, clusters, plan)")
 HYB_SCHED = replace(H, key="H-sched", label="H + its built-in warmup + cosine (optimizer's own schedule)",
                     builtin_schedule=True)
@@ -64,7 +68,7 @@ VARIANTS = (
     replace(H, key="H-plan50", label="H with the precision plan after 50 % of the steps instead of 10 %",
             plan_fraction=0.5),
 )
-TRACK_METHODS = (ADAMW, ADAMW_COS, SF, MUON, HYB, HYB_SCHED)
+TRACK_METHODS = (ADAMW, ADAMW_COS, SF, MUON, PRODIGY, HYB, HYB_SCHED)
 TRACK_ABLATIONS = tuple(m for m in ABLATIONS if m.key in ("H-aux", "H-TR", "H-param", "H-frozen"))
 ALL_TRACK = {m.key: m for m in (*TRACK_METHODS, *TRACK_ABLATIONS, HYB_HORIZON, *VARIANTS)}
 REFERENCE = "AdamW-cos"          # the target's source, AlgoPerf's tuned reference
@@ -140,7 +144,7 @@ def _init_worker(workload: str, device: str, threads: int) -> None:
 
 
 def _train(prepared, spec: RunSpec):
-    """One run through the pipeline's training step: bench_hybrid.run, the harness's one run function."""
+    """One run through the pipeline's training step: harness.run, the benchmarks' one run function."""
     return run(prepared, spec)
 
 
@@ -148,7 +152,7 @@ def run_one(spec: RunSpec) -> dict:
     result = _train(_PREPARED, spec)
     steps_done = len(result.losses)
     return {"method": spec.method.key, "lr": spec.lr, "seed": spec.seed, "steps": spec.steps,
-            "evals": [{k: e[k] for k in ("step", "val_loss", "val_loss_fp") if k in e} for e in result.evals],
+            "evals": [{k: e[k] for k in ("step", "val_loss", "val_loss_fp", "kl_teacher") if k in e} for e in result.evals],
             "diverged": bool(result.diverged), "skipped_steps": result.skipped_steps, "steps_done": steps_done,
             "train_cpu_s": result.train_cpu_s, "train_s": result.train_s,
             "cpu_ms_per_step": 1e3 * (result.train_cpu_s - result.plan_cpu_s) / max(steps_done, 1),
@@ -452,7 +456,7 @@ def probe(mode: str = "medium", steps: int = 10, device: str = "cpu", jobs: int 
             plan[key] = result.plan_cpu_s
             log(f"  {key}: {1e3 * per_step[key]:.0f} ms CPU / step, precision plan {plan[key]:.1f} s CPU")
         model = StudentLM(prepared.student_config)
-        from hybrid_optimization.distill.train import quantize_student
+        from hybrid_optimization.distill.loop import quantize_student
         quantize_student(model, BITS, 1.0)
         c = time.process_time()
         evaluate(model, prepared.dataset.val.tokens[prepared.eval_index],

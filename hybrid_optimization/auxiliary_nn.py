@@ -28,22 +28,8 @@ import math
 import torch
 from torch import nn
 
+from .controller import LR_RANGE, RADIUS_RANGE, trust_region_factor  # noqa: F401  (the ranges are the controller's)
 from .state import TrainingState
-
-LR_RANGE = (0.1, 10.0)
-RADIUS_RANGE = (0.001, 1.0)
-
-
-def trust_region_factor(rho: float | None, constraint_active: bool) -> float:
-    """The classic radius update: ×0.5 when the loss model was poor, ×2 when it was good and the radius bound."""
-    if rho is None or not math.isfinite(rho):
-        return 1.0
-    if rho < 0.25:
-        return 0.5
-    if rho > 0.75 and constraint_active:
-        return 2.0
-    return 1.0
-
 
 class AuxiliaryNeuralNetwork(nn.Module):
     def __init__(self, input_size: int = 6, hidden_size: int = 16, learning_rate: float = 0.001,
@@ -148,7 +134,12 @@ class AuxiliaryNeuralNetwork(nn.Module):
         self.meta_updates = int(state.get("meta_updates", 0))
 
 
+def features(state: TrainingState) -> torch.Tensor:
+    """The net's input: the state's normalised features (float32, shape [6])."""
+    return torch.tensor(state.feature_values(), dtype=torch.float32)
+
+
 def _features(state: TrainingState | torch.Tensor) -> torch.Tensor:
     if isinstance(state, TrainingState):
-        return state.features()
+        return features(state)
     return torch.as_tensor(state, dtype=torch.float32)

@@ -28,8 +28,22 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from .auxiliary_nn import LR_RANGE, trust_region_factor
 from .state import TrainingState, TrainingStateTracker
+
+LR_RANGE = (0.1, 10.0)         # the guide's LR multiplier range (the auxiliary net's output is squashed into it)
+RADIUS_RANGE = (0.001, 1.0)    # ... and the trust radius's
+
+
+def trust_region_factor(rho: float | None, constraint_active: bool) -> float:
+    """The classic radius update: ×0.5 when the loss model was poor, ×2 when it was good and the radius bound."""
+    if rho is None or not math.isfinite(rho):
+        return 1.0
+    if rho < 0.25:
+        return 0.5
+    if rho > 0.75 and constraint_active:
+        return 2.0
+    return 1.0
+
 
 RHO_BETA = 0.9          # running-average weight of the actual and predicted reductions behind ρ
 BACKOFF_RECOVERY = 1.25  # per taken step, the radius backoff after a non-finite step recovers toward 1

@@ -1,16 +1,15 @@
 """TrainingState: the six quantities the auxiliary network sees, and how they are normalised.
 
 The raw quantities span very different ranges (a gradient norm of 1e-6 and a step number of 10⁵ are both
-normal), so a small network cannot use them as they are. `features()` maps each to roughly [-3, 3]:
+normal), so a small network cannot use them as they are. `feature_values()` maps each to roughly [-3, 3]:
 log scale for quantities that span decades, a log-ratio for the loss trend, a bounded code for the cluster id.
 The mapping is fixed (not learned), so a saved auxiliary network means the same thing when it is loaded again.
+Torch-free (plain numbers), like the controller that uses it; auxiliary_nn.features(state) is the tensor.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
 
 FEATURE_NAMES = ("log_loss", "log_grad_norm", "cluster", "log_loss_trend", "log_grad_variance", "log_step")
 
@@ -25,12 +24,8 @@ class TrainingState:
     step_number: int
     n_clusters: int | None = None   # when known, the cluster id is scaled to [-1, 1]
 
-    def features(self) -> torch.Tensor:
-        """The normalised feature vector (float32, shape [6]); non-finite inputs map to 0."""
-        return torch.tensor(self.feature_values(), dtype=torch.float32)
-
     def feature_values(self) -> list[float]:
-        """The normalised features as plain numbers (what `features()` holds)."""
+        """The six normalised features (each clipped to [-5, 5]); non-finite inputs map to 0."""
         values = (
             _signed_log1p(self.current_loss),
             _log10(self.gradient_magnitude) / 4.0,

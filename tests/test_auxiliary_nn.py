@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hybrid_optimization import AuxiliaryNeuralNetwork, HybridTrainingConfig, HybridOptimizer, TrainingState
+from hybrid_optimization.auxiliary_nn import features
 from hybrid_optimization.state import FEATURE_NAMES, TrainingStateTracker
 
 
@@ -40,14 +41,14 @@ def test_outputs_stay_in_the_guide_ranges_whatever_the_weights():
 def test_features_are_normalised_and_robust():
     state = TrainingState(current_loss=2.5, gradient_magnitude=0.1, cluster_id=0, loss_trend=0.98,
                           gradient_variance=0.01, step_number=100)
-    f = state.features()
+    f = features(state)
     assert f.shape == (6,) and len(FEATURE_NAMES) == 6
     assert f[0] == pytest.approx(math.log1p(2.5))
     assert f[1] == pytest.approx(-0.25)                      # log10(0.1) / 4
     assert f[3] == pytest.approx(10 * math.log(0.98))
     assert f[5] == pytest.approx(math.log10(101) / 2)
     assert f.abs().max() <= 5
-    broken = TrainingState(float("nan"), float("inf"), 3, -1.0, float("nan"), 10 ** 9).features()
+    broken = features(TrainingState(float("nan"), float("inf"), 3, -1.0, float("nan"), 10 ** 9))
     assert torch.isfinite(broken).all() and broken.abs().max() <= 5
 
 
@@ -113,4 +114,4 @@ def test_tracker_builds_trend_and_variance():
         state = tracker.update(loss=10.0 / (1 + i), grad_norm=1.0 + (i % 2), cluster_id=i % 4, n_clusters=4)
     assert state.loss_trend < 1.0                       # the loss is falling
     assert state.gradient_variance == pytest.approx(0.25, rel=0.2)   # norms alternate 1, 2
-    assert state.step_number == 199 and state.features()[2] == pytest.approx(2 * 3 / 3 - 1)
+    assert state.step_number == 199 and state.feature_values()[2] == pytest.approx(2 * 3 / 3 - 1)

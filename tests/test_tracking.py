@@ -538,3 +538,42 @@ def test_a_duplicate_run_id_is_a_clear_error_not_a_damaged_store(store):
     _run(store, run_id="fixed-id")
     with pytest.raises(StoreError, match="a run with id 'fixed-id' already exists"):
         _run(store, run_id="fixed-id")
+
+
+def test_every_step_column_comes_from_a_numbered_migration_and_opening_writes_nothing(tmp_path):
+    """A new `store` field of StepMetrics needs a migration (tracking/schema.py: add_step_columns); a store of the
+    current version is opened without any write (its file is not touched)."""
+    from hybrid_optimization.tracking.schema import MIGRATIONS
+    conn = sqlite3.connect(":memory:")
+    for migrate in MIGRATIONS:
+        migrate(conn)
+    have = {r[1] for r in conn.execute("PRAGMA table_info(steps)")}
+    missing = [c for c in STEP_COLUMNS if c not in have]
+    assert not missing, f"step column(s) {missing} have no migration: add one with add_step_columns"
+    RunStore(tmp_path)
+    db = tmp_path / "runs.db"
+    before = (db.stat().st_mtime_ns, db.stat().st_size)
+    time.sleep(0.05)
+    RunStore(tmp_path)
+    RunStore(tmp_path, create=False)
+    assert (db.stat().st_mtime_ns, db.stat().st_size) == before
+
+
+def test_setup_stages_are_recorded_in_order_with_their_progress(tmp_path):
+    store = RunStore(tmp_path)
+    run_id = store.create_run(config={}, args={}, preset="tiny")
+    with store.writer(run_id, commit_every_s=60) as writer:
+        writer.stage("data")
+        writer.stage("data", ended=True)
+        for done in range(1, 101):             # only the newest update of a stage waits in a batch
+            writer.stage("teacher", done=done, total=100)
+        writer.flush()
+        rows = store.read_stages(run_id)
+        assert rows.column("stage") == ["data", "teacher"] and rows.column("pos") == [0, 1]
+        assert rows[0]["ended_at"] is not None and rows[1]["ended_at"] is None
+        assert (rows[1]["done"], rows[1]["total"]) == (100, 100)
+        writer.stage("teacher", ended=True)
+    (data, teacher) = store.read_stages(run_id)
+    assert teacher["ended_at"] >= teacher["started_at"] and teacher["done"] == 100   # the count is kept
+    store.delete_run(run_id, force=True)
+    assert len(store.read_stages(run_id)) == 0

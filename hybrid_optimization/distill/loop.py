@@ -1,7 +1,8 @@
 """The training loop: `train_step(state, batch) -> StepMetrics` and `fit(state, steps, callbacks)`.
 
 Everything that is not the ML — the run store, the console, evaluation, checkpoints, stop requests, flip
-tracking, the precision-plan switch, timing — is a callback (callbacks.py), called in list order:
+tracking, the precision-plan switch, timing — is a callback (callbacks.py), called by their `order` (ties, and
+objects without one, in list order; see callbacks.DEFAULT_ORDER):
 
     on_fit_start(state)                  once, before the first step
     on_step_start(state)                 before a step takes its batch (e.g. the precision-plan switch)
@@ -23,10 +24,13 @@ import numpy as np
 import torch
 
 from .. import distributed as dist_utils
+from ..optimizers import set_optimizer_mode  # noqa: F401  (the menu's one train/eval switch; re-exported)
 from ..quantization import quantize_model, quantized_layers
 from ..schema import HISTORY_KEYS, StepMetrics
 from .checkpoint import rng_state, set_rng_state
 from .losses import distillation_loss
+
+DEFAULT_ORDER = 80          # callbacks.DEFAULT_ORDER (callbacks.py imports this module, so the value lives here)
 
 
 @dataclass
@@ -134,6 +138,7 @@ def train_step(state: TrainState, batch_index: np.ndarray, cluster_id: int | Non
 
 def fit(state: TrainState, steps: int, callbacks: Sequence[Any] = ()) -> TrainState:
     """Train until `state.step == steps` or a callback sets `state.stop_reason`."""
+    callbacks = sorted(callbacks, key=lambda c: getattr(c, "order", DEFAULT_ORDER))     # stable: ties keep list order
     tokens_per_step = state.sampler.batch_size * (state.data.tokens.shape[1] - 1)
     fit_started, seconds_before = time.perf_counter(), state.train_seconds   # wall time, resumed runs included
     _call(callbacks, "on_fit_start", state)
@@ -197,13 +202,6 @@ def quantize_student(student: torch.nn.Module, bits, scale_factor: float) -> Non
     quantize_model(student, bits, scale_factor=scale_factor)
     for layer in quantized_layers(student).values():
         layer.scale_search_interval = 1
-
-
-def set_optimizer_mode(optimizer: Any, mode: str) -> None:
-    """Schedule-Free optimizers need .train() / .eval() around evaluation; plain torch optimizers have neither."""
-    method = getattr(optimizer, mode, None)
-    if callable(method) and not isinstance(optimizer, torch.nn.Module):
-        method()
 
 
 def _tensorise(value):

@@ -11,7 +11,8 @@ commit is one short transaction). The store is the single source of truth: the a
 Times are Unix seconds (float). Tags are lists of strings. Config, args and summary are stored as JSON.
 
 The package, one concept per module:
-    schema.py    tables, migrations keyed on PRAGMA user_version, integrity check on open, connection settings
+    schema.py    tables, numbered migrations keyed on PRAGMA user_version, integrity check on open, connection
+                 settings, apply_status (the one status transition)
     store.py     RunStore: create / manage runs, read them back as rows (pandas lives in workbench/queries.py)
     writer.py    RunWriter: the trainer only enqueues; a background thread commits; failures are recorded
     liveness.py  is a run's process still there (pid on this host, heartbeat elsewhere)
@@ -20,11 +21,11 @@ The package, one concept per module:
 """
 from .errors import RunNotFound, StoreDamaged, StoreError, StoreMissing
 from .liveness import pid_alive
-from .schema import (ACTIVE_STATUSES, DB_NAME, LAYER_COLUMNS, PLAN_COLUMNS, SAMPLE_COLUMNS, SCHEMA_VERSION, STATUSES,
-                     STEP_COLUMNS, TERMINAL_STATUSES)
+from .schema import (ACTIVE_STATUSES, DB_NAME, LAYER_COLUMNS, PLAN_COLUMNS, SAMPLE_COLUMNS, SCHEMA_VERSION,
+                     STAGE_COLUMNS, STATUSES, STEP_COLUMNS, TERMINAL_STATUSES)
 from .store import RUN_ID_PATTERN, Rows, RunStore, default_runs_root, new_run_id
 from .writer import RunWriter
 
 __all__ = ["ACTIVE_STATUSES", "DB_NAME", "LAYER_COLUMNS", "PLAN_COLUMNS", "RUN_ID_PATTERN", "Rows", "RunNotFound",
-           "RunStore", "RunWriter", "SAMPLE_COLUMNS", "SCHEMA_VERSION", "STATUSES", "STEP_COLUMNS", "StoreDamaged",
-           "StoreError", "StoreMissing", "TERMINAL_STATUSES", "default_runs_root", "new_run_id", "pid_alive"]
+           "RunStore", "RunWriter", "SAMPLE_COLUMNS", "SCHEMA_VERSION", "STAGE_COLUMNS", "STATUSES", "STEP_COLUMNS",
+           "StoreDamaged", "StoreError", "StoreMissing", "TERMINAL_STATUSES", "default_runs_root", "new_run_id", "pid_alive"]

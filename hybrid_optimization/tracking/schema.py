@@ -7,8 +7,13 @@ know). Version 1 is the schema of the first release, which recorded its version 
 left `user_version` at 0; such a file is recognised as version 1. A new store is version 0 run through every
 migration, so new and upgraded stores are built by the same code.
 
-The per-step scalar columns are not frozen in a migration: `STEP_COLUMNS` (the `store` fields of StepMetrics in
-hybrid_optimization/schema.py) is the one list of them, and opening a store adds any column it lacks (old rows read NULL there), so adding a metric needs no migration by hand.
+Every change of the tables is a numbered migration, the per-step scalar columns included: a new `store` field of
+StepMetrics (hybrid_optimization/schema.py, `STEP_COLUMNS`) needs a migration that adds its column
+(`add_step_columns`); tests/test_tracking.py fails until it has one. Opening a store of the current version writes
+nothing.
+
+Version 3 adds `stages`: a run's setup stages (reading the data, building the teacher, its logits, clustering,
+the student) with their progress, so the workbench shows them without reading the log.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..schema import ACTIVE_STATUSES, RUN_STATUSES, STEP_COLUMNS, TERMINAL_STATUSES
+from ..schema import ACTIVE_STATUSES, RUN_STATUSES, STEP_COLUMNS, TERMINAL_STATUSES  # noqa: F401 (re-exported)
 from .errors import StoreDamaged, StoreError, StoreMissing
 
 # The step columns and run statuses are the project's vocabulary (hybrid_optimization/schema.py: StepMetrics,
@@ -30,6 +35,7 @@ LAYER_COLUMNS = ("layer", "module_type", "bits", "n_params", "rel_error", "frac_
                  "flip_rate", "scale")
 PLAN_COLUMNS = ("layer", "module_type", "bits", "cluster", "n_params", "features_json")
 SAMPLE_COLUMNS = ("idx", "split", "cluster", "x", "y", "text", "n_tokens")
+STAGE_COLUMNS = ("stage", "pos", "started_at", "updated_at", "ended_at", "done", "total", "detail")
 BUSY_TIMEOUT_MS = 10_000
 
 # The first release's tables, frozen: its step columns are spelled out here because STEP_COLUMNS may grow.
@@ -83,8 +89,44 @@ def _v2_record_write_failures(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status)")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1_create_tables, _v2_record_write_failures)
+def add_step_columns(conn: sqlite3.Connection, columns: tuple[str, ...]) -> None:
+    """For a migration that adds StepMetrics store fields: their REAL columns (old rows read NULL there)."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(steps)")}
+    for column in columns:
+        if column not in have:
+            conn.execute(f"ALTER TABLE steps ADD COLUMN {column} REAL")
+
+
+def _v3_setup_stages(conn: sqlite3.Connection) -> None:
+    # One row per setup stage of a run; `done` / `total` its progress (NULL: no count), `ended_at` NULL while open.
+    conn.execute("CREATE TABLE IF NOT EXISTS stages (run_id TEXT NOT NULL, stage TEXT NOT NULL, pos INTEGER, "
+                 "started_at REAL, updated_at REAL, ended_at REAL, done REAL, total REAL, detail TEXT, "
+                 "PRIMARY KEY (run_id, stage)) WITHOUT ROWID")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1_create_tables, _v2_record_write_failures,
+                                                                _v3_setup_stages)
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def apply_status(conn: sqlite3.Connection, run_id: str, status: str, error: str | None,
+                 keep_error: bool = False) -> None:
+    """Set a run's status with the bookkeeping that goes with it (one place for trainer, launcher, liveness)."""
+    if status not in STATUSES:
+        raise ValueError(f"status {status!r} is invalid: it must be one of {', '.join(STATUSES)}")
+    now = time.time()
+    if status == "running":
+        # A (re)started run: clear the previous attempt's end, error and stop request.
+        conn.execute("UPDATE runs SET status = ?, started_at = COALESCE(started_at, ?), ended_at = NULL, "
+                     "error = NULL, heartbeat = ? WHERE run_id = ?", (status, now, now, run_id))
+    elif status == "queued":
+        conn.execute("UPDATE runs SET status = ?, ended_at = NULL, error = NULL, stop_requested = 0, heartbeat = ? "
+                     "WHERE run_id = ?", (status, now, run_id))
+    else:
+        # A terminal state: the stop request (if any) has been honoured, so a resume starts clean.
+        error_sql = "COALESCE(?, error)" if keep_error else "?"
+        conn.execute(f"UPDATE runs SET status = ?, ended_at = ?, error = {error_sql}, stop_requested = 0 "
+                     "WHERE run_id = ?", (status, now, error, run_id))
 
 
 # -- connections ----------------------------------------------------------------------------------------------------
@@ -218,22 +260,14 @@ def _upgrade(conn: sqlite3.Connection, version: int) -> None:
     if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
         # Persistent in the file; cannot change inside a transaction. Readers never block the writer in WAL mode.
         conn.execute("PRAGMA journal_mode=WAL")
-    missing_steps = None
     if version == SCHEMA_VERSION:
-        have = {r[1] for r in conn.execute("PRAGMA table_info(steps)")}
-        missing_steps = [c for c in STEP_COLUMNS if c not in have]
-        if not missing_steps:
-            return                              # the common case: nothing to write, a reader stays a reader
+        return                                  # the common case: nothing to write, a reader stays a reader
     with transaction(conn):
         # Re-read under the write lock: another process may have upgraded the file meanwhile.
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         current = user_version_of(conn, tables)
         for number in range(current + 1, SCHEMA_VERSION + 1):
             MIGRATIONS[number - 1](conn)
-        have = {r[1] for r in conn.execute("PRAGMA table_info(steps)")}
-        for column in STEP_COLUMNS:
-            if column not in have:
-                conn.execute(f"ALTER TABLE steps ADD COLUMN {column} REAL")
         # meta.schema_version keeps the first release's reader honest: it refuses a newer file with its own message.
         conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -24,11 +24,12 @@ import numpy as np
 from . import liveness
 from .errors import RunNotFound, StoreError
 from .files import describe_write_error, remove_stale_temps
-from .schema import (ACTIVE_STATUSES, DB_NAME, LAYER_COLUMNS, PLAN_COLUMNS, SAMPLE_COLUMNS, STATUSES, STEP_COLUMNS,
-                     check_runs_root, connect, damaged, open_database, transaction)
+from ..schema import default_runs_root
+from .schema import (ACTIVE_STATUSES, DB_NAME, LAYER_COLUMNS, PLAN_COLUMNS, SAMPLE_COLUMNS, STAGE_COLUMNS, STATUSES,
+                     STEP_COLUMNS, apply_status, check_runs_root, connect, damaged, open_database, transaction)
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_RUN_TABLES = ("steps", "evals", "layers", "plan", "samples", "logs", "artifacts", "runs")
+_RUN_TABLES = ("steps", "evals", "layers", "plan", "samples", "logs", "artifacts", "stages", "runs")
 _LIST_COLUMNS = ("run_id", "name", "status", "preset", "created_at", "started_at", "ended_at", "step",
                  "total_steps", "device", "pid", "host", "heartbeat", "tags", "notes", "archived")
 
@@ -59,12 +60,6 @@ class Rows(Sequence):
         return f"Rows({len(self)} × {self.columns})"
 
 
-def default_runs_root() -> Path:
-    """`$HYBRID_RUNS_ROOT` if set, else `~/.cache/hybrid-workbench/runs`."""
-    env = os.environ.get("HYBRID_RUNS_ROOT")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "hybrid-workbench" / "runs"
-
-
 def new_run_id() -> str:
     """Sortable by creation time, unique enough for one machine: e.g. 20261124-093012-3f2a."""
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
@@ -77,26 +72,6 @@ def json_or(value: str | None, default: Any) -> Any:
         return json.loads(value)
     except json.JSONDecodeError:
         return default
-
-
-def apply_status(conn: sqlite3.Connection, run_id: str, status: str, error: str | None,
-                 keep_error: bool = False) -> None:
-    """Set a run's status with the bookkeeping that goes with it (one place for trainer, launcher, liveness)."""
-    if status not in STATUSES:
-        raise ValueError(f"status {status!r} is invalid: it must be one of {', '.join(STATUSES)}")
-    now = time.time()
-    if status == "running":
-        # A (re)started run: clear the previous attempt's end, error and stop request.
-        conn.execute("UPDATE runs SET status = ?, started_at = COALESCE(started_at, ?), ended_at = NULL, "
-                     "error = NULL, heartbeat = ? WHERE run_id = ?", (status, now, now, run_id))
-    elif status == "queued":
-        conn.execute("UPDATE runs SET status = ?, ended_at = NULL, error = NULL, stop_requested = 0, heartbeat = ? "
-                     "WHERE run_id = ?", (status, now, run_id))
-    else:
-        # A terminal state: the stop request (if any) has been honoured, so a resume starts clean.
-        error_sql = "COALESCE(?, error)" if keep_error else "?"
-        conn.execute(f"UPDATE runs SET status = ?, ended_at = ?, error = {error_sql}, stop_requested = 0 "
-                     "WHERE run_id = ?", (status, now, error, run_id))
 
 
 class RunStore:
@@ -301,6 +276,12 @@ class RunStore:
         """How many batches (training steps) each data cluster supplied, from the steps' cluster_id."""
         return self._rows("SELECT CAST(cluster_id AS INTEGER) AS cluster, COUNT(*) AS batches FROM steps "
                           "WHERE run_id = ? AND cluster_id IS NOT NULL GROUP BY cluster_id ORDER BY cluster_id",
+                          (run_id,))
+
+    def read_stages(self, run_id: str) -> Rows:
+        """The run's setup stages in the order they began: stage, pos, started_at, updated_at, ended_at (NULL while
+        the stage runs), done and total (its progress; NULL when it has no count), detail."""
+        return self._rows(f"SELECT {', '.join(STAGE_COLUMNS)} FROM stages WHERE run_id = ? ORDER BY pos",
                           (run_id,))
 
     def read_logs(self, run_id: str, after_seq: int = 0, limit: int | None = None, tail: bool = False) -> Rows:

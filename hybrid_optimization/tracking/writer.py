@@ -29,9 +29,8 @@ import numpy as np
 
 from .errors import RunNotFound, StoreError
 from .files import describe_write_error
-from .schema import (LAYER_COLUMNS, PLAN_COLUMNS, SAMPLE_COLUMNS, STATUSES, STEP_COLUMNS, connect, is_locked,
-                     transaction)
-from .store import RunStore, apply_status
+from .schema import (LAYER_COLUMNS, PLAN_COLUMNS, SAMPLE_COLUMNS, STATUSES, STEP_COLUMNS, apply_status, connect,
+                     is_locked, transaction)
 
 STOP_POLL_S = 1.0
 RETRY_AFTER_FAILURE_S = 1.0
@@ -97,7 +96,7 @@ class _Batch:
 class RunWriter:
     """Appends one run's data; used only by that run's trainer process (see the module docstring)."""
 
-    def __init__(self, store: RunStore, run_id: str, commit_every_s: float = 1.0, max_buffer_rows: int = 2000,
+    def __init__(self, store: Any, run_id: str, commit_every_s: float = 1.0, max_buffer_rows: int = 2000,
                  heartbeat_every_s: float = 5.0, auto_heartbeat: bool = True):
         self.store = store
         self.run_id = run_id
@@ -231,6 +230,19 @@ class RunWriter:
                             scalar(row.get("n_tokens")), features))
         _require_unique([(r[1], r[2]) for r in records], "sample (split, idx)")
         self._enqueue(lambda batch: batch.ops.append(("samples", records)))
+
+    def stage(self, name: str, done: float | None = None, total: float | None = None, detail: str | None = None,
+              ended: bool = False) -> None:
+        """A setup stage began, progressed (`done` of `total`) or `ended` (store.read_stages reads them). Only the
+        newest update of a stage waits in a batch, so progress can be reported as often as it is known."""
+        op = ("stage", str(name), scalar(done), scalar(total), detail, time.time(), bool(ended))
+
+        def fill(batch: _Batch) -> None:
+            if batch.ops and batch.ops[-1][0] == "stage" and batch.ops[-1][1] == op[1] and not batch.ops[-1][6]:
+                batch.ops[-1] = op
+            else:
+                batch.ops.append(op)
+        self._enqueue(fill)
 
     def set_artifact(self, kind: str, path: str | os.PathLike) -> None:
         self._enqueue(lambda batch: batch.ops.append(("artifact", str(kind), str(path))))
@@ -392,6 +404,14 @@ class RunWriter:
                              (run_id, op[1], op[2]))
             elif op[0] == "status":
                 apply_status(conn, run_id, op[1], op[2])
+            elif op[0] == "stage":
+                _, name, done, total, detail, now, ended = op
+                conn.execute("INSERT INTO stages(run_id, stage, pos, started_at, updated_at, ended_at, done, total, "
+                             "detail) VALUES (?, ?, (SELECT COUNT(*) FROM stages WHERE run_id = ?), ?, ?, ?, ?, ?, ?) "
+                             "ON CONFLICT(run_id, stage) DO UPDATE SET updated_at = excluded.updated_at, "
+                             "ended_at = excluded.ended_at, done = COALESCE(excluded.done, done), "
+                             "total = COALESCE(excluded.total, total), detail = COALESCE(excluded.detail, detail)",
+                             (run_id, name, run_id, now, now, now if ended else None, done, total, detail))
 
     def _note_failure_on_run(self, message: str) -> None:
         """Record a failed commit on the run at once if the store can take this small write (the big batch may
