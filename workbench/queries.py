@@ -470,7 +470,8 @@ NO_GROUP = "(none)"
 GROUP_SPECIAL = ("sweep", "tag", "kind", "preset")       # beside every cfg.<field>
 GROUP_STATS = ("median", "mean")
 GROUP_BANDS = ("min–max", "± std")
-GROUP_GRID = 1000      # points per group line: the x grid every run of a group is interpolated onto
+GROUP_GRID = 600       # points per group line (the x grid its runs are interpolated onto): enough for a
+                       # smoothed curve, and it keeps a 10-group chart small to send on every live tick
 
 
 def group_labels(runs: pd.DataFrame, by: str, kinds: dict[str, str] | None = None) -> dict[str, str]:

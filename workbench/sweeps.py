@@ -143,6 +143,20 @@ def storage_url(runs_root: Path, storage: str | None = None) -> str:
     return storage or core.default_storage(runs_root)
 
 
+_STORAGES: dict[str, object] = {}
+
+
+def _storage(url: str):
+    """One Optuna storage per URL for this process: a new RDBStorage per call builds an SQLAlchemy engine and
+    re-reads every trial; a kept one caches the finished trials (Optuna's _CachedStorage), so a 200-trial sweep
+    page reads only what changed."""
+    import optuna
+
+    if url not in _STORAGES:
+        _STORAGES[url] = optuna.storages.get_storage(url)       # _CachedStorage(RDBStorage(url))
+    return _STORAGES[url]
+
+
 def list_sweeps(storage: str) -> list[str]:
     """Study names in the storage, newest first ([] when the storage does not exist yet)."""
     import optuna
@@ -150,14 +164,14 @@ def list_sweeps(storage: str) -> list[str]:
     if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).exists():
         return []
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    summaries = optuna.study.get_all_study_summaries(storage, include_best_trial=False)
+    summaries = optuna.study.get_all_study_summaries(_storage(storage), include_best_trial=False)
     return [s.study_name for s in sorted(summaries, key=lambda s: s.datetime_start or 0, reverse=True)]
 
 
 def load(storage: str, name: str):
     import optuna
 
-    return optuna.load_study(study_name=name, storage=storage)
+    return optuna.load_study(study_name=name, storage=_storage(storage))
 
 
 def spec_of(study) -> core.SweepSpec | None:
