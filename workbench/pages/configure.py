@@ -5,6 +5,8 @@ from __future__ import annotations
 import streamlit as st
 
 from hybrid_optimization.config import ConfigError, HybridTrainingConfig
+from hybrid_optimization.distill.reporting import REPORT_TO
+from hybrid_optimization.schema import BASE_OPTIMIZERS, SCHEDULES
 from hybrid_optimization.tracking import RunStore, StoreError, StoreMissing
 from workbench import config_form, datasets, launcher, presets, ui
 from workbench.launcher import LaunchError
@@ -12,7 +14,10 @@ from workbench.launcher import LaunchError
 FORM = "form_values"          # non-widget copy of every field: survives page switches (widget state does not)
 DATA_SOURCES = ("chatterbot-corpus (default)", "Upload a file", "Path on this machine")
 OPTION_DEFAULTS = launcher.form_defaults()
-PRESET_DEFAULT = "preset default"   # shown for options where None means "what the preset says"
+PRESET_DEFAULT = "preset default"
+OPTIMIZER_DEFAULT = "default"       # optimizer None: AdamW for the baseline, the config's base_optimizer for --hybrid
+# Options of the optimizer menu and the reporting back-ends (TrainOptions fields), with the form's starting values.
+MENU_DEFAULTS = {"optimizer": OPTIMIZER_DEFAULT, "schedule": SCHEDULES[0], "warmup_steps": 0, "report_to": []}   # shown for options where None means "what the preset says"
 
 
 # Switches of the hybrid-only groups (the auxiliary NN, trust region and clustering, adaptation included): a
@@ -30,7 +35,7 @@ def _init_state() -> None:
     for name, value in config_form.defaults().items():
         form.setdefault(_key("cfg", name), config_form.widget_value(name, value))
     text_options = {"epochs", "seq_len", "alpha", "temperature", "teacher", "run_name", "data_path"}
-    for name, value in {**OPTION_DEFAULTS, "data_source": DATA_SOURCES[0], "data_path": "", "tags": "",
+    for name, value in {**OPTION_DEFAULTS, **MENU_DEFAULTS, "data_source": DATA_SOURCES[0], "data_path": "", "tags": "",
                         "student_size": PRESET_DEFAULT}.items():
         if name in text_options:
             value = "" if value is None else str(value)
@@ -60,6 +65,10 @@ def _set_form(config: dict, options: dict) -> None:
             name, value = "data_path", value or ""
         elif name in ("epochs", "seq_len", "alpha", "temperature", "teacher", "run_name"):
             value = "" if value is None else str(value)
+        elif name == "optimizer" and value is None:
+            value = OPTIMIZER_DEFAULT
+        elif name == "report_to":
+            value = list(value or [])
         elif name == "student_size" and value is None:
             value = PRESET_DEFAULT
         form[_key("opt", name)] = value
@@ -93,7 +102,10 @@ def _options(data_path: str | None) -> tuple[dict, dict[str, str]]:
     options = dict(preset=get("preset"), hybrid=get("hybrid"), data=data_path, teacher=get("teacher").strip() or None,
                    student_size=None if get("student_size") == PRESET_DEFAULT else get("student_size"), device=get("device"), nproc=int(get("nproc")),
                    embedder=get("embedder"), cluster_batches=get("cluster_batches"), export=get("export"), save_metrics=get("save_metrics"),
-                   run_name=get("run_name").strip() or None, tags=tags, **parsed)
+                   run_name=get("run_name").strip() or None, tags=tags,
+                   optimizer=None if get("optimizer") == OPTIMIZER_DEFAULT else get("optimizer"),
+                   schedule=get("schedule"), warmup_steps=int(get("warmup_steps")), report_to=list(get("report_to")),
+                   **parsed)
     return options, errors
 
 
@@ -266,6 +278,16 @@ with st.container(border=True):
     g1, g2 = st.columns(2)
     g1.text_input("Run name (optional)", key="opt.run_name")
     g2.text_input("Tags (comma-separated)", key="opt.tags")
+    h1, h2, h3, h4 = st.columns(4)
+    h1.selectbox("Optimizer", [OPTIMIZER_DEFAULT, *BASE_OPTIMIZERS], key="opt.optimizer",
+                 help="The update rule (--optimizer). default: AdamW for the baseline; for a hybrid run the config's "
+                      "base_optimizer below. Which ones combine with --hybrid and a schedule is checked here.")
+    h2.selectbox("LR schedule", SCHEDULES, key="opt.schedule",
+                 help="--schedule, after the warmup: constant, cosine decay, or warmup-stable-decay (wsd).")
+    h3.number_input("Warmup steps", key="opt.warmup_steps", step=1, help="Linear LR warmup steps (--warmup_steps).")
+    h4.multiselect("Also report to", REPORT_TO, key="opt.report_to",
+                   help="Write the run's metrics to these trackers too (--report_to), besides this workbench; "
+                        "each needs its package installed.")
 
 config_values = _config_values()
 config_errors = config_form.validate(config_values)
@@ -277,7 +299,7 @@ if data_error:
     option_errors.pop("data", None)  # already shown next to the data source
 # Errors of the run options sit under their own fields (the widgets above are drawn; these slots follow them).
 for slot, name in ((e3, "epochs"), (e4, "seq_len"), (f2, "alpha"), (f3, "temperature"), (e1, "teacher"),
-                   (g2, "tags")):
+                   (g2, "tags"), (h1, "optimizer"), (h2, "schedule"), (h3, "warmup_steps"), (h4, "report_to")):
     _field_error(option_errors, name, where=slot)
 
 st.subheader("HybridTrainingConfig")
