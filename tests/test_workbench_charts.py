@@ -121,15 +121,6 @@ def test_run_cache_reads_only_new_rows(tmp_path):
 
 
 # -- summaries, sizes, diffs, CSV -------------------------------------------------------------------------------------
-def test_summary_text_matches_the_guide():
-    text = queries.summary_text({"total_steps": 20, "final_loss": 0.456789, "avg_lr_multiplier": 1.15,
-                                 "constraint_activation_rate": 0.325, "final_trust_radius": 0.012345})
-    assert text.splitlines() == ["HYBRID OPTIMIZATION SUMMARY", "=" * 60, "Total Steps: 20", "Final Loss: 0.456789",
-                                 "Avg Learning Rate Multiplier: 1.15x", "Constraint Activation Rate: 32.5%",
-                                 "Final Trust Radius: 0.012345", "=" * 60]
-    assert "Final Loss: —" in queries.summary_text({})
-
-
 def test_plan_size_is_parameter_weighted():
     plan = pd.DataFrame({"layer": ["a", "b"], "bits": [2.0, 1.0], "n_params": [1000, 3000]})
     size = queries.plan_size(plan)
@@ -317,3 +308,12 @@ def test_chart_series_smoothing_is_the_same_ema():
     for weight in (0.0, 0.6, 0.95):
         series = queries.chart_series(steps, "loss", smoothing=weight, max_points=10_000)
         np.testing.assert_allclose(series.smooth, queries.ema(pd.Series(values), weight), rtol=1e-9)
+
+
+def test_run_and_group_names_are_text_in_legends():
+    fig = charts.line_figure(pd.concat([_series("r1"), _series("r2")]), "Loss",
+                             labels={"r1": "<b>bold</b>", "r2": "<a href='x'>link</a>"})
+    names = {t["name"] for t in fig.data if t["showlegend"] is not False}
+    assert names == {"&lt;b&gt;bold&lt;/b&gt;", "&lt;a href='x'&gt;link&lt;/a&gt;"}
+    groups = queries.group_series(_series("r1"), {"r1": "<i>tag</i>"})
+    assert charts.group_figure(groups, "Loss").data[-1]["name"] == "&lt;i&gt;tag&lt;/i&gt; (n=1)"

@@ -5,6 +5,7 @@ kept across every chart, per-chart log-y, and a fixed `uirevision` so zoom and p
 """
 from __future__ import annotations
 
+import html
 import math
 import textwrap
 
@@ -118,6 +119,7 @@ def line_figure(series: pd.DataFrame, title: str, x_title: str = "step", log_y: 
             label = (labels or {}).get(key, series_name(key) if not by_run else key)
             if by_run and len(names) > 1:
                 label = f"{label} · {series_name(name)}"
+            label = html.escape(label, quote=False)     # a run name is the user's text: never markup in the legend
             dash = SERIES_DASHES[s % len(SERIES_DASHES)] if by_run else "solid"
             x, y_raw, y_smooth = part.x.to_numpy(), part.raw.to_numpy(), part.smooth.to_numpy()
             if raw and not np.allclose(y_raw, y_smooth, equal_nan=True):
@@ -395,7 +397,8 @@ def group_figure(groups: pd.DataFrame, title: str, x_title: str = "step", log_y:
             if part.empty:
                 continue
             runs = int(part.n.max())
-            label = f"{group} (n={runs})" + (f" · {series_name(name)}" if len(names) > 1 else "")
+            label = html.escape(f"{group} (n={runs})" + (f" · {series_name(name)}" if len(names) > 1 else ""),
+                                quote=False)             # a group can be a tag: the user's text, never markup
             x = part.x.to_numpy()
             traces.append(dict(type="scatter", x=x, y=part.high.to_numpy(), mode="lines", line=dict(width=0),
                                legendgroup=label, showlegend=False, hoverinfo="skip", name=f"{label} high"))

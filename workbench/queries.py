@@ -12,11 +12,11 @@ import io
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from hybrid_optimization import schema
 from hybrid_optimization.tracking import ACTIVE_STATUSES, LAYER_COLUMNS, STEP_COLUMNS, Rows, RunStore
 
 MAX_POINTS = 2000          # per series, after downsampling (stated in the UI)
@@ -55,7 +55,6 @@ def other_eval_keys(keys) -> list[str]:
     """Eval keys no named chart shows (and that are not per-cluster losses)."""
     named = {k for members in EVAL_CHARTS.values() for k in members}
     return sorted(k for k in keys if k not in named and not str(k).startswith("val_loss_cluster_"))
-SUMMARY_LINES = schema.SUMMARY_LINES   # (label, summary key, format) of the guide's block; one definition
 
 
 # -- store rows -> DataFrames ---------------------------------------------------------------------------------------
@@ -372,11 +371,6 @@ def run_series(cache: RunCache, metric: str, x: str = "step", smoothing: float =
 
 
 # -- run summary, sizes, diffs, exports -----------------------------------------------------------------------------
-def summary_text(summary: dict) -> str:
-    """The guide's summary block: schema.render_summary, the one renderer (CLI and app)."""
-    return schema.render_summary(summary)
-
-
 def plan_size(plan: pd.DataFrame) -> dict:
     """Parameter-weighted average bits of the quantized layers, their packed size and compression vs FP32."""
     if plan.empty or "bits" not in plan or "n_params" not in plan:

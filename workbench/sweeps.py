@@ -256,7 +256,6 @@ def figure(study, kind: str, objective_label: str = "objective", importance_para
     RELIABLE_IMPORTANCE_TRIALS completed trials make it unreliable. contour draws the two most important
     parameters (importance_params), or the first two searched."""
     import optuna
-    import optuna.visualization as ov
 
     if kind not in FIGURES:
         raise ValueError(f"figure {kind!r} is invalid: it must be one of {', '.join(FIGURES)}")

@@ -26,6 +26,7 @@ EVAL_PREFIX = queries.EVAL_PREFIX
 SELECTED = "compare_selected"
 CACHES = "compare_caches"       # run id -> queries.RunCache: what this session has read of each run
 DIFF_UP_TO = 20       # config diff columns (one per run)
+CSV_AT_ONCE_ROWS = 50_000   # a larger selection's CSV is built on request ("Prepare"), not on every render
 RAW_LINES_UP_TO = 6    # more overlaid runs: smoothed lines only, or the chart becomes a blur (and slow to draw)
 X_AXES = ("step", "wall time")
 ROWS = ("runs", "groups")
@@ -94,7 +95,7 @@ def _to_url(values: dict) -> None:
 _from_url()
 # Colours follow creation order over all runs, so a run keeps its colour whatever else is selected.
 colors = charts.run_colors(list(all_runs.sort_values("created_at").run_id))
-labels = {row.run_id: queries.run_label(row._asdict()) for row in all_runs.itertuples()}
+labels = {row.run_id: queries.run_label(row._asdict()) for row in all_runs.itertuples()}   # charts escape them
 selected: set[str] = st.session_state.setdefault(SELECTED, set())
 linked = [r for r in st.query_params.get("runs", "").split(",") if r in set(all_runs.run_id)]
 if linked and ",".join(linked) != st.session_state.get("_runs_in_url"):   # ?runs=<id>,<id> links to a comparison
@@ -136,7 +137,7 @@ if query_text.strip():
     try:
         runs = runs[queries.query_runs(queries.query_frame(runs, kinds), query_text)]
     except queries.QueryError as exc:
-        st.error(str(exc), icon=":material/error:")
+        st.error(ui.plain(exc), icon=":material/error:")
 
 # -- grouping ---------------------------------------------------------------------------------------------------------
 varying = [c for c in runs.columns if c.startswith("cfg.")
@@ -235,7 +236,7 @@ else:
             if after.notes != before.notes:
                 store.set_notes(table.at[before.Index, "run id"], after.notes)
         except StoreError as exc:
-            st.error(str(exc))
+            st.error(ui.plain(exc))
 chosen = [r for r in runs.run_id if r in selected]      # what the filters show is what is compared
 if chosen:
     st.session_state.pop("compare_cleared", None)
@@ -423,11 +424,23 @@ if not chosen:
     st.caption("Select runs in the table to export, archive or delete them.")
     st.stop()
 d1, d2, d3 = st.columns(3)
-d1.download_button("Download metrics CSV", data=lambda: queries.metrics_csv(store, chosen),
-                   file_name=f"metrics-{len(chosen)}-runs.csv", mime="text/csv", icon=":material/download:",
-                   key="compare_csv", help=f"Every logged step of the selected run(s) and their evaluations; "
-                                           f"columns: run_id, step, wall_time, {', '.join(STEP_COLUMNS)}, then "
-                                           "val_loss, val_ppl, … (empty where not logged)")
+# The file is built before its button renders (a deferred build can vanish in a rerun and deliver nothing): at
+# once for a small selection, after "Prepare" for a large one, so that opening the page never reads every row.
+csv_help = (f"Every logged step of the selected run(s) and their evaluations; columns: run_id, step, wall_time, "
+            f"{', '.join(STEP_COLUMNS)}, then val_loss, val_ppl, … (empty where not logged)")
+csv_key = (tuple(chosen), tuple(str(info.at[r, "step"]) + str(info.at[r, "status"]) for r in chosen))
+prepared = st.session_state.get("compare_csv_file")
+rows_to_write = sum(int(info.at[r, "step"] or 0) if not pd.isna(info.at[r, "step"]) else 0 for r in chosen)
+if (prepared is None or prepared[0] != csv_key) and rows_to_write <= CSV_AT_ONCE_ROWS:
+    prepared = st.session_state["compare_csv_file"] = (csv_key, queries.metrics_csv(store, chosen))
+if prepared is not None and prepared[0] == csv_key:
+    d1.download_button("Download metrics CSV", data=prepared[1], file_name=f"metrics-{len(chosen)}-runs.csv",
+                       mime="text/csv", icon=":material/download:", key="compare_csv", help=csv_help,
+                       on_click="ignore")
+elif d1.button(f"Prepare metrics CSV ({rows_to_write:,} steps)", key="compare_csv_prepare",
+               icon=":material/table:", help=csv_help):
+    st.session_state["compare_csv_file"] = (csv_key, queries.metrics_csv(store, chosen))
+    st.rerun()
 archive_label = "Unarchive selected" if show_archived and info.loc[chosen, "archived"].all() else "Archive selected"
 if d2.button(archive_label, key="compare_archive", icon=":material/archive:"):
     for r in chosen:
@@ -449,4 +462,4 @@ if d3.button("Delete selected", key="compare_delete", icon=":material/delete:", 
         st.session_state["compare_problems"] = problems
     st.rerun()
 for problem in st.session_state.pop("compare_problems", []):
-    st.error(problem)
+    st.error(ui.plain(problem))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from urllib.parse import quote
 
 import pandas as pd
 import streamlit as st
@@ -49,13 +50,13 @@ if running:
                 else pd.DataFrame(columns=["state"])
         except Exception as exc:            # the storage went away: say so, keep the panel
             frame = pd.DataFrame(columns=["state"])
-            st.caption(f"cannot read the study: {exc}")
+            st.caption(f"cannot read the study: {ui.plain(exc)}")
         done, total = sweeps.progress(info, frame)
         with st.container(border=True, key="sweep_running_panel"):
             alive = info.get("alive")
             badge = ":blue-badge[running]" if alive else ":green-badge[finished]"
-            st.markdown(f"{badge} **Sweep {running}**: trials {done}/{total if total else '?'} · "
-                        f"[link to this sweep](/sweep?sweep={running})")
+            st.markdown(f"{badge} **Sweep {ui.plain(running)}**: trials {done}/{total if total else '?'} · "
+                        f"[link to this sweep](/sweep?sweep={quote(running)})")
             if total:
                 st.progress(min(1.0, done / total), text=f"{done}/{total} trials over")
             if not alive and st.button("Dismiss", key="sweep_dismiss"):
@@ -120,7 +121,7 @@ with new_tab:
             params.append(spec)
         except core.SweepError as exc:
             message = re.sub(r"^--param '[^']*' is invalid: ", "", str(exc))
-            st.error(f"{field_name}: {message}", icon=":material/error:")
+            st.error(f"{field_name}: {ui.plain(message)}", icon=":material/error:")
             errors[field_name] = message
     fixed = [] if hybrid else ["hybrid=false"]
     running_here = sweeps.process_info(root, name.strip()).get("alive", False) if name.strip() else False
@@ -132,7 +133,7 @@ with new_tab:
             sweeps.start(root, name.strip(), int(trials), params, objective, target, preset, int(max_steps),
                          int(eval_every), int(workers), pruning, fixed, storage_text.strip() or None)
         except core.SweepError as exc:
-            st.error(f"Not started: {exc}")
+            st.error(f"Not started: {ui.plain(exc)}")
         else:
             st.session_state["sweep_selected"] = name.strip()
             st.session_state["sweep_running"] = name.strip()
@@ -142,7 +143,7 @@ with new_tab:
 
 with results_tab:
     if storage_problem:
-        st.error(storage_problem)
+        st.error(ui.plain(storage_problem))
     wanted = st.session_state.get("sweep_selected")
     if wanted and wanted not in names and sweeps.process_info(root, wanted).get("alive"):
         # Just started: its process has not created the study yet. Look again every 2 s, then redraw the page.
@@ -150,7 +151,7 @@ with results_tab:
         def wait_for_study() -> None:
             if wanted in sweeps.list_sweeps(storage):
                 st.rerun()
-            st.info(f"Sweep {wanted} is starting (its first trial sets up a training run)…")
+            st.info(f"Sweep {ui.plain(wanted)} is starting (its first trial sets up a training run)…")
 
         wait_for_study()
     elif not names:
@@ -189,7 +190,7 @@ with results_tab:
                 st.caption(f"Objective: {core.OBJECTIVE_LABELS[spec.objective]} (minimised) · search space: "
                            + "; ".join(f"`{p.spec()}`" for p in spec.params)
                            + f" · {spec.max_steps} steps per trial, evaluated every {spec.eval_every} epoch(s), "
-                             f"preset {spec.preset} · link: [/sweep?sweep={picked}](/sweep?sweep={picked})")
+                             f"preset {spec.preset} · link: [/sweep?sweep={ui.plain(picked)}](/sweep?sweep={quote(picked)})")
             if frame.empty:
                 st.caption("No trial yet: the first one is setting up.")
                 return
@@ -202,7 +203,7 @@ with results_tab:
                 fig, why = figure_of(storage, picked, kind, signature, objective_label)
                 with where:
                     if fig is None:
-                        st.caption(f"{kind}: {why}.")
+                        st.caption(f"{kind}: {ui.plain(why)}.")
                     else:
                         st.plotly_chart(fig, key=f"sweep_fig.{kind}", config={"displaylogo": False})
 
@@ -244,8 +245,9 @@ with results_tab:
                 cols = st.columns([1, 1, 2])
                 cols[0].metric(objective_label, f"{trial.value:.4f}")
                 cols[1].metric("Trial", f"#{trial.number}")
-                cols[2].markdown(f"run [`{run_id}`](/live?run={run_id}) · "
-                                 + ", ".join(f"`{k}` = {sweeps.format_param(v)}" for k, v in trial.params.items()))
+                cols[2].markdown(f"run [`{run_id}`](/live?run={quote(str(run_id))}) · "
+                                 + ", ".join(f"`{k}` = {ui.plain(sweeps.format_param(v))}"
+                                             for k, v in trial.params.items()))
                 try:
                     store = RunStore(root, create=False)
                     run = store.get_run(run_id)
