@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from hybrid_optimization import HybridOptimizer, HybridTrainingConfig
-from hybrid_optimization.controller import HybridController
+from hybrid_optimization.optimizers import build_optimizer as menu_build
 
 GUIDE_LR = 1e-3
 WARMUP_FRACTION = 0.05          # AlgoPerf's NAdamW baseline warms up over ~5 % of the steps
@@ -39,7 +39,7 @@ RECOMMENDED: dict = {}
 class Method:
     key: str
     label: str
-    optimizer: str                          # adamw | schedulefree | hybrid
+    optimizer: str                          # schema.BASE_OPTIMIZERS (the product's --optimizer) | hybrid
     schedule: str = "constant"              # constant | warmup_cosine
     clip: float | None = None
     tuned_lr: bool = False                  # True: base LR = the workload's tuned LR; False: the guide's 0.001
@@ -49,7 +49,7 @@ class Method:
     optimizer_kwargs: dict = field(default_factory=dict)  # HybridOptimizer overrides (from_config(**kwargs))
     builtin_schedule: bool = False          # hybrid: warmup_steps / decay_steps from the run's length
     mixed_batches: bool = False             # data clustering: balanced mixed batches instead of one cluster each
-    groups: str = "one"                     # hybrid param groups: one | muon (hidden matrices) | roles (see below)
+    groups: str = "one"                     # hybrid: one (base adamw) | muon (--hybrid --optimizer muon) | roles
     plan_fraction: float | None = None      # precision plan after this share of the steps (None: the pipeline's)
 
     @property
@@ -60,7 +60,7 @@ class Method:
 R = Method("R", "AdamW + warmup + cosine (tuned LR)", "adamw", "warmup_cosine", tuned_lr=True)
 B1 = Method("B1", "AdamW, constant LR 1e-3 (guide baseline)", "adamw")
 B2 = Method("B2", "R + grad-norm clipping 1.0", "adamw", "warmup_cosine", clip=CLIP_NORM, tuned_lr=True)
-B3 = Method("B3", "Schedule-Free AdamW (R's LR)", "schedulefree", tuned_lr=True)
+B3 = Method("B3", "Schedule-Free AdamW (R's LR)", "schedule-free", tuned_lr=True)
 H = Method("H", "Hybrid, full (= distillation.py --hybrid, guide LR 1e-3)", "hybrid", data_clustering=True,
            param_clustering=True, config=RECOMMENDED, mixed_batches=True)
 ABLATIONS = (
@@ -111,53 +111,41 @@ def _role(name: str) -> str:
     return "head_and_norms"
 
 
-def hybrid_param_groups(method: Method, model: torch.nn.Module) -> list[dict]:
-    """The hybrid's param groups for `method.groups`:
-    one    every parameter in one group (what --hybrid runs);
-    muon   the 2-D hidden matrices with base="muon" (momentum 0.95, as torch.optim.Muon) — Muon's direction under the
-           learned multiplier and the trust region — and AdamW for the embedding, norms and head (as Muon's authors);
-    roles  one group per role (embedding, attention, MLP, head + norms), each with its own hypergradient-driven LR
-           factor when the method sets cluster_multipliers (per-layer-type hypergradient descent)."""
-    from .baselines import is_hidden_matrix
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if method.groups == "one":
-        return [{"params": [p for _, p in named]}]
-    if method.groups == "muon":
-        hidden = [p for n, p in named if is_hidden_matrix(n, p)]
-        return [{"params": hidden, "base": "muon", "momentum": 0.95},
-                {"params": [p for n, p in named if not is_hidden_matrix(n, p)]}]
-    if method.groups == "roles":
-        roles: dict[str, list] = {}
-        for n, p in named:
+def role_param_groups(model: torch.nn.Module) -> list[dict]:
+    """One HybridOptimizer param group per role (embedding, attention, MLP, head + norms): the research variant
+    H-cm's per-layer-type hypergradient LR factors (cluster_multipliers). Not on the product's menu."""
+    roles: dict[str, list] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
             roles.setdefault(_role(n), []).append(p)
-        return [{"params": params} for params in roles.values()]
-    raise ValueError(f"unknown param grouping {method.groups!r}: use one, muon or roles")
+    return [{"params": params} for params in roles.values()]
 
 
 def build_optimizer(method: Method, model: torch.nn.Module, cfg: HybridTrainingConfig, steps: int,
                     n_clusters: int | None):
-    """(optimizer, lr_scheduler or None) for `method` on `model`."""
-    lr, wd = cfg.base_learning_rate, cfg.weight_decay
+    """(optimizer, lr_scheduler or None) for `method` on `model`: the product's own menu
+    (hybrid_optimization.optimizers.build_optimizer, what `distillation.py --optimizer … --schedule … --hybrid`
+    builds), so what the report measures is what a user runs. Only H-cm's per-role groups are built here."""
     warmup = max(1, round(WARMUP_FRACTION * steps))
-    if method.optimizer == "hybrid":
-        schedule = dict(warmup_steps=warmup, decay_steps=steps) if method.builtin_schedule else {}
-        optimizer = HybridOptimizer.from_config(hybrid_param_groups(method, model), cfg, quantization_bits=None,
-                                                n_clusters=n_clusters if method.data_clustering else None,
-                                                **schedule, **method.optimizer_kwargs)
-    elif method.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=wd)
-    elif method.optimizer == "schedulefree":
-        import schedulefree
-        optimizer = schedulefree.AdamWScheduleFree(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=wd,
-                                                   warmup_steps=warmup)
-    elif method.optimizer == "muon":             # issue 10: Muon for hidden matrices + AdamW for the rest
-        from .baselines import MuonWithAdamW
-        optimizer = MuonWithAdamW(model, lr, weight_decay=wd, betas=(0.9, 0.999))
-    else:
-        raise ValueError(f"unknown optimizer {method.optimizer!r}")
-    scheduler = None
-    if method.schedule == "warmup_cosine":       # the optimizer's own schedule prior, applied to AdamW's LR
-        settings = {"warmup_steps": warmup, "decay_steps": steps}
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: HybridController.schedule_factor(settings, step))
-    return optimizer, scheduler
+    schedule, warmup_steps = ("cosine", warmup) if method.schedule == "warmup_cosine" else ("constant", 0)
+    if method.optimizer == "schedule-free":
+        schedule, warmup_steps = "constant", warmup           # its own warmup, no schedule
+    if method.is_hybrid:
+        overrides = dict(method.optimizer_kwargs)
+        if method.builtin_schedule:                           # the optimizer's own warmup + cosine (H-sched)
+            overrides.update(warmup_steps=warmup, decay_steps=steps)
+        clusters = n_clusters if method.data_clustering else None
+        if method.groups == "roles":
+            return HybridOptimizer.from_config(role_param_groups(model), cfg, quantization_bits=None,
+                                               n_clusters=clusters, **overrides), None
+        base = {"one": "adamw", "muon": "muon"}.get(method.groups)
+        if base is None:
+            raise ValueError(f"unknown param grouping {method.groups!r}: use one, muon or roles")
+        return menu_build(model, optimizer=base, schedule=schedule, lr=cfg.base_learning_rate,
+                          warmup_steps=warmup_steps, total_steps=steps, weight_decay=cfg.weight_decay, hybrid=cfg,
+                          n_clusters=clusters, hybrid_overrides=overrides)
+    lr = cfg.base_learning_rate
+    if method.optimizer == "prodigy":        # LR-free: the grid's LR becomes the factor on Prodigy's own estimate
+        lr = lr / GUIDE_LR                   # (the guide's LR ↦ 1.0, the method's own setting; the grid spans 100×)
+    return menu_build(model, optimizer=method.optimizer, schedule=schedule, lr=lr, warmup_steps=warmup_steps,
+                      total_steps=steps, weight_decay=cfg.weight_decay)

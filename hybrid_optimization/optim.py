@@ -44,6 +44,7 @@ skip is counted.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from numbers import Integral, Real
 from typing import Any, Callable, Iterable
@@ -721,3 +722,103 @@ class ConstrainedOptimizer:
 
     def state_dict(self) -> dict:
         return self.optimizer.state_dict() if self.optimizer is not None else {}
+
+
+# -- Muon for the hidden matrices + AdamW for the rest (`--optimizer muon`) --------------------------------------------
+def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
+    """Muon's share of the student: 2-D weights inside the transformer blocks (not the embedding, not the head)."""
+    return param.ndim == 2 and not name.startswith(("embed", "lm_head"))
+
+
+class _States(Mapping):
+    """Read-only view of several optimizers' `state` dicts. (Not collections.ChainMap: its lookups would go through
+    the first optimizer's defaultdict, which creates an empty entry for every key it lacks.)"""
+
+    def __init__(self, *maps):
+        self.maps = maps
+
+    def __getitem__(self, key):
+        for m in self.maps:
+            if key in m:
+                return m[key]
+        raise KeyError(key)
+
+    def __iter__(self):
+        for m in self.maps:
+            yield from m
+
+    def __len__(self) -> int:
+        return sum(len(m) for m in self.maps)
+
+
+class MuonWithAdamW(Optimizer):
+    """One optimizer object over two torch optimizers: torch.optim.Muon for the hidden matrices, AdamW for the
+    embedding, the norms and the head, as Muon's authors use it (Jordan et al. 2024; Liu et al. 2025).
+
+    adjust_lr_fn="match_rms_adamw" (Moonlight's rule: update RMS matched to AdamW's, 0.2·√max(A, B)) lets one base
+    LR drive both parts. Its `param_groups` are the two inner optimizers' own group dicts, so an LR scheduler (or
+    any code that writes group["lr"]) drives both; `state` is a live read-only view of both states; `state_dict()`
+    holds both, so a checkpoint resumes exactly."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 1e-5,
+                 betas: tuple[float, float] = (0.9, 0.999), momentum: float = 0.95):
+        hidden = [p for n, p in model.named_parameters() if p.requires_grad and is_hidden_matrix(n, p)]
+        other = [p for n, p in model.named_parameters() if p.requires_grad and not is_hidden_matrix(n, p)]
+        if not hidden:
+            raise ValueError("Muon needs at least one 2-D hidden weight matrix; this model has none")
+        super().__init__([*hidden, *other], {"lr": lr})          # hooks and bookkeeping of torch's Optimizer
+        self.muon = torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True,
+                                     adjust_lr_fn="match_rms_adamw")
+        self.adamw = torch.optim.AdamW(other, lr=lr, betas=betas, weight_decay=weight_decay) if other else None
+
+    # Live views, not copies: torch's load_state_dict gives the inner optimizers new group dicts and a new state, and
+    # an LR scheduler built before a resume must still drive them (a stored list would silently go stale).
+    @property
+    def _inner(self) -> list:
+        return [self.muon] + ([self.adamw] if self.adamw is not None else [])
+
+    @property
+    def param_groups(self) -> list[dict]:
+        if "muon" not in self.__dict__:                 # inside torch's __init__: its own bookkeeping list
+            return self.__dict__.setdefault("_init_groups", [])
+        return [g for o in self._inner for g in o.param_groups]
+
+    @param_groups.setter
+    def param_groups(self, value) -> None:
+        self.__dict__["_init_groups"] = value           # torch's __init__ / __setstate__; the inner groups rule
+
+    @property
+    def state(self):
+        if "muon" not in self.__dict__:
+            return self.__dict__.setdefault("_init_state", {})
+        return _States(*(o.state for o in self._inner))
+
+    @state.setter
+    def state(self, value) -> None:
+        self.__dict__["_init_state"] = value
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        if self.adamw is not None:
+            self.adamw.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        if self.adamw is not None:
+            self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self):
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict() if self.adamw else None}
+
+    def load_state_dict(self, state_dict) -> None:
+        if set(state_dict) != {"muon", "adamw"}:
+            raise ValueError("this optimizer state is not Muon + AdamW's (keys muon, adamw)")
+        self.muon.load_state_dict(state_dict["muon"])
+        if self.adamw is not None:
+            self.adamw.load_state_dict(state_dict["adamw"])
