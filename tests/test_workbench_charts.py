@@ -317,3 +317,18 @@ def test_run_and_group_names_are_text_in_legends():
     assert names == {"&lt;b&gt;bold&lt;/b&gt;", "&lt;a href='x'&gt;link&lt;/a&gt;"}
     groups = queries.group_series(_series("r1"), {"r1": "<i>tag</i>"})
     assert charts.group_figure(groups, "Loss").data[-1]["name"] == "&lt;i&gt;tag&lt;/i&gt; (n=1)"
+
+
+def test_linked_figure_shares_zoom_and_hover_across_charts():
+    colors = charts.run_colors(["r1", "r2"])
+    loss = charts.line_figure(pd.concat([_series("r1"), _series("r2")]), "Loss", colors=colors, raw=False)
+    mult = charts.line_figure(pd.concat([_series("r1", "lr_multiplier"), _series("r2", "lr_multiplier")]), "LR",
+                              colors=colors, raw=False, log_y=True)
+    fig = _validated(charts.linked_figure([loss, mult], ["Loss", "LR"], x_range=(3, 30)))
+    assert fig.layout.hoversubplots == "axis" and fig.layout.hovermode == "x unified"
+    assert fig.layout.xaxis.matches == "x2"                      # one x axis: zoom one chart, zoom both
+    assert [t.xaxis for t in fig.data] == ["x", "x", "x2", "x2"]
+    assert [t.showlegend for t in fig.data] == [True, True, False, False]      # one legend entry per run
+    assert fig.data[0].line.color == fig.data[2].line.color == colors["r1"]
+    assert fig.layout.yaxis2.type == "log" and list(fig.layout.xaxis.range) == [3, 30]
+    assert [a.text for a in fig.layout.annotations] == ["Loss", "LR"]

@@ -176,10 +176,16 @@ def test_view_persists_in_the_url_and_x_range_is_shared(seeds):
     params = {k: (v[0] if isinstance(v, list) else v) for k, v in at.query_params.items()}
     assert params["smooth"] == "0.8" and params["x"] == "wall time" and params["xmin"] == "10.0"
     assert params["metrics"] == "eval:val_loss,loss,lr_multiplier"
+    # Linked: one figure whose charts share their x axis (zoom, pan and hover move together).
+    at.radio(key="compare_layout").set_value("linked").run()
+    linked = [f for f in _figures(at).values() if f["layout"].get("hoversubplots") == "axis"]
+    assert len(linked) == 1 and len({t["xaxis"] for t in linked[0]["data"]}) == 3
+    params = {k: (v[0] if isinstance(v, list) else v) for k, v in at.query_params.items()}
+    assert params["layout"] == "linked"
     # A bookmark of that URL restores the same view in a fresh session.
     again = _open(**params)
     assert again.slider(key="compare_smoothing").value == pytest.approx(0.8)
-    assert again.radio(key="compare_x").value == "wall time"
+    assert again.radio(key="compare_x").value == "wall time" and again.radio(key="compare_layout").value == "linked"
 
 
 def test_run_table_query_filters_and_a_bad_query_is_one_clear_line(seeds):

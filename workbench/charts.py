@@ -445,3 +445,39 @@ def importance_figure(importances: dict[str, float], title: str = "Parameter imp
     fig.update_layout(title=title, **{**_LAYOUT, "height": 120 + 40 * len(names), "hovermode": "closest"})
     fig.update_xaxes(title_text="share of the objective's variance", tickformat=".0%", range=[0, 1])
     return fig
+
+
+def linked_figure(figures: list[go.Figure], titles: list[str], x_title: str = "step",
+                  uirevision: str | None = None, x_range: tuple[float, float] | None = None,
+                  height_per_chart: int = 260) -> go.Figure:
+    """Several charts (line_figure / group_figure outputs) stacked as subplots of one figure that share their x
+    axis: zooming or panning one zooms them all, and one hover line reads every chart at that x (plotly's
+    hoversubplots="axis"). A curve's legend entry is shown once and toggles it in every chart (legendgroup)."""
+    from plotly.subplots import make_subplots
+
+    shown = [(f, t) for f, t in zip(figures, titles) if f is not None]
+    if not shown:
+        return _empty("Linked charts")
+    fig = make_subplots(rows=len(shown), cols=1, shared_xaxes=True, vertical_spacing=0.06,
+                        subplot_titles=[t for _, t in shown])
+    seen: set[str] = set()
+    for row, (part, _) in enumerate(shown, start=1):
+        for trace in part.data:
+            data = trace.to_plotly_json()
+            group = data.get("legendgroup") or data.get("name")
+            if data.get("showlegend", True) is not False:
+                data["showlegend"] = group not in seen
+                seen.add(group)
+            data["legendgroup"] = group
+            fig.add_trace(go.Scatter(**{k: v for k, v in data.items() if k != "type"}), row=row, col=1)
+        yaxis = part.layout.yaxis
+        fig.update_yaxes(type=yaxis.type, title_text=yaxis.title.text, row=row, col=1,
+                         **({"range": list(yaxis.range), "autorange": False} if yaxis.range else {}))
+    fig.update_xaxes(title_text=x_title, row=len(shown), col=1)
+    if x_range is not None:
+        fig.update_xaxes(range=list(x_range), autorange=False)
+    fig.update_layout(height=120 + height_per_chart * len(shown), hovermode="x unified", hoversubplots="axis",
+                      uirevision=uirevision or "linked", margin=dict(l=10, r=10, t=40, b=10),
+                      hoverlabel=dict(namelength=-1),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0.0))
+    return fig

@@ -29,11 +29,12 @@ DIFF_UP_TO = 20       # config diff columns (one per run)
 CSV_AT_ONCE_ROWS = 50_000   # a larger selection's CSV is built on request ("Prepare"), not on every render
 RAW_LINES_UP_TO = 6    # more overlaid runs: smoothed lines only, or the chart becomes a blur (and slow to draw)
 X_AXES = ("step", "wall time")
+LAYOUTS = ("separate", "linked")     # linked: one figure, the charts share zoom, pan and hover
 ROWS = ("runs", "groups")
 # Widget key -> URL parameter; the URL is written from the widgets on every run and read once per session.
 URL_KEYS = {"compare_metrics": "metrics", "compare_smoothing": "smooth", "compare_x": "x", "compare_group": "group",
             "compare_stat": "stat", "compare_band": "band", "compare_rows": "rows", "compare_query": "q",
-            "compare_xmin": "xmin", "compare_xmax": "xmax", "compare_logy": "logy"}
+            "compare_xmin": "xmin", "compare_xmax": "xmax", "compare_logy": "logy", "compare_layout": "layout"}
 
 ui.page_header("Compare runs")
 store = ui.open_store()
@@ -74,6 +75,8 @@ def _from_url() -> None:
         for key in ("xmin", "xmax"):
             if key in params:
                 state[f"compare_{key}"] = float(params[key]) if params[key] else None
+        if params.get("layout") in LAYOUTS:
+            state["compare_layout"] = params["layout"]
         if "logy" in params:
             state["compare_logy"] = [m for m in params["logy"].split(",") if m]
     except ValueError:
@@ -313,11 +316,14 @@ if chosen:
     smoothing = c2.slider("Smoothing (EMA)", 0.0, 0.99, step=0.01, key="compare_smoothing",
                           help="Applies to per-step metrics; evaluation points are drawn as logged.")
     x_axis = c3.radio("x axis", X_AXES, horizontal=True, key="compare_x")
-    r1, r2, r3 = st.columns([1, 1, 3])
+    r1, r2, r3, r4 = st.columns([1, 1, 2, 1.2])
     x_min = r1.number_input("x from", value=None, key="compare_xmin", placeholder="auto",
                             help="One x range for every chart on this page (empty: all).")
     x_max = r2.number_input("x to", value=None, key="compare_xmax", placeholder="auto")
     log_y_metrics = r3.multiselect("log y", metrics, key="compare_logy", format_func=_metric_label)
+    layout = r4.radio("Charts", LAYOUTS, key="compare_layout", horizontal=True,
+                      help="linked: the charts are stacked in one figure with one x axis — zoom, pan and hover "
+                           "move together in all of them.")
     x_range = None
     if x_min is not None or x_max is not None:
         x_range = (x_min, x_max)
@@ -327,7 +333,8 @@ if chosen:
     _to_url({"compare_metrics": metrics, "compare_smoothing": smoothing, "compare_x": x_axis,
              "compare_group": None if group_by == queries.NO_GROUP else group_by, "compare_stat": stat,
              "compare_band": band, "compare_rows": rows_as, "compare_query": query_text.strip(),
-             "compare_xmin": x_min, "compare_xmax": x_max, "compare_logy": log_y_metrics})
+             "compare_xmin": x_min, "compare_xmax": x_max, "compare_logy": log_y_metrics,
+             "compare_layout": None if layout == LAYOUTS[0] else layout})
     # Many runs share a chart's drawing budget, so the browser stays responsive; never more than MAX_POINTS.
     max_points = max(500, min(queries.MAX_POINTS, 20_000 // max(1, len(chosen))))
     show_raw = len(chosen) <= RAW_LINES_UP_TO and not grouped
@@ -355,6 +362,7 @@ if chosen:
                 still_active.append(run_id)
         read = refresh(chosen, queries.step_columns_for(metrics), runs_now)
         grid = st.columns(2)
+        built, titles = [], []
         for i, metric in enumerate(metrics):
             parts = [queries.run_series(caches[r], metric, x_col, smoothing, max_points) for r in chosen]
             parts = [p for p in parts if not p.empty]
@@ -371,8 +379,16 @@ if chosen:
                                          colors=colors, labels=labels, y_title=title, x_range=x_range,
                                          uirevision=f"compare:{metric}:{x_col}:{log_y}", color_by="run",
                                          raw=show_raw)
+            if layout == "linked":
+                built.append(fig)
+                titles.append(title[0].upper() + title[1:])
+                continue
             with grid[i % 2]:
                 st.plotly_chart(fig, key=f"compare_chart.{metric}", config={"displaylogo": False})
+        if layout == "linked" and built:
+            st.plotly_chart(charts.linked_figure(built, titles, x_title=x_title, x_range=x_range,
+                                                 uirevision=f"compare:linked:{x_col}:{group_by}"),
+                            key="compare_chart.linked", config={"displaylogo": False})
         elapsed = time.perf_counter() - started
         st.session_state["compare_tick"] = {"seconds": elapsed, "runs_read": read, "runs": len(chosen)}
         st.caption(f"curves of {len(chosen)} run(s) prepared in {elapsed:.2f} s ({read} run(s) read"
