@@ -215,7 +215,7 @@ def main() -> None:
                     page.get_by_role("heading", name="Run summary").wait_for()
                     t0 = time.perf_counter()
                     page.goto(link)
-                    for title in ("loss", "lr_multiplier"):
+                    for title in ("Validation loss (quantized)", "Training loss"):   # the default curves
                         wait_for(page, TRACES_JS, title, ">= 20", 60)   # a smoothed line per run
                     compares.append(time.perf_counter() - t0)
                     caption = page.get_by_text(re.compile(r"curves of 20 run\(s\) prepared in"))
@@ -227,7 +227,7 @@ def main() -> None:
                     page.get_by_role("heading", name="Run summary").wait_for()
                     t0 = time.perf_counter()
                     page.get_by_role("link", name="Compare runs").click()
-                    for title in ("loss", "lr_multiplier"):
+                    for title in ("Validation loss (quantized)", "Training loss"):   # the default curves
                         wait_for(page, TRACES_JS, title, ">= 20", 60)
                     in_app.append(time.perf_counter() - t0)
                 results["compare_20_runs_in_app_s"] = summarise(in_app)
