@@ -8,8 +8,9 @@ import torch
 
 from hybrid_optimization.distill import TrainOptions, train
 from hybrid_optimization.distill.data import build_dataset, load_documents
-from hybrid_optimization.distill.teacher import (TeacherError, check_teacher_path, compute_topk, load_teacher,
-                                                 restricted_logits_fn, teacher_topk_cache)
+from hybrid_optimization.distill.teacher import (TeacherError, cache_dir, check_teacher_path, compute_topk,
+                                                 load_teacher, logits_cache_key, restricted_logits_fn,
+                                                 teacher_topk_cache)
 from hybrid_optimization.distill.tiny import tiny_tokenizer
 
 
@@ -130,8 +131,10 @@ def test_hf_directory_teacher_topk_and_cache(random_llama):
     assert values.shape == (3, 32, 5) and indices.dtype == torch.int32
     torch.testing.assert_close(values, full.topk(5, dim=-1).values)
     assert int(indices.max()) < dataset.vocab_size
+    cached = cache_dir() / "teacher_logits" / f"{logits_cache_key(teacher.identity, dataset.fingerprint, 5)}.safetensors"
+    cached.unlink(missing_ok=True)          # a shared test cache may hold them from an earlier session
     logits = teacher_topk_cache(teacher, dataset, k=5, log=lambda m: None)
-    assert logits.built_seconds > 0 and logits.path.is_file()
+    assert logits.built_seconds > 0 and logits.path == cached and cached.is_file()
     again = teacher_topk_cache(teacher, dataset, k=5, log=lambda m: None)
     assert again.built_seconds == 0
     assert torch.equal(again.val_values, logits.val_values) and torch.equal(again.train_indices, logits.train_indices)
@@ -232,3 +235,40 @@ def test_an_interrupted_logits_computation_resumes_where_it_stopped(random_llama
     values, indices = real(teacher.load_model(), dataset.train.tokens, dataset.vocab, k=5)
     torch.testing.assert_close(logits.train_values, values)
     assert torch.equal(logits.train_indices, indices) and logits.val_values.shape[0] == len(dataset.val)
+
+
+def test_tiny_teacher_reports_every_step_and_a_second_build_waits_for_the_first(random_llama):
+    """Issue 17/19: the tiny teacher's training calls progress(done, total) after every step; a build that finds
+    the entry's lock held says so and waits, then builds (or finds) the entry; the folder appears whole or not at
+    all."""
+    import shutil
+    import threading
+    import time
+
+    from hybrid_optimization.distill.teacher import cache_lock
+    from hybrid_optimization.distill.tiny import tiny_teacher_dir
+
+    _, data = random_llama
+    documents = load_documents(data)
+    tokenizer = tiny_tokenizer(documents, "progress-test", vocab_size=300, log=lambda m: None)
+    dataset = build_dataset(documents, tokenizer, seq_len=16)
+    recipe = dict(hidden_size=16, layers=1, heads=2, steps=7, batch_size=4, seed=time.time_ns() % 10**9)
+    seen = []
+    folder = tiny_teacher_dir(tokenizer, dataset, **recipe, log=lambda m: None,
+                              progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(i, 7) for i in range(1, 8)] and (folder / "config.json").is_file()
+    shutil.rmtree(folder)
+    lines, seen = [], []
+    with cache_lock(folder, "the teacher", log=lambda m: None):          # another run is building it
+        worker = threading.Thread(target=tiny_teacher_dir, args=(tokenizer, dataset),
+                                  kwargs=dict(recipe, log=lines.append,
+                                              progress=lambda done, total: seen.append((done, total))))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not any("waiting for another run building the teacher" in line for line in lines):
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.01)
+        assert seen == [] and not folder.exists()
+    worker.join(timeout=120)
+    assert seen == [(i, 7) for i in range(1, 8)] and (folder / "config.json").is_file()
+    assert sorted(p.name for p in folder.parent.glob(folder.name + "*")) == [folder.name, folder.name + ".lock"]

@@ -12,6 +12,8 @@ SIGINT and three concurrent training processes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import random
 import signal
@@ -330,3 +332,441 @@ def test_three_concurrent_training_runs_and_a_reader(env, tmp_path):
         assert p.wait() == 0, p.stderr.read()
     for rid in ids:
         assert len(store.read_steps(rid)) == STEPS and store.get_run(rid)["status"] == "finished"
+
+
+# == issue 17: exports write only what they create; caches safe under concurrency ====================================
+# Exports run as real `python -m hybrid_optimization.export` processes against a real run store; "unchanged" means
+# the byte-for-byte listing (every path, its kind and its SHA-256) is equal before and after.
+def listing(root: Path) -> dict:
+    """Every path under `root` with its kind and content hash. SQLite's reader files are left out when they hold no
+    data: a reader of runs.db in WAL mode creates an empty runs.db-wal and the runs.db-shm index (runs.db itself and
+    any WAL content are compared)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.name.endswith(".db-shm") or path.name.endswith(".db-wal") and path.stat().st_size == 0:
+            continue
+        if path.is_symlink():
+            out[rel] = ("link", os.readlink(path))
+        elif path.is_dir():
+            out[rel] = ("dir",)
+        else:
+            out[rel] = ("file", hashlib.sha256(path.read_bytes()).hexdigest())
+    return out
+
+
+def export_cli(env, runs_root, run_id, *args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hybrid_optimization.export", run_id, "--runs_root", str(runs_root),
+                           *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+
+
+def refused(done: subprocess.CompletedProcess) -> str:
+    """Exit 2, one line on stderr, no traceback; returns the line."""
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in done.stderr, done.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    """A run store with two finished runs whose packed students differ (what `--export` leaves in a run folder)."""
+    from tests.fixtures.student_run import finished_run, make_tokenizer_dir, trained_student
+
+    tokenizer_dir = make_tokenizer_dir()
+    store = RunStore(tmp_path / "runs")
+    ids = [finished_run(store, *trained_student(d_model=64, d_ff=128, seed=seed)[:2], tokenizer_dir)
+           for seed in (0, 1)]
+    return store.root, ids
+
+
+def test_export_over_a_foreign_folder_or_file_is_refused_and_nothing_changes(env, tmp_path, two_runs):
+    runs_root, (run_id, _) = two_runs
+    mine = tmp_path / "my-model"                    # looks like a HF folder, but an export did not write it
+    (mine / "sub").mkdir(parents=True)
+    (mine / "config.json").write_text('{"mine": true}')
+    (mine / "notes.txt").write_text("my notes")
+    (mine / "sub" / "weights.bin").write_bytes(os.urandom(4096))
+    foreign = tmp_path / "other.gguf"
+    foreign.write_bytes(b"GGUF" + os.urandom(1000))
+    before = listing(tmp_path)
+    line = refused(export_cli(env, runs_root, run_id, "--format", "hf", "--out", mine))
+    assert "holds files an export did not write" in line and str(mine) in line
+    line = refused(export_cli(env, runs_root, run_id, "--format", "gguf", "--out", foreign))
+    assert "is not an earlier gguf export" in line
+    assert listing(tmp_path) == before
+
+
+def test_export_into_the_run_store_is_refused_and_the_store_is_unchanged(env, two_runs):
+    runs_root, (run_id, other) = two_runs
+    before = listing(runs_root)
+    for out in (runs_root, runs_root / "exported-hf", runs_root / other / "student.gguf", runs_root / run_id):
+        line = refused(export_cli(env, runs_root, run_id, "--format", "hf" if out.suffix != ".gguf" else "gguf",
+                                  "--out", out))
+        assert "run store" in line or "run's own folder" in line, line
+    assert listing(runs_root) == before             # runs.db and every run folder byte for byte
+
+
+CRASH = """
+import os, signal, sys
+from hybrid_optimization.distill import run_export
+point = sys.argv[1]
+real_swap = run_export.swap_in
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def swap(built, target):
+    if point == "before-swap":
+        die()
+    real_swap(built, target)
+    if point == "after-swap":
+        die()
+
+run_export.swap_in = swap
+if point == "mid-build":                  # the new weights are written, the tokenizer files not yet
+    import shutil
+    shutil.copy2 = lambda *a, **k: die()
+sys.exit(run_export.main(sys.argv[2:]))
+"""
+
+
+def test_re_export_replaces_its_own_export_atomically_and_a_kill_9_at_any_point_leaves_it_whole(env, tmp_path,
+                                                                                           two_runs):
+    from hybrid_optimization.distill.export import EXPORT_MARK
+
+    runs_root, (first, second) = two_runs
+    out = tmp_path / "exports" / "exported"
+    assert export_cli(env, runs_root, first, "--format", "hf", "--out", out).returncode == 0
+    old = listing(out)
+    assert json.loads((out / EXPORT_MARK).read_text())["run_id"] == first
+    outcomes = []
+    for point in ("mid-build", "before-swap", "after-swap"):
+        killed = subprocess.run([sys.executable, "-c", CRASH, point, second, "--format", "hf", "--out", str(out),
+                                 "--runs_root", str(runs_root)], capture_output=True, text=True, env=env, cwd=ROOT,
+                                timeout=300)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        now = listing(out)
+        run = json.loads((out / EXPORT_MARK).read_text())["run_id"]
+        assert now == old or (run == second and set(now) == set(old)), point     # whole: the old one or the new
+        outcomes.append((point, "old" if now == old else "new"))
+    assert outcomes == [("mid-build", "old"), ("before-swap", "old"), ("after-swap", "new")]
+    done = export_cli(env, runs_root, second, "--format", "hf", "--out", out)    # a normal re-export
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / EXPORT_MARK).read_text())["run_id"] == second and set(listing(out)) == set(old)
+    assert [p.name for p in out.parent.iterdir()] == ["exported"]              # the killed ones' leftovers gone
+
+
+def test_disk_full_during_an_export_is_one_line_and_the_old_export_stays_whole(env, tmp_path, two_runs):
+    runs_root, (first, second) = two_runs
+    with tmpfs(tmp_path / "small", "64m") as disk:
+        out = disk / "exported"
+        assert export_cli(env, runs_root, first, "--format", "hf", "--out", out).returncode == 0
+        size = sum(p.stat().st_size for p in out.iterdir())
+        # Shrink the disk to one export and a half: the re-export cannot fit while the old one is kept.
+        remount(disk, f"size={(3 * size // 2) // 1024 + 64}k")
+        old = listing(disk)
+        line = refused(export_cli(env, runs_root, second, "--format", "hf", "--out", out))
+        assert "disk full" in line and str(out) in line
+        assert listing(disk) == old                                 # the old export whole, no partial file left
+    with tmpfs(tmp_path / "tiny", "8k") as disk:                   # not even one export fits
+        line = refused(export_cli(env, runs_root, first, "--format", "gguf", "--out", disk / "s.gguf"))
+        assert "disk full" in line
+        assert list(disk.iterdir()) == []
+
+
+def test_exporting_a_diverged_or_stopped_run_says_what_to_do(two_runs, capsys):
+    from hybrid_optimization.distill.run_export import main as export_main
+
+    runs_root, _ = two_runs
+    store = RunStore(runs_root)
+    diverged = store.create_run(config={}, args=[], preset="tiny", status="queued")
+    store.set_status(diverged, "diverged", error="diverged: the training loss is nan from step 4 to the last step")
+    assert export_main([diverged, "--runs_root", str(runs_root)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "diverged (the training loss is nan from step 4" in line and "--resume" not in line
+    stopped = store.create_run(config={}, args=[], preset="tiny", status="queued")
+    store.set_status(stopped, "stopped")
+    assert export_main([stopped, "--runs_root", str(runs_root)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "was stopped" in line and f"--resume {stopped} --export" in line
+
+
+# -- three runs on a cold cache --------------------------------------------------------------------------------------
+# Real processes build the tokenizer, the tiny teacher and its logits on one empty cache, released at the same
+# instant: the tokenizer and teacher recipes are shrunk so the whole test takes seconds, the locking is the real one.
+COLD_BUILD = """
+import json, sys, time
+from pathlib import Path
+from hybrid_optimization.distill.data import build_dataset, load_documents
+from hybrid_optimization.distill.teacher import load_teacher, teacher_topk_cache
+from hybrid_optimization.distill.tiny import tiny_teacher_dir, tiny_tokenizer
+data, go = sys.argv[1], Path(sys.argv[2])
+Path(sys.argv[3]).touch()                     # ready
+while not go.exists():
+    time.sleep(0.005)
+docs = load_documents(data)
+tokenizer = tiny_tokenizer(docs, "cold-cache", vocab_size=300)
+dataset = build_dataset(docs, tokenizer, seq_len=16)
+folder = tiny_teacher_dir(tokenizer, dataset, hidden_size=32, layers=1, heads=2, steps=40, batch_size=8)
+teacher = load_teacher(folder)
+logits = teacher_topk_cache(teacher, dataset, k=4)
+print(json.dumps({"teacher": str(folder), "identity": teacher.identity, "logits": str(logits.path)}))
+"""
+
+
+def test_three_runs_on_a_cold_cache_build_the_teacher_once_and_all_finish(env, tmp_path):
+    from tests.test_distill_teacher import write_chats
+
+    data = write_chats(tmp_path / "chats.jsonl", n=120)
+    cache = tmp_path / "cold-cache"
+    cold = dict(env, HYBRID_CACHE_DIR=str(cache))
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", COLD_BUILD, str(data), str(go), str(tmp_path / f"ready{i}")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cold, cwd=ROOT)
+             for i in range(3)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(3)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
+        time.sleep(0.01)
+    go.touch()                                                      # all three start building at the same instant
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert len({json.dumps(r, sort_keys=True) for r in results}) == 1      # the same teacher and logits for all
+    text = "".join(out for out, _ in outs)
+    assert text.count("tiny teacher (") == 1 and text.count("teacher logits cached in") == 1   # built once
+    assert "waiting for another run building the teacher" in text
+    assert not [p for p in cache.rglob("*") if ".tmp" in p.name or p.name.endswith(".parts")]
+
+
+BUILD_THEN_SIGTERM = """
+import signal, sys
+from hybrid_optimization.distill.data import build_dataset, load_documents
+from hybrid_optimization.distill.tiny import tiny_teacher_dir, tiny_tokenizer
+
+def stop(signum, frame):                     # what the session's handler does during setup: stop now
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGTERM, stop)
+docs = load_documents(sys.argv[1])
+tokenizer = tiny_tokenizer(docs, "sigterm", vocab_size=300)
+dataset = build_dataset(docs, tokenizer, seq_len=16)
+try:
+    tiny_teacher_dir(tokenizer, dataset, hidden_size=32, layers=1, heads=2, steps=100000, batch_size=8,
+                     progress=lambda done, total: print(f"step {done}/{total}", flush=True))
+except KeyboardInterrupt:
+    print("stopped", flush=True)
+    import gc
+    gc.freeze()          # the interpreter's final collection of torch's objects takes seconds under load
+    sys.exit(143)
+"""
+
+
+def test_sigterm_during_the_teacher_build_is_honoured_at_once_and_leaves_nothing_half_built(env, tmp_path):
+    from tests.test_distill_teacher import write_chats
+
+    data = write_chats(tmp_path / "chats.jsonl")
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-c", BUILD_THEN_SIGTERM, str(data)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(env, HYBRID_CACHE_DIR=str(cache)), cwd=ROOT)
+    try:
+        for line in proc.stdout:                  # the tokenizer's line, then one line per teacher step
+            if line.startswith("step "):
+                break
+        assert line.startswith("step 1/100000"), line
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        for line in proc.stdout:
+            if not line.startswith("step "):
+                break
+        seconds = time.monotonic() - sent                 # until the build has stopped and cleaned up
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.communicate()
+    print(f"SIGTERM during the teacher build: exit {code}, the build stopped {seconds:.3f} s after the signal")
+    assert line == "stopped\n" and code == 143 and seconds < 2, (line, code, seconds)
+    teacher_entries = list((cache / "tiny").glob("teacher-*"))
+    assert [p.suffix for p in teacher_entries] == [".lock"]        # no teacher folder, no temporary build left
+
+
+# -- H1 (issues 17/18): a checkpoint knows its run; the pipeline's own SIGTERM during setup -------------------------
+def test_a_checkpoint_copied_from_another_run_is_refused_by_name_and_nothing_changes(env, tmp_path):
+    """checkpoint.pt of run A copied into run B's folder: `--resume B` names run A, exits 2, and B's record, rows
+    and files stay exactly as they were."""
+    flags = ["--max_steps", "6", "--steps_per_epoch", "2", "--eval_windows", "8", "--quiet", "--no_progress"]
+    a = run_cli(env, tmp_path, *flags, "--seed", "1")
+    b = run_cli(env, tmp_path, *flags, "--seed", "1")
+    assert a.returncode == b.returncode == 0, a.stderr + b.stderr
+    store = RunStore(tmp_path)
+    run_a, run_b = (store.get_run(p.stdout.split("run_id=")[1].split()[0]) for p in (a, b))
+    target = Path(run_b["run_dir"]) / "checkpoint.pt"
+    target.write_bytes((Path(run_a["run_dir"]) / "checkpoint.pt").read_bytes())
+    before = (store.get_run(run_b["run_id"]), list(store.read_steps(run_b["run_id"])), target.read_bytes(),
+              sorted(p.name for p in target.parent.iterdir()))
+    resumed = run_cli(env, tmp_path, "--resume", run_b["run_id"], "--max_steps", "8", "--quiet")
+    assert resumed.returncode == 2
+    line = one_error_line(resumed.stderr)
+    assert f"belongs to run {run_a['run_id']}, not to run {run_b['run_id']}" in line, line
+    after = (store.get_run(run_b["run_id"]), list(store.read_steps(run_b["run_id"])), target.read_bytes(),
+             sorted(p.name for p in target.parent.iterdir()))
+    assert after == before
+
+
+def test_sigterm_while_the_pipeline_builds_its_teacher_ends_the_run_as_stopped_within_2_s(env, tmp_path):
+    """The real CLI on a cold cache: once the store shows the teacher stage progressing, SIGTERM ends the process
+    within 2 s (plus the one teacher step in flight: a signal is handled between torch calls, and a step takes
+    seconds on a loaded 2-core machine) with exit 143, and the run is recorded as stopped during setup (not lost,
+    not failed). Before issue 17 it ran on to the end of the teacher build (85-108 s)."""
+    cache = tmp_path / "cold-cache"
+    proc = subprocess.Popen([sys.executable, "-m", "hybrid_optimization.distill", "--max_steps", "4", "--quiet",
+                             "--no_progress", "--runs_root", str(tmp_path / "runs")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(env, HYBRID_CACHE_DIR=str(cache)), cwd=ROOT)
+    try:
+        run_id = proc.stdout.readline().strip().removeprefix("run_id=")
+        store = RunStore(tmp_path / "runs", create=False)
+        deadline, seen = time.monotonic() + 600, {}         # teacher step -> when the store first showed it
+        while time.monotonic() < deadline and len(seen) < 3:
+            for stage in store.read_stages(run_id):
+                if stage["stage"] == "teacher" and stage["done"]:
+                    seen.setdefault(int(stage["done"]), time.monotonic())
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        assert len(seen) >= 3, f"the teacher stage never reported progress: {seen}"
+        times = sorted(seen.values())
+        step_s = max(b - a for a, b in zip(times, times[1:]))     # the slowest step seen (includes the 1 s commit)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        seconds = time.monotonic() - sent
+    finally:
+        proc.kill()
+        proc.wait()
+    print(f"SIGTERM during the pipeline's teacher build: exit {code} after {seconds:.2f} s (a teacher step "
+          f"≤ {step_s:.2f} s here)")
+    assert code == 143 and seconds < 2 + step_s, (code, seconds, step_s)
+    run = store.get_run(run_id)
+    assert run["status"] == "stopped" and "SIGTERM during setup" in run["error"]
+    assert not list((cache / "tiny").glob("teacher-*[!k]"))        # only the lock file: no half-built teacher
+
+
+# -- sweeps: workers at the same instant, kill -9 then a rerun, a full disk (issue 17, "Sweeps that survive") ------
+SWEEP_FLAGS = ["--param", "base_learning_rate=1e-4:1e-2:log", "--max_steps", "4", "--set", "batch_size=8",
+               "--set", "eval_windows=8", "--no_pruning"]
+
+
+def sweep_argv(runs_root, name, *args) -> list[str]:
+    return [sys.executable, "-m", "hybrid_optimization.sweep", "--name", name, "--runs_root", str(runs_root),
+            *SWEEP_FLAGS, *args]
+
+
+def live_processes(text: str) -> list[int]:
+    """Pids of live (not zombie) processes whose command line contains `text`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            command = (proc / "cmdline").read_bytes().decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if text in command and state not in ("Z", "X") and int(proc.name) != os.getpid():
+            found.append(int(proc.name))
+    return found
+
+
+def sweep_trials(storage: str, name: str) -> list:
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+@pytest.mark.slow     # two real tiny trainings side by side: ~1–2 min on 2 busy cores
+def test_two_sweep_workers_started_at_the_same_instant_on_a_new_storage_both_complete(env, tmp_path):
+    """Without the lock around study creation, two workers on a new sweeps.db crash in Optuna's schema creation
+    (alembic_version UNIQUE / table exists: 2 of 5 bare attempts here); with it, both run their trial."""
+    argv = sweep_argv(tmp_path, "pair", "--trials", "1")
+    workers = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+               for _ in range(2)]
+    results = [w.communicate(timeout=900) for w in workers]
+    for worker, (out, err) in zip(workers, results):
+        assert worker.returncode == 0 and "Traceback" not in err, out + err
+        assert out.strip().splitlines()[-1].startswith("best trial ")
+    from hybrid_optimization.sweep import default_storage
+    trials = sweep_trials(default_storage(tmp_path), "pair")
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    store = RunStore(tmp_path, create=False)
+    assert sorted(r["status"] for r in store.list_runs()) == ["finished", "finished"]
+
+
+def test_kill_9_of_a_sweep_then_a_rerun_fails_and_retries_the_lost_trial_and_leaves_no_orphan(env, tmp_path):
+    """kill -9 of the sweep while its trial trains: the trial's training process ends by itself (its supervisor
+    gets the kernel's death signal), and the rerun of the same command fails the lost trial, retries it with the
+    same values and completes it."""
+    argv = sweep_argv(tmp_path, "lost", "--trials", "1")
+    sweep_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        deadline, run = time.monotonic() + 600, None
+        while time.monotonic() < deadline and run is None:
+            time.sleep(0.2)
+            assert sweep_proc.poll() is None, sweep_proc.communicate()
+            with contextlib.suppress(StoreError, sqlite3.Error):
+                runs = RunStore(tmp_path, create=False).list_runs()
+                run = runs[0] if runs and runs[0]["status"] == "running" else None
+        assert run is not None, "the trial never started"
+        assert live_processes(run["run_id"]), "no training process for the trial"
+    finally:
+        sweep_proc.kill()                       # kill -9
+        sweep_proc.communicate()
+    killed = time.monotonic()
+    while live_processes(run["run_id"]) and time.monotonic() - killed < 30:
+        time.sleep(0.2)
+    orphan_s = time.monotonic() - killed
+    assert not live_processes(run["run_id"]), "the trial's training process outlived its sweep"
+    rerun = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert rerun.returncode == 0 and "Traceback" not in rerun.stderr, rerun.stdout + rerun.stderr
+    assert "trial 0 failed: lost: its sweep process" in rerun.stdout
+    from hybrid_optimization.sweep import default_storage
+    lost, retried = sweep_trials(default_storage(tmp_path), "lost")
+    assert lost.state.name == "FAIL" and "lost" in lost.user_attrs["error"]
+    assert retried.state.name == "COMPLETE" and retried.params == lost.params
+    assert retried.system_attrs["failed_trial"] == 0
+    store = RunStore(tmp_path, create=False)
+    assert store.get_run(run["run_id"])["status"] in ("stopped", "failed")     # not "running" forever
+    print(f"kill -9 of a sweep: its trial's training process gone after {orphan_s:.1f} s; the rerun retried it")
+
+
+@pytest.mark.slow     # a trial interrupted by the full disk, then the rerun's trial: ~2 min on 2 busy cores
+def test_disk_full_under_a_sweeps_storage_is_one_line_and_a_rerun_continues(env, tmp_path):
+    """The study's sweeps.db on a small tmpfs that fills while a trial trains: the sweep ends with one error line
+    (no traceback), exit 1, its training child ended; the database stays intact, and once there is room again
+    the rerun fails and retries the interrupted trial."""
+    with tmpfs(tmp_path / "db", "1m") as folder:
+        storage = f"sqlite:///{folder}/sweeps.db"
+        argv = sweep_argv(tmp_path / "runs", "full", "--trials", "1", "--storage", storage)
+        sweep_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                      cwd=ROOT)
+        deadline, run = time.monotonic() + 600, None
+        while time.monotonic() < deadline and run is None:
+            time.sleep(0.2)
+            assert sweep_proc.poll() is None, sweep_proc.communicate()
+            with contextlib.suppress(StoreError, sqlite3.Error):
+                runs = RunStore(tmp_path / "runs", create=False).list_runs()
+                run = runs[0] if runs and runs[0]["status"] == "running" else None
+        assert run is not None, "the trial never started"
+        filler = folder / "filler"
+        with open(filler, "wb") as handle, contextlib.suppress(OSError):
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        out, err = sweep_proc.communicate(timeout=600)
+        assert sweep_proc.returncode == 1, out + err
+        assert "Traceback" not in err and "database or disk is full" in err.strip().splitlines()[-1], err
+        assert not live_processes(run["run_id"])
+        filler.unlink()
+        with sqlite3.connect(folder / "sweeps.db") as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rerun = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+        assert rerun.returncode == 0 and "trial 0 failed: lost" in rerun.stdout, rerun.stdout + rerun.stderr
+        assert [t.state.name for t in sweep_trials(storage, "full")] == ["FAIL", "COMPLETE"]

@@ -14,6 +14,8 @@ every block of LOGITS_PART_WINDOWS windows is saved, so an interrupted computati
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -43,6 +45,52 @@ def cache_dir() -> Path:
     root = Path(env).expanduser() if env else Path.home() / ".cache" / "hybrid-workbench"
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+@contextlib.contextmanager
+def cache_lock(entry: Path, what: str, log: Callable[[str], None] = print):
+    """Hold the build lock of one cache entry: an exclusive flock on `<entry>.lock` beside it.
+
+    Runs that start together on a cold cache (a sweep with --workers 2, three terminals) would otherwise all build
+    the same entry and replace it under each other. The first takes the lock and builds; the others say so once,
+    wait, then find the entry built. The kernel releases the lock when its holder dies, so a killed builder never
+    blocks the next run. A signal handler that raises (SIGTERM) ends the wait at once."""
+    lock_path = entry.with_name(entry.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another run building {what} ({lock_path})…")
+            started = time.monotonic()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            log(f"the other run finished building {what} after {time.monotonic() - started:.1f} s of waiting")
+        yield
+    finally:
+        os.close(fd)                      # releases the lock
+
+
+def remove_leftovers(entry: Path) -> None:
+    """Temporary builds of `entry` a killed run left (`<entry>.tmp<pid>`). Call it holding the entry's lock: then
+    no other process is building it."""
+    for path in entry.parent.glob(f"{entry.name}.tmp*"):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def publish_folder(folder: Path, save: Callable[[Path], object]) -> None:
+    """Build a cache folder under a temporary name, then rename it into place: a reader sees no folder or a whole
+    one. Call it holding the folder's cache_lock (an incomplete folder from an older version is replaced)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _offline() -> None:
@@ -141,30 +189,38 @@ def gguf_to_hf_dir(gguf_path: Path, log: Callable[[str], None] = print) -> Path:
     """De-quantize a GGUF file once into an fp32 HF directory in the cache (model safetensors + tokenizer)."""
     key = hashlib.sha256(f"{CACHE_VERSION}:{file_identity(gguf_path)}".encode()).hexdigest()[:16]
     target = cache_dir() / "teachers" / f"{gguf_path.stem}-{key}"
-    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+
+    def ready() -> bool:
+        return (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file()
+
+    if ready():
         return target
-    _offline()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    log(f"converting {gguf_path.name} to fp32 (once; cached in {target})")
-    start = time.time()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                     dtype=torch.float32)
-    except Exception as exc:
-        raise TeacherError(f"could not load the GGUF teacher {gguf_path}: {exc}") from None
-    # The model was loaded through the GGUF quantizer: drop it so save_pretrained writes plain fp32 weights and a
-    # config without quantization_config (otherwise the reload would go through the GGUF path again).
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    log(f"teacher converted in {time.time() - start:.1f} s")
+    with cache_lock(target, "the teacher", log):
+        if ready():                        # another run converted it while this one waited
+            return target
+        remove_leftovers(target)
+        _offline()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        log(f"converting {gguf_path.name} to fp32 (once; cached in {target})")
+        start = time.time()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                         dtype=torch.float32)
+        except Exception as exc:
+            raise TeacherError(f"could not load the GGUF teacher {gguf_path}: {exc}") from None
+        # The model was loaded through the GGUF quantizer: drop it so save_pretrained writes plain fp32 weights and
+        # a config without quantization_config (otherwise the reload would go through the GGUF path again).
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+
+        def save(path: Path) -> None:
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+
+        publish_folder(target, save)
+        log(f"teacher converted in {time.time() - start:.1f} s")
     return target
 
 
@@ -291,18 +347,40 @@ def logits_cache_key(teacher_identity: str, dataset_fingerprint: str, k: int) ->
 def teacher_topk_cache(teacher: Teacher, dataset, k: int = TOPK_DEFAULT, device: str = "cpu",
                        batch_size: int = 8, log: Callable[[str], None] = print,
                        progress: Callable[[int, int], None] | None = None) -> TeacherLogits:
-    """Load the teacher's top-k logits for `dataset` from the cache, or compute and cache them."""
-    from safetensors.torch import load_file, save_file
-
+    """Load the teacher's top-k logits for `dataset` from the cache, or compute and cache them (one run at a time
+    per entry: see cache_lock)."""
     key = logits_cache_key(teacher.identity, dataset.fingerprint, k)
     path = cache_dir() / "teacher_logits" / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            tensors = load_file(path)
-            return TeacherLogits(tensors["train_values"], tensors["train_indices"], tensors["val_values"],
-                                 tensors["val_indices"], path)
-        except Exception as exc:  # a truncated or foreign file: rebuild it
-            log(f"teacher logits cache {path} is unreadable ({exc}); rebuilding it")
+    cached = _load_logits(path, log)
+    if cached is not None:
+        return cached
+    with cache_lock(path, "the teacher's logits", log):
+        cached = _load_logits(path, log)          # another run computed them while this one waited
+        if cached is not None:
+            return cached
+        return _compute_logits(teacher, dataset, k, path, device, batch_size, log, progress)
+
+
+def _load_logits(path: Path, log: Callable[[str], None]) -> TeacherLogits | None:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(path)
+        return TeacherLogits(tensors["train_values"], tensors["train_indices"], tensors["val_values"],
+                             tensors["val_indices"], path)
+    except Exception as exc:  # a truncated or foreign file: rebuild it
+        log(f"teacher logits cache {path} is unreadable ({exc}); rebuilding it")
+        return None
+
+
+def _compute_logits(teacher: Teacher, dataset, k: int, path: Path, device: str, batch_size: int,
+                    log: Callable[[str], None], progress: Callable[[int, int], None] | None) -> TeacherLogits:
+    """Compute and cache the logits (the caller holds the entry's cache_lock)."""
+    from safetensors.torch import save_file
+
+    key = path.name.removesuffix(".safetensors")
     start = time.time()
     n_total = len(dataset.train) + len(dataset.val)
     parts = path.with_name(f"{key}.parts")
@@ -331,9 +409,12 @@ def teacher_topk_cache(teacher: Teacher, dataset, k: int = TOPK_DEFAULT, device:
     tensors = {"train_values": train_v, "train_indices": train_i, "val_values": val_v, "val_indices": val_i}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"teacher": teacher.description, "k": str(k),
-                                           "dataset": dataset.fingerprint})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={"teacher": teacher.description, "k": str(k),
+                                               "dataset": dataset.fingerprint})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     shutil.rmtree(parts, ignore_errors=True)
     seconds = time.time() - start
     tokens = n_total * dataset.seq_len

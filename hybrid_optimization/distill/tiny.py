@@ -9,13 +9,13 @@ download. So the tiny preset
 - trains a small full-precision LLaMA (`transformers.LlamaForCausalLM`) on the training windows.
 Both are saved as an ordinary Hugging Face directory, so the rest of the pipeline loads this teacher exactly like a
 user's own (`teacher.load_teacher`). Everything is seeded and keyed by a content hash, so a second run reuses it.
+Runs that start together on a cold cache build each entry once: the first holds its lock (teacher.cache_lock), the
+others wait, then load what it published with one atomic rename.
 """
 from __future__ import annotations
 
 import hashlib
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from .data import Document, text_pieces
-from .teacher import cache_dir
+from .teacher import cache_dir, cache_lock, publish_folder, remove_leftovers
 
 RECIPE_VERSION = "1"
 TOKENIZER_SAMPLE_CHARS = 4 << 20
@@ -59,8 +59,7 @@ def tokenizer_sample(documents: list[Document], max_chars: int = TOKENIZER_SAMPL
 def tiny_tokenizer(documents: list[Document], fingerprint: str, vocab_size: int = 1024,
                    log: Callable[[str], None] = print):
     """A byte-level BPE tokenizer trained on `documents` or a sample of them (cached by their fingerprint)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
     recipe = f"{RECIPE_VERSION}|{fingerprint}|{vocab_size}"
     if sum(doc.n_chars() for doc in documents) > TOKENIZER_SAMPLE_CHARS:
@@ -69,6 +68,17 @@ def tiny_tokenizer(documents: list[Document], fingerprint: str, vocab_size: int 
     folder = cache_dir() / "tiny" / f"tokenizer-{key}"
     if (folder / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    with cache_lock(folder, "the tokenizer", log):
+        if not (folder / "tokenizer.json").is_file():     # else another run trained it while this one waited
+            remove_leftovers(folder)
+            _train_tokenizer(documents, folder, vocab_size, log)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _train_tokenizer(documents: list[Document], folder: Path, vocab_size: int, log: Callable[[str], None]) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     start = time.time()
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -79,31 +89,36 @@ def tiny_tokenizer(documents: list[Document], fingerprint: str, vocab_size: int 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                         unk_token="<|endoftext|>", pad_token="<|im_end|>")
     tokenizer.chat_template = CHATML_TEMPLATE
-    _save_atomically(folder, tokenizer.save_pretrained)
+    publish_folder(folder, tokenizer.save_pretrained)
     log(f"tiny tokenizer ({vocab_size} tokens) trained in {time.time() - start:.1f} s")
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-
-
-def _save_atomically(folder: Path, save: Callable[[Path], object]) -> None:
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, folder)
 
 
 def tiny_teacher_dir(tokenizer, dataset, *, hidden_size: int = 128, layers: int = 2, heads: int = 4,
                      steps: int = 200, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
-                     log: Callable[[str], None] = print) -> Path:
-    """Train (once) a small LLaMA teacher on the training windows; return its HF directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+                     log: Callable[[str], None] = print,
+                     progress: Callable[[int, int], None] | None = None) -> Path:
+    """Train (once) a small LLaMA teacher on the training windows; return its HF directory.
 
+    `progress(done, total)` is called after every training step (a caller that wants to stop raises from it, or
+    from its signal handler: nothing half-built is left and the lock is released)."""
     recipe = f"{RECIPE_VERSION}|{dataset.fingerprint}|{len(tokenizer)}|{hidden_size}|{layers}|{heads}|{steps}|" \
              f"{batch_size}|{lr}|{seed}"
     folder = cache_dir() / "tiny" / f"teacher-{hashlib.sha256(recipe.encode()).hexdigest()[:16]}"
     if (folder / "config.json").is_file():
         return folder
+    with cache_lock(folder, "the teacher", log):
+        if not (folder / "config.json").is_file():        # else another run trained it while this one waited
+            remove_leftovers(folder)
+            _train_teacher(tokenizer, dataset, folder, hidden_size=hidden_size, layers=layers, heads=heads,
+                           steps=steps, batch_size=batch_size, lr=lr, seed=seed, log=log, progress=progress)
+    return folder
+
+
+def _train_teacher(tokenizer, dataset, folder: Path, *, hidden_size: int, layers: int, heads: int, steps: int,
+                   batch_size: int, lr: float, seed: int, log: Callable[[str], None],
+                   progress: Callable[[int, int], None] | None) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     start = time.time()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 8 // 3,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
@@ -132,13 +147,14 @@ def tiny_teacher_dir(tokenizer, dataset, *, hidden_size: int = 128, layers: int 
         optimizer.step()
         schedule.step()
         loss_value = float(loss.detach())
+        if progress is not None:
+            progress(step + 1, steps)
     model.eval()
 
     def save(path: Path) -> None:
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
 
-    _save_atomically(folder, save)
+    publish_folder(folder, save)
     log(f"tiny teacher ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) trained in "
         f"{time.time() - start:.1f} s, final training loss {loss_value:.3f}")
-    return folder
