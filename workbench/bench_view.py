@@ -205,5 +205,8 @@ def recolor(fig: go.Figure) -> go.Figure:
             if getattr(trace, "marker", None) is not None:
                 trace.marker.color = color
             trace.name = f"{code} · {METHODS[code]}"
-    fig.update_layout(legend=dict(orientation="v"), hoverlabel=dict(namelength=-1))
+    # The report's figures carry a fixed width (1100 px) that squeezes side-by-side subplots into a narrower page
+    # (their titles ran into each other): the page's width instead, the legend under the plots.
+    fig.update_layout(width=None, autosize=True, legend=dict(orientation="h", yanchor="top", y=-0.3, x=0),
+                      hoverlabel=dict(namelength=-1), margin=dict(b=120))
     return fig

@@ -23,7 +23,7 @@ FINAL_LOSS_LABEL = "Final training loss"
 # The summary's own definition (schema.RunSummary), so the page says what the number is.
 FINAL_LOSS_HELP = next(f.metadata["doc"] for f in dataclasses.fields(RunSummary) if f.name == "final_loss")
 FINAL_LOSS_HELP = FINAL_LOSS_HELP[0].upper() + FINAL_LOSS_HELP[1:] + " (the summary's Final Loss)."
-TOKENS_LABEL = "Tokens/s (training, setup excluded)"
+TOKENS_LABEL = "Tokens/s (training only)"
 TOKENS_HELP = ("Training tokens ÷ training time, from the first to the last step (evaluations included, setup "
                "excluded), as the run's summary computes it; while the run trains, over the steps so far.")
 ELAPSED_LABEL = "Elapsed (setup + training)"
@@ -294,7 +294,8 @@ def store_stages(rows, has_steps: bool, now: float | None = None) -> list[Stage]
         done, total = row.get("done"), row.get("total")
         if state == "done":
             seconds = (row.get("ended_at") or now) - (row.get("started_at") or now)
-            stage.detail = stage.detail or f"took {format_duration(max(0.0, seconds))}"
+            if seconds >= 0.1:        # a stage recorded after the fact (data read before the run record) has ~0
+                stage.detail = stage.detail or f"took {format_duration(seconds)}"
         elif done is not None and total:
             stage.fraction = max(0.0, min(1.0, float(done) / float(total)))
             parts = [f"{_count(done)}/{_count(total)} {unit}".rstrip()]

@@ -190,7 +190,7 @@ def live_view() -> None:
     steps = queries.with_derived(cache.steps)
     info = queries.progress(run, steps)
 
-    head = st.columns([1.3, 1, 1, 1, 1])
+    head = st.columns([0.9, 0.8, 1.3, 0.9, 1.5])     # wide enough for the labels that say what they include
     head[0].markdown(f"### {ui.status_badge(run['status'])}")
     head[1].metric("Step", "—" if info["step"] is None else f"{info['step']:,}",
                    help=None if not info["total"] else f"of {info['total']:,}")
