@@ -290,3 +290,39 @@ def test_resume_with_export_of_a_finished_run_exports_without_training(tmp_path,
     steps = queries.read_steps(RunStore(tmp_path), done.run_id)
     assert steps["step"].tolist() == [1, 2, 3]                         # no step trained twice
     assert main(["--resume", done.run_id, "--quiet", "--runs_root", str(tmp_path)]) == 2   # nothing to do
+
+
+def test_resume_refuses_a_checkpoint_of_another_run_or_of_other_options_by_name(tmp_path):
+    """Issue 17: the checkpoint's run id and options hash are checked before anything starts (no training here)."""
+    from hybrid_optimization.distill.checkpoint import CheckpointError, save_checkpoint
+    from hybrid_optimization.distill.plan import plan_run
+    from hybrid_optimization.distill.setup import load_resume_checkpoint
+
+    stored = TrainOptions(lr=0.002, max_steps=4, runs_root=str(tmp_path))
+    store = RunStore(tmp_path)
+    run_id = store.create_run(config={}, args={"argv": [], "options": stored.to_dict()}, preset="tiny",
+                              status="stopped")
+    plan = plan_run(TrainOptions(resume=run_id, runs_root=str(tmp_path), max_steps=6)).for_data(100, 100)
+    other = plan_run(TrainOptions(lr=0.01, track=False, max_steps=4)).for_data(100, 100)
+
+    class Inputs:                                   # what read_data's result gives the check: the data's fingerprint
+        def fingerprint(self, plan):
+            return {"dataset": "abc"}
+
+    path = store.run_dir(run_id) / "checkpoint.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(owner: str, options_of) -> None:
+        save_checkpoint(path, {"step": 2, "fingerprint": {"dataset": "abc", "run_id": owner,
+                                                          "options_hash": options_of.options_hash(),
+                                                          "options": options_of.hashed_options()}})
+
+    write("20260101-000000-aaaa", plan)
+    with pytest.raises(CheckpointError, match=f"belongs to run 20260101-000000-aaaa, not to run {run_id}"):
+        load_resume_checkpoint(plan, Inputs())
+    write(run_id, other)
+    with pytest.raises(CheckpointError, match=r"other options \(config\.base_learning_rate 0\.01 vs the run's "
+                                              r"0\.002; lr 0\.01 vs the run's 0\.002\)"):
+        load_resume_checkpoint(plan, Inputs())
+    write(run_id, plan)
+    assert load_resume_checkpoint(plan, Inputs())["step"] == 2

@@ -151,7 +151,7 @@ def load_resume_checkpoint(plan: RunPlan, inputs: Inputs) -> dict:
         raise CheckpointError(f"checkpoint {path} belongs to run {owner}, not to run {plan.options.resume}: resume "
                               "refused (nothing was changed)")
     if stored.get("options_hash") is not None and stored["options_hash"] != plan.options_hash():
-        theirs, ours = stored.get("options") or {}, plan.hashed_options()
+        theirs, ours = _flat(stored.get("options") or {}), _flat(plan.hashed_options())
         named = [f"{k} {theirs.get(k)!r} vs the run's {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
                  if theirs.get(k) != ours.get(k)] or ["its options hash"]
         raise CheckpointError(f"checkpoint {path} was written with other options ({'; '.join(named)[:400]}): "
@@ -161,6 +161,17 @@ def load_resume_checkpoint(plan: RunPlan, inputs: Inputs) -> dict:
         raise RunResumeError(f"run {plan.options.resume} already completed {done} of {plan.total_steps} steps; "
                              "pass a larger --max_steps or --epochs to train it further")
     return payload
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    """{"config": {"seed": 0}} -> {"config.seed": 0}: a differing option is named by its own name."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 # -- prepare ------------------------------------------------------------------------------------------------------
