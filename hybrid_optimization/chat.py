@@ -8,24 +8,48 @@ top-p (temperature 0: greedy) and stops at the end-of-turn token or after `max_n
 
 The student knows only the tokens its training data used (its restricted vocabulary): a prompt token outside it is
 dropped (the count is reported), and the student only ever generates tokens of its vocabulary. Its context is its
-training window (`max_seq_len`); a longer prompt keeps its last tokens.
+training window (`max_seq_len`); the teacher's is its `max_position_embeddings` less the answer's length. A longer
+prompt keeps its last tokens (so a long history or message answers as fast as a short one), and one message is
+at most MAX_MESSAGE_CHARS characters: longer text is refused with a message, not tokenized.
+
+The command line checks its arguments (settings, message, run id, runs root) before torch is imported: a bad one
+answers in one line, exit code 2.
 
 Generation runs with one torch thread (`THREADS`): these models are small, and on a shared 2-core machine a second
 intra-op thread makes each tiny matmul wait for a core (measured here: 117 vs 4.5 tokens/s for the tiny student).
 """
 from __future__ import annotations
 
-import argparse
+import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
+from .config import MAX_SEED
+
+if TYPE_CHECKING:
+    import torch
+from .schema import RUN_ID_PATTERN, RunsRootError, check_runs_root
 
 WHO = ("student", "teacher")
 THREADS = 1
+MAX_MESSAGE_CHARS = 20_000      # one chat message (the Chat page uses the same bound)
+MAX_NEW_TOKENS = 1024
+
+
+class ChatInputError(ValueError):
+    """A chat setting or message that cannot be used; the message names it and what is allowed."""
+
+
+def check_message(text: str) -> None:
+    """A chat message must be text of at most MAX_MESSAGE_CHARS characters."""
+    if not isinstance(text, str):
+        raise ChatInputError(f"a chat message must be text, not {type(text).__name__}")
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise ChatInputError(f"the message has {len(text):,} characters; at most {MAX_MESSAGE_CHARS:,} are allowed "
+                             "(the models' context holds far fewer tokens)")
 
 
 @dataclass
@@ -36,12 +60,16 @@ class Settings:
     seed: int | None = 0
 
     def check(self) -> None:
-        if not (0 <= self.temperature <= 5):
-            raise ValueError(f"temperature {self.temperature} is invalid: it must be in [0, 5] (0 = greedy)")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p {self.top_p} is invalid: it must be in (0, 1]")
-        if not (isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= 1024):
-            raise ValueError(f"max_new_tokens {self.max_new_tokens} is invalid: it must be an integer in [1, 1024]")
+        number = (int, float)
+        if not (isinstance(self.temperature, number) and 0 <= self.temperature <= 5):
+            raise ChatInputError(f"temperature {self.temperature} is invalid: it must be in [0, 5] (0 = greedy)")
+        if not (isinstance(self.top_p, number) and 0 < self.top_p <= 1):
+            raise ChatInputError(f"top_p {self.top_p} is invalid: it must be in (0, 1]")
+        if not (isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS):
+            raise ChatInputError(f"max_new_tokens {self.max_new_tokens} is invalid: it must be an integer in "
+                                 f"[1, {MAX_NEW_TOKENS}]")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
+            raise ChatInputError(f"seed {self.seed} is invalid: it must be an integer in [0, {MAX_SEED:,}]")
 
 
 @dataclass
@@ -59,6 +87,7 @@ class Answer:
     first_token_s: float | None = None
     total_s: float = 0.0
     dropped_prompt_tokens: int = 0
+    cut_prompt_tokens: int = 0      # the prompt's oldest tokens beyond the model's context window
     stop_reason: str = ""
     tokens: list[int] = field(default_factory=list)
 
@@ -76,7 +105,8 @@ class Answer:
 class ChatModels:
     """The student (restricted vocabulary) and the teacher (full vocabulary) of one run, sharing its tokenizer."""
 
-    def __init__(self, student, vocab: torch.Tensor, tokenizer, teacher=None, description: str = ""):
+    def __init__(self, student, vocab: "torch.Tensor", tokenizer, teacher=None, description: str = ""):
+        import torch
         self.student = student.eval()
         self.vocab = vocab.long()
         self.to_student = torch.full((max(len(tokenizer), int(vocab.max()) + 1),), -1, dtype=torch.long)
@@ -94,6 +124,7 @@ class ChatModels:
 
     @classmethod
     def from_packed(cls, packed: str | Path, with_teacher: bool = True) -> "ChatModels":
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -118,17 +149,29 @@ class ChatModels:
             ids = ids["input_ids"]
         return [int(i) for i in ids]
 
+    def context_window(self, who: str, max_new_tokens: int) -> int:
+        """Prompt tokens `who` can see: its context less the answer's room (at least half the context)."""
+        if who == "student":
+            return int(self.student.config.max_seq_len)
+        context = int(getattr(self.teacher.config, "max_position_embeddings", 0) or 2048)
+        return max(context // 2, context - max_new_tokens)
+
     def stream(self, who: str, messages: list[dict], settings: Settings | None = None,
                answer: Answer | None = None) -> Iterator[Token]:
         """Generate the reply of `who` ("student" or "teacher") token by token; `answer` collects the totals."""
+        import torch
         settings = settings or Settings()
         settings.check()
+        for message in messages:
+            check_message(message.get("content", ""))
         answer = answer if answer is not None else Answer()
         if who == "teacher" and self.teacher is None:
             raise ValueError("this run's teacher cannot be loaded for chat (no model in its folder)")
         generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
         start = time.perf_counter()
         prompt = self.prompt_ids(messages)
+        answer.cut_prompt_tokens = max(0, len(prompt) - self.context_window(who, settings.max_new_tokens))
+        prompt = prompt[answer.cut_prompt_tokens:]          # the end of the conversation: what is answered
         step = self._student_steps(prompt, answer) if who == "student" else self._teacher_steps(prompt)
         answer.stop_reason = f"max_new_tokens ({settings.max_new_tokens})"
         threads = torch.get_num_threads()
@@ -140,6 +183,7 @@ class ChatModels:
             answer.total_s = time.perf_counter() - start
 
     def _generate(self, who, step, settings, generator, answer, start) -> Iterator[Token]:
+        import torch
         generated: list[int] = []
         shown = ""
         with torch.inference_mode():
@@ -172,6 +216,7 @@ class ChatModels:
 
     def _student_steps(self, prompt: list[int], answer: Answer):
         """A coroutine: yields next-token logits over the student's vocabulary, receives each chosen token id."""
+        import torch
         known = [int(self.to_student[t]) for t in prompt if t < self.to_student.numel() and self.to_student[t] >= 0]
         answer.dropped_prompt_tokens = len(prompt) - len(known)
         ids = known or [0]
@@ -182,13 +227,15 @@ class ChatModels:
             ids.append(int(self.to_student[token]))
 
     def _teacher_steps(self, prompt: list[int]):
+        import torch
         out = self.teacher(torch.tensor([prompt]), use_cache=True)
         while True:
             token = yield out.logits[0, -1]
             out = self.teacher(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
+def _sample(logits: "torch.Tensor", temperature: float, top_p: float, generator) -> int:
+    import torch
     logits = logits.float()
     if temperature == 0:
         return int(logits.argmax())
@@ -202,7 +249,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
 
 # -- the command line -----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    from .distill.cli import _Parser
+    from .distill.options import OneLineParser as _Parser
     p = _Parser(prog="python -m hybrid_optimization.chat",
                 description="Chat with a finished run's student, its teacher answering beside it.")
     p.add_argument("run_id", metavar="RUN_ID")
@@ -219,11 +266,24 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     settings = Settings(args.temperature, args.top_p, args.max_new_tokens, args.seed)
-    try:
+    try:                                # every argument checked before torch is imported
         settings.check()
-        models = ChatModels.from_run(args.run_id, args.runs_root, with_teacher=not args.no_teacher)
-    except ValueError as exc:           # ExportError (no trained student, failed run, ...) and bad settings
+        if args.message is not None:
+            check_message(args.message)
+            if not args.message.strip():
+                raise ChatInputError("--message is empty: ask a question, or leave --message out to chat")
+        if not re.fullmatch(RUN_ID_PATTERN, args.run_id):
+            raise ChatInputError(f"run id {args.run_id[:80]!r} is invalid: a run id is letters, digits, '.', '_' "
+                                 "and '-' (see the workbench or runs.db)")
+        if args.runs_root is not None:
+            check_runs_root(args.runs_root, must_exist=True, writable=False)
+    except (ChatInputError, RunsRootError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        models = ChatModels.from_run(args.run_id, args.runs_root, with_teacher=not args.no_teacher)
+    except (ValueError, LookupError, RuntimeError, OSError) as exc:   # no trained student, failed run, no store
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
     print(f"Chat with {models.description} (Ctrl-D to quit)" if args.message is None else models.description)
     history: list[dict] = []

@@ -17,7 +17,17 @@ from typing import Any
 
 # The choices (bit-widths the quantizers implement — 1.58 is ternary —, trust-region modes, base optimizers) are
 # defined once, in the torch-free vocabulary.
-from .schema import BASE_OPTIMIZERS, SUPPORTED_BITS, TRUST_REGION_MODES  # noqa: F401  (re-exported)
+from .schema import (BASE_OPTIMIZERS, HYBRID_BASES, SUPPORTED_BITS,  # noqa: F401  (re-exported)
+                     TRUST_REGION_MODES, UnsupportedBitsError, normalize_bits)
+
+# Upper bounds of the sizes: far beyond what a run on this project's hardware needs, and low enough that nothing
+# downstream (SQLite integers, tensor shapes, memory) can overflow. ONE bound per quantity: the CLI's flags, the
+# form, the sweep's ranges and the options file are all checked against these rules (options.py reuses them).
+MAX_STEPS = 10_000_000          # optimizer steps in total
+MAX_BATCH_SIZE = 65_536         # windows per step (the CLI also checks the memory available)
+MAX_CLUSTERS = 4_096            # data and parameter clusters
+MAX_SEED = 2 ** 32 - 1          # numpy's and torch's seed range
+MAX_LEARNING_RATE = 10.0        # base and auxiliary learning rates: (0, 10]
 
 
 class ConfigError(ValueError):
@@ -84,7 +94,7 @@ class HybridTrainingConfig:
             field_name, message = next(iter(errors.items()))
             raise ConfigError(message, field=field_name)
         # Normalise numeric types so JSON round trips and comparisons are exact (e.g. target_bits=2 -> 2.0).
-        self.target_bits = _canonical_bits(self.target_bits)
+        self.target_bits = normalize_bits(self.target_bits)
         for f in fields(self):
             if f.type in ("float", "float | None") and isinstance(getattr(self, f.name), int) \
                     and not isinstance(getattr(self, f.name), bool):
@@ -117,13 +127,6 @@ class HybridTrainingConfig:
         return cls.from_dict(data)
 
 
-def _canonical_bits(value: float) -> float:
-    for b in SUPPORTED_BITS:
-        if math.isclose(float(value), b, abs_tol=0.01):
-            return float(b)
-    return float(value)
-
-
 # -- validation ------------------------------------------------------------------------------------------------
 # One rule per field: (kind, check, description of what is allowed).
 def _is_bool(v: Any) -> bool:
@@ -142,6 +145,22 @@ def _int_at_least(lo: int):
     return lambda v: _is_int(v) and v >= lo, f"an integer ≥ {lo}"
 
 
+def _int_in(lo: int, hi: int):
+    return lambda v: _is_int(v) and lo <= v <= hi, f"an integer in [{lo}, {hi:,}]"
+
+
+def _learning_rate():
+    return (lambda v: _is_number(v) and 0 < v <= MAX_LEARNING_RATE,
+            f"a number in (0, {MAX_LEARNING_RATE:g}] (a learning rate of 0 trains nothing)")
+
+
+def _quantized_bits(value: Any) -> bool:
+    try:
+        return _is_number(value) and normalize_bits(value) < 16
+    except UnsupportedBitsError:
+        return False
+
+
 def _positive():
     return lambda v: _is_number(v) and v > 0, "a finite number > 0"
 
@@ -157,32 +176,31 @@ def _boolean():
 FIELD_RULES: dict[str, tuple] = {
     "use_quantization": _boolean(),
     "quantizer_scale": _positive(),
-    "target_bits": (lambda v: _is_number(v) and any(math.isclose(float(v), b, abs_tol=0.01) for b in SUPPORTED_BITS),
-                    "one of 1, 1.58, 2, 4, 8"),
+    "target_bits": (_quantized_bits, "one of 1, 1.58, 2, 4, 8"),
     "use_clustering": _boolean(),
-    "data_clusters": _int_at_least(1),
-    "parameter_clusters": _int_at_least(1),
+    "data_clusters": _int_in(1, MAX_CLUSTERS),
+    "parameter_clusters": _int_in(1, MAX_CLUSTERS),
     "use_auxiliary_nn": _boolean(),
     "auxiliary_nn_hidden_size": _int_at_least(1),
-    "auxiliary_nn_learning_rate": _positive(),
+    "auxiliary_nn_learning_rate": _learning_rate(),
     "use_trust_region": _boolean(),
     "initial_trust_radius": (lambda v: _is_number(v) and 0.001 <= v <= 1.0,
                              "a number in [0.001, 1.0] (the trust-radius range)"),
     "trust_radius_adaptation": _boolean(),
-    "base_learning_rate": _positive(),
-    "max_steps": _int_at_least(1),
-    "batch_size": _int_at_least(1),
+    "base_learning_rate": _learning_rate(),
+    "max_steps": _int_in(1, MAX_STEPS),
+    "batch_size": _int_in(1, MAX_BATCH_SIZE),
     "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "weight_decay": _non_negative(),
     "log_interval": _int_at_least(1),
     "eval_interval": _int_at_least(1),
     "trust_region_mode": (lambda v: v in TRUST_REGION_MODES, "one of " + ", ".join(TRUST_REGION_MODES)),
-    "base_optimizer": (lambda v: v in BASE_OPTIMIZERS, "one of " + ", ".join(BASE_OPTIMIZERS)),
+    "base_optimizer": (lambda v: v in HYBRID_BASES, "one of " + ", ".join(HYBRID_BASES)),
     "meta_horizon": _int_at_least(1),
     "max_sample_repeats": _int_at_least(1),
     "precision_budget": (lambda v: v is None or (_is_number(v) and 1 <= v <= 8),
                          "empty (no budget) or a number of average bits in [1, 8]"),
-    "seed": (lambda v: _is_int(v) and v >= 0, "an integer ≥ 0"),
+    "seed": _int_in(0, MAX_SEED),
 }
 
 

@@ -18,6 +18,7 @@ import enum
 import math
 import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 # -- choices -------------------------------------------------------------------------------------------------------
@@ -25,36 +26,129 @@ from typing import Any
 DEVICES = ("auto", "cpu", "cuda", "mps")
 CLUSTER_BATCHES = ("mixed", "single")             # --hybrid batches: a share of every cluster, or one cluster each
 EMBEDDERS = ("tfidf", "minilm")                   # sample features for data clustering
-EXPORT_FORMATS = ("packed", "gguf", "hf")         # --export FORMAT; a bare --export is "packed"
 DATA_SOURCES = ("chatterbot", "python-docs")     # --data_source NAME (their loaders: distill/data.py)
+DATA_SUFFIXES = (".txt", ".jsonl")                # --data FILE: plain text, or one chat per line
+# A run id (the store's folder name): what new_run_id makes, and what --resume / --run_id / RUN_ID accept.
+RUN_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str           # --export NAME / --format NAME
+    file_name: str      # what it writes in the run folder
+    label: str          # how the app names it
+
+
+EXPORTS = (
+    ExportFormat("packed", "student.safetensors", "Packed safetensors (this project's loader)"),
+    ExportFormat("gguf", "student.gguf", "GGUF for llama.cpp (ternary TQ2_0)"),
+    ExportFormat("hf", "student-hf", "Hugging Face LlamaForCausalLM folder (zip)"),
+)
+EXPORT_FORMATS = tuple(e.name for e in EXPORTS)   # --export FORMAT; a bare --export is "packed"
+EXPORT_FILE_NAMES = {e.name: e.file_name for e in EXPORTS}
+EXPORT_LABELS = {e.name: e.label for e in EXPORTS}
 TRUST_REGION_MODES = ("absolute", "relative")
-BASE_OPTIMIZERS = ("adamw", "sgd")
-OPTIMIZERS = ("hybrid", "adamw", "custom")        # what trained a run (its summary title depends on it)
+# --optimizer: the optimizer a run trains with (optimizers.build_optimizer). muon = torch.optim.Muon on the 2-D
+# hidden matrices + AdamW on embeddings, norms and head; schedule-free = PyPI schedulefree AdamWScheduleFree;
+# prodigy = PyPI prodigyopt (LR-free: --lr is the factor on its estimated step size, default 1.0).
+BASE_OPTIMIZERS = ("adamw", "sgd", "muon", "schedule-free", "prodigy")
+# The bases whose direction the hybrid (--hybrid) can steer with its learned multiplier and trust region.
+HYBRID_BASES = ("adamw", "sgd", "muon")
+# --schedule: the LR schedule after --warmup_steps of linear warmup (wsd: warmup, stable, linear decay to 0 over
+# the last 20 % of the steps). Schedule-Free has its own averaging and takes constant only.
+SCHEDULES = ("constant", "cosine", "wsd")
+OPTIMIZERS = ("hybrid", *BASE_OPTIMIZERS, "custom")   # what trained a run (its summary title depends on it)
 # Quantized bit-widths the quantizers implement (1.58 = ternary); 16 and 32 mean full precision.
 SUPPORTED_BITS = (1, 1.58, 2, 4, 8)
 PRECISIONS = (*SUPPORTED_BITS, 16, 32)
 # Run statuses. "diverged": the loss became NaN/Inf (the run ended with a non-zero exit and says at which step).
 RUN_STATUSES = ("queued", "running", "finished", "failed", "stopped", "lost", "diverged")
+STATUS_COLORS = {"queued": "gray", "running": "blue", "finished": "green", "failed": "red", "stopped": "orange",
+                 "lost": "violet", "diverged": "red"}          # the app's status badges
 ACTIVE_STATUSES = ("queued", "running")
 TERMINAL_STATUSES = ("finished", "failed", "stopped", "lost", "diverged")
 
 
-def default_runs_root():
-    """`$HYBRID_RUNS_ROOT` if set, else `~/.cache/hybrid-workbench/runs` (a pathlib.Path)."""
-    from pathlib import Path
+class UnsupportedBitsError(ValueError):
+    """A bit-width that no quantizer implements."""
+
+
+TERNARY_BITS = 1.58
+
+
+def normalize_bits(bits: Any) -> float:
+    """THE canonical bit-width: 1, 1.58, 2, 4, 8, or 16 / 32 (full precision). 1.58, 1.585, log2(3) and 1.6 (the
+    packed size) are ternary; "ternary" and numbers written as text are read too. Anything else raises
+    UnsupportedBitsError naming what is allowed."""
+    value = bits
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "ternary":
+            return TERNARY_BITS
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) or hasattr(value, "__float__")):
+        value = None
+    if value is not None:
+        value = float(value)
+        if math.isfinite(value):
+            if 1.575 <= value <= 1.6 + 1e-9:
+                return TERNARY_BITS
+            for allowed in PRECISIONS:
+                if abs(value - allowed) < 1e-9:
+                    return float(allowed)
+    shown = repr(bits) if len(repr(bits)) <= 40 else repr(bits)[:40] + "…"
+    raise UnsupportedBitsError(f"bits {shown} is invalid: it must be one of "
+                               + ", ".join(f"{b:g}" for b in PRECISIONS) + " (16 and 32: full precision)")
+
+
+# -- the runs root: one rule for the CLI, the store, the sweep and the app -----------------------------------------
+class RunsRootError(ValueError):
+    """The runs root cannot hold a run store; the message says why and what to pass instead."""
+
+
+def default_runs_root() -> Path:
+    """`$HYBRID_RUNS_ROOT` if set, else `~/.cache/hybrid-workbench/runs`."""
     env = os.environ.get("HYBRID_RUNS_ROOT")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "hybrid-workbench" / "runs"
 
 
-def preset_names() -> tuple[str, ...]:
-    """The presets (defined with their data in distill/presets.py, which is torch-free)."""
-    from .distill.presets import PRESETS
-    return tuple(PRESETS)
+def check_runs_root(root: str | os.PathLike, must_exist: bool = False, writable: bool = True) -> Path:
+    """The runs root as a Path, or RunsRootError: it must be (or be creatable as) a directory — one that exists
+    when `must_exist` — and, when `writable`, really writable: checked by creating (and removing) a temporary
+    entry, since permission bits say nothing for root or a read-only mount."""
+    import tempfile
+    root = Path(root).expanduser()
+    try:
+        resolved = root.resolve(strict=False)
+        exists = resolved.exists()
+    except (RuntimeError, OSError) as exc:          # a symlink loop, a component that is not a directory, ...
+        raise RunsRootError(f"--runs_root {root}: cannot be used ({_reason(exc)})") from None
+    if exists and not resolved.is_dir():
+        raise RunsRootError(f"--runs_root {root}: is a file, not a directory; pass a folder for the run store")
+    if not exists and must_exist:
+        raise RunsRootError(f"--runs_root {root}: does not exist (no run store there)")
+    if not writable:
+        return root
+    probe_in = resolved
+    while not probe_in.exists() and probe_in != probe_in.parent:
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise RunsRootError(f"--runs_root {root}: cannot be created ({probe_in} is not a directory)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=probe_in))
+    except OSError as exc:
+        where = "the directory" if exists else f"its parent {probe_in}"
+        raise RunsRootError(f"--runs_root {root}: {where} is not writable ({_reason(exc)}); pass a writable "
+                            "folder") from None
+    return root
 
 
-def student_sizes() -> tuple[str, ...]:
-    from .distill.presets import STUDENT_SIZES
-    return tuple(STUDENT_SIZES)
+def _reason(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # -- one training step ---------------------------------------------------------------------------------------------
@@ -156,7 +250,9 @@ RULE = "=" * 60
 def summary_title(optimizer: str | None) -> str:
     if optimizer in (None, "hybrid"):
         return "HYBRID OPTIMIZATION SUMMARY"
-    name = "custom optimizer" if optimizer == "custom" else "AdamW at constant LR"
+    names = {"custom": "custom optimizer", "sgd": "SGD with momentum", "muon": "Muon + AdamW",
+             "schedule-free": "Schedule-Free AdamW", "prodigy": "Prodigy (LR-free)"}
+    name = names.get(optimizer, "AdamW at constant LR")
     return f"TRAINING SUMMARY (baseline: {name})"
 
 

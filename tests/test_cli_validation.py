@@ -52,7 +52,7 @@ def test_help_and_a_bad_flag_answer_without_importing_torch():
     (["--batch_size", "200000"], f"--batch_size 200000 is invalid: it must be an integer in [1, {MAX_BATCH_SIZE:,}]"),
     (["--seq_len", "100000"], "--seq_len 100000 is invalid"),
     (["--seq_len", "3"], "--seq_len 3 is invalid: it must be an integer in [8, 8,192]"),   # was accepted, then trained
-    (["--precision_budget", "9"], "--precision_budget 9.0 is invalid: it must be average bits per weight in [1, 8]"),
+    (["--precision_budget", "9"], "--precision_budget 9.0 is invalid: it must be empty (no budget) or a number of average bits in [1, 8]"),
     (["--bits", "3", "--qat"], "--bits 3.0 is invalid"),
     (["--export", "onnx"], "argument --export: invalid choice: 'onnx'"),
 ])
@@ -101,12 +101,19 @@ def test_a_read_only_runs_root_is_refused(tmp_path):
 
 
 def test_resume_refuses_flags_that_cannot_change_by_name(tmp_path):
+    """--resume: a fixed flag repeated with the run's stored value is fine (the user adds --resume ID to the command
+    they ran); a different value is refused by name with both values, before torch is imported (plan.py)."""
+    from hybrid_optimization.tracking import RunStore
     data = tmp_path / "x.txt"
     data.write_text("hello\n")
-    message = refused("--resume", "20260101-000000-abcd", "--lr", "0.5", "--data", str(data), "--max_steps", "9",
-                      "--runs_root", str(tmp_path))
-    assert "--lr, --data cannot change when a run is resumed" in message and "--max_steps" in message.split(
-        "allowed with --resume:")[1]
+    stored = TrainOptions(preset="tiny", lr=0.002, runs_root=str(tmp_path))
+    run_id = RunStore(tmp_path).create_run(config={}, args={"argv": [], "options": stored.to_dict()}, preset="tiny",
+                                           status="stopped")
+    message = refused("--resume", run_id, "--preset", "tiny", "--lr", "0.5", "--data", str(data), "--max_steps",
+                      "9", "--runs_root", str(tmp_path))
+    assert "lr=0.5 (the run's: 0.002)" in message and "data=" in message and "preset" not in message.split(
+        "cannot change")[0] and "cannot change when a run is resumed" in message and "max_steps" in message.split(
+        "only ")[1]
 
 
 def test_options_file_values_are_never_read_as_flags(tmp_path):
@@ -117,7 +124,7 @@ def test_options_file_values_are_never_read_as_flags(tmp_path):
     path.write_text("{not json")
     assert "--options" in refused(f"--options={path}")
     path.write_text(json.dumps({"gpu": 1}))
-    assert "unknown option(s) gpu" in refused(f"--options={path}")
+    assert "unknown option(s) 'gpu'" in refused(f"--options={path}")
 
 
 def test_train_options_collect_every_error_with_the_clis_messages():

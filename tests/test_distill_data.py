@@ -97,7 +97,7 @@ def test_dataset_vocabulary_is_reduced_and_maps_back(chats, tokenizer):
     assert ds.vocab_size <= len(tokenizer)
     assert int(ds.train.tokens.max()) < ds.vocab_size
     assert torch.all(ds.vocab[:-1] < ds.vocab[1:])                  # sorted, unique
-    text = tokenizer.decode(ds.to_teacher_ids(ds.train.tokens[0]).tolist())
+    text = tokenizer.decode(ds.vocab[ds.train.tokens[0]].tolist())               # student ids -> tokenizer ids
     assert "<|im_start|>" in text or "<|im_end|>" in text
     again = build_dataset(chats, tokenizer, seq_len=32, split_seed=0)
     assert again.fingerprint == ds.fingerprint
@@ -229,7 +229,8 @@ def test_big_splits_keep_only_the_windows_a_run_uses(tmp_path, tokenizer):
 
 
 def test_window_budget_and_estimate():
-    from hybrid_optimization.distill.data import SUBSET_MIN_WINDOWS, preparation_estimate, train_windows_budget
+    from hybrid_optimization.distill.data import preparation_estimate
+    from hybrid_optimization.distill.plan import SUBSET_MIN_WINDOWS, train_windows_budget   # the plan owns them
 
     assert train_windows_budget(32, None, 20, 10) == 6400                # the tiny preset's default run
     assert train_windows_budget(32, 1, 20, 10) == SUBSET_MIN_WINDOWS

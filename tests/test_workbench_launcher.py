@@ -13,8 +13,10 @@ import pytest
 
 from hybrid_optimization.config import ConfigError, HybridTrainingConfig, field_error
 from hybrid_optimization.tracking import RunStore, pid_alive
+from hybrid_optimization import launch as launch_path
+from hybrid_optimization.distill.options import TrainOptions
 from workbench import datasets, launcher, presets, queries
-from workbench.launcher import LaunchError, LaunchOptions
+from workbench.launcher import LaunchError
 
 # A stand-in for distillation.py that talks to the store like the trainer does (FAKE_MODE picks a behaviour):
 # obedient: log steps until a stop is requested, then report "stopped" and exit 143;
@@ -78,29 +80,46 @@ def test_the_cli_gets_one_argument_the_options_file(tmp_path):
 
 def test_form_values_become_the_clis_train_options(tmp_path):
     config = HybridTrainingConfig(max_steps=50, seed=3, eval_interval=7)
-    options = launcher.train_options(config, LaunchOptions(preset="tiny", tags=["a", "b"], alpha=0.3,
-                                                           student_size="small"), "RID", tmp_path, tmp_path / "c.json")
+    options = launcher.train_options(config, dict(preset="tiny", tags=["a", "b"], alpha=0.3, student_size="small"),
+                                     "RID", tmp_path)
+    assert isinstance(options, TrainOptions) and options.hybrid_config == config      # the config embedded
     assert (options.hybrid, options.qat, options.ternary, options.bits) == (True, True, True, 1.58)
     assert (options.max_steps, options.seed, options.alpha, options.student_size) == (50, 3, 0.3, "small")
     assert (options.export, options.save_metrics, options.quiet) == ("packed", True, True)
     assert (options.run_id, options.runs_root, options.tags) == ("RID", str(tmp_path), ["a", "b"])
     # The form's "Evaluate every N steps" (config.eval_interval) is the run's evaluation cadence (issue 9, defect 3).
     assert options.eval_every_steps == 7 and options.eval_every is None
-    full = launcher.train_options(HybridTrainingConfig(use_quantization=False), LaunchOptions(hybrid=False, epochs=3),
+    full = launcher.train_options(HybridTrainingConfig(use_quantization=False), {"hybrid": False, "epochs": 3},
                                   "R", tmp_path)
     assert not full.qat and full.bits is None and not full.hybrid and full.max_steps is None and full.epochs == 3
-    two_bit = launcher.train_options(HybridTrainingConfig(target_bits=2), LaunchOptions(), "R", tmp_path)
+    two_bit = launcher.train_options(HybridTrainingConfig(target_bits=2), {}, "R", tmp_path)
     assert two_bit.bits == 2 and not two_bit.ternary
+    # The options document round-trips through JSON as it is: what options.json and runs.args["options"] hold.
+    assert TrainOptions.from_dict(json.loads(options.to_json())) == options
 
 
 def test_option_errors_name_the_option(tmp_path):
-    errors = launcher.option_errors(LaunchOptions(preset="huge", nproc=0, device="tpu", alpha=2.0,
-                                                  data=str(tmp_path / "missing.jsonl")))
+    errors = launcher.option_errors(dict(preset="huge", nproc=0, device="tpu", alpha=2.0,
+                                         data=str(tmp_path / "missing.jsonl")))
     assert set(errors) == {"preset", "nproc", "device", "alpha", "data"}
     assert errors["preset"] == "preset = 'huge' is invalid: it must be one of tiny, smollm2"   # the CLI's rule
     assert "does not exist" in errors["data"]
+    assert "unknown launch option(s): gpu" in launcher.option_errors({"gpu": True})["gpu"]
     with pytest.raises(LaunchError, match="unknown launch option"):
-        LaunchOptions.from_dict({"gpu": True})
+        launcher.check_form({"gpu": True})
+    assert launcher.option_errors(launcher.form_defaults()) == {}
+
+
+def test_the_form_has_no_option_shape_of_its_own():
+    """Issue 18: every form value is a TrainOptions field (or the process count); the defaults are TrainOptions'
+    except where the form differs on purpose, and config fields are never options of the form as well."""
+    fields = set(TrainOptions.__dataclass_fields__)
+    assert set(launcher.form_defaults()) - {"nproc"} <= fields and launcher.FORM_FIELDS - {"nproc"} <= fields
+    assert not launcher.FORM_FIELDS & {"lr", "batch_size", "max_steps", "seed", "qat", "bits", "hybrid_config"}
+    defaults = TrainOptions()
+    same = {k for k, v in launcher.form_defaults().items() if k in fields and getattr(defaults, k) == v}
+    assert set(launcher.form_defaults()) - same == {"hybrid", "export", "save_metrics", "epochs", "alpha",
+                                                   "temperature", "nproc"}
 
 
 # -- launching (process start stubbed) -------------------------------------------------------------------------------
@@ -113,11 +132,11 @@ def test_launch_creates_a_queued_record_and_starts_the_cli(store, monkeypatch):
         def poll(self):
             return None
 
-    def fake_start(argv, cwd, log_dir, env):
+    def fake_start(argv, log_dir, *, die_with_parent=False, env=None, cwd=launch_path.REPO_ROOT):
         calls.append((argv, cwd, log_dir, env))
         return FakePopen()
 
-    monkeypatch.setattr(launcher, "start_process", fake_start)
+    monkeypatch.setattr(launch_path, "start", fake_start)
     started = time.perf_counter()
     run_id = launcher.launch(store, {"max_steps": 25, "base_learning_rate": 5e-4}, {"preset": "tiny", "tags": ["x"]})
     assert time.perf_counter() - started < 2
@@ -129,13 +148,13 @@ def test_launch_creates_a_queued_record_and_starts_the_cli(store, monkeypatch):
     assert env["HYBRID_RUNS_ROOT"] == str(store.root) and env["HF_HUB_OFFLINE"] == "1"
     options = json.loads(Path(argv[2].split("=", 1)[1]).read_text())
     assert options["run_id"] == run_id and options["runs_root"] == str(store.root) and options["quiet"]
-    written = json.loads(Path(options["config"]).read_text())
-    assert written == HybridTrainingConfig(max_steps=25, base_learning_rate=5e-4).to_dict()
+    assert options["hybrid_config"] == HybridTrainingConfig(max_steps=25, base_learning_rate=5e-4).to_dict()
+    assert run["args"]["options"] == options          # one shape: the options document, in the file and the store
     launcher._CHILDREN.clear()
 
 
 def test_a_bad_config_or_option_starts_nothing(store, monkeypatch):
-    monkeypatch.setattr(launcher, "start_process", lambda *a: pytest.fail("a process was started"))
+    monkeypatch.setattr(launch_path, "start", lambda *a, **k: pytest.fail("a process was started"))
     with pytest.raises(ConfigError) as info:
         launcher.launch(store, {"initial_trust_radius": 5.0}, {})
     assert str(info.value) == field_error("initial_trust_radius", 5.0)
@@ -196,7 +215,7 @@ def test_a_process_that_dies_before_reporting_is_marked_failed(store, fake_cli, 
 # -- presets ---------------------------------------------------------------------------------------------------------
 def test_presets_round_trip_and_validation(tmp_path):
     config = HybridTrainingConfig(target_bits=2, data_clusters=16).to_dict()
-    presets.save_preset(tmp_path, "ternary 16", config, LaunchOptions(preset="smollm2").to_dict())
+    presets.save_preset(tmp_path, "ternary 16", config, {**launcher.form_defaults(), "preset": "smollm2"})
     assert presets.list_presets(tmp_path) == ["ternary 16"]
     loaded_config, loaded_options = presets.load_preset(tmp_path, "ternary 16")
     assert loaded_config == config and loaded_options["preset"] == "smollm2"
@@ -245,7 +264,7 @@ def test_a_run_name_or_tag_beginning_with_a_dash_is_never_read_as_a_flag(store, 
     """Issue 13, item 6: the launcher's options file reaches the real CLI's parser with every value intact."""
     from hybrid_optimization.distill.cli import parse_options
     calls = []
-    monkeypatch.setattr(launcher, "start_process", lambda argv, *a: calls.append(argv) or type("P", (), {
+    monkeypatch.setattr(launch_path, "start", lambda argv, *a, **k: calls.append(argv) or type("P", (), {
         "pid": 424243, "poll": lambda self: None})())
     launcher.launch(store, {"max_steps": 5}, {"run_name": "--help", "tags": ["-x", "--lr"]})
     (argv,) = calls

@@ -10,7 +10,7 @@ import dataclasses
 import math
 from typing import Any
 
-from hybrid_optimization.config import (BASE_OPTIMIZERS, SUPPORTED_BITS, TRUST_REGION_MODES, HybridTrainingConfig,
+from hybrid_optimization.config import (HYBRID_BASES, SUPPORTED_BITS, TRUST_REGION_MODES, HybridTrainingConfig,
                                         config_errors)
 from hybrid_optimization.distill.options import MAX_SEQ_LEN, MIN_SEQ_LEN
 
@@ -50,7 +50,7 @@ HELP: dict[str, str] = {
     "batch_size": "Batch size.",
     "momentum": "Momentum for constrained opt (AdamW β₁).",
     "weight_decay": "L2 regularization.",
-    "base_optimizer": "Base direction before the LR multiplier and the trust region: AdamW or SGD with momentum.",
+    "base_optimizer": "Base direction before the LR multiplier and the trust region: AdamW, SGD with momentum, or Muon (hidden matrices; AdamW for the rest).",
     "seed": "Random seed of the run (data split, initialisation, sampling).",
     "log_interval": "Log every N steps.",
     "eval_interval": "Evaluate every N steps.",
@@ -58,7 +58,7 @@ HELP: dict[str, str] = {
 CHOICES: dict[str, tuple] = {
     "target_bits": tuple(float(b) for b in SUPPORTED_BITS),
     "trust_region_mode": TRUST_REGION_MODES,
-    "base_optimizer": BASE_OPTIMIZERS,
+    "base_optimizer": HYBRID_BASES,
 }
 OPTIONAL = {"precision_budget"}
 

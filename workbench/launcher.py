@@ -1,47 +1,73 @@
 """Start, stop and resume training runs as background processes of the pipeline's CLI (distillation.py).
 
-The app never trains and never touches CUDA: a launch turns the form's values into the CLI's own TrainOptions
-(torch-free, validated by the same code as the CLI's flags), creates the run record (status queued) in the store,
-writes the config and the options next to the run, and starts
+The app never trains and never touches CUDA. A launch turns the form's values and config into THE options
+document — a TrainOptions with the config embedded, validated by the same code as the CLI's flags —, creates the
+run record (status queued) and starts the CLI on it through `hybrid_optimization.launch.spawn`, the one launch path
+the sweep uses too: one `<run_dir>/options.json`, then
 
     sys.executable distillation.py --options=<run_dir>/options.json
 
-as an argument list (never a shell string; the only argument is the file, so nothing a user typed — a run name or
-a tag beginning with "-" — can be read as a flag) in its own session / process group, stdout and stderr going to
-files in the run folder. It returns at once; the trainer reports through the store. Because the child has its
-own session, it survives an app restart, and the app finds it again in the store.
+as an argument list (nothing a user typed can be read as a flag) in its own session / process group, stdout and
+stderr going to files in the run folder. It returns at once; the trainer reports through the store. Because the
+child has its own session, it survives an app restart, and the app finds it again in the store.
+
+The form's values are TrainOptions fields (FORM_DEFAULTS: the ones the Configure page shows, with the form's own
+starting values) plus `nproc` (processes under torchrun); the config fields that are options of their own on the
+CLI (quantization, length, seed, evaluation cadence) come from the config.
 
 Stop asks politely first (a flag in the store that the trainer polls), then sends SIGTERM to the process group
 after a grace period. Resume starts the CLI again with --resume RUN_ID.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hybrid_optimization import launch as launch_path
 from hybrid_optimization.config import HybridTrainingConfig
-from hybrid_optimization.distill.options import TrainOptions
+from hybrid_optimization.distill.options import PYTHON_ONLY, TrainOptions
 from hybrid_optimization.distill.presets import PRESETS as _PRESETS
 from hybrid_optimization.distill.presets import STUDENT_SIZES as _STUDENT_SIZES
-from hybrid_optimization.schema import CLUSTER_BATCHES, DEVICES, EMBEDDERS  # noqa: F401  (the form's choices)
+from hybrid_optimization.schema import CLUSTER_BATCHES, DATA_SUFFIXES, DEVICES, EMBEDDERS  # noqa: F401 (form choices)
 from hybrid_optimization.tracking import ACTIVE_STATUSES, RunStore, StoreError, pid_alive
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DISTILLATION_SCRIPT = REPO_ROOT / "distillation.py"
+REPO_ROOT = launch_path.REPO_ROOT
+DISTILLATION_SCRIPT = launch_path.DISTILLATION_SCRIPT
 # The form's choices are the CLI's own (defined once in the core).
 PRESETS = tuple(_PRESETS)
 STUDENT_SIZES = tuple(_STUDENT_SIZES)
-DATA_SUFFIXES = (".txt", ".jsonl")
 STOP_GRACE_S = 30.0
-STDOUT_NAME, STDERR_NAME, CONFIG_NAME, OPTIONS_NAME = "stdout.log", "stderr.log", "config.json", "options.json"
+STDOUT_NAME, STDERR_NAME, OPTIONS_NAME = launch_path.STDOUT_NAME, launch_path.STDERR_NAME, launch_path.OPTIONS_NAME
+CONFIG_NAME = OPTIONS_NAME       # the run's configuration file: the options document, config embedded
+build_argv = launch_path.cli_argv
+cli_prefix = launch_path.cli_prefix
+
+_DEFAULTS = TrainOptions()
+# What the Configure page starts from: TrainOptions' own defaults, except where the form differs on purpose (a new
+# user launches the hybrid optimizer and gets the packed model and a metrics CSV); None = the preset's value, and
+# no epochs = the config's max_steps.
+FORM_DEFAULTS: dict[str, Any] = {
+    "preset": _DEFAULTS.preset, "hybrid": True, "data": None, "teacher": None, "student_size": None, "epochs": None,
+    "seq_len": None, "device": _DEFAULTS.device, "nproc": 1, "embedder": _DEFAULTS.embedder,
+    "cluster_batches": _DEFAULTS.cluster_batches, "alpha": None, "temperature": None, "export": True,
+    "save_metrics": True, "run_name": None, "tags": [],
+}
+# Set by the launcher from the config and the store, never by the form.
+DERIVED = ("qat", "ternary", "bits", "max_steps", "seed", "eval_every", "eval_every_steps", "hybrid_config",
+           "config", "run_id", "runs_root", "resume", "quiet", "progress", "track", "argv", "train_windows",
+           "stop_after_steps", "data_clustering", "param_clustering")
+# Options that are config fields under another name: the form sets them in the config (one place, one value).
+IN_CONFIG = ("lr", "weight_decay", "batch_size", "data_clusters", "param_clusters", "precision_budget",
+             "trust_region_mode")
+FORM_FIELDS = frozenset({f.name for f in dataclasses.fields(TrainOptions)} - PYTHON_ONLY - set(DERIVED)
+                        - set(IN_CONFIG) | {"nproc"})
 
 
 class LaunchError(ValueError):
@@ -52,96 +78,59 @@ class LaunchError(ValueError):
         self.field = field
 
 
-@dataclass
-class LaunchOptions:
-    """The form's pipeline options that are not HybridTrainingConfig fields (`train_options` maps them, with the
-    config, onto the CLI's TrainOptions)."""
-    preset: str = "tiny"
-    hybrid: bool = True                 # False: the AdamW baseline at constant LR (no --hybrid)
-    data: str | None = None             # .txt or chat .jsonl; None: chatterbot-corpus
-    teacher: str | None = None          # local HF causal-LM dir; None: the preset's teacher
-    student_size: str | None = None     # None: the preset's default
-    epochs: int | None = None           # None: stop at config.max_steps
-    seq_len: int | None = None
-    device: str = "auto"
-    nproc: int = 1                      # > 1: torchrun --nproc_per_node
-    embedder: str = "tfidf"
-    cluster_batches: str = "mixed"      # hybrid batches: an equal share of every data cluster, or one cluster each
-    alpha: float | None = None
-    temperature: float | None = None
-    export: bool = True
-    save_metrics: bool = True
-    run_name: str | None = None
-    tags: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LaunchOptions":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise LaunchError(f"unknown launch option(s): {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
-        return cls(**data)
+def form_defaults() -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, list) else v for k, v in FORM_DEFAULTS.items()}
 
 
-def option_errors(options: LaunchOptions) -> dict[str, str]:
-    """Every invalid launch option -> its message (empty when all are valid): the launcher's own (process count,
-    data file type, teacher folder), then TrainOptions' (the CLI's messages, one definition)."""
+def check_form(values: dict[str, Any]) -> dict[str, Any]:
+    """The form's values, or LaunchError for a name that is not a form field (a preset file, a sweep's trial)."""
+    if not isinstance(values, dict):
+        raise LaunchError(f"launch options must be a mapping of option -> value, not {type(values).__name__}")
+    unknown = sorted(set(values) - FORM_FIELDS)
+    if unknown:
+        raise LaunchError(f"unknown launch option(s): {', '.join(map(str, unknown))}; allowed: "
+                          f"{', '.join(sorted(FORM_FIELDS))}", field=str(unknown[0]))
+    return dict(values)
+
+
+def train_options(config: HybridTrainingConfig, form: dict[str, Any], run_id: str | None = None,
+                  runs_root: Path | str | None = None) -> TrainOptions:
+    """THE options document of a run launched from the form: its values (None = TrainOptions' default), the config
+    embedded, and the four config fields the CLI takes as options of its own — quantization (qat + bits; none =
+    full-precision student), the length (max_steps, unless epochs are given), the seed, and the evaluation cadence
+    (the config's eval_interval = evaluate every N steps, instead of the CLI's default of every epoch)."""
+    form = {**form_defaults(), **check_form(form)}
+    quantized = bool(config.use_quantization)
+    export = form.get("export")
+    values = {k: v for k, v in form.items() if k != "nproc" and v is not None}
+    values.update(
+        hybrid_config=config, qat=quantized, ternary=quantized and config.target_bits == 1.58,
+        bits=config.target_bits if quantized else None,
+        max_steps=None if form.get("epochs") is not None else config.max_steps, seed=config.seed,
+        eval_every=None, eval_every_steps=config.eval_interval,
+        export="packed" if export is True else (export or None), tags=list(form.get("tags") or []),
+        run_name=form.get("run_name") or None, run_id=run_id,
+        runs_root=str(runs_root) if runs_root is not None else None, quiet=True)
+    return TrainOptions(**values)
+
+
+def option_errors(form: dict[str, Any], config: HybridTrainingConfig | None = None) -> dict[str, str]:
+    """Every invalid launch option -> its message (empty when all are valid): the process count, then
+    TrainOptions' own checks (the CLI's rules and messages, one definition), named by the field."""
     errors: dict[str, str] = {}
-    if not isinstance(options.nproc, int) or isinstance(options.nproc, bool) or options.nproc < 1:
-        errors["nproc"] = f"nproc = {options.nproc!r} is invalid: it must be an integer ≥ 1"
-    if options.data:
-        path = Path(options.data).expanduser()
-        if path.suffix.lower() not in DATA_SUFFIXES:
-            errors["data"] = f"data file {path} must end in {' or '.join(DATA_SUFFIXES)}"
-        elif not path.is_file():
-            errors["data"] = f"data file {path} does not exist"
-    if options.teacher and not Path(options.teacher).expanduser().is_dir():
-        errors["teacher"] = f"teacher {options.teacher} is not a folder (a local Hugging Face causal-LM directory)"
-    for name, message in train_options(HybridTrainingConfig(), options, "check", Path("runs")).errors().items():
+    nproc = form.get("nproc", 1) if isinstance(form, dict) else 1
+    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+        errors["nproc"] = f"nproc = {nproc!r} is invalid: it must be an integer ≥ 1"
+    try:
+        options = train_options(config or HybridTrainingConfig(), form)
+    except LaunchError as exc:
+        return {**errors, exc.field or "options": str(exc)}
+    except ValueError as exc:
+        return {**errors, "options": str(exc)}
+    for name, message in options.errors().items():
         flag = f"--{name} "             # the form names the field itself: "alpha = 2.0 is invalid: ..."
         errors.setdefault(name, f"{name} = {message[len(flag):]}" if message.startswith(flag) else message)
     return errors
-
-
-def train_options(config: HybridTrainingConfig, options: LaunchOptions, run_id: str, runs_root: Path,
-                  config_path: Path | None = None) -> TrainOptions:
-    """The CLI's TrainOptions for a new run. Config fields travel in the --config file; four are options of their
-    own because the CLI derives them from options, not the file: quantization (qat + bits; none = full-precision
-    student), the length (max_steps, unless epochs are given), the seed, and the evaluation cadence (the config's
-    eval_interval = evaluate every N steps, instead of the CLI's default of every epoch)."""
-    defaults = TrainOptions()
-    quantized = bool(config.use_quantization)
-    return TrainOptions(
-        hybrid=options.hybrid, qat=quantized, ternary=quantized and config.target_bits == 1.58,
-        bits=config.target_bits if quantized else None,
-        epochs=options.epochs if options.epochs is not None else defaults.epochs,
-        max_steps=None if options.epochs is not None else config.max_steps, seed=config.seed,
-        eval_every=None, eval_every_steps=config.eval_interval,
-        config=str(config_path) if config_path is not None else None, preset=options.preset, data=options.data or None,
-        teacher=options.teacher or None, student_size=options.student_size, seq_len=options.seq_len,
-        device=options.device, embedder=options.embedder, cluster_batches=options.cluster_batches,
-        alpha=options.alpha if options.alpha is not None else defaults.alpha,
-        temperature=options.temperature if options.temperature is not None else defaults.temperature,
-        export="packed" if options.export else None, save_metrics=options.save_metrics,
-        run_name=options.run_name or None, tags=list(options.tags), run_id=run_id, runs_root=str(runs_root),
-        quiet=True)
-
-
-def build_argv(options_path: Path, nproc: int = 1, script: Path = DISTILLATION_SCRIPT,
-               python: str = sys.executable) -> list[str]:
-    """The CLI's argument list: the interpreter (through torchrun for several processes), the script and the
-    options file, in the `--flag=VALUE` form."""
-    return [*cli_prefix(nproc, script, python), f"--options={options_path}"]
-
-
-def cli_prefix(nproc: int, script: Path = DISTILLATION_SCRIPT, python: str = sys.executable) -> list[str]:
-    """The interpreter (through torchrun for several processes) and the CLI script."""
-    if nproc > 1:
-        return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
-    return [python, str(script)]
 
 
 # -- processes ------------------------------------------------------------------------------------------------------
@@ -151,23 +140,9 @@ _CHILDREN: dict[int, tuple[subprocess.Popen, Path, str]] = {}
 _CHILDREN_LOCK = threading.Lock()
 
 
-def child_env(runs_root: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(HYBRID_RUNS_ROOT=str(runs_root), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
-    return env
-
-
-def start_process(argv: list[str], cwd: Path, log_dir: Path, env: dict[str, str]) -> subprocess.Popen:
-    """Popen in a new session (own process group, detached from the app's terminal), output to files."""
-    with open(log_dir / STDOUT_NAME, "ab") as out, open(log_dir / STDERR_NAME, "ab") as err:
-        return subprocess.Popen(argv, cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
-                                start_new_session=True, close_fds=True)
-
-
-def _spawn(store: RunStore, run_id: str, argv: list[str]) -> subprocess.Popen:
+def _track(store: RunStore, run_id: str, start) -> subprocess.Popen:
     try:
-        proc = start_process(argv, REPO_ROOT, store.run_dir(run_id), child_env(store.root))
+        proc = start()
     except OSError as exc:
         store.set_status(run_id, "failed", f"could not start the training process: {exc}")
         raise LaunchError(f"could not start the training process: {exc}") from None
@@ -177,33 +152,29 @@ def _spawn(store: RunStore, run_id: str, argv: list[str]) -> subprocess.Popen:
     return proc
 
 
-def launch(store: RunStore, config: HybridTrainingConfig | dict, options: LaunchOptions | dict,
+def launch(store: RunStore, config: HybridTrainingConfig | dict, form: dict,
            script: Path = DISTILLATION_SCRIPT) -> str:
     """Validate, create the run record (queued), start the CLI in the background; returns the run id at once.
 
     Raises ConfigError / LaunchError (nothing created, nothing started) for bad input."""
     if isinstance(config, dict):
         config = HybridTrainingConfig.from_dict(config)   # the core's validation: raises ConfigError
-    if isinstance(options, dict):
-        options = LaunchOptions.from_dict(options)
-    errors = option_errors(options)
+    errors = option_errors(form, config)
     if errors:
         name, message = next(iter(errors.items()))
         raise LaunchError(message, field=name)
     if not Path(script).is_file():
         raise LaunchError(f"the training CLI {script} is missing; the workbench launches runs through it")
-    run_id = store.create_run(config.to_dict(), [], options.preset, name=options.run_name or None,
-                              tags=options.tags, status="queued",
-                              total_steps=config.max_steps if options.epochs is None else None)
+    nproc = int(form.get("nproc", 1))
+    options = train_options(config, form)
+    run_id = store.create_run(config.to_dict(), [], options.preset, name=options.run_name, tags=options.tags,
+                              status="queued", total_steps=options.max_steps)
+    options = options.replace(run_id=run_id, runs_root=str(store.root))
     run_dir = store.run_dir(run_id)
-    config_path = run_dir / CONFIG_NAME
-    config_path.write_text(config.to_json())
-    train = train_options(config, options, run_id, store.root, config_path)
-    options_path = run_dir / OPTIONS_NAME
-    options_path.write_text(train.to_json())
-    argv = build_argv(options_path, options.nproc, script)
-    store.update_run(run_id, args={"argv": argv, "options": options.to_dict()})
-    _spawn(store, run_id, argv)
+    store.update_run(run_id, args={"argv": build_argv(run_dir / OPTIONS_NAME, nproc, script),
+                                   "options": options.to_dict(), "nproc": nproc})
+    _track(store, run_id, lambda: launch_path.spawn(options, run_dir, nproc=nproc, script=script,
+                                                    env=launch_path.child_env(store.root)))
     return run_id
 
 
@@ -214,12 +185,13 @@ def resume(store: RunStore, run_id: str, script: Path = DISTILLATION_SCRIPT) -> 
         raise LaunchError(f"run {run_id} is {run['status']}; it can be resumed once it has stopped")
     if not Path(script).is_file():
         raise LaunchError(f"the training CLI {script} is missing; the workbench resumes runs through it")
-    # The trainer records its world size in the run's config; a run that never reported has the launcher's options.
-    options = (run.get("args") or {}).get("options", {}) if isinstance(run.get("args"), dict) else {}
-    nproc = (run.get("config") or {}).get("world_size") or options.get("nproc") or 1
+    # The trainer records its world size in the run's config; a run that never reported has the launcher's count.
+    args = run.get("args") if isinstance(run.get("args"), dict) else {}
+    nproc = (run.get("config") or {}).get("world_size") or args.get("nproc") or 1
     argv = [*cli_prefix(int(nproc), script), f"--resume={run_id}", f"--runs_root={store.root}", "--quiet"]
     store.set_status(run_id, "queued")
-    return _spawn(store, run_id, argv).pid
+    run_dir = store.run_dir(run_id)
+    return _track(store, run_id, lambda: launch_path.start(argv, run_dir, env=launch_path.child_env(store.root))).pid
 
 
 def _is_run_process(pid: int, run_id: str) -> bool:

@@ -9,15 +9,17 @@ Exit codes: see EXIT_CODES.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
-from pathlib import Path
+from dataclasses import fields
 
-from ..schema import CLUSTER_BATCHES, DEVICES, EMBEDDERS, EXPORT_FORMATS, TRUST_REGION_MODES
-from .options import (DATA_SOURCES, MAX_BATCH_SIZE, MAX_EPOCHS, MAX_SEQ_LEN, MAX_STEPS, MIN_SEQ_LEN, OptionsError,
-                      TrainOptions)
+from ..schema import (BASE_OPTIMIZERS, CLUSTER_BATCHES, DEVICES, EMBEDDERS, EXPORT_FORMATS, SCHEDULES,
+                      TRUST_REGION_MODES)
+from ..config import ConfigError, HybridTrainingConfig
+from .options import (DATA_SOURCES, MAX_BATCH_SIZE, MAX_EPOCHS, MAX_OPTIONS_FILE_BYTES, MAX_SEQ_LEN, MAX_STEPS,
+                      MIN_SEQ_LEN, PYTHON_ONLY, OneLineParser, OptionsError, TrainOptions, read_json_file,
+                      regular_file_problem)
 from .presets import PRESETS, STUDENT_SIZES
 
 EXIT_CODES = {"finished": 0, "failed": 1, "bad input": 2, "diverged": 3, "stopped (SIGINT)": 130,
@@ -41,9 +43,7 @@ exit codes: 0 finished, 1 failed, 2 bad input (one line; nothing started), 3 div
                              MAX_SEQ_LEN=MAX_SEQ_LEN, MIN_SEQ_LEN=MIN_SEQ_LEN)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):          # one clear line instead of usage + error
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+_Parser = OneLineParser                 # one clear line instead of usage + error (options.py)
 
 
 def build_parser(prog: str = "distillation.py") -> argparse.ArgumentParser:
@@ -89,6 +89,15 @@ def build_parser(prog: str = "distillation.py") -> argparse.ArgumentParser:
     a.add_argument("--max_steps", type=int, metavar="N", help="train exactly N steps (overrides --epochs)")
     a.add_argument("--precision_budget", type=float, metavar="B",
                    help="average-bits cap of the precision plan (default: the target bits)")
+    a.add_argument("--optimizer", choices=BASE_OPTIMIZERS,
+                   help="adamw (default), sgd (momentum 0.9), muon (torch.optim.Muon on the hidden matrices + AdamW on "
+                        "embedding, norms, head), schedule-free (AdamWScheduleFree; --schedule constant only) or "
+                        "prodigy (LR-free: --lr is the factor on its estimated step, default 1.0); with --hybrid: "
+                        "the base direction the hybrid steers (adamw, sgd or muon)")
+    a.add_argument("--schedule", choices=SCHEDULES,
+                   help="LR schedule after --warmup_steps: constant (default), cosine (to 0 at the last step) or wsd "
+                        "(warmup-stable-decay: linear decay to 0 over the last 20 %% of the steps)")
+    a.add_argument("--warmup_steps", type=int, metavar="N", help="steps of linear LR warmup (0)")
     a.add_argument("--trust_region_mode", choices=TRUST_REGION_MODES,
                    help="trust region over all parameters (absolute) or per tensor relative to its norm")
     a.add_argument("--embedder", choices=EMBEDDERS,
@@ -112,6 +121,9 @@ def build_parser(prog: str = "distillation.py") -> argparse.ArgumentParser:
                    help="run store folder (default $HYBRID_RUNS_ROOT or ~/.cache/hybrid-workbench/runs)")
     r.add_argument("--run_name", metavar="NAME", help="a readable name for the run")
     r.add_argument("--tags", metavar="A,B", help="comma-separated tags")
+    r.add_argument("--report_to", metavar="A,B", help="also report the run to: tensorboard (event files in the run "
+                   "folder), mlflow ($MLFLOW_TRACKING_URI, else <runs root>/mlflow.db); comma-separated; needs the "
+                   "package's extra of that name")
     r.add_argument("--run_id", metavar="ID", help="use a run record pre-created by a launcher (status queued)")
     r.add_argument("--resume", metavar="RUN_ID", help="continue a run from its last checkpoint")
     r.add_argument("--checkpoint_every_s", type=float, metavar="S",
@@ -132,26 +144,41 @@ def parse_options(argv: list[str]) -> TrainOptions:
     values = vars(build_parser().parse_args(argv))
     if "tags" in values:
         values["tags"] = [t.strip() for t in values["tags"].split(",") if t.strip()]
+    if "report_to" in values:
+        values["report_to"] = [t.strip().lower() for t in values["report_to"].split(",") if t.strip()]
     options_file = values.pop("options_file", None)
     from_file = read_options_file(options_file) if options_file else {}
     given = {**from_file, **values}
-    options = TrainOptions.from_dict(given)
-    options.argv = list(argv)
-    options.given = tuple(given)
-    return options
+    given.pop("argv", None)             # the command line is this one's, never a stored one
+    names = tuple(given)
+    config_path = given.get("config")
+    if isinstance(config_path, str) and "hybrid_config" not in given:
+        # The config is embedded in the options document (read here, once, bounded); the path stays as given.
+        problem = regular_file_problem(config_path, MAX_OPTIONS_FILE_BYTES)
+        if problem:
+            raise OptionsError(f"--config {config_path}: {problem}")
+        try:
+            given["hybrid_config"] = HybridTrainingConfig.from_dict(read_json_file(config_path, "--config"))
+        except ConfigError as exc:
+            raise OptionsError(f"--config {config_path}: {exc}") from None
+    try:
+        return TrainOptions(**given, argv=list(argv), given=names)
+    except ConfigError as exc:          # an embedded config (options file) with a bad field
+        raise OptionsError(f"--options {options_file}: hybrid_config: {exc}") from None
 
 
 def read_options_file(path: str) -> dict:
-    try:
-        data = json.loads(Path(path).expanduser().read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OptionsError(f"--options {path}: cannot be read as JSON ({exc})") from None
+    """The options document (`TrainOptions.to_dict()` as JSON): a regular file of at most 1 MB holding a JSON
+    object of known fields. Value types and ranges are checked by `TrainOptions.errors()`."""
+    data = read_json_file(path, "--options")
     if not isinstance(data, dict):
-        raise OptionsError(f"--options {path}: must be a JSON object of TrainOptions fields")
-    known = set(TrainOptions().to_dict())
+        raise OptionsError(f"--options {path}: must be a JSON object of TrainOptions fields, not "
+                           f"{type(data).__name__}")
+    known = {f.name for f in fields(TrainOptions)} - PYTHON_ONLY
     unknown = sorted(set(data) - known)
     if unknown:
-        raise OptionsError(f"--options {path}: unknown option(s) {', '.join(unknown)}")
+        shown = ", ".join(repr(name)[:40] for name in unknown[:5]) + (" …" if len(unknown) > 5 else "")
+        raise OptionsError(f"--options {path}: unknown option(s) {shown}; see --help for the options")
     return data
 
 
@@ -161,24 +188,28 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
+    from ..tracking import StoreError
+    from .plan import plan_run
     options = None
     try:
         options = parse_options(argv)
         options.validate()                  # torch-free: bad input answers before anything heavy is imported
+        plan = plan_run(options)            # torch-free too: the step bound, --resume's stored options
     except SystemExit as exc:               # argparse: --help (0) or a bad flag (2)
         return int(exc.code or 0)
-    except (OptionsError, ValueError) as exc:
+    except (OptionsError, ValueError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         _fail_launcher_record(options, str(exc))
         return 2
     from .checkpoint import CheckpointWriteError
+    from .export import ExportError
     from .train import BAD_INPUT_ERRORS, train   # torch & co. only after the flags are known to be good
     try:
-        result = train(options)
+        result = train(plan)
     except BAD_INPUT_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except CheckpointWriteError as exc:     # disk full / unwritable run folder: one line, the run marked failed
+    except (CheckpointWriteError, ExportError) as exc:   # disk full / unwritable run folder: one line, run failed
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

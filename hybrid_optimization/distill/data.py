@@ -47,6 +47,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .options import binary_problem, regular_file_problem
+
 ROLES = ("system", "user", "assistant")
 DEFAULT_VAL_FRACTION = 0.1
 ENCODE_CHUNK_CHARS = 1 << 20      # text handed to the tokenizer per call: bounds the tokenizer's own memory
@@ -178,6 +180,12 @@ DATA_SOURCES = {"chatterbot": load_chatterbot, "python-docs": load_python_docs}
 
 
 def _read_text(path: Path) -> str:
+    # Only a regular file, and not a binary one (its head sampled for NUL bytes): a FIFO would block, /dev/zero
+    # would never end, and a gigabyte of NUL bytes would be decoded as text for minutes.
+    problem = regular_file_problem(path) if path.exists() else None
+    problem = problem or (binary_problem(path) if path.is_file() else None)
+    if problem:
+        raise DataError(f"data file {path} {problem}")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -310,9 +318,6 @@ class Dataset:
     @property
     def vocab_size(self) -> int:
         return int(self.vocab.numel())
-
-    def to_teacher_ids(self, student_ids: torch.Tensor) -> torch.Tensor:
-        return self.vocab[student_ids]
 
     def describe(self, source_name: str) -> str:
         """One line for the user: what was kept, what was dropped, how it was split."""
@@ -593,26 +598,6 @@ def build_dataset(documents: list[Document], tokenizer, seq_len: int, split_seed
     return Dataset(train=train, val=val, vocab=used, seq_len=seq_len, fingerprint=digest.hexdigest(),
                    special_ids=special_ids, n_duplicates=n_duplicates, n_documents_given=n_given,
                    n_documents=len(documents), n_tokens_total=total, split_mode=split_mode, truncated=truncated)
-
-
-# -- what a run prepares ----------------------------------------------------------------------------------------
-SUBSET_MIN_WINDOWS = 1024          # a split of at most this many windows is always used whole (small data: as before)
-
-
-def train_windows_budget(batch_size: int, max_steps: int | None, epochs: int, steps_per_epoch: int | None,
-                         stored: int | None = None) -> int | None:
-    """Training windows a run draws (steps × batch size), never fewer than SUBSET_MIN_WINDOWS; None when an epoch
-    is one pass over the data (every window is used). `stored`: the number a run recorded when it started, so a
-    resumed run (even with a larger --max_steps) keeps exactly its windows and its teacher logits."""
-    if stored is not None:
-        return stored
-    if max_steps:
-        steps = max_steps
-    elif steps_per_epoch:
-        steps = epochs * steps_per_epoch
-    else:
-        return None
-    return max(steps * batch_size, SUBSET_MIN_WINDOWS)
 
 
 def make_progress(description: str, say: Callable[[str], None], bar: bool, unit: str = "",

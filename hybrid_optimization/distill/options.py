@@ -17,40 +17,55 @@ the batch size is also checked against the memory this machine has available (`c
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import os
-import tempfile
+import re
+import stat
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import ConfigError, HybridTrainingConfig, field_error
-from ..schema import (CLUSTER_BATCHES, DATA_SOURCES, DEVICES, EMBEDDERS, EXPORT_FORMATS, PRECISIONS, TRUST_REGION_MODES,
-                      default_runs_root)
+from ..config import (FIELD_RULES, MAX_BATCH_SIZE, MAX_CLUSTERS, MAX_SEED, MAX_STEPS,  # noqa: F401 (re-exported)
+                      ConfigError, HybridTrainingConfig, field_error)
+from ..schema import (CLUSTER_BATCHES, DATA_SOURCES, DATA_SUFFIXES, DEVICES, EMBEDDERS, EXPORT_FORMATS, RUN_ID_PATTERN,
+                      TRUST_REGION_MODES, RunsRootError, check_runs_root, default_runs_root, normalize_bits)
 from .presets import PRESETS, STUDENT_SIZES, get_preset
+from .reporting import parse_report_to, report_to_error
 
 # Upper bounds of the sizes (documented in --help). They are far beyond what a run on this project's hardware
 # needs, and low enough that nothing downstream (SQLite integers, tensor shapes, memory) can overflow.
-MAX_STEPS = 10_000_000          # optimizer steps in total (--max_steps, or --epochs × steps per epoch)
+# MAX_STEPS (optimizer steps in total: --max_steps, or --epochs × steps per epoch), MAX_BATCH_SIZE (windows per step,
+# and at most what fits in the available memory), MAX_CLUSTERS and MAX_SEED are the config's own bounds (config.py):
+# one bound per quantity for the CLI, the form, the sweep and the optimizer.
 MAX_EPOCHS = 100_000
-MAX_BATCH_SIZE = 65_536         # windows per step (and at most what fits in the available memory)
 MIN_SEQ_LEN = 8                 # tokens per window: fewer leave no context to distil (one bound for CLI and form)
 MAX_SEQ_LEN = 8_192             # tokens per window
-MAX_CLUSTERS = 4_096
 MAX_TOP_K = 4_096
+MAX_RUN_NAME_CHARS = 200        # a run name is a label, shown in tables and titles
+MAX_NOTES_CHARS = 10_000
+MAX_TAGS = 32
+MAX_TAG_CHARS = 64
+MAX_OPTIONS_FILE_BYTES = 1 << 20   # --options / --config JSON files: at most 1 MB (they hold a few dozen values)
+BINARY_SAMPLE_BYTES = 1 << 16      # a data file's head sampled for NUL bytes (text has none; binary has many)
 # Flags whose value may change when a run is resumed; every other flag is the stored run's and is refused.
 RESUME_OVERRIDABLE = ("epochs", "max_steps", "export", "quiet", "progress", "device", "save_metrics",
-                      "checkpoint_every_s")
+                      "checkpoint_every_s", "report_to")
 RESUME_ALWAYS_ALLOWED = ("resume", "runs_root", "argv", "options_file")
+
+
+_RUN_ID = re.compile(RUN_ID_PATTERN)
+# Python-only hooks: not part of the options document (to_dict / options.json / the store).
+PYTHON_ONLY = frozenset({"optimizer_factory", "callbacks", "given"})
 
 
 class OptionsError(ValueError):
     """A bad option value; the message names the option and what is allowed."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainOptions:
     # -- the guide's flags --------------------------------------------------------------------------------------
     hybrid: bool = False                 # hybrid optimizer + clustering; False: AdamW at constant LR (baseline)
@@ -79,6 +94,9 @@ class TrainOptions:
     max_steps: int | None = None
     precision_budget: float | None = None
     trust_region_mode: str | None = None
+    optimizer: str | None = None         # schema.BASE_OPTIMIZERS (None: adamw; with --hybrid: the config's base)
+    schedule: str = "constant"           # schema.SCHEDULES, after warmup_steps of linear warmup
+    warmup_steps: int = 0
     embedder: str = "tfidf"
     cluster_batches: str = "mixed"       # --hybrid batches: balanced across clusters (mixed) or one cluster each
     alpha: float = 0.5
@@ -95,6 +113,7 @@ class TrainOptions:
     run_name: str | None = None
     tags: list[str] = field(default_factory=list)
     notes: str = ""
+    report_to: list[str] = field(default_factory=list)   # also report to: tensorboard, mlflow (reporting.py)
     run_id: str | None = None            # a record pre-created by a launcher (status queued)
     resume: str | None = None            # run id to continue from its last checkpoint
     # -- Python-only hooks ----------------------------------------------------------------------------------------
@@ -109,6 +128,30 @@ class TrainOptions:
     argv: list[str] | None = None        # the command line, stored with the run
     train_windows: int | None = None     # set by the pipeline when it uses a subset of big data; kept on --resume
     given: tuple[str, ...] | None = None  # the CLI: names of the options set on the command line / options file
+
+    def __post_init__(self) -> None:
+        # Normalised once, here (so that `errors()` is a pure query and the object never changes afterwards): a
+        # bare export flag is "packed", the bit-width the canonical one, tags a list, and a config given as a JSON
+        # object (an options file, a stored run) a HybridTrainingConfig. Values of the wrong type stay as they are,
+        # for `errors()` to name.
+        def set_(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if self.export is True:
+            set_("export", "packed")
+        elif self.export is False:
+            set_("export", None)
+        if _finite(self.bits):
+            try:
+                set_("bits", normalize_bits(self.bits))
+            except ValueError:
+                pass
+        if isinstance(self.tags, tuple):
+            set_("tags", list(self.tags))
+        if isinstance(self.report_to, (str, tuple)):          # "tensorboard,mlflow" from Python
+            set_("report_to", list(parse_report_to(self.report_to)))
+        if isinstance(self.hybrid_config, dict):
+            set_("hybrid_config", HybridTrainingConfig.from_dict(self.hybrid_config))
 
     # -- derived values -----------------------------------------------------------------------------------------
     @property
@@ -137,16 +180,13 @@ class TrainOptions:
         values one by one (`errors`), then the resume rules, the runs root, the config and the batch's memory."""
         for message in self.errors().values():
             raise OptionsError(message)
-        if self.resume is not None and self.given is not None:
-            fixed = [name for name in self.given
-                     if name not in RESUME_OVERRIDABLE and name not in RESUME_ALWAYS_ALLOWED]
-            if fixed:
-                raise OptionsError(
-                    f"--resume {self.resume}: {', '.join('--' + n for n in fixed)} cannot change when a run is "
-                    f"resumed (the run keeps its stored value); allowed with --resume: "
-                    f"{', '.join('--' + n for n in RESUME_OVERRIDABLE if n != 'progress')}, --no_progress")
+        # --resume: a fixed option repeated with the stored value is fine, a different one is refused by name, with
+        # both values (plan.merge_for_resume, which reads the stored options).
         if self.track:
-            check_runs_root(self.resolved_runs_root(), must_exist=self.resume is not None)
+            try:
+                check_runs_root(self.resolved_runs_root(), must_exist=self.resume is not None)
+            except RunsRootError as exc:
+                raise OptionsError(str(exc)) from None
         if self.resume is None:
             cfg = self.hybrid_training_config()   # config fields are validated by HybridTrainingConfig itself
             check_batch_memory(cfg.batch_size, self.seq_len or self.preset_obj.seq_len, self.preset_obj,
@@ -155,10 +195,12 @@ class TrainOptions:
     def errors(self) -> dict[str, str]:
         """Every bad option value → its one-line message (empty when all are valid); the workbench's form shows
         them next to their fields, the CLI prints the first."""
-        found: dict[str, str] = {}
+        found = type_errors(self)     # JSON types first ("false" is not a bool, null is not a seed)
+        if found:
+            return found
 
         def bad(name: str, value: Any, allowed: str) -> None:
-            found.setdefault(name, f"--{name} {value!r} is invalid: it must be {allowed}")
+            found.setdefault(name, f"--{name} {_short(value)} is invalid: it must be {allowed}")
 
         def int_in(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> None:
             if value is None:
@@ -172,38 +214,47 @@ class TrainOptions:
             if not (value in allowed or (optional and value is None)):
                 bad(name, value, "one of " + ", ".join(map(str, allowed)))
 
+        def config_rule(name: str, config_field: str, value: Any) -> None:
+            """A value that becomes a config field: the config's own rule (one bound per quantity)."""
+            if value is not None and field_error(config_field, value):
+                bad(name, value, FIELD_RULES[config_field][1])
+
         choice("preset", self.preset, PRESETS)
         choice("student_size", self.student_size, STUDENT_SIZES, optional=True)
         choice("device", self.device, DEVICES)
         choice("embedder", self.embedder, EMBEDDERS)
         choice("cluster_batches", self.cluster_batches, CLUSTER_BATCHES)
         choice("trust_region_mode", self.trust_region_mode, TRUST_REGION_MODES, optional=True)
-        if self.export is True:
-            self.export = "packed"
-        elif self.export is False:
-            self.export = None
+        from ..optimizers import combination_error      # torch-free: the menu's one rule for what combines
+        menu = combination_error(self.optimizer or "adamw", self.schedule, self.hybrid, self.warmup_steps,
+                                 self.max_steps if isinstance(self.max_steps, int) else None)
+        if menu:
+            found.setdefault(menu.split()[0].lstrip("-"), menu)
         choice("export", self.export, EXPORT_FORMATS, optional=True)
-        int_in("max_steps", self.max_steps, 1, MAX_STEPS)
+        config_rule("max_steps", "max_steps", self.max_steps)
         int_in("epochs", self.epochs, 1, MAX_EPOCHS)
         int_in("steps_per_epoch", self.steps_per_epoch, 1, MAX_STEPS)
-        int_in("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        per_epoch = self.steps_per_epoch or (PRESETS[self.preset].steps_per_epoch if self.preset in PRESETS else None)
+        if self.max_steps is None and not found.keys() & {"epochs", "steps_per_epoch"} and per_epoch \
+                and self.epochs * per_epoch > MAX_STEPS:       # the length, known before any data is read
+            found["epochs"] = (f"--epochs {self.epochs} × {per_epoch} steps per epoch = {self.epochs * per_epoch:,} "
+                               f"steps is invalid: at most {MAX_STEPS:,} steps; use --max_steps or fewer --epochs")
+        config_rule("batch_size", "batch_size", self.batch_size)
         int_in("seq_len", self.seq_len, MIN_SEQ_LEN, MAX_SEQ_LEN)
-        int_in("data_clusters", self.data_clusters, 1, MAX_CLUSTERS)
-        int_in("param_clusters", self.param_clusters, 1, MAX_CLUSTERS)
+        config_rule("data_clusters", "data_clusters", self.data_clusters)
+        config_rule("param_clusters", "parameter_clusters", self.param_clusters)
         int_in("top_k", self.top_k, 1, MAX_TOP_K)
         for name in ("eval_every", "eval_windows", "eval_every_steps", "stop_after_steps"):   # None: never
             int_in(name, getattr(self, name), 1, MAX_STEPS)
         int_in("train_windows", self.train_windows, 1, 2 ** 62)
         int_in("max_tokens", self.max_tokens, 1, 2 ** 62)
-        int_in("seed", self.seed, 0, 2 ** 32 - 1)
-        int_in("split_seed", self.split_seed, 0, 2 ** 32 - 1)
+        config_rule("seed", "seed", self.seed)
+        int_in("split_seed", self.split_seed, 0, MAX_SEED)
         if self.checkpoint_every_s is not None and not (_finite(self.checkpoint_every_s)
                                                         and self.checkpoint_every_s >= 0):
             bad("checkpoint_every_s", self.checkpoint_every_s, "a finite number of seconds ≥ 0")
-        if self.lr is not None and not (_finite(self.lr) and self.lr > 0):
-            bad("lr", self.lr, "a finite number > 0")
-        if self.weight_decay is not None and not (_finite(self.weight_decay) and self.weight_decay >= 0):
-            bad("weight_decay", self.weight_decay, "a finite number ≥ 0")
+        config_rule("lr", "base_learning_rate", self.lr)
+        config_rule("weight_decay", "weight_decay", self.weight_decay)
         if not (_finite(self.alpha) and 0 <= self.alpha <= 1):
             bad("alpha", self.alpha, "a number in [0, 1] (weight of the hard-label cross-entropy)")
         if not (_finite(self.temperature) and self.temperature > 0):
@@ -213,31 +264,46 @@ class TrainOptions:
                                 "aware training; use --ternary --qat")
         if self.bits is not None:
             try:
-                self.bits = normalize_bits(self.bits)
-            except OptionsError as exc:
-                found["bits"] = str(exc)
-        if self.precision_budget is not None:   # the config's own range: one rule, no silent drop
-            message = field_error("precision_budget", self.precision_budget)
-            if message:
-                bad("precision_budget", self.precision_budget, "average bits per weight in [1, 8]")
-        for name in ("run_name", "notes"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                bad(name, value, "text")
-        if not isinstance(self.tags, (list, tuple)) or any(not isinstance(t, str) or not t.strip() or "," in t
-                                                           for t in self.tags):
-            bad("tags", self.tags, "a list of non-empty tags without commas")
+                normalize_bits(self.bits)
+            except ValueError as exc:
+                found["bits"] = f"--{exc}"
+        config_rule("precision_budget", "precision_budget", self.precision_budget)
+        if self.run_name is not None and (len(self.run_name) > MAX_RUN_NAME_CHARS or not self.run_name.strip()
+                                          or not self.run_name.isprintable()):
+            found["run_name"] = (f"--run_name of {len(self.run_name):,} characters is invalid: it must be one line "
+                                 f"of 1 to {MAX_RUN_NAME_CHARS} printable characters")
+        if len(self.notes) > MAX_NOTES_CHARS:
+            found["notes"] = f"--notes of {len(self.notes):,} characters is too long: at most {MAX_NOTES_CHARS:,}"
+        if len(self.tags) > MAX_TAGS or any(not t.strip() or "," in t or len(t) > MAX_TAG_CHARS
+                                            or not t.isprintable() for t in self.tags):
+            bad("tags", self.tags, f"at most {MAX_TAGS} non-empty one-line tags of ≤ {MAX_TAG_CHARS} characters, "
+                "without commas")
         choice("data_source", self.data_source, DATA_SOURCES, optional=True)
         if self.data_source is not None and self.data is not None:
             found["data_source"] = "--data and --data_source cannot be combined: pass one of them"
-        if self.data is not None and not Path(self.data).expanduser().exists():
-            found["data"] = f"--data {self.data}: file does not exist"
-        if self.config is not None and not Path(self.config).expanduser().is_file():
-            found["config"] = f"--config {self.config}: file does not exist"
+        if self.data is not None:
+            problem = data_file_problem(self.data)
+            if problem:
+                found["data"] = f"--data {_short_path(self.data)}: {problem}"
+        if self.config is not None:
+            problem = regular_file_problem(self.config, MAX_OPTIONS_FILE_BYTES)
+            if problem:
+                found["config"] = f"--config {_short_path(self.config)}: {problem}"
+        if self.teacher is not None:
+            problem = teacher_path_problem(self.teacher)
+            if problem:
+                found["teacher"] = f"--teacher {_short_path(self.teacher)}: {problem}"
+        for name in ("run_id", "resume"):
+            value = getattr(self, name)
+            if value is not None and not _RUN_ID.fullmatch(value):
+                bad(name, value, "a run id (letters, digits, '-', '_' and '.', at most 64)")
         if self.run_id is not None and self.resume is not None:
             found["run_id"] = "--run_id and --resume cannot be combined: --resume continues an existing run"
         if self.optimizer_factory is not None and not callable(self.optimizer_factory):
             found["optimizer_factory"] = "optimizer_factory must be callable: (model, options) -> optimizer"
+        problem = report_to_error(self.report_to)      # an unknown back-end, or its extra not installed
+        if problem:
+            found["report_to"] = problem
         return found
 
     def hybrid_training_config(self, total_steps: int | None = None) -> HybridTrainingConfig:
@@ -270,47 +336,26 @@ class TrainOptions:
 
     # -- persistence (stored with the run so --resume rebuilds the same options; the launcher's options file) ----
     def to_dict(self) -> dict[str, Any]:
-        skip = {"hybrid_config", "optimizer_factory", "callbacks", "given"}
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        """THE options document: what `options.json` holds and what every door stores in runs.args["options"]
+        (plain JSON values; the config embedded as its fields; Python-only hooks left out)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in PYTHON_ONLY}
+        out["tags"] = list(self.tags) if isinstance(self.tags, (list, tuple)) else self.tags
+        if isinstance(self.hybrid_config, HybridTrainingConfig):
+            out["hybrid_config"] = self.hybrid_config.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainOptions":
-        known = {f.name for f in fields(cls)} - {"hybrid_config", "optimizer_factory", "callbacks", "given"}
-        values = {k: v for k, v in data.items() if k in known}
-        if isinstance(values.get("export"), bool):          # runs stored before export formats
-            values["export"] = "packed" if values["export"] else None
-        return cls(**values)
+        """Options from `to_dict()` output (an options file, a stored run). Unknown keys are ignored here (stored
+        runs of older versions); the CLI refuses them in an options file."""
+        known = {f.name for f in fields(cls)} - PYTHON_ONLY
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def replace(self, **changes: Any) -> "TrainOptions":
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), default=str)
-
-
-def check_runs_root(root: Path, must_exist: bool = False) -> None:
-    """The runs root must be (or be creatable as) a writable directory: checked before any data preparation, by
-    really creating (and removing) a temporary entry — permission bits say nothing for root or a read-only mount."""
-    try:
-        resolved = root.resolve(strict=False)
-        exists = resolved.exists()
-    except (RuntimeError, OSError) as exc:          # a symlink loop, a component that is not a directory, ...
-        raise OptionsError(f"--runs_root {root}: cannot be used ({_reason(exc)})") from None
-    if exists and not resolved.is_dir():
-        raise OptionsError(f"--runs_root {root}: is a file, not a directory; pass a folder for the run store")
-    if not exists and must_exist:
-        raise OptionsError(f"--runs_root {root}: does not exist (no run store there to resume from)")
-    probe_in = resolved
-    while not probe_in.exists() and probe_in != probe_in.parent:
-        probe_in = probe_in.parent
-    if not probe_in.is_dir():
-        raise OptionsError(f"--runs_root {root}: cannot be created ({probe_in} is not a directory)")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=probe_in))
-    except OSError as exc:
-        where = "the directory" if exists else f"its parent {probe_in}"
-        raise OptionsError(f"--runs_root {root}: {where} is not writable ({_reason(exc)}); pass a writable "
-                           "folder") from None
 
 
 def _reason(exc: BaseException) -> str:
@@ -352,18 +397,163 @@ def check_batch_memory(batch_size: int, seq_len: int, preset, student_size: str 
                            f"available; use --batch_size {fits} or less")
 
 
-def normalize_bits(value: Any) -> float:
-    """The canonical bit-width (as the quantizers spell it): 1.58 for 1.575–1.6 (ternary: 1.58, 1.585, log2 3,
-    1.6 packed), else an exact member of PRECISIONS."""
-    if _finite(value):
-        if 1.575 <= float(value) <= 1.6 + 1e-9:
-            return 1.58
-        for allowed in PRECISIONS:
-            if abs(float(value) - allowed) < 1e-9:
-                return float(allowed)
-    raise OptionsError(f"--bits {value!r} is invalid: it must be one of "
-                       + ", ".join(f"{b:g}" for b in PRECISIONS) + " (16 and 32: full precision)")
-
-
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# -- checks at the edge (torch-free, quick, bounded: nothing here reads more than a file's head) --------------------
+_TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "text",
+               "list[str]": "a list of text"}
+
+
+def _type_ok(annotation: str, value: Any) -> bool | None:
+    """Whether `value` has the field's declared type; None for a hook whose type is checked by its own rule."""
+    optional = annotation.endswith(" | None")
+    base = annotation[:-len(" | None")] if optional else annotation
+    if base not in _TYPE_WORDS:
+        return None
+    if value is None:
+        return optional
+    if base == "bool":
+        return isinstance(value, bool)
+    if base == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base == "str":
+        return isinstance(value, str)
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+
+def type_errors(options: "TrainOptions") -> dict[str, str]:
+    """Each field whose value has the wrong JSON type → its message: "false" is not a bool, null is not a seed."""
+    found = {}
+    for f in fields(options):
+        value = getattr(options, f.name)
+        if _type_ok(str(f.type), value) is False:
+            optional = str(f.type).endswith(" | None")
+            what = _TYPE_WORDS[str(f.type).removesuffix(" | None")] + (" or null" if optional else "")
+            found[f.name] = f"--{f.name} {_short_json(value)} is invalid: it must be {what}, not {_json_type(value)}"
+    if options.hybrid_config is not None and not isinstance(options.hybrid_config, HybridTrainingConfig):
+        found["hybrid_config"] = "hybrid_config must be a HybridTrainingConfig (or a JSON object of its fields)"
+    return found
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a bool"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    return {"list": "a list", "tuple": "a list", "dict": "an object"}.get(type(value).__name__, type(value).__name__)
+
+
+def _short_json(value: Any, limit: int = 60) -> str:
+    """The value as JSON spells it (null, true, "text"), cut to one short line."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr(value), cut so that a 1 MB value still gives a one-line, readable message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
+def _short_path(path: Any) -> str:
+    text = str(path)
+    return text if len(text) <= 200 else text[:200] + "…"
+
+
+def regular_file_problem(path: str | os.PathLike, max_bytes: int | None = None) -> str | None:
+    """Why `path` cannot be read as an input file (None when it can): it must exist and be a regular file — a FIFO
+    would block the reader, /dev/zero would never end — of at most `max_bytes`. Only stat(), nothing is read."""
+    try:
+        info = os.stat(Path(path).expanduser())
+    except FileNotFoundError:
+        return "file does not exist"
+    except (OSError, ValueError) as exc:
+        return f"cannot be used ({_reason(exc)})"
+    if stat.S_ISDIR(info.st_mode):
+        return "is a directory; pass a file"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file (a FIFO, a device or a socket cannot be read as input)"
+    if max_bytes is not None and info.st_size > max_bytes:
+        return f"is {info.st_size:,} bytes; at most {max_bytes:,} are allowed"
+    if not os.access(Path(path).expanduser(), os.R_OK):
+        return "is not readable (permission denied)"
+    return None
+
+
+def binary_problem(path: str | os.PathLike) -> str | None:
+    """A data file whose head holds NUL bytes is binary (text never has them): refused after reading 64 kB,
+    instead of decoding a gigabyte of zeros."""
+    try:
+        with open(Path(path).expanduser(), "rb") as handle:
+            head = handle.read(BINARY_SAMPLE_BYTES)
+    except OSError as exc:
+        return f"cannot be read ({_reason(exc)})"
+    nuls = head.count(0)
+    if head and nuls * 100 >= len(head):        # ≥ 1 % NUL bytes: not UTF-8 text
+        return (f"looks binary ({nuls * 100 // len(head)} % NUL bytes in its first {len(head):,}); "
+                "use UTF-8 text (.txt) or chat .jsonl")
+    return None
+
+
+def data_file_problem(path: str | os.PathLike) -> str | None:
+    """Why a --data file cannot be used (None when it can): a regular .txt / .jsonl file that is not binary."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in DATA_SUFFIXES:
+        return (f"has extension {suffix or '(none)'!r}; use .txt (plain text) or .jsonl (one chat per line)")
+    return regular_file_problem(path) or binary_problem(path)
+
+
+def teacher_path_problem(path: str | os.PathLike) -> str | None:
+    """The --teacher rule, checked before any data preparation: a Hugging Face model folder with config.json and
+    weights, or a regular .gguf file."""
+    target = Path(path).expanduser()
+    try:
+        is_dir = target.is_dir()
+    except OSError as exc:
+        return f"cannot be used ({_reason(exc)})"
+    if not is_dir:
+        if not target.exists():
+            return "does not exist; pass a local Hugging Face model directory or a .gguf file"
+        if target.suffix.lower() != ".gguf":
+            return "is not a .gguf file; pass a .gguf file or a Hugging Face model directory"
+        return regular_file_problem(target)
+    if not (target / "config.json").is_file():
+        return "has no config.json; it must be a Hugging Face causal-LM directory (save_pretrained output)"
+    if not any(target.glob("*.safetensors")) and not any(target.glob("*.bin")):
+        return "has no weights (*.safetensors or *.bin)"
+    return None
+
+
+def read_json_file(path: str | os.PathLike, flag: str) -> Any:
+    """A small JSON file (--options, --config), read only after the regular-file and size checks."""
+    problem = regular_file_problem(path, MAX_OPTIONS_FILE_BYTES)
+    if problem:
+        raise OptionsError(f"{flag} {_short_path(path)}: {problem}")
+    try:
+        with open(Path(path).expanduser(), "rb") as handle:
+            raw = handle.read(MAX_OPTIONS_FILE_BYTES + 1)
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise OptionsError(f"{flag} {_short_path(path)}: cannot be read as JSON (nested too deeply)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise OptionsError(f"{flag} {_short_path(path)}: cannot be read as JSON ({reason[:200]})") from None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for every entry point (distillation.py, export, chat): a bad flag is one clear line and exit 2,
+    not the usage block. Here, torch-free and below them all, so no entry point imports another to get it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
