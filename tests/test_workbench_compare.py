@@ -99,6 +99,12 @@ def test_grouping_draws_one_median_line_with_a_min_max_band_per_group(seeds):
     np.testing.assert_allclose(line["y"], [np.mean([r[s] for r in per_run]) for s in steps])
     assert {t["name"] for t in figures["Training loss"]["data"] if t.get("showlegend", True) is not False} == set(lines)
     assert at.query_params["stat"] == ["mean"] or at.query_params["stat"] == "mean"
+    # On the wall-time axis too: seconds since each run's first step.
+    at.radio(key="compare_x").set_value("wall time").run()
+    val = _figures(at)["Validation loss (quantized)"]
+    line = next(t for t in val["data"] if t["name"].endswith("(n=5)"))
+    assert val["layout"]["xaxis"]["title"]["text"] == "seconds since the run's first step"
+    assert 0 < line["x"][0] < line["x"][-1] <= 100 * 0.05        # the synthetic runs take 0.05 s a step
 
 
 def test_groups_as_table_rows_and_grouping_by_tag_and_kind(seeds, runs_root):
