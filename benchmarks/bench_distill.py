@@ -75,7 +75,7 @@ def bench_tiny(work: Path) -> dict:
             "wall_s_cold_cache": round(cold, 1), "cold_cache_context": cold_context,
             "wall_s_warm_cache": round(warm, 1), "warm_cache_context": dict(CONTEXT),
             "teacher_train_and_cache_s_cold": round(run_cold["summary"]["setup_seconds"], 1),
-            "train_s": round(s["train_seconds"], 1), "steps": s["total_steps"],
+            "train_s": round(s["train_seconds"], 1), "steps": s["steps_completed"],
             "tokens_per_s": round(s["tokens_per_s"]), "final_loss": s["final_loss"], "val_loss": s["val_loss"],
             "first_epoch_loss": _first_epoch_loss(run), "peak_rss_mb": round(s["peak_rss_mb"])}
 
@@ -139,7 +139,7 @@ def bench_compare(work: Path, cache: Path, steps: int, seed: int) -> dict:
         s = run["summary"]
         out[name] = {"command": "python distillation.py " + " ".join(args), "wall_s": round(seconds, 1),
                      "context": dict(CONTEXT),
-                     **{k: s.get(k) for k in ("total_steps", "final_loss", "val_loss", "val_ppl", "val_loss_fp",
+                     **{k: s.get(k) for k in ("steps_completed", "final_loss", "val_loss", "val_ppl", "val_loss_fp",
                                               "kl_teacher", "top1_agreement", "qdiff_max", "qdiff_mean",
                                               "avg_lr_multiplier", "constraint_activation_rate",
                                               "final_trust_radius", "avg_bits", "tokens_per_s")}}

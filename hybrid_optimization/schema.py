@@ -176,6 +176,12 @@ class StepMetrics:
     ce: float | None = _metric(store=False, doc="hard-label cross-entropy part of the loss")
     kl: float | None = _metric(store=False, doc="KL-to-teacher part of the loss")
     time: float | None = _metric(store=False, doc="training seconds since the run began (resumes included)")
+    # The rest of what the optimizer reports per step (optim.StepInfo's fields are a strict subset of these, so a
+    # step's record is one shape from the optimizer to the CSV); history and CSV only, not store columns.
+    efficiency: float | None = _metric(store=False, doc="‖applied update‖ / ‖proposed update‖ (1.0: unconstrained)")
+    hypergradient: float | None = _metric(store=False, doc="cos(g_t, Δ_{t-1}) fed to the auxiliary net's LR head")
+    rho: float | None = _metric(store=False, doc="trust-region agreement ratio fed to the radius head")
+    lr_schedule: float | None = _metric(store=False, doc="the optimizer's built-in warmup / decay factor")
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -211,7 +217,7 @@ def _value(doc: str, default: Any = None) -> Any:
 class RunSummary:
     """A run's final numbers. The first five fields are the guide's summary lines (label and format in their
     metadata); each has ONE meaning, written next to it. Values a run does not have stay None ("—" when shown)."""
-    total_steps: int | None = _line("Total Steps", "{:d}", "optimizer steps completed")
+    steps_completed: int | None = _line("Total Steps", "{:d}", "optimizer steps completed (the guide's label)")
     final_loss: float | None = _line("Final Loss", "{:.6f}", "training loss of the last step whose loss was finite")
     avg_lr_multiplier: float | None = _line("Avg Learning Rate Multiplier", "{:.2f}x",
                                             "mean LR multiplier over the steps taken")
@@ -238,6 +244,8 @@ class RunSummary:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "RunSummary":
         data = dict(data or {})
+        if "total_steps" in data:       # summaries stored before the rename (and the guide's manager dict)
+            data.setdefault("steps_completed", data.pop("total_steps"))
         named = {f.name for f in fields(cls)} - {"extra"}
         return cls(**{k: data.pop(k) for k in list(data) if k in named}, extra=data)
 
@@ -263,7 +271,7 @@ def render_summary(summary: RunSummary | dict[str, Any] | None, optimizer: str |
     optimizer = optimizer or s.optimizer
     lines = [summary_title(optimizer), RULE]
     for label, key, fmt in SUMMARY_LINES:
-        if optimizer not in (None, "hybrid") and key not in ("total_steps", "final_loss"):
+        if optimizer not in (None, "hybrid") and key not in ("steps_completed", "final_loss"):
             continue
         lines.append(f"{label}: {_format(getattr(s, key), fmt)}")
     if s.val_loss is not None:

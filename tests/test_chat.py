@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from hybrid_optimization.chat import Answer, ChatModels, Settings, _sample, main
+from hybrid_optimization.chat import MAX_MESSAGE_CHARS, Answer, ChatInputError, ChatModels, Settings, _sample, main
 from hybrid_optimization.tracking import RunStore
 from tests.fixtures.student_run import add_tiny_teacher, finished_run, make_tokenizer_dir, trained_student
 
@@ -68,6 +69,42 @@ def test_end_of_turn_stops_and_unknown_prompt_tokens_are_dropped(run):
     assert "unknown to the student dropped" in answer.stats_line()
 
 
+def test_a_long_conversation_is_cut_to_each_models_context_keeping_its_end(run):
+    """Issue 17 item 5: a message near the bound answers as fast as a short one — the teacher's prompt is cut to its
+    context (less the answer's room), the student's to its window, both keeping the end of the conversation."""
+    store, run_id = run
+    models = ChatModels.from_run(run_id, store.root)
+    text = " ".join(["tell me a joke about computers"] * 600)[:MAX_MESSAGE_CHARS]
+    long = [{"role": "user", "content": text}]
+    settings = Settings(temperature=0, max_new_tokens=8)
+    prompt = models.prompt_ids(long)
+    for who in ("teacher", "student"):
+        window = models.context_window(who, settings.max_new_tokens)
+        assert len(prompt) > window
+        started = time.perf_counter()
+        answer = models.reply(who, long, settings)
+        assert answer.cut_prompt_tokens == len(prompt) - window and answer.n_tokens >= 1
+        assert time.perf_counter() - started < 30
+    assert models.context_window("teacher", 8) == models.teacher.config.max_position_embeddings - 8
+    # the end is what is kept: the cut prompt answers exactly as the prompt's own tail does
+    tail_settings = Settings(temperature=0, max_new_tokens=6)
+    window = models.context_window("teacher", tail_settings.max_new_tokens)
+    assert models.reply("teacher", long, tail_settings).tokens == _teacher_greedy(models, prompt[-window:], 6)
+    with pytest.raises(ChatInputError, match=f"at most {MAX_MESSAGE_CHARS:,}"):
+        models.reply("student", [{"role": "user", "content": "x" * (MAX_MESSAGE_CHARS + 1)}], settings)
+
+
+def _teacher_greedy(models, ids, n):
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(models.teacher(torch.tensor([ids + out])).logits[0, -1].argmax())
+            if token in models.stop_ids:
+                break
+            out.append(token)
+    return out
+
+
 def test_sampling_helper():
     logits = torch.tensor([0.0, 3.0, 1.0, -2.0])
     assert _sample(logits, 0.0, 0.9, None) == 1
@@ -76,7 +113,8 @@ def test_sampling_helper():
     assert draws == {1}                                    # 0.5 of the mass is inside the top token alone
     draws = {_sample(logits, 5.0, 1.0, g) for _ in range(200)}
     assert draws == {0, 1, 2, 3}
-    for bad in (Settings(temperature=-1), Settings(top_p=0), Settings(max_new_tokens=0)):
+    for bad in (Settings(temperature=-1), Settings(top_p=0), Settings(max_new_tokens=0), Settings(seed=2 ** 70),
+                Settings(seed=-1), Settings(temperature=float("nan"))):
         with pytest.raises(ValueError, match="invalid"):
             bad.check()
 
@@ -130,6 +168,6 @@ def test_summary_page_offers_each_export(run):
                                                                                         "export_make.hf"]
     at.button(key="export_make.gguf").click().run()
     assert not at.exception, at.exception
-    assert any("GGUF" in s.value and "TQ1_0" in s.value for s in at.success)
+    assert any("GGUF" in s.value and "TQ2_0" in s.value for s in at.success)
     assert (store.run_dir(run_id) / "student.gguf").is_file()
     assert [b.key for b in at.button if b.key and b.key.startswith("export_make.")] == ["export_make.hf"]
