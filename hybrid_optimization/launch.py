@@ -221,9 +221,13 @@ def kill_run_process(pid: int | None, run_id: str, grace_s: float = STOP_GRACE_S
     SIGTERM to its process group, SIGKILL after `grace_s`. False when no such process is alive."""
     if not process_matches(pid, run_id):
         return False
+    try:
+        group = os.getpgid(pid)         # the trainer records its own pid; its group is the one spawn started
+    except ProcessLookupError:
+        return True
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            os.killpg(pid, sig)
+            os.killpg(group, sig)
         except ProcessLookupError:
             return True
         except PermissionError:

@@ -584,6 +584,9 @@ def run_trial(trial, spec: SweepSpec, runs_root: Path, poll_s: float = POLL_S) -
     run_name = f"{spec.name}-{trial.number}"
     run_id = store.create_run(config.to_dict(), {}, spec.preset, name=run_name, tags=[sweep_tag(spec.name)],
                               status="queued", total_steps=spec.max_steps)
+    if trial.user_attrs.get("error"):            # a retry of a lost trial starts with that trial's attributes
+        trial.set_user_attr("retried_error", trial.user_attrs["error"])
+        trial.set_user_attr("error", None)
     trial.set_user_attr("run_id", run_id)
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("worker_pid", os.getpid())
@@ -683,11 +686,11 @@ def recover_lost_trials(study, runs_root: Path | None, log=print) -> list[int]:
         if run_id and runs_root is not None:
             _end_lost_run(runs_root, run_id, reason)
         try:
+            storage.set_trial_user_attr(trial._trial_id, "error", reason)
             if not storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue                                    # another worker got there first
-        storage.set_trial_user_attr(trial._trial_id, "error", reason)
         callback = storage.get_heartbeat_stale_trial_callback()
         if callback is not None:
             callback(study, storage.get_trial(trial._trial_id))
@@ -887,12 +890,21 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    threading.excepthook = _thread_error
     try:
         study = run_sweep(spec, args.trials, args.name, runs_root, storage, args.workers, args.seed,
                           log=lambda m: print(m, flush=True), given=given)
     except (SweepError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:        # noqa: BLE001 - the storage failed mid-sweep (disk full, server gone): one line
+        reason = storage_failure(exc)
+        if reason is None:
+            raise
+        launch.stop_children(grace_s=launch.STOP_GRACE_S)
+        print(f"error: sweep {args.name}: the storage {_url(storage).render_as_string(hide_password=True)} failed "
+              f"({reason}); finished trials are kept, rerun the command to continue", file=sys.stderr)
+        return 1
     best = best_trial(study)
     if best is None:
         import optuna
@@ -904,6 +916,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"best trial {best.number}: run_id={best.user_attrs.get('run_id')} value={best.value:.6g} "
           f"params={json.dumps(best.params, default=str)}", flush=True)
     return 143 if _Stopping.event.is_set() else 0
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """The innermost storage error in an exception's chain (Optuna wraps a full disk in StorageInternalError, and
+    may raise an AssertionError while handling it) as one line; None when the storage is not the cause."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    found, seen = None, set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (SQLAlchemyError, sqlite3.Error, OSError, optuna.exceptions.StorageInternalError)):
+            found = exc
+        exc = exc.__cause__ or exc.__context__
+    if found is None:
+        return None
+    text = str(getattr(found, "orig", None) or found).strip()
+    return text.splitlines()[0] if text else type(found).__name__
+
+
+_THREAD_ERRORS: set[str] = set()
+
+
+def _thread_error(args) -> None:
+    """A storage failure in Optuna's heartbeat thread is one line (once), not a traceback; the sweep's own next
+    write reports it and ends."""
+    reason = storage_failure(args.exc_value) if args.exc_value is not None else None
+    if reason is None:
+        sys.__excepthook__(args.exc_type, args.exc_value, args.exc_traceback)
+        return
+    if reason not in _THREAD_ERRORS:
+        _THREAD_ERRORS.add(reason)
+        print(f"error: the sweep's heartbeat could not be written ({reason})", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -228,7 +228,7 @@ PARENT = textwrap.dedent("""
     from hybrid_optimization import launch
     child = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN if sys.argv[1] == 'ignore' "
              "else signal.SIG_DFL); time.sleep(600)")
-    proc = launch.start([sys.executable, "-c", "import sys\n" + child, sys.argv[1]], Path(sys.argv[2]),
+    proc = launch.start([sys.executable, "-c", "import sys; " + child, sys.argv[1]], Path(sys.argv[2]),
                         die_with_parent=True, grace_s=1.0)
     print(proc.pid, flush=True)
     time.sleep(600)
@@ -310,3 +310,69 @@ def test_median_pruner_stops_a_trailing_trial_through_the_store(tmp_path, monkey
     assert pruned["status"] == "stopped" and sorted(pruned["tags"]) == [sweep.PRUNED_TAG, sweep.sweep_tag("prune")]
     assert sweep.best_trial(study).params["base_learning_rate"] == 1e-3
     assert sweep.best_trial(study).value == pytest.approx(3.7)        # final val_loss, as the run logged it
+
+
+OPEN_AT = textwrap.dedent("""
+    import sys, time
+    from hybrid_optimization import sweep
+    spec = sweep.SweepSpec(name="race", params=[sweep.parse_param("base_learning_rate=1e-4:1e-2:log")])
+    start_at = float(sys.argv[2])
+    time.sleep(max(0.0, start_at - time.time()))           # every process opens at the same instant
+    study, stored = sweep.open_study(spec, sys.argv[1], "race", log=lambda m: None)
+    print(stored.params[0].spec())
+""")
+
+
+def test_workers_opening_a_new_storage_at_the_same_instant_all_succeed(tmp_path):
+    """Optuna's schema creation races on a new SQLite file (alembic_version UNIQUE, "table already exists": 2 of 5
+    bare attempts with two processes here); the lock around creation makes six processes opening it at the same
+    instant all succeed, with one study."""
+    import optuna
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    storage = f"sqlite:///{tmp_path}/sweeps.db"
+    start_at = time.time() + 5.0
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT, storage, str(start_at)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    results = [p.communicate(timeout=120) for p in procs]
+    for proc, (out, err) in zip(procs, results):
+        assert proc.returncode == 0, err
+        assert out.strip() == "base_learning_rate=0.0001:0.01:log"
+    assert [s.study_name for s in optuna.study.get_all_study_summaries(storage)] == ["race"]
+
+
+def test_a_lost_trial_of_this_host_is_failed_retried_and_its_orphan_ended(tmp_path):
+    """What a rerun does after kill -9 of a sweep: a RUNNING trial whose worker process is gone is failed with the
+    reason, re-queued with the same values (Optuna's retry callback), its still-running training process ended
+    and its run marked failed."""
+    import optuna
+
+    spec = sweep.SweepSpec(name="lost", params=[sweep.parse_param("base_learning_rate=1e-4:1e-2:log")])
+    storage = sweep.default_storage(tmp_path)
+    study, _ = sweep.open_study(spec, storage, "lost", log=lambda m: None)
+    store = RunStore(tmp_path, create=True)
+    run_id = store.create_run({}, {}, "tiny", status="running")
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", run_id], start_new_session=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.update_run(run_id, pid=orphan.pid)
+    trial = study.ask({"base_learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    for key, value in {"run_id": run_id, "host": __import__("socket").gethostname(), "worker_pid": dead.pid,
+                       "worker_started": 0.0}.items():
+        trial.set_user_attr(key, value)
+    lines = []
+    try:
+        study, _ = sweep.open_study(None, storage, "lost", runs_root=tmp_path, log=lines.append)
+        assert orphan.wait(30) is not None                       # the orphan was ended
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+    failed, waiting = study.get_trials(deepcopy=False)
+    assert failed.state == optuna.trial.TrialState.FAIL and "lost: its sweep process" in failed.user_attrs["error"]
+    assert waiting.state == optuna.trial.TrialState.WAITING and waiting.params == failed.params
+    assert store.get_run(run_id)["status"] == "failed"
+    # Trials of other hosts: Optuna's heartbeat fails them after the grace period, with the same retry.
+    assert study._storage.get_heartbeat_interval() == sweep.HEARTBEAT_S
+    assert isinstance(study._storage.get_heartbeat_stale_trial_callback(), optuna.storages.RetryHeartbeatStaleTrialCallback)
+    assert lines == [f"trial 0 failed: lost: its sweep process {dead.pid} died while the trial ran (run {run_id}); "
+                     "retried with the same values"]
