@@ -33,7 +33,7 @@ from ..config import (FIELD_RULES, MAX_BATCH_SIZE, MAX_CLUSTERS, MAX_SEED, MAX_S
 from ..schema import (CLUSTER_BATCHES, DATA_SOURCES, DATA_SUFFIXES, DEVICES, EMBEDDERS, EXPORT_FORMATS, RUN_ID_PATTERN,
                       TRUST_REGION_MODES, RunsRootError, check_runs_root, default_runs_root, normalize_bits)
 from .presets import PRESETS, STUDENT_SIZES, get_preset
-from .reporting import parse_report_to, report_to_error
+from .report_to import parse_report_to, report_to_error
 
 # Upper bounds of the sizes (documented in --help). They are far beyond what a run on this project's hardware
 # needs, and low enough that nothing downstream (SQLite integers, tensor shapes, memory) can overflow.
