@@ -1,0 +1,155 @@
+"""`--report_to tensorboard,mlflow`: a real pipeline run (tiny preset) mirrored into TensorBoard and MLflow, read back
+with each tool's own reader (TensorBoard's EventAccumulator, MLflow's MlflowClient) and compared with the run store:
+every step's loss, every evaluation, the config (hparams / params) and the final summary. Also: MLflow honours
+MLFLOW_TRACKING_URI, a resumed run continues its MLflow run, and asking for a back-end that is not installed (or
+does not exist) is one line, exit 2, before anything starts.
+"""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+from hybrid_optimization.distill import reporting
+from hybrid_optimization.distill.reporting import (MLFLOW_RUN_FILE, TENSORBOARD_DIR, report_to_error,
+                                                   tracking_uri)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+STEPS, EVAL_EVERY = 6, 3
+
+
+def _tensorboard(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    events = EventAccumulator(str(run_dir / TENSORBOARD_DIR), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    scalars = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    hparams = {k: getattr(v, v.WhichOneof("kind")) for k, v in hparams.items()}
+    texts = {tag: events.Tensors(tag)[-1].tensor_proto.string_val[0].decode() for tag in events.Tags()["tensors"]}
+    return scalars, hparams, texts
+
+
+def _mlflow(run_dir, uri):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=uri)
+    run_id = json.loads((run_dir / MLFLOW_RUN_FILE).read_text())["run_id"]
+    return client, client.get_run(run_id)
+
+
+@pytest.fixture(scope="module")
+def reported_run(tmp_path_factory):
+    """One tiny hybrid QAT run with both back-ends, evaluated every 3 steps; MLflow at MLFLOW_TRACKING_URI."""
+    from hybrid_optimization.distill.options import TrainOptions
+    from hybrid_optimization.distill.train import train
+    from hybrid_optimization.tracking import RunStore
+    root = tmp_path_factory.mktemp("reported")
+    elsewhere = f"sqlite:///{root / 'elsewhere.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        # conftest's cache isolation is per test and runs after a module fixture: the same folder, set here
+        mp.setenv("HYBRID_CACHE_DIR", os.environ.get("HYBRID_TEST_CACHE_DIR",
+                                                     str(tmp_path_factory.getbasetemp() / "hybrid-cache")))
+        mp.setenv("MLFLOW_TRACKING_URI", elsewhere)
+        result = train(TrainOptions(hybrid=True, qat=True, ternary=True, max_steps=STEPS, eval_every_steps=EVAL_EVERY,
+                                    eval_windows=8, quiet=True, progress=False, runs_root=str(root / "runs"),
+                                    data_clustering=False, param_clustering=False,      # (faster; not the point)
+                                    run_name="reported", report_to=["tensorboard", "mlflow"]))
+    assert result.exit_code == 0
+    store = RunStore(root / "runs")
+    return store, result.run_id, store.run_dir(result.run_id), elsewhere
+
+
+def test_tensorboard_event_file_matches_the_store(reported_run):
+    store, run_id, run_dir, _ = reported_run
+    scalars, hparams, texts = _tensorboard(run_dir)
+    steps = store.read_steps(run_id)
+    assert sorted(scalars["train/loss"]) == steps.column("step") == list(range(1, STEPS + 1))
+    for row in steps:
+        for name in ("loss", "learning_rate", "lr_multiplier", "trust_radius", "gradient_magnitude"):
+            if row[name] is not None:         # event files hold float32
+                assert scalars[f"train/{name}"][row["step"]] == pytest.approx(row[name], rel=1e-6), name
+    evals = store.read_evals(run_id)
+    assert {r["step"] for r in evals} == {EVAL_EVERY, STEPS}
+    for r in evals:
+        if math.isfinite(r["value"]):
+            assert scalars[f"eval/{r['key']}"][r["step"]] == pytest.approx(r["value"], rel=1e-6), r["key"]
+    config = store.get_run(run_id)["config"]
+    assert hparams["config.base_learning_rate"] == pytest.approx(config["base_learning_rate"])
+    assert hparams["config.use_auxiliary_nn"] == 1.0 and hparams["options.preset"] == "tiny"    # (bools as 1/0)
+    summary = store.get_run(run_id)["summary"]
+    assert scalars["summary/final_loss"][STEPS] == pytest.approx(summary["final_loss"], rel=1e-6)
+    assert scalars["summary/val_loss"][STEPS] == pytest.approx(summary["val_loss"], rel=1e-6)
+    assert "HYBRID OPTIMIZATION SUMMARY" in texts["summary/text_summary"]
+
+
+def test_mlflow_run_matches_the_store_at_the_tracking_uri(reported_run):
+    store, run_id, run_dir, elsewhere = reported_run
+    assert not (store.root / reporting.MLFLOW_DB).exists()          # MLFLOW_TRACKING_URI was honoured
+    client, run = _mlflow(run_dir, elsewhere)
+    assert run.info.status == "FINISHED" and run.info.run_name == "reported"
+    assert run.data.tags["hybrid.run_id"] == run_id
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert history == {r["step"]: r["loss"] for r in store.read_steps(run_id, columns=["loss"])}   # exact
+    for r in store.read_evals(run_id):
+        got = {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"eval/{r['key']}")}
+        assert got[r["step"]] == pytest.approx(r["value"], nan_ok=True), r["key"]
+    config = store.get_run(run_id)["config"]
+    assert float(run.data.params["config.base_learning_rate"]) == config["base_learning_rate"]
+    assert run.data.params["options.report_to"] == '["tensorboard", "mlflow"]'
+    summary = store.get_run(run_id)["summary"]
+    assert run.data.metrics["summary/final_loss"] == summary["final_loss"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"summary.txt", "summary.json"} <= artifacts
+
+
+def test_default_mlflow_store_is_inside_the_runs_root_and_a_resume_continues_the_run(tmp_path, monkeypatch):
+    """Without MLFLOW_TRACKING_URI: <runs root>/mlflow.db; a resumed run logs into the same MLflow run."""
+    from types import SimpleNamespace
+
+    from hybrid_optimization.schema import StepMetrics
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "r1"
+    run_dir.mkdir()
+
+    def segment(steps, resumed, status):
+        reporter = reporting.reporter_for_run("mlflow", run_dir, tmp_path, run_id="r1", run_name=None,
+                                              config={"lr": 0.1}, options={}, resumed=resumed)
+        state = SimpleNamespace(step=steps[0] - 1, evals=[])
+        reporter.on_fit_start(state)
+        for step in steps:
+            state.step = step
+            reporter.on_step_end(state, StepMetrics(step=step, loss=1.0 / step))
+        reporter.on_fit_end(state)
+        reporter.on_summary({"final_loss": 1.0 / steps[-1]}, status)
+
+    segment([1, 2], False, "stopped")
+    segment([3, 4], True, "finished")
+    assert (tmp_path / reporting.MLFLOW_DB).is_file() and tracking_uri(tmp_path).startswith("sqlite:///")
+    client, run = _mlflow(run_dir, tracking_uri(tmp_path))
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert run.info.artifact_uri.startswith((tmp_path / reporting.MLFLOW_ARTIFACTS).resolve().as_uri())
+
+
+@pytest.mark.parametrize("missing", ["tensorboard", "mlflow"])
+def test_a_missing_backend_is_one_line_exit_2_before_anything_starts(tmp_path, capsys, monkeypatch, missing):
+    from hybrid_optimization.distill.cli import main
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    assert main(["--report_to", f"tensorboard,{missing}", "--runs_root", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"'{missing}' extra" in err and f"hybrid-optimization[{missing}]" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_unknown_backend_and_parsing():
+    assert report_to_error(["wandb"]) == ("--report_to wandb is invalid: it must be a comma-separated list of "
+                                          "tensorboard, mlflow")
+    assert reporting.parse_report_to(" TensorBoard, mlflow,tensorboard ") == ("tensorboard", "mlflow")
+    assert reporting.parse_report_to("none") == () and report_to_error("none") is None
+    from hybrid_optimization.distill.options import TrainOptions
+    assert TrainOptions(report_to="tensorboard,mlflow").report_to == ["tensorboard", "mlflow"]
+    assert TrainOptions(report_to=["nope"]).errors()["report_to"].startswith("--report_to nope is invalid")
