@@ -11,6 +11,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.tracks import ALL_TRACK, REFERENCE, TrackBudget, fmt_ci
 
 
@@ -38,6 +40,104 @@ def _kind(v) -> str:
 def _loss_kind(v) -> str:
     """'lower' / 'higher' / 'indistinguishable' for a (point, low, high) ratio of losses."""
     return {"fewer": "lower", "more": "higher"}.get(_kind(v), "indistinguishable")
+
+
+# -- LR robustness (issue 16): the hybrid's claim is "an LR you never tune", measured directly ------------------------
+def _finite_or_inf(x: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(x), x, np.inf)          # a diverged run (NaN / inf loss) is the worst possible
+
+
+def _robustness_scores(cube: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """cube [methods, LRs, seeds] of final losses → (worst ÷ best, median ÷ best, best) where per-LR values are
+    medians over seeds and best = the lowest of them over every method and LR (the best tuned run of any method)."""
+    per_lr = np.median(cube, axis=2)
+    best = float(np.min(per_lr))
+    return per_lr.max(axis=1) / best, np.median(per_lr, axis=1) / best, best
+
+
+def robustness(rows: list[dict], b: TrackBudget, n_boot: int = 4000, key: str = "val_loss") -> dict | None:
+    """For every grid method: the worst and the median over the LR grid of the final `key` (median over the
+    evaluation seeds at each LR), divided by the best tuned run of any method; 95 % paired bootstrap intervals
+    (seeds resampled with the same draws for every method and LR, the best recomputed on each draw), and each
+    method's worst-case ratio ÷ Schedule-Free's and ÷ Prodigy's (paired the same way). None when a grid method
+    lacks a run or (for `key` other than val_loss) a run lacks the metric."""
+    from benchmarks.tracks import Runs, final
+    runs, seeds = Runs(rows), list(b.seeds)
+    methods = list(b.methods)
+    try:
+        cube = np.stack([np.vstack([runs.values(m, lr, seeds, lambda r: final(r, key)) for lr in b.grid])
+                         for m in methods])
+    except KeyError:
+        return None
+    if key != "val_loss" and np.isnan(cube).any():      # some runs did not record this metric
+        return None
+    cube = _finite_or_inf(cube)
+    worst, median, best = _robustness_scores(cube)
+    per_lr = np.median(cube, axis=2)
+    at = np.unravel_index(int(np.argmin(per_lr)), per_lr.shape)
+    idx = np.random.default_rng(0).integers(0, len(seeds), size=(n_boot, len(seeds)))
+    boot_w, boot_m = zip(*(_robustness_scores(cube[..., i])[:2] for i in idx))
+    boot_w, boot_m = np.array(boot_w), np.array(boot_m)            # [n_boot, methods]
+
+    def interval(samples: np.ndarray) -> tuple[float, float]:
+        return (float(np.percentile(samples, 2.5, method="lower")),
+                float(np.percentile(samples, 97.5, method="higher")))
+    out = {"best": best, "best_method": methods[at[0]], "best_lr": b.grid[at[1]], "key": key, "methods": {}}
+    anchors = [m for m in ("SF-AdamW", "Prodigy") if m in methods]
+    for i, m in enumerate(methods):
+        row = {"worst": (float(worst[i]), *interval(boot_w[:, i])),
+               "median": (float(median[i]), *interval(boot_m[:, i])),
+               "range": (float(per_lr[i].min()), float(per_lr[i].max())),
+               "worst_lr": b.grid[int(np.argmax(per_lr[i]))],
+               "per_lr": {f"{lr:g}": float(v) for lr, v in zip(b.grid, per_lr[i])}, "vs": {}}
+        for ref in anchors:
+            j = methods.index(ref)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                row["vs"][ref] = (float(worst[i] / worst[j]), *interval(boot_w[:, i] / boot_w[:, j]))
+        out["methods"][m] = row
+    return out
+
+
+def robustness_table(r: dict, b: TrackBudget, what: str) -> list[str]:
+    anchors = [m for m in ("SF-AdamW", "Prodigy") if m in r["methods"]]
+    ranked = sorted(r["methods"], key=lambda m: r["methods"][m]["worst"][0])
+    lines = [f"Best tuned run of any method ({what}, median over {len(b.seeds)} seeds): **{r['best_method']}** at lr "
+             f"{r['best_lr']:g}, {r['best']:.4f}. Each method at every LR of the {b.grid[-1] / b.grid[0]:.0f}× grid "
+             f"(nothing tuned), divided by it; lower is better, 1.00 = as good as the best tuned run.", "",
+             "| method | worst LR of the grid ÷ best tuned [95 % CI] | median over the grid ÷ best tuned [95 % CI] | "
+             "range over the grid | worst at lr |"
+             + "".join(f" worst-case ratio ÷ {ref}'s [95 % CI] |" for ref in anchors),
+             "|---|---|---|---|---|" + "---|" * len(anchors)]
+    for m in ranked:
+        v = r["methods"][m]
+        lines.append(f"| **{m}** | {fmt_ci(v['worst'], 3)} | {fmt_ci(v['median'], 3)} | {_f(v['range'][0], 3)} … "
+                     f"{_f(v['range'][1], 3)} | {v['worst_lr']:g} |"
+                     + "".join(f" {fmt_ci(v['vs'][ref], 3)} |" for ref in anchors))
+    return lines
+
+
+def robustness_section(result: dict, b: TrackBudget) -> list[str]:
+    rob = result.get("robustness") or {}
+    ce, kl = rob.get("val_loss"), rob.get("kl_teacher")
+    if ce is None:
+        return []
+    lines = ["## LR robustness (issue 16)", "",
+             "The question a user without a tuned LR asks: how far from the best achievable loss does each method "
+             "end when its LR is off by up to 100×? Intervals: 95 % paired bootstrap over seeds (same draws for "
+             "every method and LR; the best tuned run recomputed on each draw). A diverged run counts as ∞. "
+             "Figure: final loss against LR, one line per method, in figures.html.", "",
+             "By the held-out cross-entropy (final validation loss):", "", *robustness_table(ce, b, "cross-entropy"),
+             ""]
+    if kl is not None:
+        lines += ["By the KL to the teacher on the same held-out windows (the student's gap to its teacher):", "",
+                  *robustness_table(kl, b, "KL to the teacher"), ""]
+    else:
+        lines += ["KL to the teacher: these runs did not record it (runs from now on keep `kl_teacher` in every "
+                  "evaluation, and this table gets a KL twin).", ""]
+    if "Prodigy" not in ce["methods"]:
+        lines += ["Prodigy (the LR-free anchor) is not among these runs: its rows appear once the protocol is run "
+                  "again (it is on the grid now; `bench_hybrid.py --medium` runs only the missing runs).", ""]
+    return lines
 
 
 def verdict(a: dict, b: TrackBudget) -> str:
@@ -130,6 +230,7 @@ def render(b: TrackBudget, env: dict, workload: dict, result: dict, status: str 
                                       "the tuned cosine reference does **not** beat a tuned constant LR at this "
                                       "budget: **the budget is too short** for an AlgoPerf-style comparison, and "
                                       "every ratio below must be read with that in mind."), ""]
+    lines += robustness_section(result, b)
     tokens = b.steps * b.batch_size * workload.get("seq_len", 0)
     lines += ["## Setup", "",
               f"- Workload: {workload.get('description', b.workload)}; {workload.get('train_tokens', 0):,} training "
@@ -218,12 +319,13 @@ def render(b: TrackBudget, env: dict, workload: dict, result: dict, status: str 
     return "\n".join(lines) + "\n"
 
 
-def figures_html(b: TrackBudget, a: dict) -> str:
+def figures_html(b: TrackBudget, a: dict, robust: dict | None = None) -> str:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("Performance profile (self-tuning problems)",
-                                                        "Median steps to target over the LR grid (miss = top)"))
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("Performance profile (self-tuning problems)",
+                                                        "Median steps to target over the LR grid (miss = top)",
+                                                        "Final validation loss against LR (median over seeds)"))
     taus = [t for t in a["profile"]["taus"] if math.isfinite(t)]
     for m, rho in a["profile"]["rho"].items():
         fig.add_trace(go.Scatter(x=taus, y=rho[:len(taus)], mode="lines+markers", name=m, legendgroup=m,
@@ -231,16 +333,24 @@ def figures_html(b: TrackBudget, a: dict) -> str:
         steps = [v["median_steps"] for v in a["selftune"][m]["per_lr"].values()]
         fig.add_trace(go.Scatter(x=list(b.grid), y=[s if math.isfinite(s) else b.steps * 1.1 for s in steps],
                                  mode="lines+markers", name=m, legendgroup=m, showlegend=False), row=1, col=2)
+        ce = ((robust or {}).get("val_loss") or {}).get("methods", {}).get(m)
+        if ce:          # one line per method: where the LR robustness claim is visible at a glance
+            fig.add_trace(go.Scatter(x=list(b.grid), y=[v if math.isfinite(v) else None for v in ce["per_lr"].values()],
+                                     mode="lines+markers", name=m, legendgroup=m, showlegend=False), row=1, col=3)
     fig.update_xaxes(type="log", title_text="τ", row=1, col=1)
     fig.update_yaxes(title_text="ρ(τ)", range=[0, 1.05], row=1, col=1)
     fig.update_xaxes(type="log", title_text="base LR", row=1, col=2)
     fig.update_yaxes(title_text="steps", row=1, col=2)
-    fig.update_layout(height=450, width=1100, title=f"Hybrid benchmark, {b.mode} mode")
+    fig.update_xaxes(type="log", title_text="base LR", row=1, col=3)
+    fig.update_yaxes(title_text="final validation loss", row=1, col=3)
+    fig.update_layout(height=450, width=1600, title=f"Hybrid benchmark, {b.mode} mode")
     return fig.to_html(include_plotlyjs="cdn", full_html=True)
 
 
 def write(out: Path, b: TrackBudget, env: dict, workload: dict, result: dict, status: str | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
+    if "robustness" not in result:
+        result["robustness"] = {key: robustness(result["rows"], b, b.n_boot, key) for key in ("val_loss", "kl_teacher")}
     (out / "report.md").write_text(render(b, env, workload, result, status))
     with open(out / "runs.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -254,10 +364,48 @@ def write(out: Path, b: TrackBudget, env: dict, workload: dict, result: dict, st
                              f"{r['evals'][-1].get('val_loss_fp', math.nan):.5f}" if r["evals"] else ""])
     (out / "results.json").write_text(json.dumps({"budget": b.__dict__, "env": env, "workload": workload,
                                                   "analysis": result["analysis"], "targets": result["targets"],
-                                                  "status": status}, indent=1, default=str,
+                                                  "robustness": result["robustness"], "status": status},
+                                                 indent=1, default=str,
                                                  allow_nan=True))
     try:
-        (out / "figures.html").write_text(figures_html(b, result["analysis"]))
+        (out / "figures.html").write_text(figures_html(b, result["analysis"], result["robustness"]))
     except ImportError:              # plotly is a workbench dependency; the report stands without the figure
         pass
     return out / "report.md"
+
+
+def regenerate(folder: Path, n_boot: int | None = None) -> Path:
+    """Rewrite a protocol's report from its committed runs.jsonl and results.json (budget, environment, workload):
+    today's analysis of the same runs, no training. `python -m benchmarks.tracks_report --regenerate DIR`."""
+    import datetime
+    import re
+
+    from benchmarks.tracks import _row_key, analyse, read_journal, specs_for, targets
+    folder = Path(folder)
+    saved = json.loads((folder / "results.json").read_text())
+    budget = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["budget"].items()}
+    b = TrackBudget(**budget)
+    if n_boot:
+        b.n_boot = n_boot
+    wanted = {_row_key(s.method.key, s.lr, s.seed, s.steps) for s in specs_for(b, "cpu")}
+    rows = [row for key, row in read_journal(folder / "runs.jsonl").items() if key in wanted]   # the protocol's runs
+    old = (folder / "report.md").read_text() if (folder / "report.md").exists() else ""
+    reused = re.search(r"which reused (\d+) finished runs", old)
+    analysis = analyse(rows, b, b.n_boot)
+    result = {"rows": rows, "analysis": analysis, "targets": targets(analysis, b),
+              "reused_runs": int(reused.group(1)) if reused else 0,
+              "run_cpu_seconds": float(sum(r["train_cpu_s"] for r in rows)),
+              "notes": [f"Regenerated on {datetime.date.today().isoformat()} from this folder's runs.jsonl "
+                        f"({len(rows)} runs, no new training) by `python -m benchmarks.tracks_report --regenerate "
+                        f"{folder}`: the analysis (including the LR robustness section) is today's code, the runs and "
+                        f"the run command above are the original ones."]}
+    return write(folder, b, saved["env"], saved["workload"], result, saved.get("status"))
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Rewrite a tracks report from its runs.jsonl (no training)")
+    parser.add_argument("--regenerate", required=True, metavar="DIR", help="a results folder (runs.jsonl, "
+                        "results.json), e.g. benchmarks/results/medium")
+    ns = parser.parse_args()
+    print(regenerate(Path(ns.regenerate)))

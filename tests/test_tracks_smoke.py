@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from benchmarks import tracks
-from benchmarks.baselines import MuonWithAdamW, is_hidden_matrix
 from benchmarks.tracks_report import targets_table, verdict
+from hybrid_optimization.optim import MuonWithAdamW, is_hidden_matrix
 
 pytestmark = pytest.mark.timeout(1800)
 
@@ -111,6 +111,42 @@ def test_smoke_run_has_every_track_method_and_target_row(tmp_path):
         assert line.endswith("| **yes** |") or line.endswith("| **no** |"), line
     assert (tmp_path / "tracks" / "runs.csv").read_text().count("\n") == b.n_runs + 1
     assert (tmp_path / "tracks" / "figures.html").stat().st_size > 1000
+    # issue 16: the LR robustness table, one row per grid method (Prodigy, the LR-free anchor, among them), by
+    # cross-entropy and — the smoke runs record it — by KL to the teacher; worst ≥ median ≥ 1 by construction
+    section = text[text.index("## LR robustness"):text.index("## Setup")]
+    assert "Prodigy" in b.methods and "By the KL to the teacher" in section
+    for m in b.methods:
+        rows = [r for r in section.splitlines() if r.startswith(f"| **{m}** |")]
+        assert len(rows) == 2, (m, rows)                          # the cross-entropy table and the KL table
+        for row in rows:
+            cells = row.split(" | ")
+            worst, median = float(cells[1].split()[0]), float(cells[2].split()[0])
+            assert worst >= median >= 1.0 or math.isinf(worst), row
+    assert "Final validation loss against LR" in (tmp_path / "tracks" / "figures.html").read_text()
+
+
+def test_robustness_ratios_are_worst_and_median_over_the_grid_of_the_best_tuned_run():
+    """Two methods, two LRs, three seeds, numbers chosen by hand: A ends at 5.0 (lr 1e-3) and 6.0 (lr 1e-2), B at 5.5
+    at both; the best tuned run is A at 1e-3 (5.0). A: worst 6/5 = 1.2, median 5.5/5 = 1.1; B: 1.1 and 1.1. A diverged
+    seed at B's second LR makes only the median over seeds move; all three diverged make B's worst ∞."""
+    from benchmarks.tracks_report import robustness
+    b = tracks.TrackBudget("t", "tiny", (0, 1, 2), 100, 10, 4, 5, (1e-3, 1e-2), ("A", "B"), (), n_boot=200)
+
+    def row(m, lr, seed, loss):
+        return {"method": m, "lr": lr, "seed": seed, "steps": 10, "evals": [{"step": 10, "val_loss": loss}]}
+    rows = [row("A", 1e-3, s, 5.0) for s in b.seeds] + [row("A", 1e-2, s, 6.0) for s in b.seeds]
+    rows += [row("B", lr, s, 5.5) for lr in b.grid for s in b.seeds]
+    r = robustness(rows, b, b.n_boot)
+    assert (r["best"], r["best_method"], r["best_lr"]) == (5.0, "A", 1e-3)
+    assert r["methods"]["A"]["worst"] == pytest.approx((1.2, 1.2, 1.2)) and r["methods"]["A"]["worst_lr"] == 1e-2
+    assert r["methods"]["A"]["median"] == pytest.approx((1.1, 1.1, 1.1))
+    assert r["methods"]["B"]["worst"] == pytest.approx((1.1, 1.1, 1.1))
+    assert robustness(rows, b, b.n_boot, key="kl_teacher") is None          # these rows have no KL
+    rows[-1]["evals"][0]["val_loss"] = float("nan")                          # one diverged seed: median moves not
+    assert robustness(rows, b, b.n_boot)["methods"]["B"]["worst"][0] == pytest.approx(1.1)
+    for r_ in rows[-3:]:
+        r_["evals"][0]["val_loss"] = float("nan")
+    assert math.isinf(robustness(rows, b, b.n_boot)["methods"]["B"]["worst"][0])
 
 
 def test_every_hybrid_variant_trains_and_an_interrupted_protocol_resumes_from_its_journal(tmp_path):
