@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -104,11 +105,11 @@ def browser_render(steps: int) -> dict:
                 browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
                 page = browser.new_page(viewport={"width": 1400, "height": 2000})
                 page.set_default_timeout(120_000)
-                page.goto(f"{url}/live?run={run_id}")           # warm the server and the browser once
+                link = f"{url}/live?run={run_id}&" + "&".join(f"chart={quote(c)}" for c in TWELVE)
+                page.goto(link)                                    # warm the server and the browser once
                 page.get_by_role("heading", name="Live run").wait_for()
                 page.wait_for_function(f"() => ({DRAWN_JS})() >= 2", polling=100)
-                page.evaluate("() => { sessionStorage.clear(); }")
-                page.goto(f"{url}/live?run={run_id}")
+                page.goto(link)
                 started = time.perf_counter()
                 page.get_by_role("heading", name="Live run").wait_for()
                 page.wait_for_function(f"() => ({DRAWN_JS})() >= 1", polling=50)

@@ -730,3 +730,15 @@ def test_form_launches_with_the_optimizer_menu_and_report_to(runs_root, started)
     at = _app().run()
     at.number_input(key="opt.warmup_steps").set_value(-1).run()
     assert at.button(key="launch").disabled and any(e.startswith("-1 is invalid") for e in _texts(at.error))
+
+
+def test_live_charts_are_named_in_the_url(runs_root):
+    (run_id,) = _store_of("hybrid", runs_root).values()
+    at = _app()
+    at.query_params["run"] = run_id
+    at.query_params["chart"] = ["Tokens/s", "Flip rate", "no such chart"]
+    at.run()
+    _open(at, "live")
+    assert at.multiselect(key="live_charts.hybrid").value == ["Tokens/s", "Flip rate"]
+    at.multiselect(key="live_charts.hybrid").set_value(["Loss"]).run()
+    assert at.query_params["chart"] in ("Loss", ["Loss"])     # AppTest gives a single value unwrapped

@@ -67,7 +67,16 @@ if not hybrid:
 charts_key = f"live_charts.{'hybrid' if hybrid else 'baseline'}"
 if any(c not in available for c in st.session_state.get(charts_key, [])):
     st.session_state.pop(charts_key)
+# ?chart=Loss&chart=Tokens/s names the charts (a link opens the same view); read once per session and kind.
+linked = [c for c in st.query_params.get_all("chart") if c in available]
+if linked and not st.session_state.get(f"_linked.{charts_key}"):
+    st.session_state[charts_key] = linked
+    st.session_state[f"_linked.{charts_key}"] = True
 shown = st.multiselect("Charts", available, default=defaults, key=charts_key)
+if shown != defaults:
+    st.query_params["chart"] = shown
+elif "chart" in st.query_params:
+    del st.query_params["chart"]
 st.caption(f"**{ui.plain(queries.run_label(page_run))}** · {headline.kind_label(page_run)}")
 st.caption(f"Each series is downsampled on the server to at most {queries.MAX_POINTS:,} points (the minimum and "
            "maximum of every bucket are kept, so spikes stay visible); smoothing is computed on all points first. "

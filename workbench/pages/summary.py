@@ -55,7 +55,7 @@ if summary:
             and not str(k).startswith("val_loss_cluster_") and isinstance(v, (int, float, str, bool))}
     clusters = {k: v for k, v in summary.items() if str(k).startswith("val_loss_cluster_")}
     with st.expander("Timings, memory, size and every other value"):
-        st.dataframe(pd.DataFrame({"value": [headline.format_value(k, v) for k, v in rest.items()]},
+        st.dataframe(pd.DataFrame({"value": [headline.format_cell(k, v) for k, v in rest.items()]},
                                   index=[headline.value_label(k) for k in rest]), width="stretch",
                      height=min(35 * (len(rest) + 1) + 3, 800))
         if clusters:
