@@ -9,11 +9,11 @@ from pathlib import Path
 import streamlit as st
 
 from hybrid_optimization.distill.export import ExportError
+from hybrid_optimization.schema import EXPORT_LABELS
 from hybrid_optimization.distill.run_export import EXPORT_FORMATS, EXPORT_NAMES, export_packed_student
 from workbench import ui
 
-LABELS = {"packed": "Packed safetensors (this project's loader)", "gguf": "GGUF for llama.cpp (ternary TQ1_0)",
-          "hf": "Hugging Face LlamaForCausalLM folder (zip)"}
+LABELS = EXPORT_LABELS       # one definition of the export names (hybrid_optimization/schema.py)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from hybrid_optimization import schema
 from hybrid_optimization.tracking import ACTIVE_STATUSES, RunStore, StoreError, StoreMissing, default_runs_root
 from workbench import launcher, queries
 from workbench.queries import run_label
@@ -25,8 +26,7 @@ PAGES = {  # path relative to app.py -> title; app.py builds st.navigation from 
     "benchmarks": "workbench/pages/benchmarks.py",
     "sweep": "workbench/pages/sweep.py",
 }
-STATUS_COLORS = {"queued": "gray", "running": "blue", "finished": "green", "failed": "red", "stopped": "orange",
-                 "lost": "violet", "diverged": "red"}
+STATUS_COLORS = schema.STATUS_COLORS    # one definition of the badge colours (hybrid_optimization/schema.py)
 LIVENESS_EVERY_S = 5.0
 
 
