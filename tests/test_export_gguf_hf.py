@@ -221,9 +221,9 @@ def test_export_from_the_packed_student_and_cli_errors(tmp_path, tokenizer_dir, 
     assert export_packed_student(packed, "hf").path == tmp_path / "student-hf"
     assert (tmp_path / "student-hf" / "model.safetensors").is_file()
     assert result.report.linear_type == DEFAULT_LINEAR_TYPE              # the CLI's default is the exporter's
-    # one mode for every exported file (safetensors alone would create model.safetensors 0600)
+    # one mode for every exported file (safetensors alone would create its files 0600)
     from hybrid_optimization.distill.export_hf import regular_file_mode
-    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in [tmp_path / "student.gguf",
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in [packed, tmp_path / "student.gguf",
                                                               *(tmp_path / "student-hf").iterdir()]}
     assert set(modes.values()) == {oct(regular_file_mode())}, modes
 
