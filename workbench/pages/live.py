@@ -146,9 +146,9 @@ def _setup_stages(run_id: str, logs: pd.DataFrame) -> None:
             cols[0].markdown(f"**{stage.name}**")
             cols[1].markdown(marks[stage.state])
             if stage.fraction is not None and stage.state != "pending":
-                cols[2].progress(min(1.0, stage.fraction), text=stage.detail)
+                cols[2].progress(min(1.0, stage.fraction), text=ui.plain(stage.detail))
             elif stage.detail:
-                cols[2].caption(stage.detail)
+                cols[2].caption(ui.plain(stage.detail))
 
 
 def _system_frame(run_id: str, t0: float | None) -> pd.DataFrame:
