@@ -350,8 +350,10 @@ def listing(root: Path) -> dict:
             out[rel] = ("link", os.readlink(path))
         elif path.is_dir():
             out[rel] = ("dir",)
-        else:
+        elif path.is_file():
             out[rel] = ("file", hashlib.sha256(path.read_bytes()).hexdigest())
+        else:                                       # a FIFO: never opened
+            out[rel] = ("special", path.stat().st_mode)
     return out
 
 
@@ -389,11 +391,15 @@ def test_export_over_a_foreign_folder_or_file_is_refused_and_nothing_changes(env
     (mine / "sub" / "weights.bin").write_bytes(os.urandom(4096))
     foreign = tmp_path / "other.gguf"
     foreign.write_bytes(b"GGUF" + os.urandom(1000))
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)                                 # opening it to look inside would block forever
     before = listing(tmp_path)
     line = refused(export_cli(env, runs_root, run_id, "--format", "hf", "--out", mine))
     assert "holds files an export did not write" in line and str(mine) in line
     line = refused(export_cli(env, runs_root, run_id, "--format", "gguf", "--out", foreign))
     assert "is not an earlier gguf export" in line
+    line = refused(export_cli(env, runs_root, run_id, "--format", "gguf", "--out", fifo, timeout=30))
+    assert "not a regular file" in line
     assert listing(tmp_path) == before
 
 
@@ -592,6 +598,24 @@ def test_sigterm_during_the_teacher_build_is_honoured_at_once_and_leaves_nothing
     assert [p.suffix for p in teacher_entries] == [".lock"]        # no teacher folder, no temporary build left
 
 
+@pytest.mark.slow
+def test_three_training_runs_started_together_on_a_cold_cache_all_finish_with_one_teacher(env, tmp_path):
+    """The issue's case as a user meets it: three `distillation` processes (tiny preset) on an empty cache."""
+    cold = dict(env, HYBRID_CACHE_DIR=str(tmp_path / "cold-cache"))
+    flags = ["--max_steps", "2", "--eval_windows", "8", "--quiet", "--no_progress", "--runs_root", str(tmp_path)]
+    procs = [subprocess.Popen([sys.executable, "-m", "hybrid_optimization.distill", *flags], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=cold, cwd=ROOT) for _ in range(3)]
+    outs = [p.communicate(timeout=1200) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    store = RunStore(tmp_path, create=False)
+    ids = [out.splitlines()[0].removeprefix("run_id=") for out, _ in outs]
+    logs = {rid: "\n".join(store.read_logs(rid).column("message")) for rid in ids}
+    assert all(store.get_run(rid)["status"] == "finished" for rid in ids)
+    assert sum(text.count("tiny teacher (") for text in logs.values()) == 1, logs      # trained once
+    built = [p for p in (tmp_path / "cold-cache" / "tiny").glob("teacher-*") if p.suffix != ".lock"]
+    assert len(built) == 1, built                                                   # one folder, no temporaries
+
+
 # -- H1 (issues 17/18): a checkpoint knows its run; the pipeline's own SIGTERM during setup -------------------------
 def test_a_checkpoint_copied_from_another_run_is_refused_by_name_and_nothing_changes(env, tmp_path):
     """checkpoint.pt of run A copied into run B's folder: `--resume B` names run A, exits 2, and B's record, rows
@@ -650,126 +674,6 @@ def test_sigterm_while_the_pipeline_builds_its_teacher_ends_the_run_as_stopped_w
     run = store.get_run(run_id)
     assert run["status"] == "stopped" and "SIGTERM during setup" in run["error"]
     assert not list((cache / "tiny").glob("teacher-*[!k]"))        # only the lock file: no half-built teacher
-
-
-# -- sweeps: workers at the same instant, kill -9 then a rerun, a full disk (issue 17, "Sweeps that survive") ------
-SWEEP_FLAGS = ["--param", "base_learning_rate=1e-4:1e-2:log", "--max_steps", "4", "--set", "batch_size=8",
-               "--set", "eval_windows=8", "--no_pruning"]
-
-
-def sweep_argv(runs_root, name, *args) -> list[str]:
-    return [sys.executable, "-m", "hybrid_optimization.sweep", "--name", name, "--runs_root", str(runs_root),
-            *SWEEP_FLAGS, *args]
-
-
-def live_processes(text: str) -> list[int]:
-    """Pids of live (not zombie) processes whose command line contains `text`."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            command = (proc / "cmdline").read_bytes().decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if text in command and state not in ("Z", "X") and int(proc.name) != os.getpid():
-            found.append(int(proc.name))
-    return found
-
-
-def sweep_trials(storage: str, name: str) -> list:
-    import optuna
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-
-
-@pytest.mark.slow     # two real tiny trainings side by side: ~1–2 min on 2 busy cores
-def test_two_sweep_workers_started_at_the_same_instant_on_a_new_storage_both_complete(env, tmp_path):
-    """Without the lock around study creation, two workers on a new sweeps.db crash in Optuna's schema creation
-    (alembic_version UNIQUE / table exists: 2 of 5 bare attempts here); with it, both run their trial."""
-    argv = sweep_argv(tmp_path, "pair", "--trials", "1")
-    workers = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-               for _ in range(2)]
-    results = [w.communicate(timeout=900) for w in workers]
-    for worker, (out, err) in zip(workers, results):
-        assert worker.returncode == 0 and "Traceback" not in err, out + err
-        assert out.strip().splitlines()[-1].startswith("best trial ")
-    from hybrid_optimization.sweep import default_storage
-    trials = sweep_trials(default_storage(tmp_path), "pair")
-    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
-    store = RunStore(tmp_path, create=False)
-    assert sorted(r["status"] for r in store.list_runs()) == ["finished", "finished"]
-
-
-def test_kill_9_of_a_sweep_then_a_rerun_fails_and_retries_the_lost_trial_and_leaves_no_orphan(env, tmp_path):
-    """kill -9 of the sweep while its trial trains: the trial's training process ends by itself (its supervisor
-    gets the kernel's death signal), and the rerun of the same command fails the lost trial, retries it with the
-    same values and completes it."""
-    argv = sweep_argv(tmp_path, "lost", "--trials", "1")
-    sweep_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    try:
-        deadline, run = time.monotonic() + 600, None
-        while time.monotonic() < deadline and run is None:
-            time.sleep(0.2)
-            assert sweep_proc.poll() is None, sweep_proc.communicate()
-            with contextlib.suppress(StoreError, sqlite3.Error):
-                runs = RunStore(tmp_path, create=False).list_runs()
-                run = runs[0] if runs and runs[0]["status"] == "running" else None
-        assert run is not None, "the trial never started"
-        assert live_processes(run["run_id"]), "no training process for the trial"
-    finally:
-        sweep_proc.kill()                       # kill -9
-        sweep_proc.communicate()
-    killed = time.monotonic()
-    while live_processes(run["run_id"]) and time.monotonic() - killed < 30:
-        time.sleep(0.2)
-    orphan_s = time.monotonic() - killed
-    assert not live_processes(run["run_id"]), "the trial's training process outlived its sweep"
-    rerun = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
-    assert rerun.returncode == 0 and "Traceback" not in rerun.stderr, rerun.stdout + rerun.stderr
-    assert "trial 0 failed: lost: its sweep process" in rerun.stdout
-    from hybrid_optimization.sweep import default_storage
-    lost, retried = sweep_trials(default_storage(tmp_path), "lost")
-    assert lost.state.name == "FAIL" and "lost" in lost.user_attrs["error"]
-    assert retried.state.name == "COMPLETE" and retried.params == lost.params
-    assert retried.system_attrs["failed_trial"] == 0
-    store = RunStore(tmp_path, create=False)
-    assert store.get_run(run["run_id"])["status"] in ("stopped", "failed")     # not "running" forever
-    print(f"kill -9 of a sweep: its trial's training process gone after {orphan_s:.1f} s; the rerun retried it")
-
-
-@pytest.mark.slow     # a trial interrupted by the full disk, then the rerun's trial: ~2 min on 2 busy cores
-def test_disk_full_under_a_sweeps_storage_is_one_line_and_a_rerun_continues(env, tmp_path):
-    """The study's sweeps.db on a small tmpfs that fills while a trial trains: the sweep ends with one error line
-    (no traceback), exit 1, its training child ended; the database stays intact, and once there is room again
-    the rerun fails and retries the interrupted trial."""
-    with tmpfs(tmp_path / "db", "1m") as folder:
-        storage = f"sqlite:///{folder}/sweeps.db"
-        argv = sweep_argv(tmp_path / "runs", "full", "--trials", "1", "--storage", storage)
-        sweep_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                      cwd=ROOT)
-        deadline, run = time.monotonic() + 600, None
-        while time.monotonic() < deadline and run is None:
-            time.sleep(0.2)
-            assert sweep_proc.poll() is None, sweep_proc.communicate()
-            with contextlib.suppress(StoreError, sqlite3.Error):
-                runs = RunStore(tmp_path / "runs", create=False).list_runs()
-                run = runs[0] if runs and runs[0]["status"] == "running" else None
-        assert run is not None, "the trial never started"
-        filler = folder / "filler"
-        with open(filler, "wb") as handle, contextlib.suppress(OSError):
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-        out, err = sweep_proc.communicate(timeout=600)
-        assert sweep_proc.returncode == 1, out + err
-        assert "Traceback" not in err and "database or disk is full" in err.strip().splitlines()[-1], err
-        assert not live_processes(run["run_id"])
-        filler.unlink()
-        with sqlite3.connect(folder / "sweeps.db") as conn:
-            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        rerun = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
-        assert rerun.returncode == 0 and "trial 0 failed: lost" in rerun.stdout, rerun.stdout + rerun.stderr
-        assert [t.state.name for t in sweep_trials(storage, "full")] == ["FAIL", "COMPLETE"]
 
 
 # -- sweeps: workers at the same instant, kill -9 then a rerun, a full disk (issue 17, "Sweeps that survive") ------

@@ -163,14 +163,22 @@ def export_student(student: StudentLM, path: str | Path, vocab: torch.Tensor, ex
     path = Path(path)
     metadata = {"format": MANIFEST_FORMAT, "student": student.config.to_dict(), "vocab": vocab.tolist(),
                 **(extra or {})}
-    report = export_quantized(student, path, metadata=metadata)
+    try:
+        report = export_quantized(student, path, metadata=metadata)
+    except Exception as exc:       # safetensors reports a full disk as its own error type
+        if isinstance(exc, OSError) or is_disk_full(exc):
+            raise ExportError(write_failure(path, exc)) from None
+        raise
     manifest = {**metadata, "vocab_size": int(vocab.numel()), "file": path.name,
                 "bit_map": {layer["name"]: layer["bits"] for layer in report.layers},
                 "report": {k: v for k, v in report.to_dict().items() if k != "layers"}, "layers": report.layers}
     manifest.pop("vocab")
     manifest_path = path.with_suffix(".json")
-    with atomic_file(manifest_path) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    try:
+        with atomic_file(manifest_path) as tmp:
+            tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    except OSError as exc:
+        raise ExportError(write_failure(manifest_path, exc)) from None
     return report, manifest_path
 
 

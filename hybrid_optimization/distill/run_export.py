@@ -119,6 +119,8 @@ def check_export_target(target: Path, fmt: str, *, run_dir: Path | None = None, 
         raise ExportError(f"cannot export to {target}: it is a symbolic link; give the real path")
     if not target.exists():
         return
+    if not target.is_dir() and not target.is_file():          # a FIFO or a device: never opened (a FIFO blocks)
+        raise ExportError(f"cannot export to {target}: it is not a regular file or folder; give a new path")
     if fmt == "hf":
         if not target.is_dir():
             raise ExportError(f"cannot export to {target}: it is a file, and the hf export is a folder; give a new "
