@@ -106,7 +106,8 @@ def test_tiny_sweep_from_the_sweep_page(workbench_server, browser_page, screensh
     assert len(study.get_trials()) == 3 and all(t.state.is_finished() for t in study.get_trials())
     page.get_by_role("tab", name="Results").click()
     page.get_by_role("button", name="Launch with this config").wait_for(timeout=180_000)
-    page.wait_for_function(PARCOORDS_JS, timeout=120_000, polling=1000)
+    page.wait_for_function(f"() => ({FIGURE_JS})('History: final validation loss per trial, best so far') !== null",
+                           timeout=120_000, polling=1000)
     page.wait_for_timeout(5000)          # the results refresh every 2 s while the sweep process lives
     page.screenshot(path=str(screenshots_dir / "sweep-results.png"), full_page=True)
     assert _foreign(requests) == [], _foreign(requests)

@@ -281,7 +281,9 @@ with st.container(border=True):
     h1, h2, h3, h4 = st.columns(4)
     h1.selectbox("Optimizer", [OPTIMIZER_DEFAULT, *BASE_OPTIMIZERS], key="opt.optimizer",
                  help="The update rule (--optimizer). default: AdamW for the baseline; for a hybrid run the config's "
-                      "base_optimizer below. Which ones combine with --hybrid and a schedule is checked here.")
+                      "base_optimizer below. muon: Muon on the hidden matrices + AdamW for the rest; schedule-free: "
+                      "constant schedule only; prodigy: LR-free (the learning rate is a factor on its own step size, "
+                      "1.0 by default). Which ones combine with --hybrid and a schedule is checked here.")
     h2.selectbox("LR schedule", SCHEDULES, key="opt.schedule",
                  help="--schedule, after the warmup: constant, cosine decay, or warmup-stable-decay (wsd).")
     h3.number_input("Warmup steps", key="opt.warmup_steps", step=1, help="Linear LR warmup steps (--warmup_steps).")
