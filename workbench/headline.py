@@ -50,7 +50,6 @@ VALUE_LABELS: dict[str, tuple[str, str]] = {
     "tokens_per_s": (TOKENS_LABEL, "{:,.0f}"),
     "total_steps": ("Steps", "{:,.0f}"),
     "steps_completed": ("Steps completed", "{:,.0f}"),
-    "steps_completed": ("Steps completed", "{:,.0f}"),
     "avg_lr_multiplier": ("Avg LR multiplier", "{:.2f}×"),
     "constraint_activation_rate": ("Constraint activation", "{:.1%}"),
     "final_trust_radius": ("Final trust radius", "{:.4g}"),
