@@ -432,21 +432,6 @@ def _rgba(color: str, alpha: float) -> str:
     return f"rgba({int(r)}, {int(g)}, {int(b)}, {alpha})"
 
 
-def importance_figure(importances: dict[str, float], title: str = "Parameter importance",
-                      labels: dict[str, str] | None = None) -> go.Figure:
-    """Horizontal bars: how much of the objective's variation each searched parameter explains (fANOVA)."""
-    if not importances:
-        return _empty(title, "needs at least two finished trials that differ")
-    names = list(importances)[::-1]
-    values = [importances[n] for n in names]
-    fig = go.Figure(go.Bar(x=values, y=[(labels or {}).get(n, n) for n in names], orientation="h",
-                           marker_color=[color_for(i) for i in range(len(names))][::-1],
-                           hovertemplate="%{y}: %{x:.1%}<extra></extra>"))
-    fig.update_layout(title=title, **{**_LAYOUT, "height": 120 + 40 * len(names), "hovermode": "closest"})
-    fig.update_xaxes(title_text="share of the objective's variance", tickformat=".0%", range=[0, 1])
-    return fig
-
-
 def linked_figure(figures: list[go.Figure], titles: list[str], x_title: str = "step",
                   uirevision: str | None = None, x_range: tuple[float, float] | None = None,
                   height_per_chart: int = 260) -> go.Figure:

@@ -197,19 +197,6 @@ def trials_frame(study) -> pd.DataFrame:
     return frame
 
 
-def importances(study) -> dict[str, float]:
-    """Optuna's parameter importances (fANOVA) over completed trials; {} while fewer than two differ."""
-    import optuna
-
-    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
-    if len(done) < 2 or len({t.value for t in done}) < 2:
-        return {}
-    try:
-        return dict(optuna.importance.get_param_importances(study))
-    except (RuntimeError, ValueError):
-        return {}
-
-
 def best(study):
     return core.best_trial(study)
 
