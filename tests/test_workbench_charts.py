@@ -332,3 +332,11 @@ def test_linked_figure_shares_zoom_and_hover_across_charts():
     assert fig.data[0].line.color == fig.data[2].line.color == colors["r1"]
     assert fig.layout.yaxis2.type == "log" and list(fig.layout.xaxis.range) == [3, 30]
     assert [a.text for a in fig.layout.annotations] == ["Loss", "LR"]
+
+
+def test_a_shared_x_range_may_leave_one_end_open():
+    assert charts.x_range_settings((10, 60)) == {"range": [10, 60], "autorange": False}
+    fig = _validated(charts.line_figure(_series("r1"), "Loss", x_range=(10, None)))
+    assert list(fig.layout.xaxis.range) == [10, None] and fig.layout.xaxis.autorange == "max"
+    fig = _validated(charts.line_figure(_series("r1"), "Loss", x_range=(None, 30)))
+    assert fig.layout.xaxis.autorange == "min"

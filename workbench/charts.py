@@ -92,6 +92,18 @@ def integer_ticks(xs: np.ndarray) -> dict:
     return {"tickformat": ",d"}
 
 
+def x_range_settings(x_range: tuple[float | None, float | None]) -> dict:
+    """Axis settings for a shared x range; an open end (None) keeps plotly's autorange on that end only."""
+    low, high = x_range
+    if low is not None and high is not None:
+        return {"range": [low, high], "autorange": False}
+    if low is not None:
+        return {"range": [low, None], "autorange": "max"}
+    if high is not None:
+        return {"range": [None, high], "autorange": "min"}
+    return {}
+
+
 def line_figure(series: pd.DataFrame, title: str, x_title: str = "step", log_y: bool = False,
                 colors: dict[str, str] | None = None, uirevision: str | None = None,
                 labels: dict[str, str] | None = None, height: int = 300, color_by: str = "auto",
@@ -142,7 +154,7 @@ def line_figure(series: pd.DataFrame, title: str, x_title: str = "step", log_y: 
     if x_title == "step":
         xaxis.update(integer_ticks(pd.to_numeric(series.x, errors="coerce").to_numpy(dtype="float64")))
     if x_range is not None:          # the page's shared x range: every chart shows the same steps
-        xaxis.update(range=list(x_range), autorange=False)
+        xaxis.update(x_range_settings(x_range))
     # Legend below the plot: plotly's toolbar sits top-right and would cover a legend there.
     legend = dict(orientation="h", yanchor="top", y=-0.3, xanchor="left", x=0.0)
     # The legend takes room below the plot: grow the figure with it, so 20 runs do not squeeze the curves.
@@ -416,7 +428,7 @@ def group_figure(groups: pd.DataFrame, title: str, x_title: str = "step", log_y:
                  exponentformat="power" if log_y else "e")
     xaxis = dict(title=dict(text=x_title), automargin=True)
     if x_range is not None:
-        xaxis.update(range=list(x_range), autorange=False)
+        xaxis.update(x_range_settings(x_range))
     entries = sum(1 for t in traces if t.get("showlegend", True))
     legend = dict(orientation="h", yanchor="top", y=-0.3, xanchor="left", x=0.0)
     layout = dict(_LAYOUT, title=dict(text=title), uirevision=uirevision or title,
@@ -460,7 +472,7 @@ def linked_figure(figures: list[go.Figure], titles: list[str], x_title: str = "s
                          **({"range": list(yaxis.range), "autorange": False} if yaxis.range else {}))
     fig.update_xaxes(title_text=x_title, row=len(shown), col=1)
     if x_range is not None:
-        fig.update_xaxes(range=list(x_range), autorange=False)
+        fig.update_xaxes(**x_range_settings(x_range))
     fig.update_layout(height=120 + height_per_chart * len(shown), hovermode="x unified", hoversubplots="axis",
                       uirevision=uirevision or "linked", margin=dict(l=10, r=10, t=40, b=10),
                       hoverlabel=dict(namelength=-1),
