@@ -2,6 +2,7 @@
 setup-stage progress.
 
     python benchmarks/bench_live.py [--steps 5000] [--repeats 3] [--browser] [--out results.json]
+    python benchmarks/bench_live.py --first-launch [--out results.json]     # minutes: trains the tiny teacher
 
 Server side (always): a run of --steps steps written through the real RunWriter (status running, this process as
 its pid, so liveness keeps it active), opened on the Live page through streamlit.testing's AppTest — the real page
@@ -11,6 +12,10 @@ more steps (what the live fragment does every tick). Both are medians over --rep
 --browser: the same run in Debian Chromium (Playwright) against `streamlit run`: seconds from opening
 /live?run=ID until every chart of the open tab is drawn (`browser_render_s`), and until all 12 are drawn after
 visiting each tab (`browser_all_tabs_s`).
+
+--first-launch: `distillation.py --hybrid --max_steps 1` on an empty HYBRID_CACHE_DIR, watched through the store as
+Live watches it: seconds to the run record, each setup stage (first row, first progress n/N, end), the first step,
+and the longest gap between two stage updates (what Live can show).
 
 The run is synthetic (tests/fixtures/workbench_runs.py): this measures the workbench, not training.
 """
@@ -136,13 +141,71 @@ def browser_render(steps: int) -> dict:
             proc.wait(timeout=30)
 
 
+def first_launch(cache_dir: Path | None) -> dict:
+    """`distillation.py --hybrid --max_steps 1` on an empty cache (a fresh temporary HYBRID_CACHE_DIR unless given):
+    seconds from the command to its run record, to each setup stage's first row / first progress / end and to the
+    first step, read from the store every 0.5 s as Live reads it, and the longest gap between two stage updates."""
+    import subprocess
+
+    from hybrid_optimization.tracking import RunStore, StoreError
+    tmp = Path(tempfile.mkdtemp(prefix="bench-first-launch-"))
+    cache = cache_dir or tmp / "cache"
+    env = dict(os.environ, HYBRID_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1")
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, "distillation.py", "--hybrid", "--max_steps", "1", "--runs_root",
+                             str(tmp / "runs"), "--no_progress", "--quiet"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marks: dict[str, float] = {}
+    updates: list[float] = []
+    last = None
+    while proc.poll() is None:
+        now = round(time.time() - started, 1)
+        try:
+            store = RunStore(tmp / "runs", create=False)
+            runs = store.list_runs()
+        except StoreError:
+            runs = []
+        if runs:
+            run_id = runs[0]["run_id"]
+            marks.setdefault("run_record", now)
+            stages = list(store.read_stages(run_id))
+            seen = tuple((r["stage"], r["done"], r["ended_at"]) for r in stages)
+            if stages and seen != last:
+                updates.append(now)
+                last = seen
+            for row in stages:
+                marks.setdefault(f"{row['stage']}_started", now)
+                if row["done"] is not None:
+                    marks.setdefault(f"{row['stage']}_first_progress", now)
+                if row["ended_at"] is not None:
+                    marks.setdefault(f"{row['stage']}_ended", now)
+            if len(store.read_steps(run_id)):
+                marks.setdefault("first_step", now)
+        time.sleep(0.5)
+    marks["exit"] = round(time.time() - started, 1)
+    gaps = [b - a for a, b in zip(updates, updates[1:])]
+    return {"returncode": proc.returncode, "cache": "given" if cache_dir else "empty", "seconds": marks,
+            "stage_updates": len(updates), "max_gap_between_stage_updates_s": round(max(gaps), 1) if gaps else None,
+            "load_average": [round(x, 1) for x in os.getloadavg()]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--browser", action="store_true")
+    parser.add_argument("--first-launch", action="store_true",
+                        help="measure a first launch on an empty cache instead (then a second, warm one)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.first_launch:
+        cold = first_launch(None)
+        results = {"first_launch_empty_cache": cold}
+        text = json.dumps(results, indent=2)
+        print(text)
+        if args.out:
+            args.out.write_text(text + "\n")
+        return 0 if cold["returncode"] == 0 else 1
     if args.steps < 2 or args.repeats < 1:
         print("--steps must be ≥ 2 and --repeats ≥ 1", file=sys.stderr)
         return 2
