@@ -52,6 +52,7 @@ from . import launch
 from .config import ConfigError, HybridTrainingConfig
 from .distill.options import OptionsError, TrainOptions, check_batch_memory
 from .distill.presets import PRESETS, get_preset
+from .distill.report_to import parse_report_to
 from .tracking import ACTIVE_STATUSES, RunStore, StoreError, default_runs_root
 
 OBJECTIVES = ("final_val_loss", "best_val_loss", "steps_to_target")
@@ -269,7 +270,7 @@ class SweepSpec:
         if not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool) or self.eval_every < 1:
             raise SweepError(f"--eval_every {self.eval_every!r} is invalid: it must be an integer ≥ 1")
         fields = searchable_fields()
-        unknown = sorted((set(self.base_options) | set(self.base_config)) - set(fields))
+        unknown = sorted((set(self.base_options) | set(self.base_config)) - set(fields) - {"report_to"})
         if unknown:
             raise SweepError(f"--set {unknown[0]} is not a field a sweep can set: use a HybridTrainingConfig field "
                              f"or one of {', '.join(option_fields())}")
@@ -320,6 +321,7 @@ class SweepSpec:
             "trust_region_mode": config.trust_region_mode, "precision_budget": config.precision_budget,
             "hybrid_config": config, "run_id": run_id, "runs_root": None if runs_root is None else str(runs_root),
             "run_name": run_name, "tags": [sweep_tag(self.name)], "quiet": True, "progress": False,
+            "report_to": list(self.base_options.get("report_to") or []),     # --report_to: every trial reports
         }
         return TrainOptions(**document)
 
@@ -528,7 +530,10 @@ def join_conflicts(stored: SweepSpec, spec: SweepSpec, given: set[str]) -> str |
             return (f"{flag} {getattr(spec, name)} differs from sweep {stored.name!r}'s {name} "
                     f"{getattr(stored, name)}; a sweep keeps its settings: leave {flag} out to join it, or choose "
                     "another --name")
-    if "set" in given and (spec.base_config, spec.base_options) != (stored.base_config, stored.base_options):
+    def fixed(s: SweepSpec) -> tuple:            # --report_to is this worker's own (see main)
+        return s.base_config, {k: v for k, v in s.base_options.items() if k != "report_to"}
+
+    if "set" in given and fixed(spec) != fixed(stored):
         return (f"--set differs from sweep {stored.name!r}'s fixed values "
                 f"{json.dumps({**stored.base_options, **stored.base_config}, default=str)}; leave --set out to "
                 "join it, or choose another --name")
@@ -735,6 +740,8 @@ def open_study(spec: SweepSpec | None, storage: str, name: str, seed: int | None
                                           if given is None else given)
                 if conflict:
                     raise SweepError(conflict)
+                if "report_to" in spec.base_options:      # this worker's own reporting
+                    stored_spec_.base_options["report_to"] = spec.base_options["report_to"]
             spec = stored_spec_
         elif spec is None:
             raise SweepError(f"sweep {name!r} does not exist in {storage}; give --param ranges to start it")
@@ -807,6 +814,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a fixed config field or pipeline option for every trial (repeatable), e.g. "
                         "--set hybrid=false --set target_bits=1.58")
+    p.add_argument("--report_to", metavar="A,B", help="every trial also reports to: tensorboard, mlflow (this "
+                                                    "worker's trials)")
     p.add_argument("--workers", type=int, default=1, help=f"trials run in parallel on this machine (1–{MAX_WORKERS})")
     p.add_argument("--no_pruning", dest="pruning", action="store_const", const=False, help="never prune")
     p.add_argument("--storage", help="Optuna RDB URL shared by all workers (default sqlite:///<runs root>/sweeps.db)")
@@ -857,6 +866,8 @@ def main(argv: list[str] | None = None) -> int:
         if runs_root.exists() and not runs_root.is_dir():
             raise SweepError(f"--runs_root {runs_root}: is a file, not a folder")
         config, options = _fixed_values(args.set)
+        if args.report_to is not None:
+            options["report_to"] = list(parse_report_to(args.report_to))
         params = parse_params(args.param)
         spec = SweepSpec(name=args.name, params=params or [parse_param(p) for p in DEFAULT_SPACE],
                          objective=args.objective or "final_val_loss", target=args.target,
@@ -871,6 +882,8 @@ def main(argv: list[str] | None = None) -> int:
             conflict = join_conflicts(stored, spec, given)
             if conflict:
                 raise SweepError(conflict)
+            if args.report_to is not None:      # where this worker's trials report is its own choice
+                stored.base_options = {**stored.base_options, "report_to": options["report_to"]}
             spec = stored
         spec.validate()
     except (SweepError, StoreError) as exc:

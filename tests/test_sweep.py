@@ -124,6 +124,7 @@ FILES = {"notes.txt": b"not a database\n", "random.bin": bytes(range(256)) * 32,
     (["--max_steps", "20000000"], "max_steps = 20000000 is invalid"),
     (["--eval_every", "0"], "--eval_every 0 is invalid"),
     (["--set", "seq_len=100000"], "--seq_len 100000 is invalid"),
+    (["--report_to", "bogus"], "--report_to bogus is invalid"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_and_starts_nothing(tmp_path, args, words):
     runs_root, files = tmp_path / "runs", tmp_path / "files"
@@ -169,6 +170,8 @@ def test_a_trial_is_one_options_document_of_the_base_options_and_its_values(tmp_
     assert (document["alpha"], document["seq_len"], document["max_steps"], document["hybrid"]) == (0.3, 32, 12, True)
     assert (document["qat"], document["bits"], document["batch_size"], document["lr"]) == (True, 2.0, 8, 0.001)
     assert document["tags"] == ["sweep:doc"] and document["run_id"] == "r1" and document["quiet"] is True
+    reporting = sweep.SweepSpec(**{**vars(spec), "base_options": {**spec.base_options, "report_to": ["mlflow"]}})
+    assert reporting.trial_options({"initial_trust_radius": 0.05}).report_to == ["mlflow"]    # --report_to
     back = TrainOptions.from_dict(document)                        # what the CLI reads back
     assert back.errors() == {}
     config = back.hybrid_training_config()
