@@ -132,3 +132,49 @@ def test_train_options_collect_every_error_with_the_clis_messages():
     assert set(errors) == {"preset", "device", "alpha", "epochs", "tags"}
     assert errors["device"] == "--device 'tpu' is invalid: it must be one of auto, cpu, cuda, mps"
     assert TrainOptions(export=True).errors() == {} and TrainOptions(export=True).export_format == "packed"
+
+
+def test_the_options_document_is_frozen_and_errors_is_a_pure_query():
+    """Issue 18 item 2: TrainOptions is normalised once when built; errors() only reads it; nobody assigns to it."""
+    import dataclasses
+    options = TrainOptions(export=True, bits=1.585, tags=("a", "b"), qat=True)
+    assert (options.export, options.bits, options.tags) == ("packed", 1.58, ["a", "b"])
+    before = options.to_dict()
+    assert options.errors() == {} and options.to_dict() == before
+    bad = TrainOptions(bits=3, export="onnx", lr=-1.0)
+    snapshot = bad.to_dict()
+    assert set(bad.errors()) == {"bits", "export", "lr"} and bad.to_dict() == snapshot
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.lr = 0.1
+    assert options.replace(lr=0.1).lr == 0.1 and options.lr is None
+
+
+def test_one_bound_per_quantity_for_the_cli_and_the_config():
+    """The CLI's --lr / --batch_size / --seed / clusters are checked by the config's own rules (config.FIELD_RULES):
+    a value the CLI takes is one the config takes, and the messages say the same bound."""
+    from hybrid_optimization.config import FIELD_RULES, field_error
+    for option, field, values in (("lr", "base_learning_rate", (1e-9, 10.0, 0.0, -1.0, 10.5)),
+                                  ("batch_size", "batch_size", (1, 65_536, 0, 65_537)),
+                                  ("seed", "seed", (0, 2 ** 32 - 1, -1, 2 ** 32)),
+                                  ("data_clusters", "data_clusters", (1, 4_096, 0, 4_097)),
+                                  ("max_steps", "max_steps", (1, 10_000_000, 0, 10_000_001))):
+        for value in values:
+            cli_ok = option not in TrainOptions(**{option: value}).errors()
+            assert cli_ok == (field_error(field, value) is None), (option, value)
+        assert FIELD_RULES[field][1] in TrainOptions(**{option: values[-1]}).errors()[option]
+
+
+def test_the_config_is_embedded_in_the_options_document(tmp_path):
+    from hybrid_optimization.config import HybridTrainingConfig
+    from hybrid_optimization.distill.cli import parse_options
+    config = tmp_path / "config.json"
+    config.write_text(HybridTrainingConfig(data_clusters=5, base_learning_rate=0.02).to_json())
+    options = parse_options(["--config", str(config), "--max_steps", "7"])
+    assert options.hybrid_config == HybridTrainingConfig(data_clusters=5, base_learning_rate=0.02)
+    document = json.loads(options.to_json())
+    assert document["hybrid_config"]["data_clusters"] == 5 and document["config"] == str(config)
+    again = TrainOptions.from_dict(document)
+    assert again.hybrid_training_config().to_dict() == options.hybrid_training_config().to_dict()
+    config.unlink()                      # the document no longer needs the file
+    stored = TrainOptions.from_dict(document)
+    assert stored.errors() == {} and stored.hybrid_training_config().base_learning_rate == 0.02

@@ -31,7 +31,7 @@ from typing import Any, Callable
 from ..config import (FIELD_RULES, MAX_BATCH_SIZE, MAX_CLUSTERS, MAX_SEED, MAX_STEPS,  # noqa: F401 (re-exported)
                       ConfigError, HybridTrainingConfig, field_error)
 from ..schema import (CLUSTER_BATCHES, DATA_SOURCES, DATA_SUFFIXES, DEVICES, EMBEDDERS, EXPORT_FORMATS, RUN_ID_PATTERN,
-                      TRUST_REGION_MODES, RunsRootError, check_runs_root, default_runs_root, normalize_bits)
+                      RunsRootError, check_runs_root, default_runs_root, normalize_bits)
 from .presets import PRESETS, STUDENT_SIZES, get_preset
 from .report_to import parse_report_to, report_to_error
 
@@ -224,10 +224,10 @@ class TrainOptions:
         choice("device", self.device, DEVICES)
         choice("embedder", self.embedder, EMBEDDERS)
         choice("cluster_batches", self.cluster_batches, CLUSTER_BATCHES)
-        choice("trust_region_mode", self.trust_region_mode, TRUST_REGION_MODES, optional=True)
-        from ..optimizers import combination_error      # torch-free: the menu's one rule for what combines
-        menu = combination_error(self.optimizer or "adamw", self.schedule, self.hybrid, self.warmup_steps,
-                                 self.max_steps if isinstance(self.max_steps, int) else None)
+        config_rule("trust_region_mode", "trust_region_mode", self.trust_region_mode)   # the config's one rule
+        from ..schema import optimizer_combination_error    # the optimizer menu's one rule for what combines
+        menu = optimizer_combination_error(self.optimizer or "adamw", self.schedule, self.hybrid, self.warmup_steps,
+                                           self.max_steps if isinstance(self.max_steps, int) else None)
         if menu:
             found.setdefault(menu.split()[0].lstrip("-"), menu)
         choice("export", self.export, EXPORT_FORMATS, optional=True)
@@ -285,7 +285,7 @@ class TrainOptions:
             problem = data_file_problem(self.data)
             if problem:
                 found["data"] = f"--data {_short_path(self.data)}: {problem}"
-        if self.config is not None:
+        if self.config is not None and self.hybrid_config is None:    # embedded: the file is no longer needed
             problem = regular_file_problem(self.config, MAX_OPTIONS_FILE_BYTES)
             if problem:
                 found["config"] = f"--config {_short_path(self.config)}: {problem}"
