@@ -58,6 +58,28 @@ HYBRID_BASES = ("adamw", "sgd", "muon")
 # the last 20 % of the steps). Schedule-Free has its own averaging and takes constant only.
 SCHEDULES = ("constant", "cosine", "wsd")
 OPTIMIZERS = ("hybrid", *BASE_OPTIMIZERS, "custom")   # what trained a run (its summary title depends on it)
+
+
+def optimizer_combination_error(optimizer: str, schedule: str, hybrid: bool, warmup_steps: Any = 0,
+                                total_steps: int | None = None) -> str | None:
+    """The optimizer menu's one rule (optimizers.build_optimizer, TrainOptions.errors): one line naming what is
+    wrong and what is allowed, or None when the combination can run. Torch-free, for the CLI's early validation."""
+    if optimizer not in BASE_OPTIMIZERS:
+        return f"--optimizer {optimizer!r} is invalid: it must be one of {', '.join(BASE_OPTIMIZERS)}"
+    if schedule not in SCHEDULES:
+        return f"--schedule {schedule!r} is invalid: it must be one of {', '.join(SCHEDULES)}"
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        return f"--warmup_steps {warmup_steps!r} is invalid: it must be an integer ≥ 0"
+    if total_steps is not None and warmup_steps >= total_steps > 0 and warmup_steps > 0:
+        return (f"--warmup_steps {warmup_steps} is invalid: it must be less than the run's {total_steps} steps "
+                "(warmup is a part of the run)")
+    if optimizer == "schedule-free" and schedule != "constant":
+        return (f"--schedule {schedule} cannot be combined with --optimizer schedule-free: Schedule-Free replaces "
+                "the schedule by averaging; use --schedule constant (its warmup: --warmup_steps)")
+    if hybrid and optimizer not in HYBRID_BASES:
+        return (f"--hybrid cannot be combined with --optimizer {optimizer}: the hybrid steers the direction of "
+                f"{', '.join(HYBRID_BASES)}; use one of those, or drop --hybrid")
+    return None
 # Quantized bit-widths the quantizers implement (1.58 = ternary); 16 and 32 mean full precision.
 SUPPORTED_BITS = (1, 1.58, 2, 4, 8)
 PRECISIONS = (*SUPPORTED_BITS, 16, 32)

@@ -68,7 +68,7 @@ def outcome(runs_root, run_id) -> dict:
     store = RunStore(runs_root, create=False)
     run = store.get_run(run_id)
     evals = [r for r in store.read_evals(run_id) if r["key"] == "val_loss"]
-    return {"status": run["status"], "steps": run["summary"].get("total_steps"),
+    return {"status": run["status"], "steps": run["summary"].get("steps_completed"),
             "final_loss": run["summary"].get("final_loss"),
             "val_loss": max(evals, key=lambda r: r["step"])["value"] if evals else None,
             "losses": store.read_steps(run_id, columns=["loss"]).column("loss")}
