@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from hybrid_optimization.distill.export import ExportError, export_student
-from hybrid_optimization.distill.export_gguf import (DEFAULT_LINEAR_TYPE, SUPPRESS_TOKENS_KEY, export_gguf,
-                                                     gguf_tokenizer_fields)
+from hybrid_optimization.distill.export_gguf import DEFAULT_LINEAR_TYPE, SUPPRESS_TOKENS_KEY, export_gguf
 from hybrid_optimization.distill.export_hf import export_hf
 from hybrid_optimization.distill.llama_format import permute_for_gguf
 from hybrid_optimization.distill.run_export import export_packed_student, main as export_main

@@ -8,7 +8,6 @@ project venv's. The package itself comes only from the wheel: the sources are co
 the build sees just what pyproject.toml packages, and leaves no build/ or *.egg-info in the checkout), and every
 command runs with the temporary folder as its working directory, so the checkout is not on sys.path.
 """
-import json
 import os
 import shutil
 import socket
