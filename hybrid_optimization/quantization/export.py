@@ -118,6 +118,9 @@ def export_quantized(model: nn.Module, path, metadata: dict | None = None) -> Ex
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(header)})
+        umask = os.umask(0o022)                 # (reading the umask means setting it)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)           # safetensors creates files 0600: the ordinary mode, like every export
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
