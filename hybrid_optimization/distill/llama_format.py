@@ -7,9 +7,9 @@ Two differences between the student and a stock LLaMA are resolved here, once, f
    *expanded* to the tokenizer's full size: row `vocab[i]` holds the student's row i; every other row is zero. The
    logits of the used tokens are therefore exactly the student's (`full_logits[..., vocab] == student_logits`); the
    unused tokens get logit 0, which a sampler must not pick: the HF export lists them in
-   `generation_config.suppress_tokens` (transformers' generate() masks them to -inf) and the GGUF export names them
-   in the `hybrid.unused_token_ids` metadata (pass them as a logit bias of -inf to llama.cpp; the project's chat and
-   benchmark do). A head row cannot be made -inf inside a bias-free LLaMA, so this is the honest way.
+   `generation_config.suppress_tokens` (transformers' generate() masks them to -inf) and the GGUF export in
+   llama.cpp's `tokenizer.ggml.suppress_tokens` (its common sampler biases them to -inf). A head row cannot be made
+   -inf inside a bias-free LLaMA, so this is the honest way.
 2. **Weights.** Quantized Linear layers are written dequantized (codes × scale), so any LLaMA reader sees exactly
    the weights the student computes with (codes × fp16 scale: exact in F16 and in TQ1_0 / TQ2_0 blocks).
 """
