@@ -48,7 +48,7 @@ def test_guide_command_tiny_run_prints_the_guide_lines_and_fills_the_store(tmp_p
     (run_id,) = runs(tmp_path)
     run = store.get_run(run_id)
     assert run["status"] == "finished" and run["step"] == 20 and run["config"]["target_bits"] == 1.58
-    assert run["summary"]["total_steps"] == 20 and run["summary"]["compression_vs_fp32_linear"] > 15
+    assert run["summary"]["steps_completed"] == 20 and run["summary"]["compression_vs_fp32_linear"] > 15
     steps = queries.read_steps(store, run_id)
     assert steps["step"].tolist() == list(range(1, 21))
     for column in ("loss", "learning_rate", "lr_multiplier", "trust_radius", "update_magnitude",
@@ -74,6 +74,9 @@ def test_guide_command_tiny_run_prints_the_guide_lines_and_fills_the_store(tmp_p
     features = queries.read_samples(store, run_id, features=True)["features"]      # for the workbench's t-SNE option
     assert all(f is not None and f.shape == features.iloc[0].shape and f.size >= 2 for f in features)
     assert queries.read_logs(store, run_id)["message"].str.contains("Epoch 1, Loss").any()
+    stages = store.read_stages(run_id)                         # the setup stages, for the Live page (issue 18)
+    assert stages.column("stage") == ["data", "teacher", "teacher_logits", "clustering", "student"]
+    assert all(s["ended_at"] is not None and s["ended_at"] >= s["started_at"] for s in stages)
 
     with open(run["artifacts"]["metrics_csv"]) as handle:
         rows = list(csv.DictReader(handle))
@@ -234,7 +237,7 @@ def test_cli_process_stops_on_a_store_request_and_resumes(tmp_path):
     done = run["step"]
     assert main(["--resume", run_id, "--max_steps", str(done + 3), "--quiet", "--runs_root", str(tmp_path)]) == 0
     run = store.get_run(run_id)
-    assert run["status"] == "finished" and run["summary"]["total_steps"] == done + 3
+    assert run["status"] == "finished" and run["summary"]["steps_completed"] == done + 3
 
 
 def test_sigterm_checkpoints_and_exits_143(tmp_path):
@@ -285,7 +288,7 @@ def test_resume_with_export_of_a_finished_run_exports_without_training(tmp_path,
     assert done.status == "finished" and done.export is None
     assert main(["--resume", done.run_id, "--export", "--quiet", "--runs_root", str(tmp_path)]) == 0
     run = RunStore(tmp_path).get_run(done.run_id)
-    assert run["status"] == "finished" and run["step"] == 3 and run["summary"]["total_steps"] == 3
+    assert run["status"] == "finished" and run["step"] == 3 and run["summary"]["steps_completed"] == 3
     assert Path(run["artifacts"]["export"]).is_file() and run["summary"]["compression_vs_fp32_linear"] > 10
     steps = queries.read_steps(RunStore(tmp_path), done.run_id)
     assert steps["step"].tolist() == [1, 2, 3]                         # no step trained twice

@@ -563,14 +563,14 @@ def test_setup_stages_are_recorded_in_order_with_their_progress(tmp_path):
     store = RunStore(tmp_path)
     run_id = store.create_run(config={}, args={}, preset="tiny")
     with store.writer(run_id, commit_every_s=60) as writer:
-        writer.stage("data")
-        writer.stage("data", ended=True)
+        writer.stage("data", at=1000.0)
+        writer.stage("data", ended=True, at=1002.5)            # in the same batch: its start time is kept
         for done in range(1, 101):             # only the newest update of a stage waits in a batch
             writer.stage("teacher", done=done, total=100)
         writer.flush()
         rows = store.read_stages(run_id)
         assert rows.column("stage") == ["data", "teacher"] and rows.column("pos") == [0, 1]
-        assert rows[0]["ended_at"] is not None and rows[1]["ended_at"] is None
+        assert (rows[0]["started_at"], rows[0]["ended_at"]) == (1000.0, 1002.5) and rows[1]["ended_at"] is None
         assert (rows[1]["done"], rows[1]["total"]) == (100, 100)
         writer.stage("teacher", ended=True)
     (data, teacher) = store.read_stages(run_id)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from ..tracking import RunNotFound, RunStore, StoreError
 from .callbacks import NO_RECORDER, Recorder
 from .checkpoint import CheckpointError, CheckpointWriteError
 from .data import DataError, make_progress
+from .export import ExportError
 from .options import OptionsError
 from .plan import RunPlan
 from .teacher import TeacherError
@@ -61,6 +63,7 @@ class RunSession:
         self._old_handlers: dict = {}
         self._bars: dict = {}
         self._said_at: dict = {}
+        self._early_stages: list[tuple] = []
 
     @property
     def is_main(self) -> bool:
@@ -127,7 +130,8 @@ class RunSession:
             self.writer.set_pid(os.getpid())
             self.writer.set_device(self.device_label())
             self.writer.set_status("running")
-            self.writer.stage("data", ended=True)          # read before the record existed
+            for name, done, total, ended, at in self._early_stages:     # stages before the record existed
+                self.writer.stage(name, done=done, total=total, ended=ended, at=at)
         self.opened = True
         self.run_id = dist_utils.broadcast_object(run_id, self.ctx)
         run_dir = dist_utils.broadcast_object(str(self.run_dir) if self.run_dir else None, self.ctx)
@@ -173,6 +177,8 @@ class RunSession:
         if self.writer is not None:
             self.writer.stage(name, done=done, total=total, ended=ended)
             self.writer.heartbeat()
+        elif not self.opened:                       # before the record exists: kept, written when it opens
+            self._early_stages.append((name, done, total, ended, time.time()))
         if done is None or not total:
             return
         label = name.replace("_", " ")
@@ -225,7 +231,7 @@ class RunSession:
                 self.writer.set_status("failed", error=str(exc))
             else:
                 text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-                if isinstance(exc, (CheckpointWriteError, StoreError)):
+                if isinstance(exc, (CheckpointWriteError, StoreError, ExportError)):
                     text = str(exc)                 # one line says it all (e.g. "disk full" and where)
                 self.writer.log(f"failed: {type(exc).__name__}: {exc}", level="error")
                 self.writer.set_status("failed", error=text)

@@ -232,16 +232,22 @@ class RunWriter:
         self._enqueue(lambda batch: batch.ops.append(("samples", records)))
 
     def stage(self, name: str, done: float | None = None, total: float | None = None, detail: str | None = None,
-              ended: bool = False) -> None:
-        """A setup stage began, progressed (`done` of `total`) or `ended` (store.read_stages reads them). Only the
-        newest update of a stage waits in a batch, so progress can be reported as often as it is known."""
-        op = ("stage", str(name), scalar(done), scalar(total), detail, time.time(), bool(ended))
+              ended: bool = False, at: float | None = None) -> None:
+        """A setup stage began, progressed (`done` of `total`) or `ended` (store.read_stages reads them); `at`: when
+        (default now). Only the newest update of a stage waits in a batch (keeping when the stage began), so
+        progress can be reported as often as it is known."""
+        now = time.time() if at is None else float(at)
+        op = ["stage", str(name), scalar(done), scalar(total), detail, now, now, bool(ended)]
 
         def fill(batch: _Batch) -> None:
-            if batch.ops and batch.ops[-1][0] == "stage" and batch.ops[-1][1] == op[1] and not batch.ops[-1][6]:
-                batch.ops[-1] = op
+            last = batch.ops[-1] if batch.ops else None
+            if last is not None and last[0] == "stage" and last[1] == op[1] and not last[7]:
+                op[5] = last[5]                 # the stage began at the earlier update
+                op[2] = op[2] if op[2] is not None else last[2]
+                op[3] = op[3] if op[3] is not None else last[3]
+                batch.ops[-1] = tuple(op)
             else:
-                batch.ops.append(op)
+                batch.ops.append(tuple(op))
         self._enqueue(fill)
 
     def set_artifact(self, kind: str, path: str | os.PathLike) -> None:
@@ -405,13 +411,13 @@ class RunWriter:
             elif op[0] == "status":
                 apply_status(conn, run_id, op[1], op[2])
             elif op[0] == "stage":
-                _, name, done, total, detail, now, ended = op
+                _, name, done, total, detail, started, now, ended = op
                 conn.execute("INSERT INTO stages(run_id, stage, pos, started_at, updated_at, ended_at, done, total, "
                              "detail) VALUES (?, ?, (SELECT COUNT(*) FROM stages WHERE run_id = ?), ?, ?, ?, ?, ?, ?) "
                              "ON CONFLICT(run_id, stage) DO UPDATE SET updated_at = excluded.updated_at, "
                              "ended_at = excluded.ended_at, done = COALESCE(excluded.done, done), "
                              "total = COALESCE(excluded.total, total), detail = COALESCE(excluded.detail, detail)",
-                             (run_id, name, run_id, now, now, now if ended else None, done, total, detail))
+                             (run_id, name, run_id, started, now, now if ended else None, done, total, detail))
 
     def _note_failure_on_run(self, message: str) -> None:
         """Record a failed commit on the run at once if the store can take this small write (the big batch may
