@@ -825,7 +825,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fixed_values(items: list[str]) -> tuple[dict, dict]:
+def fixed_values(items: list[str]) -> tuple[dict, dict]:
+    """`--set NAME=VALUE` items -> (fixed config fields, fixed TrainOptions fields), values typed ("false" -> False);
+    SweepError names a bad or repeated item."""
     config, options = {}, {}
     fields, config_names = searchable_fields(), config_fields()
     for item in items:
@@ -865,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
         runs_root = Path(args.runs_root).expanduser() if args.runs_root else default_runs_root()
         if runs_root.exists() and not runs_root.is_dir():
             raise SweepError(f"--runs_root {runs_root}: is a file, not a folder")
-        config, options = _fixed_values(args.set)
+        config, options = fixed_values(args.set)
         if args.report_to is not None:
             options["report_to"] = list(parse_report_to(args.report_to))
         params = parse_params(args.param)
