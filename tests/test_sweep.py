@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -206,7 +205,7 @@ def test_a_failing_trial_prints_the_trainers_own_error_line(tmp_path, monkeypatc
                        "base_learning_rate=1e-4:1e-2:log", "--max_steps", "5"])
     out, err = capsys.readouterr()
     assert code == 1
-    assert sum(f"failed: run " in line and line.endswith(said) for line in out.splitlines()) == 2, out
+    assert sum("failed: run " in line and line.endswith(said) for line in out.splitlines()) == 2, out
     assert err.strip() == f"sweep fails: no trial completed; the last failure: {said}"
     store = RunStore(tmp_path, create=False)
     runs = [store.get_run(r["run_id"]) for r in store.list_runs()]
