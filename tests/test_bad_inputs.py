@@ -127,8 +127,8 @@ CASES = [
     cli("--run_name", "two\nlines", note="run_name: two lines"), cli("--tags", "a," + "t" * 100, note="tag too long"),
     cli("--resume", "../elsewhere", note="resume: not a run id"), cli("--run_id", "bad id", note="run_id: a space"),
     cli("--run_id", "A", "--resume", "B", note="run_id with resume"),
-    cli("--resume", "no-such-run", note="resume: unknown run", torch_ok=True),
-    cli("--resume", "{run}", "--lr", "0.5", note="resume: a finished run with another lr", torch_ok=True),
+    cli("--resume", "no-such-run", note="resume: unknown run"),
+    cli("--resume", "{run}", "--lr", "0.5", note="resume: a finished run with another lr"),
     cli("--options", "{files}/missing.json", note="options: missing"),
     # -- the options file ----------------------------------------------------------------------------------------------
     options_file('{"qat": "false"}'), options_file('{"hybrid": 1}'), options_file('{"split_seed": null}'),
@@ -193,8 +193,7 @@ CASES = [
     chat("{run}", "--top_p", "0"), chat("{run}", "--top_p", "2"), chat("{run}", "--max_new_tokens", "0"),
     chat("{run}", "--max_new_tokens", "5000"), chat("{run}", "--message", "m" * 120_000, note="a 120 kB message"),
     chat("{run}", "--message", "", note="an empty message"), chat("../x", note="run id with a path"),
-    chat("no-such-run", torch_ok=True), chat("{failed}", note="a failed run", torch_ok=True),
-    chat("{queued}", note="a queued run", torch_ok=True), chat("{run}", "--runs_root", "/nonexistent"),
+    chat("no-such-run"), chat("{failed}", note="a failed run"), chat("{queued}", note="a queued run"), chat("{run}", "--runs_root", "/nonexistent"),
     chat("{run}", "--runs_root", "{files}/table.csv", note="runs_root: a file"), chat(note="no run id"),
     chat("{run}", "--no_such_flag"),
 ]

@@ -178,3 +178,19 @@ def test_the_config_is_embedded_in_the_options_document(tmp_path):
     config.unlink()                      # the document no longer needs the file
     stored = TrainOptions.from_dict(document)
     assert stored.errors() == {} and stored.hybrid_training_config().base_learning_rate == 0.02
+
+
+def test_help_shows_the_defaults_the_options_and_config_declare():
+    """Issue 18: argparse help texts do not restate defaults by hand; they print the dataclasses' own values."""
+    import re
+
+    from hybrid_optimization.config import HybridTrainingConfig
+    from hybrid_optimization.distill.cli import build_parser
+    text = re.sub(r"\s+", " ", build_parser().format_help())
+    config, options = HybridTrainingConfig(), TrainOptions()
+    for flag, default in (("--lr F base learning rate", f"{config.base_learning_rate:g}"),
+                          ("--batch_size N global batch size in windows", str(config.batch_size)),
+                          ("--data_clusters N K-means clusters of the training samples", str(config.data_clusters)),
+                          ("--alpha F weight of the hard-label CE in the loss", f"{options.alpha:g}"),
+                          ("--seed N seed of initialisation and sampling", str(config.seed))):
+        assert f"{flag} ({default})" in text, flag

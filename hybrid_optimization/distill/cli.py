@@ -44,6 +44,8 @@ exit codes: 0 finished, 1 failed, 2 bad input (one line; nothing started), 3 div
 
 
 _Parser = OneLineParser                 # one clear line instead of usage + error (options.py)
+# Defaults shown in --help come from the options and the config themselves (one declaration, no restated numbers).
+_O, _C = TrainOptions(), HybridTrainingConfig()
 
 
 def build_parser(prog: str = "distillation.py") -> argparse.ArgumentParser:
@@ -59,15 +61,15 @@ def build_parser(prog: str = "distillation.py") -> argparse.ArgumentParser:
     g.add_argument("--qat", action="store_true",
                    help="quantization-aware training: 1-bit weights alone, 1.58-bit with --ternary "
                         "(default: full-precision student)")
-    g.add_argument("--epochs", type=int, metavar="N", help="training epochs (default 20; an epoch is 10 steps in "
+    g.add_argument("--epochs", type=int, metavar="N", help=f"training epochs (default {_O.epochs}; an epoch is 10 steps in "
                    "the tiny preset, one pass over the data in smollm2)")
-    g.add_argument("--data_clusters", type=int, metavar="N", help="K-means clusters of the training samples (8)")
+    g.add_argument("--data_clusters", type=int, metavar="N", help=f"K-means clusters of the training samples ({_C.data_clusters})")
     g.add_argument("--param_clusters", type=int, metavar="N",
-                   help="parameter clusters for the per-layer precision plan (4)")
-    g.add_argument("--lr", type=float, metavar="F", help="base learning rate (0.001)")
-    g.add_argument("--weight_decay", type=float, metavar="F", help="decoupled weight decay (1e-5)")
-    g.add_argument("--batch_size", type=int, metavar="N", help="global batch size in windows (32)")
-    g.add_argument("--eval_every", type=int, metavar="N", help="evaluate every N epochs (1; the last is always)")
+                   help=f"parameter clusters for the per-layer precision plan ({_C.parameter_clusters})")
+    g.add_argument("--lr", type=float, metavar="F", help=f"base learning rate ({_C.base_learning_rate:g})")
+    g.add_argument("--weight_decay", type=float, metavar="F", help=f"decoupled weight decay ({_C.weight_decay:g})")
+    g.add_argument("--batch_size", type=int, metavar="N", help=f"global batch size in windows ({_C.batch_size})")
+    g.add_argument("--eval_every", type=int, metavar="N", help=f"evaluate every N epochs ({_O.eval_every}; the last is always)")
     g.add_argument("--save_metrics", action="store_true", help="also write <run folder>/metrics.csv")
     a = p.add_argument_group("pipeline")
     a.add_argument("--preset", choices=list(PRESETS), help="tiny (own small teacher, ~1 min on a CPU; default) "
@@ -97,7 +99,7 @@ def build_parser(prog: str = "distillation.py") -> argparse.ArgumentParser:
     a.add_argument("--schedule", choices=SCHEDULES,
                    help="LR schedule after --warmup_steps: constant (default), cosine (to 0 at the last step) or wsd "
                         "(warmup-stable-decay: linear decay to 0 over the last 20 %% of the steps)")
-    a.add_argument("--warmup_steps", type=int, metavar="N", help="steps of linear LR warmup (0)")
+    a.add_argument("--warmup_steps", type=int, metavar="N", help=f"steps of linear LR warmup ({_O.warmup_steps})")
     a.add_argument("--trust_region_mode", choices=TRUST_REGION_MODES,
                    help="trust region over all parameters (absolute) or per tensor relative to its norm")
     a.add_argument("--embedder", choices=EMBEDDERS,
@@ -105,17 +107,17 @@ def build_parser(prog: str = "distillation.py") -> argparse.ArgumentParser:
     a.add_argument("--cluster_batches", choices=CLUSTER_BATCHES,
                    help="with --hybrid: every batch takes an equal share of each data cluster (mixed, default) or "
                         "comes from one cluster (single, the guide's per-cluster sampling)")
-    a.add_argument("--alpha", type=float, metavar="F", help="weight of the hard-label CE in the loss (0.5)")
-    a.add_argument("--temperature", type=float, metavar="T", help="distillation temperature (2.0)")
-    a.add_argument("--top_k", type=int, metavar="K", help="teacher logits cached per position (32)")
+    a.add_argument("--alpha", type=float, metavar="F", help=f"weight of the hard-label CE in the loss ({_O.alpha:g})")
+    a.add_argument("--temperature", type=float, metavar="T", help=f"distillation temperature ({_O.temperature:g})")
+    a.add_argument("--top_k", type=int, metavar="K", help=f"teacher logits cached per position ({PRESETS['tiny'].top_k})")
     a.add_argument("--eval_windows", type=int, metavar="N",
                    help="validation windows per evaluation (tiny 128, smollm2 256; an evenly spaced subset)")
     a.add_argument("--max_tokens", type=int, metavar="N",
                    help="use only the first N tokens of the data (big files: prepare less; default: all)")
     a.add_argument("--config", metavar="FILE.json", help="HybridTrainingConfig fields as JSON; explicit flags win")
     a.add_argument("--device", choices=DEVICES, help="auto: cuda, then mps, then cpu")
-    a.add_argument("--seed", type=int, metavar="N", help="seed of initialisation and sampling (0)")
-    a.add_argument("--split_seed", type=int, metavar="N", help="seed of the train/validation split (0)")
+    a.add_argument("--seed", type=int, metavar="N", help=f"seed of initialisation and sampling ({_C.seed})")
+    a.add_argument("--split_seed", type=int, metavar="N", help=f"seed of the train/validation split ({_O.split_seed})")
     r = p.add_argument_group("runs")
     r.add_argument("--runs_root", "--run-dir", dest="runs_root", metavar="DIR",
                    help="run store folder (default $HYBRID_RUNS_ROOT or ~/.cache/hybrid-workbench/runs)")
