@@ -684,6 +684,8 @@ def test_benchmarks_page_tells_a_newcomer_what_to_use(monkeypatch):
     assert not any("–×" in t for t in texts)
     assert not any(re.search(r"∞ \[[^\]]*\]×[^()]*\((indistinguishable|not distinguishable)\)", t) for t in texts)
     assert any(t.startswith("### Figures (") for t in texts) and len(at.get("plotly_chart")) >= 1
+    if "## LR robustness" in (root / "variants" / "report.md").read_text():
+        assert "### LR robustness" in texts          # the robustness table is shown open, not folded
 
 
 def test_figures_are_read_out_of_figures_html():

@@ -60,7 +60,8 @@ METHOD_COLORS = {"R": "#222222", "B1": "#1f77b4", "B2": "#17becf", "B3": "#2ca02
                  "SF-AdamW": "#2ca02c", "Muon": "#17becf", "H-sched": "#ff9896", "H-h8": "#c49c94"}
 # Emoji marks (blank boxes without an emoji font) -> words.
 MARKS = {"✅": "(win)", "❌": "(loss)", "⚠️": "(warning)", "⚠": "(warning)"}
-WORDING = ((re.compile(r"Issue \d+ targets"), "Targets set for the hybrid"),
+WORDING = ((re.compile(r" ?\(issue \d+\)", re.I), ""), (re.compile(r"\(issue \d+; ", re.I), "("),
+           (re.compile(r"Issue \d+ targets"), "Targets set for the hybrid"),
            (re.compile(r"\bbefore issue \d+\b"), "first version"),
            (re.compile(r"\bissue \d+\b", re.I), "the project"))
 _CODE = re.compile(r"\*\*(" + "|".join(sorted(map(re.escape, METHODS), key=len, reverse=True)) + r")\*\*")
