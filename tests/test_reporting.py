@@ -113,23 +113,28 @@ def test_default_mlflow_store_is_inside_the_runs_root_and_a_resume_continues_the
     run_dir = tmp_path / "r1"
     run_dir.mkdir()
 
-    def segment(steps, resumed, status):
-        reporter = reporting.reporter_for_run("mlflow", run_dir, tmp_path, run_id="r1", run_name=None,
+    def segment(steps, resumed, status, scale=1.0):
+        reporter = reporting.reporter_for_run("mlflow,tensorboard", run_dir, tmp_path, run_id="r1", run_name=None,
                                               config={"lr": 0.1}, options={}, resumed=resumed)
         state = SimpleNamespace(step=steps[0] - 1, evals=[])
         reporter.on_fit_start(state)
         for step in steps:
             state.step = step
-            reporter.on_step_end(state, StepMetrics(step=step, loss=1.0 / step))
+            reporter.on_step_end(state, StepMetrics(step=step, loss=scale / step))
         reporter.on_fit_end(state)
-        reporter.on_summary({"final_loss": 1.0 / steps[-1]}, status)
+        reporter.on_summary({"final_loss": scale / steps[-1]}, status)
 
-    segment([1, 2], False, "stopped")
-    segment([3, 4], True, "finished")
+    segment([1, 2, 3], False, "stopped")          # a lost segment: its checkpoint was at step 2
+    segment([3, 4], True, "finished", scale=2.0)  # resumed from step 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir / TENSORBOARD_DIR))
+    events.Reload()
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("train/loss")] == \
+        [(1, 1.0), (2, 0.5), (3, 0.6667), (4, 0.5)]                     # step 3 once: the resumed segment's
     assert (tmp_path / reporting.MLFLOW_DB).is_file() and tracking_uri(tmp_path).startswith("sqlite:///")
     client, run = _mlflow(run_dir, tracking_uri(tmp_path))
     assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 3, 4]
     assert len(client.search_runs([run.info.experiment_id])) == 1
     assert run.info.artifact_uri.startswith((tmp_path / reporting.MLFLOW_ARTIFACTS).resolve().as_uri())
 

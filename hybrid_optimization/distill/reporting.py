@@ -14,7 +14,9 @@ Where: TensorBoard event files in `<run folder>/tensorboard/` (`tensorboard --lo
 MLflow: `$MLFLOW_TRACKING_URI` when set, else a local SQLite store `<runs root>/mlflow.db` with artifacts in
 `<runs root>/mlartifacts/` (`mlflow ui --backend-store-uri sqlite:///<runs root>/mlflow.db`); experiment
 `$MLFLOW_EXPERIMENT_NAME` or "hybrid-distillation", run name = the run's name or id, tag `hybrid.run_id`. A resumed
-run continues the same MLflow run (its id is kept in `<run folder>/mlflow_run.json`).
+run continues the same MLflow run (its id is kept in `<run folder>/mlflow_run.json`); steps a lost segment logged
+after its last checkpoint are purged from TensorBoard's view, while MLflow (which cannot delete a metric value)
+keeps both values of such a step.
 
 Both back-ends are optional extras (`pip install .[tensorboard]`, `.[mlflow]`): this module imports neither until a
 run asks for it, and `report_to_error` (called by TrainOptions' validation, before anything starts) names the
@@ -86,11 +88,16 @@ class ReportTo:
         self.last_step = 0
 
     # -- hooks ----------------------------------------------------------------------------------------------------
-    def open(self) -> "ReportTo":
+    def open(self, start_step: int | None = None) -> "ReportTo":
         """Start the back-ends (imports, MLflow's store and run). The pipeline calls it while setting up, so the
-        seconds it takes (a first MLflow SQLite store creates its tables) do not count as training time."""
+        seconds it takes (a first MLflow SQLite store creates its tables) do not count as training time. A resumed
+        run's event writer waits for `start_step` (fit start): TensorBoard then hides the steps after the checkpoint
+        that the lost segment had logged (purge_step), so each step shows once."""
         if "tensorboard" in self.backends and self.tb is None:
-            self._open_tensorboard()
+            if self.resumed and start_step is None:
+                import torch.utils.tensorboard  # noqa: F401  (imported now, opened at fit start)
+            else:
+                self._open_tensorboard(start_step)
         if "mlflow" in self.backends and self.mlflow is None:
             self._open_mlflow()
         return self
@@ -98,7 +105,7 @@ class ReportTo:
     def on_fit_start(self, state) -> None:
         self._seen_evals = len(state.evals)
         self.last_step = state.step
-        self.open()
+        self.open(state.step)
 
     def on_step_end(self, state, metrics) -> None:
         self.last_step = state.step
@@ -152,11 +159,12 @@ class ReportTo:
         self._pending = []
         self._flushed_at = time.monotonic()
 
-    def _open_tensorboard(self) -> None:
+    def _open_tensorboard(self, start_step: int | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        self.tb = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR))
+        purge = start_step + 1 if self.resumed and start_step is not None else None
+        self.tb = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=purge)
         if not self.resumed:
             # hparams in this writer's own event file (add_hparams would open a second writer in a subfolder)
             for summary in hparams(self.params, {}):
