@@ -126,6 +126,37 @@ def normalize_bits(bits: Any) -> float:
                                + ", ".join(f"{b:g}" for b in PRECISIONS) + " (16 and 32: full precision)")
 
 
+# -- a run's labels: one bound for the CLI, the launcher, the sweep, the store and the app's edits ------------------
+MAX_RUN_NAME_CHARS = 200        # a run name is a label, shown in tables and titles
+MAX_NOTES_CHARS = 10_000
+MAX_TAGS = 32
+MAX_TAG_CHARS = 64
+
+
+def run_name_problem(name: Any) -> str | None:
+    """Why `name` cannot be a run name (None when it can): one line of 1 to MAX_RUN_NAME_CHARS printable characters."""
+    if isinstance(name, str) and name.strip() and len(name) <= MAX_RUN_NAME_CHARS and name.isprintable():
+        return None
+    size = f"of {len(name):,} characters " if isinstance(name, str) else f"{type(name).__name__} "
+    return f"{size}is invalid: it must be one line of 1 to {MAX_RUN_NAME_CHARS} printable characters"
+
+
+def tags_problem(tags: Any) -> str | None:
+    """Why `tags` cannot be a run's tags (None when they can)."""
+    if isinstance(tags, (list, tuple)) and len(tags) <= MAX_TAGS and all(
+            isinstance(t, str) and t.strip() and "," not in t and len(t) <= MAX_TAG_CHARS and t.isprintable()
+            for t in tags):
+        return None
+    return f"are invalid: at most {MAX_TAGS} non-empty one-line tags of ≤ {MAX_TAG_CHARS} characters, without commas"
+
+
+def notes_problem(notes: Any) -> str | None:
+    if isinstance(notes, str) and len(notes) <= MAX_NOTES_CHARS:
+        return None
+    size = f"of {len(notes):,} characters " if isinstance(notes, str) else ""
+    return f"{size}are invalid: notes are text of at most {MAX_NOTES_CHARS:,} characters"
+
+
 # -- the runs root: one rule for the CLI, the store, the sweep and the app -----------------------------------------
 class RunsRootError(ValueError):
     """The runs root cannot hold a run store; the message says why and what to pass instead."""

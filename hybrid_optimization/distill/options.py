@@ -31,7 +31,8 @@ from typing import Any, Callable
 from ..config import (FIELD_RULES, MAX_BATCH_SIZE, MAX_CLUSTERS, MAX_SEED, MAX_STEPS,  # noqa: F401 (re-exported)
                       ConfigError, HybridTrainingConfig, field_error)
 from ..schema import (CLUSTER_BATCHES, DATA_SOURCES, DATA_SUFFIXES, DEVICES, EMBEDDERS, EXPORT_FORMATS, RUN_ID_PATTERN,
-                      RunsRootError, check_runs_root, default_runs_root, normalize_bits)
+                      RunsRootError, check_runs_root, default_runs_root, normalize_bits, notes_problem,
+                      run_name_problem, tags_problem)
 from .presets import PRESETS, STUDENT_SIZES, get_preset
 from .report_to import parse_report_to, report_to_error
 
@@ -44,10 +45,6 @@ MAX_EPOCHS = 100_000
 MIN_SEQ_LEN = 8                 # tokens per window: fewer leave no context to distil (one bound for CLI and form)
 MAX_SEQ_LEN = 8_192             # tokens per window
 MAX_TOP_K = 4_096
-MAX_RUN_NAME_CHARS = 200        # a run name is a label, shown in tables and titles
-MAX_NOTES_CHARS = 10_000
-MAX_TAGS = 32
-MAX_TAG_CHARS = 64
 MAX_OPTIONS_FILE_BYTES = 1 << 20   # --options / --config JSON files: at most 1 MB (they hold a few dozen values)
 BINARY_SAMPLE_BYTES = 1 << 16      # a data file's head sampled for NUL bytes (text has none; binary has many)
 # Flags whose value may change when a run is resumed; every other flag is the stored run's and is refused.
@@ -268,16 +265,10 @@ class TrainOptions:
             except ValueError as exc:
                 found["bits"] = f"--{exc}"
         config_rule("precision_budget", "precision_budget", self.precision_budget)
-        if self.run_name is not None and (len(self.run_name) > MAX_RUN_NAME_CHARS or not self.run_name.strip()
-                                          or not self.run_name.isprintable()):
-            found["run_name"] = (f"--run_name of {len(self.run_name):,} characters is invalid: it must be one line "
-                                 f"of 1 to {MAX_RUN_NAME_CHARS} printable characters")
-        if len(self.notes) > MAX_NOTES_CHARS:
-            found["notes"] = f"--notes of {len(self.notes):,} characters is too long: at most {MAX_NOTES_CHARS:,}"
-        if len(self.tags) > MAX_TAGS or any(not t.strip() or "," in t or len(t) > MAX_TAG_CHARS
-                                            or not t.isprintable() for t in self.tags):
-            bad("tags", self.tags, f"at most {MAX_TAGS} non-empty one-line tags of ≤ {MAX_TAG_CHARS} characters, "
-                "without commas")
+        for name, problem in (("run_name", self.run_name is not None and run_name_problem(self.run_name)),
+                              ("notes", notes_problem(self.notes)), ("tags", tags_problem(self.tags))):
+            if problem:                  # the labels' bounds are schema's: the store and the app use them too
+                found[name] = f"--{name} {problem}"
         choice("data_source", self.data_source, DATA_SOURCES, optional=True)
         if self.data_source is not None and self.data is not None:
             found["data_source"] = "--data and --data_source cannot be combined: pass one of them"
