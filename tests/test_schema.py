@@ -113,3 +113,13 @@ def test_named_data_sources_and_their_loaders_agree():
     from hybrid_optimization import schema
     from hybrid_optimization.distill import data
     assert tuple(data.DATA_SOURCES) == schema.DATA_SOURCES
+
+
+def test_a_runs_labels_have_one_bound():
+    assert schema.run_name_problem("baseline 1") is None and schema.tags_problem(["a", "sweep:lr"]) is None
+    assert "of 100,000 characters" in schema.run_name_problem("n" * 100_000)
+    for bad_name in ("", "   ", "two\nlines", "n" * (schema.MAX_RUN_NAME_CHARS + 1), 5):
+        assert schema.run_name_problem(bad_name), bad_name
+    for bad_tags in (["a,b"], [""], ["t" * (schema.MAX_TAG_CHARS + 1)], ["x"] * (schema.MAX_TAGS + 1), "a,b", [1]):
+        assert schema.tags_problem(bad_tags), bad_tags
+    assert schema.notes_problem("") is None and schema.notes_problem("n" * (schema.MAX_NOTES_CHARS + 1))
