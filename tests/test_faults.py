@@ -481,6 +481,29 @@ def test_disk_full_during_an_export_is_one_line_and_the_old_export_stays_whole(e
         assert list(disk.iterdir()) == []
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_atomic_folder_replaces_only_its_own_folder_with_or_without_an_atomic_exchange(tmp_path, monkeypatch,
+                                                                                     exchange):
+    from hybrid_optimization.distill import export
+
+    if not exchange:                                 # a file system without RENAME_EXCHANGE: the fallback
+        monkeypatch.setattr(export, "_exchange", lambda a, b: False)
+    target = tmp_path / "out"
+    for version in ("one", "two"):
+        with export.atomic_folder(target) as tmp:
+            (tmp / "weights").write_text(version)
+        assert (target / "weights").read_text() == version and export.read_mark(target) is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(RuntimeError), export.atomic_folder(target) as tmp:   # a failure mid-way: old one kept
+        (tmp / "weights").write_text("three")
+        raise RuntimeError
+    assert (target / "weights").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (target / export.EXPORT_MARK).unlink()           # not ours any more: refused, untouched
+    with pytest.raises(export.ExportError, match="was not written by an export"), export.atomic_folder(target):
+        pass
+    assert sorted(p.name for p in target.iterdir()) == ["weights"]
+
+
 def test_exporting_a_diverged_or_stopped_run_says_what_to_do(two_runs, capsys):
     from hybrid_optimization.distill.run_export import main as export_main
 
