@@ -102,6 +102,8 @@ def test_mlflow_run_matches_the_store_at_the_tracking_uri(reported_run):
     assert run.data.metrics["summary/final_loss"] == summary["final_loss"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.txt", "summary.json"} <= artifacts
+    elsewhere_folder = elsewhere[len("sqlite:///"):].rsplit("/", 1)[0]        # beside that database, not in ./mlruns
+    assert run.info.artifact_uri.startswith(f"file://{elsewhere_folder}/mlartifacts/")
 
 
 def test_default_mlflow_store_is_inside_the_runs_root_and_a_resume_continues_the_run(tmp_path, monkeypatch):

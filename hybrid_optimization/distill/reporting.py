@@ -11,9 +11,9 @@ What is written, for both back-ends (same names in both):
                      (stopped) or FAILED (diverged)
 
 Where: TensorBoard event files in `<run folder>/tensorboard/` (`tensorboard --logdir <runs root>` shows every run).
-MLflow: `$MLFLOW_TRACKING_URI` when set, else a local SQLite store `<runs root>/mlflow.db` with artifacts in
-`<runs root>/mlartifacts/` (`mlflow ui --backend-store-uri sqlite:///<runs root>/mlflow.db`); experiment
-`$MLFLOW_EXPERIMENT_NAME` or "hybrid-distillation", run name = the run's name or id, tag `hybrid.run_id`. A resumed
+MLflow: `$MLFLOW_TRACKING_URI` when set, else a local SQLite store `<runs root>/mlflow.db`; a SQLite store's
+artifacts go to `mlartifacts/` beside its database (`mlflow ui --backend-store-uri sqlite:///<runs root>/mlflow.db`);
+experiment `$MLFLOW_EXPERIMENT_NAME` or "hybrid-distillation", run name = the run's name or id, tag `hybrid.run_id`. A resumed
 run continues the same MLflow run (its id is kept in `<run folder>/mlflow_run.json`); steps a lost segment logged
 after its last checkpoint are purged from TensorBoard's view, while MLflow (which cannot delete a metric value)
 keeps both values of such a step.
@@ -189,9 +189,7 @@ class ReportTo:
         if experiment is not None:
             experiment_id = experiment.experiment_id
         else:
-            local = None if os.environ.get("MLFLOW_TRACKING_URI") else \
-                (self.runs_root / MLFLOW_ARTIFACTS).resolve().as_uri()
-            experiment_id = client.create_experiment(name, artifact_location=local)
+            experiment_id = client.create_experiment(name, artifact_location=local_artifacts(uri))
         run = client.create_run(experiment_id, run_name=self.run_name,
                                 tags={"hybrid.run_id": self.run_id, "hybrid.run_dir": str(self.run_dir)})
         run_id = run.info.run_id
@@ -207,6 +205,14 @@ def tracking_uri(runs_root: str | Path) -> str:
     """$MLFLOW_TRACKING_URI, else the local SQLite store inside the runs root (MLflow 3 refuses a plain folder
     store unless told otherwise; SQLite is its recommended local backend)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(runs_root) / MLFLOW_DB).resolve()}"
+
+
+def local_artifacts(uri: str) -> str | None:
+    """Artifacts of a local SQLite store go beside its database (MLflow's own default is ./mlruns of whatever the
+    working directory is); a server's store decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / MLFLOW_ARTIFACTS).resolve().as_uri()
+    return None
 
 
 def reporter_for_run(report_to, run_dir, runs_root, *, run_id: str, run_name: str | None, config: dict | None,
