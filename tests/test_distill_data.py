@@ -332,3 +332,22 @@ def test_progress_lines_without_a_bar():
     for done in range(0, 10_000_001, 1_000_000):
         update(done, 10_000_000)
     assert lines == [f"  tokenising: {x:.1f}/10.0 M characters" for x in (3.0, 5.0, 8.0, 10.0)]
+
+
+def test_the_reader_takes_regular_text_files_only_and_answers_at_once(tmp_path):
+    """Issue 17 item 5: a FIFO would block the reader and a gigabyte of NUL bytes was decoded for 14 minutes; both
+    are refused from stat() and a 64 kB head, in well under a second."""
+    import os
+    import time
+    fifo = tmp_path / "chats.jsonl"
+    os.mkfifo(fifo)
+    zeros = tmp_path / "zeros.txt"
+    with open(zeros, "wb") as handle:
+        handle.truncate(2 ** 30)                     # 1 GB of NUL bytes, sparse
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("hello there, how are you?\n\n".encode("utf-16"))
+    for path, message in ((fifo, "is not a regular file"), (zeros, "looks binary"), (utf16, "looks binary")):
+        started = time.perf_counter()
+        with pytest.raises(DataError, match=message):
+            load_documents(path)
+        assert time.perf_counter() - started < 2
