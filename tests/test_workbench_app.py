@@ -356,7 +356,8 @@ def test_constant_learning_rate_is_drawn_at_its_value(runs_root):
     lr = next(_figure(c) for c in at.get("plotly_chart") if _figure(c)["layout"]["title"]["text"] == "Learning rate")
     low, high = lr["layout"]["yaxis"]["range"]
     values = [y for trace in lr["data"] for y in trace["y"]]
-    assert set(values) == {HybridTrainingConfig().base_learning_rate}
+    lr_value = HybridTrainingConfig().base_learning_rate
+    assert all(abs(v - lr_value) <= 1e-12 * lr_value for v in values)     # the smoothed line may differ by float ulps
     assert 0 < low < values[0] < high < 2 * values[0]          # around the LR, not a line at 0 on −1…1
     assert lr["layout"]["yaxis"]["title"]["text"] and lr["layout"]["xaxis"]["title"]["text"] == "step"
 
