@@ -135,3 +135,19 @@ def test_planning_imports_no_torch():
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]; print(p.total_steps)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "200", out.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--teacher", "/nonexistent"], "--teacher /nonexistent: does not exist"),
+    (["--epochs", "100000", "--steps_per_epoch", "1000"], "100,000,000 steps"),
+    (["--preset", "smollm2", "--epochs", "5", "--batch_size", "1", "--max_steps", "10", "--resume", "nope"], "nope")])
+def test_the_cli_refuses_cheap_mistakes_in_under_2_seconds(tmp_path, argv, message):
+    """Issue 17: these were refused only after 22-89 s of data preparation; now before torch is imported."""
+    import time
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "hybrid_optimization.distill", *argv, "--runs_root", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    seconds = time.monotonic() - started
+    assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert seconds < 2, f"{seconds:.2f} s"
+    assert not (tmp_path / "runs.db").exists()                     # nothing started, no store created
