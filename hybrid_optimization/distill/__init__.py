@@ -6,8 +6,16 @@ Python API (notebooks, benchmarks):
     result = train(TrainOptions(hybrid=True, ternary=True, qat=True, epochs=20))
     result.summary["val_loss"], result.history[-1], result.evals
 
-See options.py for every option (the CLI flags plus Python-only hooks such as `optimizer_factory`), train.py for
-what a run does and loop.py for the training loop itself. The CLI is `python distillation.py --help`.
+The house, one concept per module:
+
+    options.py    TrainOptions: every option (the CLI flags plus Python-only hooks such as `optimizer_factory`)
+    plan.py       plan_run(options) -> RunPlan: every decision that needs no data (torch-free, unit-tested)
+    setup.py      read_data / prepare_data / build_state: the one place that seeds and builds what trains
+    session.py    RunSession: the run record, its writer, signals, failure marking
+    loop.py       TrainState and fit(state, steps, callbacks); callbacks.py: Callback, Recorder, the pipeline's list
+    summary.py    summarize(state, plan) -> RunSummary, metrics CSV, export
+    train.py      train(options): plan -> session -> read -> prepare -> build -> fit -> summarize, top to bottom
+    cli.py        the command line (`python distillation.py --help`)
 """
 import importlib
 import sys
