@@ -392,3 +392,16 @@ def test_a_lost_trial_of_this_host_is_failed_retried_and_its_orphan_ended(tmp_pa
     assert isinstance(study._storage.get_heartbeat_stale_trial_callback(), optuna.storages.RetryHeartbeatStaleTrialCallback)
     assert lines == [f"trial 0 failed: lost: its sweep process {dead.pid} died while the trial ran (run {run_id}); "
                      "retried with the same values"]
+
+
+def test_a_trial_whose_training_process_is_killed_fails_with_its_exit_code_and_the_sweep_goes_on(tmp_path,
+                                                                                                  monkeypatch):
+    trainer = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    monkeypatch.setattr(sweep.launch, "cli_argv", lambda path, *a, **kw: [sys.executable, "-c", trainer])
+    spec = sweep.SweepSpec(name="killed", params=[sweep.parse_param("base_learning_rate=1e-4:1e-2:log")])
+    lines = []
+    study = sweep.run_sweep(spec, 2, "killed", tmp_path, log=lines.append)
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]                 # both tried, neither hangs
+    assert all(line.endswith("the training process exited with code 137") for line in lines[1:]), lines
+    store = RunStore(tmp_path, create=False)
+    assert {store.get_run(r["run_id"])["status"] for r in store.list_runs()} == {"failed"}
