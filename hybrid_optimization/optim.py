@@ -57,12 +57,13 @@ from torch.optim.sgd import sgd as sgd_functional
 from .auxiliary_nn import RADIUS_RANGE, AuxiliaryNeuralNetwork
 from .config import HybridTrainingConfig
 from .controller import HybridController
+from .schema import HYBRID_BASES, TRUST_REGION_MODES
 
-BASES = ("adamw", "sgd", "muon")
+BASES = HYBRID_BASES                   # the bases whose direction the hybrid steers (schema: the one list)
 # Muon's quintic Newton–Schulz coefficients and step count (Jordan et al. 2024; torch.optim.Muon's defaults).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
-TRUST_REGIONS = ("absolute", "relative", None)
+TRUST_REGIONS = (*TRUST_REGION_MODES, None)
 RHO_SOURCES = ("gradients", "losses")
 AUX_RADIUS_MODES = ("scaled", "direct")
 FUSED_DEVICES = ("cpu", "cuda")
@@ -309,11 +310,6 @@ class HybridOptimizer(Optimizer):
             if active and projection.proposed_norm > 0 else 1.0,
             gradient_magnitude=grad_norm, quantization_error=self._quantization_error(params),
             hypergradient=observation.hypergradient, rho=observation.rho, step=ctl.steps, lr_schedule=schedule)
-
-    def lr_schedule_factor(self, step: int) -> float:
-        """The built-in base schedule at `step` (steps taken so far): linear warmup over `warmup_steps`, then
-        cosine decay to 0 at `decay_steps` (when set); 1.0 without a schedule."""
-        return self.controller.schedule_factor(self.param_groups[0], step)
 
     # -- pieces of the step -------------------------------------------------------------------------------------------
     def _entries(self, grads):
@@ -683,7 +679,7 @@ class ConstrainedOptimizer:
                  base: str = "adamw", weight_decay: float = 0.0, trust_region: str = "absolute"):
         if base not in BASES:
             raise ValueError(f"base must be one of {', '.join(BASES)}, got {base!r}")
-        if trust_region not in ("absolute", "relative"):
+        if trust_region not in TRUST_REGION_MODES:
             raise ValueError(f"trust_region must be 'absolute' or 'relative', got {trust_region!r}")
         if use_quantization:
             from .quantization import normalize_bits

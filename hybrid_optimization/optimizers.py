@@ -20,8 +20,8 @@ The menu (schema.BASE_OPTIMIZERS, schema.SCHEDULES):
                     trust region act on that base's direction (muon: hidden matrices with base="muon", AdamW for
                     the rest — the same split as `--optimizer muon`)
 
-Importing this module costs no torch: `combination_error` is what the CLI's validation calls before anything
-heavy is imported; torch and the optimizer packages are imported by `build_optimizer` only.
+What combines with what is one torch-free rule, schema.optimizer_combination_error (here `combination_error`): the
+CLI's validation calls it before torch is imported; build_optimizer calls it again.
 """
 from __future__ import annotations
 
@@ -29,33 +29,12 @@ import math
 from functools import partial
 from typing import Any
 
-from .schema import BASE_OPTIMIZERS, HYBRID_BASES, SCHEDULES
+from .schema import optimizer_combination_error as combination_error  # noqa: F401  (the menu's one rule)
 
 WSD_DECAY_FRACTION = 0.2        # wsd: the share of the steps spent decaying (Hägele et al. 2024 use 10–20 %)
 MUON_MOMENTUM = 0.95            # torch.optim.Muon's default (Nesterov)
 SGD_MOMENTUM = 0.9
 PRODIGY_DEFAULT_LR = 1.0        # Prodigy's lr multiplies its own estimate; 1.0 is the method's setting
-
-
-def combination_error(optimizer: str, schedule: str, hybrid: bool, warmup_steps: Any = 0,
-                      total_steps: int | None = None) -> str | None:
-    """One line naming what is wrong and what is allowed, or None when the combination can run."""
-    if optimizer not in BASE_OPTIMIZERS:
-        return f"--optimizer {optimizer!r} is invalid: it must be one of {', '.join(BASE_OPTIMIZERS)}"
-    if schedule not in SCHEDULES:
-        return f"--schedule {schedule!r} is invalid: it must be one of {', '.join(SCHEDULES)}"
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        return f"--warmup_steps {warmup_steps!r} is invalid: it must be an integer ≥ 0"
-    if total_steps is not None and warmup_steps >= total_steps > 0 and warmup_steps > 0:
-        return (f"--warmup_steps {warmup_steps} is invalid: it must be less than the run's {total_steps} steps "
-                "(warmup is a part of the run)")
-    if optimizer == "schedule-free" and schedule != "constant":
-        return (f"--schedule {schedule} cannot be combined with --optimizer schedule-free: Schedule-Free replaces "
-                "the schedule by averaging; use --schedule constant (its warmup: --warmup_steps)")
-    if hybrid and optimizer not in HYBRID_BASES:
-        return (f"--hybrid cannot be combined with --optimizer {optimizer}: the hybrid steers the direction of "
-                f"{', '.join(HYBRID_BASES)}; use one of those, or drop --hybrid")
-    return None
 
 
 def schedule_factor(schedule: str, warmup_steps: int, total_steps: int, step: int) -> float:

@@ -3,7 +3,6 @@ LR schedulers, step hooks, state_dict / deepcopy / pickle round trips, non-conti
 zero_grad, bad hyper-parameters. Plus issue 13's root cause: a 2-bit layer's clipping ratio follows every writer."""
 import copy
 import io
-import math
 import pickle
 
 import pytest
