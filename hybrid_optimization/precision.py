@@ -163,9 +163,6 @@ class PrecisionPlan:
         """Quantize `model` in place with this plan (quantize_model with the bit map); returns the resulting map."""
         return quantize_model(model, self.bit_map(), **quantize_kwargs)
 
-    def to_records(self) -> list[dict]:
-        return [{"layer": name, **info} for name, info in self.layers.items()]
-
     def to_dict(self) -> dict:
         return {"layers": self.layers, "cluster_bits": {str(k): v for k, v in self.cluster_bits.items()},
                 "budget": self.budget, "avg_bits": self.avg_bits, "metadata": self.metadata}

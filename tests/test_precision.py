@@ -191,8 +191,8 @@ def test_json_round_trip_records_and_file(tmp_path):
     loaded = PrecisionPlan.load(tmp_path / "plans" / "plan.json")
     assert loaded.to_json() == plan.to_json()
     json.loads(plan.to_json())   # strict JSON (no NaN)
-    records = plan.to_records()
-    assert len(records) == 5 and {"layer", "bits", "cluster", "sensitivity", "err_1.58"} <= set(records[0])
+    assert len(plan.layers) == 5
+    assert {"bits", "cluster", "sensitivity", "err_1.58"} <= set(next(iter(plan.layers.values())))
 
 
 def test_invalid_inputs_give_clear_errors():
