@@ -154,3 +154,24 @@ def test_start_shows_a_running_panel_and_disables_start_while_it_runs(runs_root,
     panel = " ".join(m.value for m in at.markdown if "live-sweep" in m.value)
     assert ":green-badge[finished]" in panel and not at.button(key="sweep_start").disabled
     sweeps._CHILDREN.clear()
+
+
+def test_start_types_fixed_values_as_the_sweep_cli_does(tmp_path, monkeypatch):
+    """The page's 'hybrid off' start (`--set hybrid=false`) passes the check; a bad fixed config value is refused
+    before anything starts, with the sweep CLI's own line."""
+    calls = []
+
+    class Proc:
+        pid = os.getpid()
+
+    monkeypatch.setattr(sweeps.subprocess, "Popen", lambda argv, **kw: calls.append(argv) or Proc())
+    common = dict(trials=2, params=["base_learning_rate=1e-4:1e-2:log"], objective="final_val_loss", target=None,
+                  preset="tiny", max_steps=10, eval_every=1, workers=1, pruning=True)
+    argv = sweeps.start(tmp_path, "off", fixed=["hybrid=false"], **common)
+    assert calls == [argv] and argv[argv.index("--set") + 1] == "hybrid=false"
+    with pytest.raises(sweep.SweepError, match="batch_size"):
+        sweeps.start(tmp_path, "bad", fixed=["batch_size=0"], **common)
+    with pytest.raises(sweep.SweepError, match="given twice"):
+        sweeps.start(tmp_path, "twice", fixed=["hybrid=false", "hybrid=true"], **common)
+    assert len(calls) == 1
+    sweeps._CHILDREN.clear()

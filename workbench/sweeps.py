@@ -54,10 +54,12 @@ def start(runs_root: Path, name: str, trials: int, params: list[str], objective:
           storage: str | None = None) -> list[str]:
     """Start the sweep CLI in its own session; returns its argv. Raises core.SweepError for bad input (checked
     here first, so nothing starts)."""
-    spec = core.SweepSpec(name=name, params=[core.parse_param(p) for p in params], objective=objective,
+    # The same typing as the sweep CLI's --set ("false" -> False, config fields apart), so what is checked here
+    # is what the sweep process will run.
+    config, options = core.fixed_values(fixed)
+    spec = core.SweepSpec(name=name, params=core.parse_params(params), objective=objective,
                           target=target, preset=preset, max_steps=max_steps, eval_every=eval_every,
-                          base_options={"hybrid": True, **dict(_split(f) for f in fixed if _split(f)[0] in
-                                                                core.OPTION_KINDS)})
+                          base_config=config, base_options={"hybrid": True, **options})
     spec.validate()
     if trials < 1 or workers < 1:
         raise core.SweepError("trials and parallel workers must be ≥ 1")
@@ -89,11 +91,6 @@ def start(runs_root: Path, name: str, trials: int, params: list[str], objective:
 
 
 _CHILDREN: list[subprocess.Popen] = []      # reaped so finished sweeps do not linger as zombies
-
-
-def _split(item: str) -> tuple[str, str]:
-    name, _, value = item.partition("=")
-    return name.strip(), value.strip()
 
 
 def process_info(runs_root: Path, name: str) -> dict:
