@@ -577,3 +577,21 @@ def test_setup_stages_are_recorded_in_order_with_their_progress(tmp_path):
     assert teacher["ended_at"] >= teacher["started_at"] and teacher["done"] == 100   # the count is kept
     store.delete_run(run_id, force=True)
     assert len(store.read_stages(run_id)) == 0
+
+
+def test_names_tags_and_notes_are_bounded_at_the_store_too(store):
+    """Issue 17: a 100,000-character run name given to the store directly is refused, not stored as is."""
+    with pytest.raises(ValueError, match="run name of 100,000 characters is invalid"):
+        _run(store, name="x" * 100_000)
+    with pytest.raises(ValueError, match="run name .*is invalid"):
+        _run(store, name="two\nlines")
+    run_id = _run(store, name="fine", tags=["a", "b"], notes="n")
+    with pytest.raises(ValueError, match="tags are invalid"):
+        store.set_tags(run_id, [f"t{i}" for i in range(100)])
+    with pytest.raises(ValueError, match="notes of 10,001 characters are invalid"):
+        store.set_notes(run_id, "n" * 10_001)
+    with pytest.raises(ValueError, match="run name"):
+        store.update_run(run_id, name="")
+    run = store.get_run(run_id)
+    assert (run["name"], run["tags"], run["notes"]) == ("fine", ["a", "b"], "n")
+    assert len(store.list_runs()) == 1

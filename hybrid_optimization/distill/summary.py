@@ -34,9 +34,8 @@ def summarize(state: TrainState, plan: RunPlan, timings: dict | None = None, fin
         extra["cuda_peak_mb"] = torch.cuda.max_memory_allocated(state.device) / 2 ** 20
     named = {k: v for k, v in final_eval.items() if k in ("val_loss", "val_ppl", "top1_agreement")}
     extra.update({k: v for k, v in final_eval.items() if k not in named and k != "step"})
-    steps_field = "steps_completed" if "steps_completed" in RunSummary.__dataclass_fields__ else "total_steps"
     return RunSummary(
-        **{steps_field: state.step}, final_loss=finite[-1] if finite else None,
+        steps_completed=state.step, final_loss=finite[-1] if finite else None,
         avg_lr_multiplier=sum(multipliers) / len(multipliers) if multipliers else None,
         constraint_activation_rate=sum(active) / len(active) if active else None,
         final_trust_radius=radius, optimizer=plan.optimizer,

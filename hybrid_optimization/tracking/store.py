@@ -24,7 +24,7 @@ import numpy as np
 from . import liveness
 from .errors import RunNotFound, StoreError
 from .files import describe_write_error, remove_stale_temps
-from ..schema import default_runs_root
+from ..schema import default_runs_root, notes_problem, run_name_problem, tags_problem
 from .schema import (ACTIVE_STATUSES, DB_NAME, LAYER_COLUMNS, PLAN_COLUMNS, SAMPLE_COLUMNS, STAGE_COLUMNS, STATUSES,
                      STEP_COLUMNS, apply_status, check_runs_root, connect, damaged, open_database, transaction)
 
@@ -58,6 +58,14 @@ class Rows(Sequence):
 
     def __repr__(self) -> str:
         return f"Rows({len(self)} × {self.columns})"
+
+
+def _check_text(name: Any = None, tags: Any = (), notes: Any = "") -> None:
+    """The bounds on what people type (schema.py: one rule at every door); ValueError in one line."""
+    for what, problem in (("run name", None if name is None else run_name_problem(name)),
+                          ("tags", tags_problem(list(tags))), ("notes", notes_problem(notes))):
+        if problem:
+            raise ValueError(f"{what} {problem}")
 
 
 def new_run_id() -> str:
@@ -141,6 +149,7 @@ class RunStore:
             raise ValueError(f"status {status!r} is invalid: it must be one of {', '.join(STATUSES)}")
         if run_id is not None and not RUN_ID_PATTERN.match(run_id):
             raise ValueError(f"run id {run_id!r} is invalid: use letters, digits, '.', '_' or '-' (≤ 128 chars)")
+        _check_text(name=name, tags=list(tags), notes=notes)
         now = time.time()
         for _ in range(20):
             rid = run_id or new_run_id()
@@ -333,6 +342,8 @@ class RunStore:
         bad = sorted(set(fields) - allowed)
         if bad:
             raise ValueError(f"cannot update run column(s) {bad}; allowed: {', '.join(sorted(allowed))}")
+        if "name" in fields:
+            _check_text(name=fields["name"])
         values = {k: json.dumps(v, default=str) if k in ("args", "config") else v for k, v in fields.items()}
         with self._write() as conn:
             self._require(conn, run_id)
@@ -343,11 +354,13 @@ class RunStore:
         if isinstance(tags, str):
             tags = [t for t in tags.split(",")]
         clean = sorted({str(t).strip() for t in tags if str(t).strip()})
+        _check_text(tags=clean)
         with self._write() as conn:
             self._require(conn, run_id)
             conn.execute("UPDATE runs SET tags = ? WHERE run_id = ?", (json.dumps(clean), run_id))
 
     def set_notes(self, run_id: str, notes: str) -> None:
+        _check_text(notes=notes)
         with self._write() as conn:
             self._require(conn, run_id)
             conn.execute("UPDATE runs SET notes = ? WHERE run_id = ?", (str(notes), run_id))
