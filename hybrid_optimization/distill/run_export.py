@@ -28,11 +28,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..schema import EXPORT_FORMATS
+from ..schema import EXPORT_FILE_NAMES, EXPORT_FORMATS
 from .export import (EXPORT_MARK, MANIFEST_FORMAT, ExportError, _is_empty_folder, _temporary_beside, is_disk_full,
                      read_mark, swap_in, write_failure)
 
-EXPORT_NAMES = {"packed": "student.safetensors", "gguf": "student.gguf", "hf": "student-hf"}
+EXPORT_NAMES = EXPORT_FILE_NAMES          # format -> default file / folder name in the run folder (schema.EXPORTS)
 # The pre-tokenizer name llama.cpp knows each preset's tokenizer by (its split regex).
 PRE_TOKENIZERS = {"smollm2": "smollm", "tiny": "gpt-2"}
 GGUF_NAME_PREFIX = "hybrid-student-"        # general.name of every GGUF we write: how a re-export knows its own file
