@@ -254,3 +254,23 @@ def test_cli_trains_every_optimizer_and_schedule_and_a_stopped_run_resumes_exact
     assert (a["scheduler"] is None) == (b["scheduler"] is None)
     if a["scheduler"] is not None:
         assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 4
+
+
+def test_a_finished_schedule_free_run_returns_and_exports_its_averaged_weights(tmp_path, one_torch_thread):
+    """The checkpoint keeps Schedule-Free's training weights (so a resume is exact); the trained student the run
+    returns (and exports) is the averaged one: the checkpoint's weights after optimizer.eval()."""
+    from hybrid_optimization.distill import TrainOptions, train
+    from hybrid_optimization.distill.student import StudentLM
+    result = train(TrainOptions(optimizer="schedule-free", warmup_steps=1, max_steps=3, eval_windows=4, seed=2,
+                                quiet=True, progress=False, runs_root=str(tmp_path)))
+    assert result.status == "finished"
+    saved = _checkpoint(tmp_path, result.run_id)
+    model = StudentLM(result.model.config)
+    model.load_state_dict(saved["model"])
+    opt, _ = build_optimizer(model, optimizer="schedule-free", warmup_steps=1, total_steps=3)
+    opt.load_state_dict(saved["optimizer"])
+    trained = result.model.state_dict()
+    assert any(not torch.equal(p, trained[n]) for n, p in model.state_dict().items())   # y ≠ x
+    set_optimizer_mode(opt, "eval")
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(p, trained[name], rtol=1e-6, atol=1e-7, msg=name)
