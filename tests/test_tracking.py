@@ -77,7 +77,7 @@ def test_not_sqlite_file(tmp_path):
 
 def test_runs_root_that_is_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
-    with pytest.raises(StoreError, match="must be a directory"):
+    with pytest.raises(StoreError, match="is a file, not a directory"):
         RunStore(tmp_path / "f")
 
 

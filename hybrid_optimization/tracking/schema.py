@@ -17,7 +17,6 @@ the student) with their progress, so the workbench shows them without reading th
 """
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..schema import ACTIVE_STATUSES, RUN_STATUSES, STEP_COLUMNS, TERMINAL_STATUSES  # noqa: F401 (re-exported)
+from ..schema import RunsRootError
+from ..schema import check_runs_root as check_folder
 from .errors import StoreDamaged, StoreError, StoreMissing
 
 # The step columns and run statuses are the project's vocabulary (hybrid_optimization/schema.py: StepMetrics,
@@ -274,11 +275,14 @@ def _upgrade(conn: sqlite3.Connection, version: int) -> None:
 
 
 def check_runs_root(root: Path, create: bool) -> Path:
-    """The store's path under `root`; refuses a runs root that is not a (writable, when creating) directory."""
+    """The store's path under `root`. The folder rule is the project's one (schema.check_runs_root: a directory,
+    really writable when creating); here only what the store adds: the database file exists, or may be created."""
     db_path = root / DB_NAME
-    if root.exists() and not root.is_dir():
-        raise StoreError(f"runs root {root} is a file; the runs root must be a directory "
-                         f"(the store lives in <runs_root>/{DB_NAME})")
+    try:
+        check_folder(root, must_exist=False, writable=create)
+    except RunsRootError as exc:
+        raise StoreError(f"{exc} (the store lives in <runs_root>/{DB_NAME}; --runs_root or HYBRID_RUNS_ROOT)") \
+            from None
     if not db_path.exists():
         if not create:
             raise StoreMissing(f"no run store at {db_path}: nothing has been run with this runs root yet. "
@@ -288,7 +292,4 @@ def check_runs_root(root: Path, create: bool) -> Path:
         except OSError as exc:
             raise StoreError(f"cannot create runs root {root}: {exc.strerror or exc}; pick a writable folder "
                              "(--runs_root or HYBRID_RUNS_ROOT)") from None
-    if create and not os.access(root, os.W_OK | os.X_OK):
-        raise StoreError(f"runs root {root} is not writable (read-only folder or file system); pick a writable "
-                         "folder (--runs_root or HYBRID_RUNS_ROOT)")
     return db_path
