@@ -24,9 +24,7 @@ from .auxiliary_nn import AuxiliaryNeuralNetwork
 from .clustering import ClusterBalancedSampler, KMeansClustering, as_feature_matrix
 from .config import HybridTrainingConfig
 from .optim import HybridOptimizer, split_gradients
-
-HISTORY_KEYS = ("step", "loss", "learning_rate", "lr_multiplier", "trust_radius", "update_magnitude",
-                "constraint_active", "efficiency", "gradient_magnitude", "quantization_error", "cluster_id", "skipped")
+from .schema import HISTORY_KEYS        # one step record: the manager's history has the pipeline's keys
 
 
 class HybridOptimizationManager:
