@@ -361,12 +361,12 @@ def main(argv: list[str] | None = None) -> Path:
         if value is not None and value < 1:
             parser.error(f"--{name} must be ≥ 1")
     if args.mode in ("medium", "variants", "full"):   # issue 10: both tracks (benchmarks/tracks.py)
-        from benchmarks import tracks
+        from benchmarks import tracks_report
         env = environment(args, ["benchmarks/bench_hybrid.py", *argv])
         reuse = RESULTS / "medium" / "runs.jsonl" if args.mode == "variants" else None
-        return tracks.main(args.mode, args.out or RESULTS / args.mode, args.device, args.jobs, args.threads,
-                           args.seeds, args.steps, env=env, log=print if not args.quiet else (lambda m: None),
-                           reuse=reuse, extra_methods=tuple(args.add_method))
+        return tracks_report.main(args.mode, args.out or RESULTS / args.mode, args.device, args.jobs, args.threads,
+                                  args.seeds, args.steps, env=env, log=print if not args.quiet else (lambda m: None),
+                                  reuse=reuse, extra_methods=tuple(args.add_method))
     b = budget(args.mode)
     if args.seeds:
         b.seeds = tuple(range(args.seeds))
@@ -408,8 +408,8 @@ def main(argv: list[str] | None = None) -> Path:
     path = write_report(out, b, env, workload_info, protocol, rows, extra)
     log(f"Report written to {path} ({env['total_seconds']:.0f} s in total)")
     if args.mode == "smoke":                            # issue 10's tracks at smoke size: every row present
-        from benchmarks import tracks
-        tracks.main("smoke", out / "tracks", args.device, 1, args.threads, env=env, log=log)
+        from benchmarks import tracks_report
+        tracks_report.main("smoke", out / "tracks", args.device, 1, args.threads, env=env, log=log)
     return path
 
 

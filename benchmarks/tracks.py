@@ -2,7 +2,7 @@
 
     python benchmarks/bench_hybrid.py --medium              # the medium workload (medium.py) → results/medium/
     python benchmarks/bench_hybrid.py --full --device cuda  # the same protocol, scaled up → results/full/
-    python -m benchmarks.tracks --smoke --out /tmp/x        # CI: seconds, every track, method and target row
+    python -m benchmarks.tracks_report --mode smoke --out /tmp/x   # CI: every track, method and target row
 
 The protocol (MLCommons AlgoPerf, Dahl et al. 2023, reduced to one workload: W2 = ternary QAT distillation):
 
@@ -493,71 +493,3 @@ def workload_info(prepared, b: TrackBudget) -> dict:
             "seq_len": prepared.seq_len, "vocab": prepared.dataset.vocab_size,
             "student_params": StudentLM(prepared.student_config).n_params(),
             "linear_params": linear_params(prepared.student_config), "prepare_s": prepared.prepare_seconds}
-
-
-def main(mode: str, out, device: str = "cpu", jobs: int = 2, threads: int = 1, seeds: int | None = None,
-         steps: int | None = None, env: dict | None = None, status: str | None = None, log=print,
-         ablation_lr: float | None = None, reuse=None, extra_methods: tuple[str, ...] = ()):
-    """Run both tracks in `mode` (smoke | medium | full) and write the report to `out`; returns its path."""
-    from pathlib import Path
-
-    from benchmarks import tracks_report
-    started = time.perf_counter()
-    b = track_budget(mode)
-    if seeds:
-        b.seeds = tuple(range(seeds))
-    if steps:
-        b.steps, b.eval_every = steps, max(1, steps // 20)
-    if ablation_lr:
-        b.ablation_lr = ablation_lr
-    unknown = [k for k in extra_methods if k not in ALL_TRACK]
-    if unknown:
-        raise ValueError(f"unknown method {', '.join(unknown)}: use one of {', '.join(ALL_TRACK)}")
-    # a candidate promoted to the full grid (both tracks, the profile) beside H, no longer an ablation
-    b.methods = (*b.methods, *(k for k in extra_methods if k not in b.methods))
-    b.ablations = tuple(k for k in b.ablations if k not in extra_methods)
-    prepared = prepare_workload(b.workload, device, log)        # builds the caches before the workers load them
-    info = workload_info(prepared, b)
-    log(f"workload: {info['train_tokens']:,} training tokens, student {info['student_params'] / 1e6:.2f} M "
-        f"({info['linear_params'] / 1e6:.2f} M in Linear layers); {b.n_runs} runs of {b.steps} steps")
-    Path(out).mkdir(parents=True, exist_ok=True)
-    journal = Path(out) / "runs.jsonl"
-    if reuse is not None and not journal.exists() and Path(reuse).is_file():
-        import shutil
-        shutil.copyfile(reuse, journal)       # same specs → the same rows; only the missing runs will run
-        log(f"reusing the finished runs of {reuse}")
-    # runs.jsonl: every finished run's row, written as it finishes; a re-run of the same command resumes from it
-    result = protocol(b, device, jobs, threads, log, journal=journal)
-    env = dict(env or {})
-    env["total_seconds"] = time.perf_counter() - started
-    path = tracks_report.write(Path(out), b, env, info, result, status)
-    log(f"tracks report written to {path} ({env['total_seconds']:.0f} s)")
-    return path
-
-
-if __name__ == "__main__":
-    import argparse
-    parser = argparse.ArgumentParser(description="Both AlgoPerf tracks for the hybrid (issue 10)")
-    parser.add_argument("--mode", choices=("smoke", "medium", "variants", "full", "horizon"), default="smoke")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--ablation-lr", type=float, default=None, help="LR of the ablations / variants")
-    parser.add_argument("--add-method", action="append", default=[], metavar="KEY",
-                        help="also run this method (e.g. a variant) on the whole grid, in both tracks")
-    parser.add_argument("--reuse", default=None, help="a runs.jsonl whose finished runs this invocation reuses "
-                                                      "(variants: benchmarks/results/medium/runs.jsonl)")
-    parser.add_argument("--probe", type=int, default=None, metavar="STEPS",
-                        help="timing probe: STEPS steps of each method, then the mode's estimated total time")
-    ns = parser.parse_args()
-    if ns.probe:
-        import json
-        from pathlib import Path
-        estimate = probe(ns.mode, ns.probe, ns.device, max(ns.jobs, 2))
-        Path(ns.out).mkdir(parents=True, exist_ok=True)
-        (Path(ns.out) / "probe.json").write_text(json.dumps(estimate, indent=1))
-        raise SystemExit(0)
-    main(ns.mode, ns.out, ns.device, ns.jobs, 1, ns.seeds, ns.steps, env={"command": "python -m benchmarks.tracks"},
-         ablation_lr=ns.ablation_lr, reuse=ns.reuse, extra_methods=tuple(ns.add_method))
