@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from hybrid_optimization.schema import tags_problem
 from hybrid_optimization.tracking import RunStore
 from tests.fixtures.workbench_runs import write_synthetic_run
-from workbench import headline, queries
+from workbench import headline, queries, ui
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 LR_A, LR_B = 1e-3, 3e-3
@@ -264,3 +265,31 @@ def test_group_series_median_band_and_runs_of_different_lengths():
     assert g.center.iloc[0] == pytest.approx(4.0) and g.high.iloc[0] == pytest.approx(5.0)
     with pytest.raises(ValueError, match="group statistic 'max' is invalid"):
         queries.group_series(series, {}, stat="max")
+
+
+def test_table_edits_over_their_bound_are_one_line_and_nothing_is_saved(seeds, monkeypatch):
+    """Tags and notes typed into the run table obey the store's bounds: a too-long tag is one error line (the
+    page keeps working), a cleared cell clears the tags."""
+    import streamlit
+
+    store, ids = seeds
+    run_id = ids[LR_A][0]
+    store.set_tags(run_id, ["old"])
+    edits: dict[str, object] = {}
+    real_editor = streamlit.data_editor
+
+    def editor(data, **kw):             # AppTest cannot type into a data editor: apply the user's edit here
+        shown = real_editor(data, **kw)
+        shown = shown.copy()
+        for column, value in edits.items():
+            shown.loc[shown["run id"] == run_id, column] = value
+        return shown
+
+    monkeypatch.setattr(streamlit, "data_editor", editor)
+    edits["tags"] = "x" * 100
+    at = _open(runs=run_id)
+    assert [e.value for e in at.error] == [ui.plain(f"tags {tags_problem(['x' * 100])}")]    # markdown-escaped
+    assert store.get_run(run_id)["tags"] == ["old"]
+    edits["tags"] = None
+    at = _open(runs=run_id)
+    assert not at.error and store.get_run(run_id)["tags"] == []

@@ -233,12 +233,14 @@ else:
     selected.difference_update(set(runs.run_id))
     selected.update(edited.loc[edited["select"], "run id"])
     for before, after in zip(table.itertuples(), edited.itertuples()):
+        # A cleared cell comes back as None (or NaN): no text.
+        tags, notes = (v if isinstance(v, str) else "" for v in (after.tags, after.notes))
         try:
-            if after.tags != before.tags:
-                store.set_tags(table.at[before.Index, "run id"], [t for t in after.tags.split(",")])
-            if after.notes != before.notes:
-                store.set_notes(table.at[before.Index, "run id"], after.notes)
-        except StoreError as exc:
+            if tags != before.tags:
+                store.set_tags(table.at[before.Index, "run id"], tags.split(","))
+            if notes != before.notes:
+                store.set_notes(table.at[before.Index, "run id"], notes)
+        except (StoreError, ValueError) as exc:     # ValueError: a tag or note over its bound, in one line
             st.error(ui.plain(exc))
 chosen = [r for r in runs.run_id if r in selected]      # what the filters show is what is compared
 if chosen:
