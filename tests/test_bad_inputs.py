@@ -114,6 +114,11 @@ CASES = [
     cli("--data", "/dev/zero"), cli("--data", "{files}/fifo.txt", note="data: a FIFO"),
     cli("--data", "{files}/zeros.txt", note="data: 1 GB of NUL bytes"), cli("--data", "{files}/table.csv"),
     cli("--data", "{files}/chats.jsonl", "--data_source", "chatterbot", note="data and data_source"),
+    cli("--data", "{files}/latin1.txt", note="data: not UTF-8", torch_ok=True),
+    cli("--data", "{files}/empty.txt", note="data: empty", torch_ok=True),
+    cli("--data", "{files}/broken.jsonl", note="data: malformed JSONL", torch_ok=True),
+    cli("--data", "{files}/robot.jsonl", note="data: unknown chat role", torch_ok=True),
+    cli("--config", "{files}/nan.json", note="config: NaN learning rate"),
     cli("--teacher", "/nonexistent/teacher"), cli("--teacher", "{files}/table.csv", note="teacher: a csv file"),
     cli("--teacher", "{files}/empty_dir", note="teacher: a folder without a model"),
     cli("--config", "/dev/zero"), cli("--config", "{files}/fifo.txt", note="config: a FIFO"),
@@ -212,6 +217,11 @@ def make_files(folder: Path) -> None:
     (folder / "full_dir" / "keep.me").write_text("someone's file")
     (folder / "table.csv").write_text("a,b\n1,2\n")
     (folder / "chats.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    (folder / "latin1.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    (folder / "empty.txt").write_text("  \n")
+    (folder / "broken.jsonl").write_text('{"messages": [\n')
+    (folder / "robot.jsonl").write_text('{"messages": [{"role": "robot", "content": "Hi"}]}\n')
+    (folder / "nan.json").write_text('{"base_learning_rate": NaN}')
     (folder / "not_json.json").write_text("{not json")
     (folder / "big.json").write_text('{"seed": 1, "pad": "' + "x" * (2 ** 20) + '"}')
     (folder / "list.json").write_text("[1, 2]")
@@ -336,7 +346,7 @@ def problems(case: Case, result: Result) -> list[str]:
         found.append(f"changed on disk: {', '.join(result.changed[:3])}")
     if result.runs_added:
         found.append(f"{result.runs_added} run(s) added to the store")
-    if result.seconds > ANSWER_S:
+    if result.seconds > ANSWER_S * (3 if case.torch_ok else 1):     # importing torch alone takes ~20 s at load 8
         found.append(f"answered after {result.seconds:.1f} s")
     if case.entry in TORCH_FREE and not case.torch_ok and result.torch:
         found.append("imported torch before refusing")
