@@ -329,3 +329,33 @@ def test_resume_refuses_a_checkpoint_of_another_run_or_of_other_options_by_name(
         load_resume_checkpoint(plan, Inputs())
     write(run_id, plan)
     assert load_resume_checkpoint(plan, Inputs())["step"] == 2
+
+
+def test_a_launched_run_shows_its_first_setup_stage_within_seconds_then_stops_on_sigterm(tmp_path):
+    """Issue 19: the Live page's first progress after Launch. The CLI marks the queued record's 'data' stage before
+    it imports torch (seconds of imports on a busy machine), and the session continues that row."""
+    store = RunStore(tmp_path)
+    run_id = store.create_run(config={}, args=[], preset="tiny", status="queued")
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "distillation.py"), "--run_id", run_id, "--max_steps", "500",
+                             "--quiet", "--no_progress", "--eval_windows", "8", "--runs_root", str(tmp_path)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        first = None
+        while first is None and time.monotonic() - started < 60:
+            rows = store.read_stages(run_id)
+            first = time.monotonic() - started if len(rows) else None
+            time.sleep(0.05)
+        assert first is not None and first < 5, first
+        assert store.read_stages(run_id)[0]["stage"] == "data"
+        while len(store.read_stages(run_id)) < 2 and proc.poll() is None:    # the session runs: signals handled
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143, proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    print(f"first setup stage of a launched run on the store after {first:.2f} s")
+    run = store.get_run(run_id)
+    assert run["status"] == "stopped" and store.read_stages(run_id)[0]["ended_at"] is not None

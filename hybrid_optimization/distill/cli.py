@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         _fail_launcher_record(options, str(exc))
         return 2
+    _mark_starting(plan)
     from .checkpoint import CheckpointWriteError
     from .export import ExportError
     from .train import BAD_INPUT_ERRORS, train   # torch & co. only after the flags are known to be good
@@ -225,6 +226,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: run {result.run_id or ''} diverged: {result.diverged}".replace("run  ", "run "),
               file=sys.stderr)
     return result.exit_code
+
+
+def _mark_starting(plan) -> None:
+    """A launched run (a queued record) shows its first setup stage at once, before torch is imported (issue 19:
+    the Live page's first progress within seconds of Launch). Best effort: the session records everything anyway."""
+    opts = plan.options
+    if not (opts.run_id and opts.track):
+        return
+    try:
+        from ..tracking import RunStore
+        store = RunStore(opts.runs_root, create=False)
+        if store.get_run(opts.run_id)["status"] == "queued":
+            store.mark_stage(opts.run_id, "data")
+    except Exception:
+        pass
 
 
 def _fail_launcher_record(options: TrainOptions | None, message: str) -> None:

@@ -287,6 +287,18 @@ class RunStore:
                           "WHERE run_id = ? AND cluster_id IS NOT NULL GROUP BY cluster_id ORDER BY cluster_id",
                           (run_id,))
 
+    def mark_stage(self, run_id: str, stage: str) -> None:
+        """A setup stage of a queued (launched) run began: its first sign of life, written by the CLI before it
+        imports torch, so the workbench shows progress within a second of the launch. The trainer's RunWriter
+        continues the same row (its start time is kept)."""
+        now = time.time()
+        with self._write() as conn:
+            self._require(conn, run_id)
+            conn.execute("INSERT INTO stages(run_id, stage, pos, started_at, updated_at) VALUES (?, ?, (SELECT "
+                         "COUNT(*) FROM stages WHERE run_id = ?), ?, ?) ON CONFLICT(run_id, stage) DO UPDATE SET "
+                         "updated_at = excluded.updated_at, ended_at = NULL", (run_id, stage, run_id, now, now))
+            conn.execute("UPDATE runs SET heartbeat = ? WHERE run_id = ?", (now, run_id))
+
     def read_stages(self, run_id: str) -> Rows:
         """The run's setup stages in the order they began: stage, pos, started_at, updated_at, ended_at (NULL while
         the stage runs), done and total (its progress; NULL when it has no count), detail."""
