@@ -175,3 +175,15 @@ def test_start_types_fixed_values_as_the_sweep_cli_does(tmp_path, monkeypatch):
         sweeps.start(tmp_path, "twice", fixed=["hybrid=false", "hybrid=true"], **common)
     assert len(calls) == 1
     sweeps._CHILDREN.clear()
+
+
+def test_prefilled_choices_are_the_whole_menu_and_each_one_is_valid():
+    """A choice field picked on the page is pre-filled with every value the pipeline accepts (the new optimizer
+    menu included), and the sweep's own check accepts each of them."""
+    for name in ("optimizer", "schedule", "base_optimizer", "trust_region_mode", "cluster_batches", "embedder",
+                 "student_size", "target_bits", "hybrid"):
+        param = sweep.parse_param(f"{name}={sweeps.default_range(name)['choices']}")
+        sweep.SweepSpec(name="menu", params=[param], base_options={"hybrid": False}).validate()
+        assert len(param.choices) >= 2, name
+    assert sweep.parse_param(f"optimizer={sweeps.default_range('optimizer')['choices']}").choices == \
+        ("adamw", "sgd", "muon", "schedule-free", "prodigy")

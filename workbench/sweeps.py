@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from hybrid_optimization import schema
 from hybrid_optimization import sweep as core
 from hybrid_optimization.tracking import pid_alive
 
@@ -38,9 +39,11 @@ def default_range(name: str) -> dict:
     if kind is bool:
         return {"choices": "true,false"}
     if kind is str or name in ("target_bits",):
-        return {"choices": {"target_bits": "1,1.58,2", "trust_region_mode": "absolute,relative",
-                            "base_optimizer": "adamw,sgd", "cluster_batches": "mixed,single",
-                            "embedder": "tfidf,minilm", "student_size": "tiny,small"}.get(name, "")}
+        menus = {"trust_region_mode": schema.TRUST_REGION_MODES, "base_optimizer": schema.HYBRID_BASES,
+                 "optimizer": schema.BASE_OPTIMIZERS, "schedule": schema.SCHEDULES,
+                 "cluster_batches": schema.CLUSTER_BATCHES, "embedder": schema.EMBEDDERS}
+        return {"choices": {"target_bits": "1,1.58,2", "student_size": "tiny,small",
+                            **{k: ",".join(v) for k, v in menus.items()}}.get(name, "")}
     low, high, log = defaults.get(name, (1, 10, False) if kind is int else (0.1, 1.0, False))
     return {"low": low, "high": high, "log": log or "rate" in name}
 
