@@ -151,3 +151,14 @@ def test_the_cli_refuses_cheap_mistakes_in_under_2_seconds(tmp_path, argv, messa
     assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr
     assert seconds < 2, f"{seconds:.2f} s"
     assert not (tmp_path / "runs.db").exists()                     # nothing started, no store created
+
+
+def test_a_warmup_longer_than_an_epochs_run_is_refused_in_one_line():
+    # With --max_steps the options check the warmup; with --epochs the run's length is known only to the plan (tiny:
+    # 10 steps per epoch) or, for one-pass epochs, once the data is split — the same rule applies at both points.
+    with pytest.raises(OptionsError, match=r"--warmup_steps 50 is invalid: it must be less than the run's 30 steps"):
+        plan(epochs=3, warmup_steps=50)
+    assert plan(epochs=3, warmup_steps=29).total_steps == 30
+    one_pass = plan(preset="smollm2", epochs=1, batch_size=16, warmup_steps=100)
+    with pytest.raises(OptionsError, match=r"--warmup_steps 100 is invalid: it must be less than the run's 63 steps"):
+        one_pass.for_data(n_train=1000, n_available=1000)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import HybridTrainingConfig
-from ..schema import SUPPORTED_BITS
+from ..schema import SUPPORTED_BITS, optimizer_combination_error
 from .options import MAX_STEPS, RESUME_ALWAYS_ALLOWED, RESUME_OVERRIDABLE, OptionsError, TrainOptions
 from .presets import Preset
 
@@ -97,6 +97,7 @@ class RunPlan:
         opts = self.options
         per_epoch = self.steps_per_epoch or math.ceil(n_train / self.batch_size)
         total = schedule_steps(opts.max_steps, opts.epochs, per_epoch)
+        _check_warmup(opts, total)
         if n_available is not None and n_train < n_available:
             opts = opts.replace(train_windows=n_train)
         return dataclasses.replace(self, options=opts, steps_per_epoch=per_epoch, total_steps=total,
@@ -133,6 +134,7 @@ def plan_run(options: TrainOptions) -> RunPlan:
     total = schedule_steps(options.max_steps, options.epochs, per_epoch) if per_epoch or options.max_steps \
         else None
     if total is not None:
+        _check_warmup(options, total)
         config = options.hybrid_training_config(total_steps=total)
     use_clustering = config.use_clustering
     optimizer = "custom" if options.optimizer_factory else ("hybrid" if options.hybrid else options.optimizer or "adamw")
@@ -148,6 +150,17 @@ def plan_run(options: TrainOptions) -> RunPlan:
                                            stored=options.train_windows),
         eval_windows=options.eval_windows or preset.eval_windows, top_k=options.top_k or preset.top_k,
         resume_dir=resume_dir)
+
+
+def _check_warmup(options: TrainOptions, total_steps: int) -> None:
+    """--warmup_steps must fit in the run. With --max_steps the options check it; with --epochs the run's length is
+    known only here (at plan time, or once the data is split), so the same rule is applied again with it."""
+    if options.optimizer_factory is not None:
+        return
+    message = optimizer_combination_error(options.optimizer or "adamw", options.schedule, options.hybrid,
+                                          options.warmup_steps, total_steps)
+    if message:
+        raise OptionsError(message)
 
 
 def schedule_steps(max_steps: int | None, epochs: int, steps_per_epoch: int | None) -> int:
