@@ -197,7 +197,7 @@ def test_json_round_trip_records_and_file(tmp_path):
 
 def test_invalid_inputs_give_clear_errors():
     features = _features([1.0, 2.0, 3.0, 4.0])
-    with pytest.raises(ValueError, match="bits=3 is not supported: use one of 1, 1.58, 2, 4, 8"):
+    with pytest.raises(ValueError, match="bits 3 is invalid: it must be one of 1, 1.58, 2, 4, 8"):
         plan_precision(features, n_clusters=2, precisions=(2, 3))
     with pytest.raises(ValueError, match="precisions has 3 bit-width.* n_clusters=4"):
         plan_precision(features, precisions=(2, 1.58, 1))
@@ -213,7 +213,7 @@ def test_invalid_inputs_give_clear_errors():
         PrecisionPlan.from_json("{")
     model = nn.Sequential(nn.Linear(4, 4))
     batch = (torch.randn(2, 4), torch.randn(2, 4))
-    with pytest.raises(ValueError, match="bits=3 is not supported"):
+    with pytest.raises(ValueError, match="bits 3 is invalid"):
         layer_sensitivity(model, mse_loss, [batch], candidate_bits=(1, 3))
     with pytest.raises(ValueError, match="batches is empty"):
         layer_sensitivity(model, mse_loss, [])

@@ -36,10 +36,11 @@ from dataclasses import dataclass
 
 import torch
 
-from hybrid_optimization.config import SUPPORTED_BITS
+from hybrid_optimization import schema as _schema
+from hybrid_optimization.config import SUPPORTED_BITS  # noqa: F401  (re-exported by the quantization package)
 
 FULL_PRECISION = 32.0          # a bits value meaning "not quantized" (16 is accepted too)
-TERNARY_BITS = 1.58
+TERNARY_BITS = _schema.TERNARY_BITS
 SCALE_FLOOR = 1e-5             # BitNet's floor: an all-zero weight must not divide by zero
 SCALE_CEIL = 65504.0           # largest fp16 value: scales are stored in fp16
 
@@ -54,36 +55,9 @@ _CLIP_RATIOS = {
 }
 
 
-class UnsupportedBitsError(ValueError):
-    """A bit-width that no quantizer implements."""
-
-
-def normalize_bits(bits) -> float:
-    """Canonical float for a bit-width: 1, 1.58, 2, 4, 8, or 16/32 (full precision).
-
-    Accepts 1.58, 1.585, log2(3), 1.6 and "ternary" for the ternary quantizer, and numbers given as strings.
-    """
-    value = bits
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "ternary":
-            return TERNARY_BITS
-        try:
-            value = float(text)
-        except ValueError:
-            value = None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        value = None
-    if value is not None:
-        value = float(value)
-        if math.isfinite(value):
-            if 1.575 <= value <= 1.6 + 1e-9:   # 1.58, 1.585, log2(3) = 1.58496, 1.6 (packed bits/weight)
-                return TERNARY_BITS
-            for allowed in (*SUPPORTED_BITS, 16, 32):
-                if abs(value - allowed) < 1e-9:
-                    return float(allowed)
-    raise UnsupportedBitsError(f"bits={bits!r} is not supported: use one of 1, 1.58, 2, 4, 8 "
-                               "(or 16/32 for full precision)")
+# The one bit-width rule lives in the vocabulary (schema.py); the quantizers re-export it under their old names.
+UnsupportedBitsError = _schema.UnsupportedBitsError
+normalize_bits = _schema.normalize_bits
 
 
 def is_full_precision(bits: float) -> bool:
