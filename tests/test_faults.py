@@ -752,6 +752,9 @@ def test_kill_9_of_a_sweep_then_a_rerun_fails_and_retries_the_lost_trial_and_lea
     gets the kernel's death signal), and the rerun of the same command fails the lost trial, retries it with the
     same values and completes it."""
     argv = sweep_argv(tmp_path, "lost", "--trials", "1")
+    # 100 steps, not SWEEP_FLAGS' 4: a 4-step trial could finish between "seen running" and the kill (CI saw it end
+    # "finished"), and then nothing was killed mid-run.
+    argv[argv.index("--max_steps") + 1] = "100"
     sweep_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         deadline, run = time.monotonic() + 600, None
