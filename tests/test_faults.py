@@ -747,14 +747,16 @@ def test_two_sweep_workers_started_at_the_same_instant_on_a_new_storage_both_com
     assert sorted(r["status"] for r in store.list_runs()) == ["finished", "finished"]
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_sweep_then_a_rerun_fails_and_retries_the_lost_trial_and_leaves_no_orphan(env, tmp_path):
     """kill -9 of the sweep while its trial trains: the trial's training process ends by itself (its supervisor
     gets the kernel's death signal), and the rerun of the same command fails the lost trial, retries it with the
     same values and completes it."""
     argv = sweep_argv(tmp_path, "lost", "--trials", "1")
-    # 100 steps, not SWEEP_FLAGS' 4: a 4-step trial could finish between "seen running" and the kill (CI saw it end
-    # "finished"), and then nothing was killed mid-run.
-    argv[argv.index("--max_steps") + 1] = "100"
+    # 1,500 steps, not SWEEP_FLAGS' 4: the store shows a run up to 1 s late, so a short trial (CI saw 4 and 100
+    # steps) can already be in its finish phase when it is seen running; it then ends "finished" and nothing was
+    # killed mid-run. This long a trial can only end by the death signal (and the retry trains it whole: slow).
+    argv[argv.index("--max_steps") + 1] = "1500"
     sweep_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         deadline, run = time.monotonic() + 600, None
