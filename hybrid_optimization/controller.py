@@ -158,7 +158,10 @@ class HybridController:
 
         multiplier : one for all tensors, or one per tensor (per-cluster multipliers).
         "absolute": ‖ΔΘ‖ ≤ μ over all tensors together;  "relative": ‖ΔW_i‖ ≤ μ·max(‖W_i‖, 1e-3·√n_i) per tensor
-        (param_sq, numels needed; a zero tensor such as a fresh bias may still move);  None: no constraint."""
+        (param_sq, numels needed; a zero tensor such as a fresh bias may still move);  "bounded": relative, and
+        also ‖ΔW_i‖ ≤ max_update_rms·√n_i (no entry moves by more than that RMS in one step, however large the LR
+        and μ; the cap does not depend on the model's size, as the absolute region's whole-model μ does);
+        None: no constraint."""
         mode = settings["trust_region"]
         n = len(update_sq)
         multipliers = [float(multiplier)] * n if isinstance(multiplier, (int, float)) else list(multiplier)
@@ -166,10 +169,12 @@ class HybridController:
         proposed = math.sqrt(sum(m * m * q for m, q in zip(multipliers, update_sq)))
         if mode == "absolute" and proposed > radius:
             scales, free, active = [m * radius / proposed for m in multipliers], [False] * n, True
-        elif mode == "relative":
+        elif mode in ("relative", "bounded"):
+            cap = float(settings["max_update_rms"]) if mode == "bounded" else math.inf
             for i in range(n):
                 norm = multipliers[i] * math.sqrt(update_sq[i])
-                limit = radius * max(math.sqrt(param_sq[i]), 1e-3 * math.sqrt(numels[i]))
+                limit = min(radius * max(math.sqrt(param_sq[i]), 1e-3 * math.sqrt(numels[i])),
+                            cap * math.sqrt(numels[i]))
                 if norm > limit:
                     scales[i], free[i], active = multipliers[i] * limit / norm, False, True
         applied = radius if mode == "absolute" and active else math.sqrt(

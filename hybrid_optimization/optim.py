@@ -9,7 +9,10 @@ One step, for all parameters together:
    rule) so one base LR serves both kinds of group: u = −lr·s · (0.2·√max(A, B)·NS(M) + wd·θ).
 2. The multiplier m and the trust region scale it:  Δ = c·u with c = m, or less where the region binds —
    "absolute":  ‖ΔΘ‖₂ ≤ μ over every parameter (the guide's constraint);
-   "relative":  ‖ΔW‖₂ ≤ μ·‖W‖₂ for each tensor W (LAMB-like, so a large layer cannot take the whole budget).
+   "relative":  ‖ΔW‖₂ ≤ μ·‖W‖₂ for each tensor W (LAMB-like, so a large layer cannot take the whole budget);
+   "bounded":   relative, and ‖ΔW‖₂ ≤ max_update_rms·√n for each tensor W of n entries: whatever the LR and μ, no
+                tensor's update RMS exceeds the cap (1e-3 by default, the guide's LR: an LR set far too high is
+                held there), and the cap does not shrink as the model grows, as the absolute region's does.
 3. θ ← θ + Δ.
 
 m and μ come from the AuxiliaryNeuralNetwork, which learns online from the hypergradient cos(g_t, Δ_{t-1}) and the
@@ -67,13 +70,15 @@ TRUST_REGIONS = (*TRUST_REGION_MODES, None)
 RHO_SOURCES = ("gradients", "losses")
 AUX_RADIUS_MODES = ("scaled", "direct")
 FUSED_DEVICES = ("cpu", "cuda")
+# The "bounded" trust region's cap on each tensor's update RMS: the guide's LR (AdamW's update RMS is about its LR).
+MAX_UPDATE_RMS = 1e-3
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Settings of the whole optimizer (every group holds the same value; step reads the first group's). The rest —
 # lr, betas, eps, weight_decay, momentum, base, foreach, fused — may differ per group.
 GLOBAL_SETTINGS = ("trust_region", "radius_adaptation", "radius_range", "meta_learning", "meta_horizon",
                    "n_clusters", "quantization_bits", "quantization_every", "quantization_scale", "rho_from",
                    "projected_hypergradient", "aux_radius", "warmup_steps", "decay_steps", "anneal_meta_learning",
-                   "cluster_multipliers", "cluster_meta_lr")
+                   "cluster_multipliers", "cluster_meta_lr", "max_update_rms")
 
 
 @dataclass
@@ -107,7 +112,7 @@ class HybridOptimizer(Optimizer):
                  quantization_scale: float = 1.0, rho_from: str = "gradients", projected_hypergradient: bool = True,
                  aux_radius: str = "scaled", warmup_steps: int = 0, decay_steps: int | None = None,
                  anneal_meta_learning: bool = True, cluster_multipliers: bool = False, cluster_meta_lr: float = 0.02,
-                 foreach: bool | None = None, fused: bool | None = None):
+                 max_update_rms: float = MAX_UPDATE_RMS, foreach: bool | None = None, fused: bool | None = None):
         if aux_net is not None and not isinstance(aux_net, AuxiliaryNeuralNetwork):
             raise TypeError(f"aux_net must be an AuxiliaryNeuralNetwork or None, got {type(aux_net).__name__}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum, foreach=foreach,
@@ -118,7 +123,7 @@ class HybridOptimizer(Optimizer):
                         rho_from=rho_from, projected_hypergradient=projected_hypergradient, aux_radius=aux_radius,
                         warmup_steps=warmup_steps, decay_steps=decay_steps,
                         anneal_meta_learning=anneal_meta_learning, cluster_multipliers=cluster_multipliers,
-                        cluster_meta_lr=cluster_meta_lr, trust_radius=trust_radius, lr_multiplier=1.0,
+                        cluster_meta_lr=cluster_meta_lr, max_update_rms=max_update_rms, trust_radius=trust_radius, lr_multiplier=1.0,
                         cluster_lr_scale=1.0)
         defaults = _checked_settings(defaults)
         super().__init__(params, defaults)
@@ -244,7 +249,7 @@ class HybridOptimizer(Optimizer):
         updates = [s["update"] for s in states]
         measured.add("update_norm", torch._foreach_norm(updates))
         measured.add("grad_dot_update", [_dot(g, u) for g, u in zip(grad_list, updates)])
-        relative = settings["trust_region"] == "relative"
+        relative = settings["trust_region"] in ("relative", "bounded")          # per-tensor regions need ‖W‖
         if relative:
             measured.add("param_norm", torch._foreach_norm(params))
         values = measured.read()                                    # the one host sync of the step
@@ -625,6 +630,7 @@ def _checked_settings(s: dict[str, Any]) -> dict[str, Any]:
     integer("decay_steps", 1, allow_none=True)
     number("cluster_meta_lr", 0.0, low_open=True)
     number("cluster_lr_scale", 0.0, low_open=True)
+    number("max_update_rms", 0.0, low_open=True)
     for key in ("radius_adaptation", "meta_learning", "projected_hypergradient", "anneal_meta_learning",
                 "cluster_multipliers"):
         s[key] = bool(s[key])
@@ -672,7 +678,7 @@ class ConstrainedOptimizer:
     A thin functional front over HybridOptimizer (same update code): the first call creates the per-parameter
     state (moments) for the parameters it is given; later calls must pass the same parameters. The whole update
     over ALL parameters is projected onto ‖ΔΘ‖₂ ≤ constraint_radius (or, with trust_region="relative", each tensor
-    onto ‖ΔW‖ ≤ radius·‖W‖). Returns a StepInfo (update_magnitude, constraint_active, efficiency, ...).
+    onto ‖ΔW‖ ≤ radius·‖W‖; "bounded": that and an update RMS ≤ 1e-3 per tensor). Returns a StepInfo (update_magnitude, constraint_active, efficiency, ...).
     """
 
     def __init__(self, use_quantization: bool = True, target_bits: float = 1.58, momentum: float = 0.9,
@@ -680,7 +686,8 @@ class ConstrainedOptimizer:
         if base not in BASES:
             raise ValueError(f"base must be one of {', '.join(BASES)}, got {base!r}")
         if trust_region not in TRUST_REGION_MODES:
-            raise ValueError(f"trust_region must be 'absolute' or 'relative', got {trust_region!r}")
+            raise ValueError(f"trust_region must be one of {', '.join(map(repr, TRUST_REGION_MODES))}, "
+                             f"got {trust_region!r}")
         if use_quantization:
             from .quantization import normalize_bits
             target_bits = normalize_bits(target_bits)

@@ -47,7 +47,9 @@ EXPORTS = (
 EXPORT_FORMATS = tuple(e.name for e in EXPORTS)   # --export FORMAT; a bare --export is "packed"
 EXPORT_FILE_NAMES = {e.name: e.file_name for e in EXPORTS}
 EXPORT_LABELS = {e.name: e.label for e in EXPORTS}
-TRUST_REGION_MODES = ("absolute", "relative")
+# --trust_region_mode: absolute ‖ΔΘ‖ ≤ μ over all parameters (the guide's); relative ‖ΔW‖ ≤ μ‖W‖ per tensor;
+# bounded = relative, and no tensor's update RMS above a fixed cap (HybridOptimizer max_update_rms; issue 16).
+TRUST_REGION_MODES = ("absolute", "relative", "bounded")
 # --optimizer: the optimizer a run trains with (optimizers.build_optimizer). muon = torch.optim.Muon on the 2-D
 # hidden matrices + AdamW on embeddings, norms and head; schedule-free = PyPI schedulefree AdamWScheduleFree;
 # prodigy = PyPI prodigyopt (LR-free: --lr is the factor on its estimated step size, default 1.0).

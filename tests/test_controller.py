@@ -52,6 +52,23 @@ def test_relative_projection_caps_only_the_tensor_that_outgrows_its_weight():
     assert zero.scales == pytest.approx([0.01 * 1e-3 * 1e3])        # a zero tensor may still move μ·1e-3·√n
 
 
+def test_bounded_projection_is_relative_with_a_cap_on_each_tensors_update_rms():
+    s = settings(trust_region="bounded", max_update_rms=1e-3)
+    # n = 100: the cap is ‖ΔW‖ ≤ 1e-3·10 = 0.01. Tensor 0: relative limit 0.01·100 = 1 → the cap (0.01) cuts ‖u‖ = 1
+    # to 0.01; tensor 1: relative limit 0.01·0.5 = 0.005 < cap → the relative limit cuts it; tensor 2: free.
+    proj = HybridController.project(s, 1.0, 0.01, [1.0, 1.0, 1e-6], [0.0, 0.0, 0.0],
+                                    param_sq=[1e4, 0.25, 1.0], numels=[100, 100, 100])
+    assert proj.active and proj.free == [False, False, True]
+    assert proj.scales == pytest.approx([0.01, 0.005, 1.0])
+    # the same call in relative mode lets tensor 0 take its whole update: the cap is all that differs
+    rel = HybridController.project(settings(trust_region="relative"), 1.0, 0.01, [1.0, 1.0, 1e-6], [0.0] * 3,
+                                   param_sq=[1e4, 0.25, 1.0], numels=[100, 100, 100])
+    assert rel.scales == pytest.approx([1.0, 0.005, 1.0])
+    # a radius grown to the top of its range does not lift the cap
+    wide = HybridController.project(s, 10.0, 1.0, [1.0], [0.0], param_sq=[1e4], numels=[100])
+    assert wide.applied_norm == pytest.approx(0.01)
+
+
 def test_rho_from_gradients_is_exact_on_a_quadratic_and_the_rule_grows_a_binding_radius():
     # f(x) = ½x², x = 1, step Δ = -0.5 (half way): g_{t-1}·Δ = -0.5, g_t·Δ = (0.5)(-0.5) = -0.25
     # actual = −½(g_{t-1} + g_t)·Δ = 0.375, predicted = 0.5 → ρ = 0.75

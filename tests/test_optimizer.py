@@ -128,6 +128,44 @@ def test_relative_trust_region_bounds_each_tensor():
     train(model, opt, 30, X, y, check=check)
 
 
+def test_bounded_trust_region_caps_each_tensors_update_rms_whatever_the_lr():
+    X, y = regression()
+    model = mlp(d_in=20)
+    # LR 1.0 (1000× the guide's) and the radius at the top of its range: only the cap holds the step back
+    opt = HybridOptimizer(model.parameters(), lr=1.0, trust_region="bounded", trust_radius=1.0,
+                          radius_adaptation=False, max_update_rms=1e-3)
+    capped = []
+
+    def check(before, after, info):
+        for b, a in zip(before, after):
+            step = float((a - b).detach().norm())
+            relative = info.trust_radius * max(float(b.norm()), 1e-3 * math.sqrt(b.numel()))
+            cap = 1e-3 * math.sqrt(b.numel())
+            assert step <= min(relative, cap) * (1 + 1e-5)
+            capped.append(step > cap * 0.99)
+
+    infos = train(model, opt, 30, X, y, check=check)
+    assert any(capped) and all(i.constraint_active for i in infos)
+    assert all(math.isfinite(float(p.detach().abs().max())) for p in model.parameters())
+
+
+def test_bounded_is_relative_when_the_cap_never_binds():
+    X, y = regression()
+    runs = []
+    for mode, extra in (("relative", {}), ("bounded", {"max_update_rms": 1e3})):
+        model = mlp(d_in=20)
+        opt = HybridOptimizer(model.parameters(), lr=5e-2, aux_net=AuxiliaryNeuralNetwork(), trust_region=mode,
+                              trust_radius=0.01, **extra)
+        train(model, opt, 20, X, y)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_max_update_rms_must_be_positive():
+    with pytest.raises(ValueError, match="max_update_rms must be a finite number > 0"):
+        HybridOptimizer(mlp().parameters(), trust_region="bounded", max_update_rms=0.0)
+
+
 def test_state_dict_round_trip_continues_bit_identically():
     X, y = regression()
     model = mlp(d_in=20)
