@@ -286,9 +286,22 @@ class RunSummary:
     val_loss: float | None = _value("validation loss of the last evaluation")
     val_ppl: float | None = _value("its perplexity")
     top1_agreement: float | None = _value("top-1 agreement with the teacher at the last evaluation")
+    kl_teacher: float | None = _value("KL(teacher top-k ‖ student) per position at the last evaluation")
+    teacher_val_loss: float | None = _value("the teacher's own cross-entropy on the same validation windows (the "
+                                            "student's reference; over the student's vocabulary, like val_loss)")
+    teacher_gap: float | None = _value("val_loss − teacher_val_loss in nats (0: as good as its teacher)")
+    teacher_gap_ratio: float | None = _value("val_loss ÷ teacher_val_loss (1.0: as good as its teacher)")
     tokens_per_s: float | None = _value("training tokens per second over the training loop")
     train_seconds: float | None = _value("seconds in the training loop (resumed runs: all segments)")
     extra: dict[str, Any] = field(default_factory=dict, metadata={"doc": "every other final value (flat)"})
+
+    def __post_init__(self) -> None:
+        # The gap to the teacher follows from the two losses (one rule, also for summaries read back from a store).
+        if self.val_loss is not None and self.teacher_val_loss is not None:
+            if self.teacher_gap is None:
+                self.teacher_gap = float(self.val_loss) - float(self.teacher_val_loss)
+            if self.teacher_gap_ratio is None and float(self.teacher_val_loss) > 0:
+                self.teacher_gap_ratio = float(self.val_loss) / float(self.teacher_val_loss)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat: the named fields and the extra values side by side (what the store keeps)."""
@@ -321,7 +334,8 @@ def summary_title(optimizer: str | None) -> str:
 
 def render_summary(summary: RunSummary | dict[str, Any] | None, optimizer: str | None = None) -> str:
     """The guide's summary block. A baseline run shows only Total Steps and Final Loss under its own title (it has
-    no multiplier or radius); a Validation and a Throughput line follow when the run has those values."""
+    no multiplier or radius); Validation, Teacher (its held-out loss and the student's gap to it) and Throughput lines
+    follow when the run has those values."""
     s = summary if isinstance(summary, RunSummary) else RunSummary.from_dict(summary)
     optimizer = optimizer or s.optimizer
     lines = [summary_title(optimizer), RULE]
@@ -336,6 +350,18 @@ def render_summary(summary: RunSummary | dict[str, Any] | None, optimizer: str |
         if s.top1_agreement is not None:
             line += f", top-1 agreement with the teacher {_format(s.top1_agreement, '{:.1%}')}"
         lines.append(line)
+    if s.teacher_val_loss is not None:
+        # After the guide's lines: the student's reference, the teacher on the very same held-out windows.
+        lines.append(f"Teacher Held-out Loss: {_format(s.teacher_val_loss, '{:.6f}')} (perplexity "
+                     f"{_format(math.exp(min(float(s.teacher_val_loss), 50.0)), '{:.2f}')}) on the same "
+                     "validation windows")
+        if s.teacher_gap is not None:
+            line = f"Student Gap to Teacher: {_format(s.teacher_gap, '{:+.6f}')} nats"
+            if s.teacher_gap_ratio is not None:
+                line += f" ({_format(s.teacher_gap_ratio, '{:.3f}')}× the teacher's loss)"
+            if s.kl_teacher is not None:
+                line += f", KL to the teacher {_format(s.kl_teacher, '{:.4f}')}"
+            lines.append(line)
     if s.tokens_per_s is not None and s.train_seconds is not None:
         lines.append(f"Throughput: {s.tokens_per_s:,.0f} tokens/s over {s.train_seconds:.1f} s")
     lines.append(RULE)

@@ -90,6 +90,13 @@ class Prepared:
     def n_clusters(self) -> int:
         return int(self.train_clusters.max()) + 1
 
+    @property
+    def teacher_val_loss(self) -> float | None:
+        """The teacher's own held-out cross-entropy on exactly the windows every evaluation of the student uses
+        (`eval_index`): the reference line under the student's val_loss. None when the logits carry no val_ce."""
+        val_loss = getattr(self.logits, "val_loss", None)
+        return val_loss(self.eval_index) if val_loss is not None else None
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":

@@ -15,9 +15,10 @@ from .loop import TrainState
 from .plan import RunPlan
 
 
-def summarize(state: TrainState, plan: RunPlan, timings: dict | None = None, final_eval: dict | None = None
-              ) -> RunSummary:
-    """The run's final numbers from its history (resumed segments included) and last evaluation."""
+def summarize(state: TrainState, plan: RunPlan, timings: dict | None = None, final_eval: dict | None = None,
+              teacher_val_loss: float | None = None) -> RunSummary:
+    """The run's final numbers from its history (resumed segments included) and last evaluation; with the
+    teacher's held-out loss on the same windows (Prepared.teacher_val_loss), the student's gap to it."""
     rows = state.history
     final_eval = final_eval if final_eval is not None else (state.evals[-1] if state.evals else {})
     finite = [h.loss for h in rows if math.isfinite(h.loss)]
@@ -32,7 +33,7 @@ def summarize(state: TrainState, plan: RunPlan, timings: dict | None = None, fin
                  avg_bits=state.plan.avg_bits if state.plan is not None else (plan.bits if plan.bits < 16 else 32.0))
     if state.device.type == "cuda":
         extra["cuda_peak_mb"] = torch.cuda.max_memory_allocated(state.device) / 2 ** 20
-    named = {k: v for k, v in final_eval.items() if k in ("val_loss", "val_ppl", "top1_agreement")}
+    named = {k: v for k, v in final_eval.items() if k in ("val_loss", "val_ppl", "top1_agreement", "kl_teacher")}
     extra.update({k: v for k, v in final_eval.items() if k not in named and k != "step"})
     return RunSummary(
         steps_completed=state.step, final_loss=finite[-1] if finite else None,
@@ -42,7 +43,7 @@ def summarize(state: TrainState, plan: RunPlan, timings: dict | None = None, fin
         final_epoch_loss=sum(last_epoch) / len(last_epoch) if last_epoch else None,
         final_step_loss=rows[-1].loss if rows else None, skipped_steps=sum(1 for h in rows if h.skipped),
         tokens_per_s=train_tokens / state.train_seconds if state.train_seconds > 0 else 0.0,
-        train_seconds=state.train_seconds, **named, extra=extra)
+        train_seconds=state.train_seconds, teacher_val_loss=teacher_val_loss, **named, extra=extra)
 
 
 def write_metrics_csv(state: TrainState, path: Path) -> Path:

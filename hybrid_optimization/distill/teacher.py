@@ -273,42 +273,64 @@ def restricted_logits_fn(model: torch.nn.Module, vocab: torch.Tensor, probe: tor
 
 
 def compute_topk(model: torch.nn.Module, windows: torch.Tensor, vocab: torch.Tensor, k: int, batch_size: int = 8,
-                 device: str | torch.device = "cpu", progress: Callable[[int, int], None] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 device: str | torch.device = "cpu", progress: Callable[[int, int], None] | None = None,
+                 with_ce: bool = False) -> tuple[torch.Tensor, ...]:
     """Top-k teacher logits for every input position of `windows` (student ids [n, L+1]).
 
-    Returns (values float32 [n, L, k], indices int32 [n, L, k]) with indices in student ids."""
+    Returns (values float32 [n, L, k], indices int32 [n, L, k]) with indices in student ids; with `with_ce` also
+    the teacher's cross-entropy on the next token summed over each window (float64 [n], nats). That loss is over
+    the student's vocabulary (the same restricted logits), so it is the same prediction task the student's
+    val_loss measures: the teacher's held-out loss is the student's reference. It needs the full logits, which
+    only this pass sees (the cached top-k miss every target outside the top k)."""
     model = model.to(device).eval()
     inputs = vocab[windows[:, :-1]]                     # teacher ids
     k = min(k, int(vocab.numel()))
     n, length = inputs.shape
     values = torch.empty(n, length, k, dtype=torch.float32)
     indices = torch.empty(n, length, k, dtype=torch.int32)
+    ce = torch.empty(n, dtype=torch.float64)
     logits_of = restricted_logits_fn(model, vocab, inputs[:1].to(device))
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             batch = inputs[start:start + batch_size].to(device)
-            top = logits_of(batch).float().topk(k, dim=-1)
+            logits = logits_of(batch).float()
+            top = logits.topk(k, dim=-1)
             values[start:start + len(batch)] = top.values.cpu()
             indices[start:start + len(batch)] = top.indices.to(torch.int32).cpu()
+            if with_ce:
+                targets = windows[start:start + batch_size, 1:].to(device).long()
+                per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+                ce[start:start + len(batch)] = per_token.double().sum(1).cpu()
             if progress is not None:
                 progress(min(start + batch_size, n), n)
-    return values, indices
+    return (values, indices, ce) if with_ce else (values, indices)
 
 
 @dataclass
 class TeacherLogits:
-    """Cached top-k teacher logits (student ids) for the train and validation windows."""
+    """Cached top-k teacher logits (student ids) for the train and validation windows, and the teacher's own
+    cross-entropy on each validation window (the reference for the student's held-out loss)."""
     train_values: torch.Tensor
     train_indices: torch.Tensor
     val_values: torch.Tensor
     val_indices: torch.Tensor
     path: Path
     built_seconds: float = 0.0        # 0 when it came from the cache
+    val_ce: torch.Tensor | None = None  # float64 [n_val]: the teacher's next-token CE summed over each window
 
     @property
     def k(self) -> int:
         return int(self.train_values.shape[-1])
+
+    def val_loss(self, index: torch.Tensor | None = None) -> float | None:
+        """The teacher's held-out cross-entropy (nats per token) over the validation windows `index` (all when
+        None): the student's evaluate() val_loss on the same windows is directly comparable. None without val_ce."""
+        if self.val_ce is None or len(self.val_ce) == 0:
+            return None
+        ce = self.val_ce if index is None else self.val_ce[index]
+        if len(ce) == 0:
+            return None
+        return float(ce.sum()) / (len(ce) * int(self.val_values.shape[1]))
 
 
 LOGITS_PART_WINDOWS = 2048           # windows per saved block while the teacher's logits are computed
@@ -326,17 +348,18 @@ def _read_part(path: Path, n_windows: int):
     try:
         tensors = load_file(path)
         if tensors["values"].shape[0] == n_windows:
-            return tensors["values"], tensors["indices"]
-    except Exception:          # a damaged block is computed again
+            return tensors["values"], tensors["indices"], tensors["ce"]
+    except Exception:          # a damaged block (or one of an older version, without "ce") is computed again
         pass
     return None
 
 
-def _join(blocks: list, dataset, split: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _join(blocks: list, dataset, split: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if blocks:
-        return torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks])
+        return tuple(torch.cat([b[i] for b in blocks]) for i in range(3))
     k = min(k, dataset.vocab_size)
-    return torch.empty(0, dataset.seq_len, k), torch.empty(0, dataset.seq_len, k, dtype=torch.int32)
+    return (torch.empty(0, dataset.seq_len, k), torch.empty(0, dataset.seq_len, k, dtype=torch.int32),
+            torch.empty(0, dtype=torch.float64))
 
 
 def logits_cache_key(teacher_identity: str, dataset_fingerprint: str, k: int) -> str:
@@ -352,12 +375,14 @@ def teacher_topk_cache(teacher: Teacher, dataset, k: int = TOPK_DEFAULT, device:
     key = logits_cache_key(teacher.identity, dataset.fingerprint, k)
     path = cache_dir() / "teacher_logits" / f"{key}.safetensors"
     cached = _load_logits(path, log)
-    if cached is not None:
+    if cached is not None and cached.val_ce is not None:
         return cached
     with cache_lock(path, "the teacher's logits", log):
         cached = _load_logits(path, log)          # another run computed them while this one waited
-        if cached is not None:
+        if cached is not None and cached.val_ce is not None:
             return cached
+        if cached is not None:                    # written before the teacher's held-out loss was cached
+            return _add_val_ce(teacher, cached, dataset, device, batch_size, log)
         return _compute_logits(teacher, dataset, k, path, device, batch_size, log, progress)
 
 
@@ -369,7 +394,7 @@ def _load_logits(path: Path, log: Callable[[str], None]) -> TeacherLogits | None
     try:
         tensors = load_file(path)
         return TeacherLogits(tensors["train_values"], tensors["train_indices"], tensors["val_values"],
-                             tensors["val_indices"], path)
+                             tensors["val_indices"], path, val_ce=tensors.get("val_ce"))
     except Exception as exc:  # a truncated or foreign file: rebuild it
         log(f"teacher logits cache {path} is unreadable ({exc}); rebuilding it")
         return None
@@ -396,27 +421,52 @@ def _compute_logits(teacher: Teacher, dataset, k: int, path: Path, device: str, 
         if block is None:
             offset = done
             block = compute_topk(teacher.load_model(), windows, dataset.vocab, k, batch_size, device,
-                                 lambda i, n: progress(offset + i, n_total) if progress is not None else None)
+                                 lambda i, n: progress(offset + i, n_total) if progress is not None else None,
+                                 with_ce=True)
             parts.mkdir(parents=True, exist_ok=True)
             tmp = part.with_name(part.name + f".tmp{os.getpid()}")
-            save_file({"values": block[0], "indices": block[1]}, str(tmp))
+            save_file({"values": block[0], "indices": block[1], "ce": block[2]}, str(tmp))
             os.replace(tmp, part)
         elif progress is not None:
             progress(done + len(windows), n_total)
         computed[split].append(block)
         done += len(windows)
-    (train_v, train_i), (val_v, val_i) = (_join(computed[s], dataset, s, k) for s in ("train", "val"))
-    tensors = {"train_values": train_v, "train_indices": train_i, "val_values": val_v, "val_indices": val_i}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata={"teacher": teacher.description, "k": str(k),
-                                               "dataset": dataset.fingerprint})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    (train_v, train_i, _), (val_v, val_i, val_ce) = (_join(computed[s], dataset, s, k) for s in ("train", "val"))
+    logits = TeacherLogits(train_v, train_i, val_v, val_i, path, val_ce=val_ce)
+    _save_logits(logits, teacher, dataset)
     shutil.rmtree(parts, ignore_errors=True)
     seconds = time.time() - start
     tokens = n_total * dataset.seq_len
     log(f"teacher logits cached in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.0f} tokens/s)")
-    return TeacherLogits(train_v, train_i, val_v, val_i, path, built_seconds=seconds)
+    logits.built_seconds = seconds
+    return logits
+
+
+def _save_logits(logits: TeacherLogits, teacher: Teacher, dataset) -> None:
+    """Write the cache entry atomically (a reader sees the old file or the whole new one)."""
+    from safetensors.torch import save_file
+
+    path = logits.path
+    tensors = {"train_values": logits.train_values, "train_indices": logits.train_indices,
+               "val_values": logits.val_values, "val_indices": logits.val_indices, "val_ce": logits.val_ce}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"teacher": teacher.description, "k": str(logits.k),
+                                               "dataset": dataset.fingerprint})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _add_val_ce(teacher: Teacher, logits: TeacherLogits, dataset, device: str, batch_size: int,
+                log: Callable[[str], None]) -> TeacherLogits:
+    """A cache entry from before the teacher's held-out loss was kept: one teacher pass over the validation windows
+    adds it (the caller holds the entry's cache_lock); the training windows' logits are not recomputed."""
+    start = time.time()
+    log(f"computing the teacher's held-out loss on {len(dataset.val)} validation windows (once; added to the cache)")
+    *_, logits.val_ce = compute_topk(teacher.load_model(), dataset.val.tokens, dataset.vocab, logits.k, batch_size,
+                                     device, with_ce=True)
+    _save_logits(logits, teacher, dataset)
+    logits.built_seconds = time.time() - start
+    return logits

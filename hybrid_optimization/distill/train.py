@@ -18,6 +18,7 @@ all-reduced, stop decisions are OR-ed across ranks, and only rank 0 talks to the
 """
 from __future__ import annotations
 
+import math
 import signal
 import time
 from dataclasses import dataclass
@@ -88,6 +89,8 @@ def train(options: TrainOptions | RunPlan) -> TrainResult:
             prepared = prepare_data(plan, inputs, device=session.device, ctx=session.ctx, checkpoint=checkpoint,
                                     say=session.say, stage=session.stage)
             del inputs
+            if session.writer is not None:               # the student's reference line, known before step 1
+                session.writer.set_teacher_val_loss(prepared.teacher_val_loss)
             if session.writer is not None and prepared.samples is not None:
                 session.writer.set_samples(sample_rows(prepared, plan.seq_len))
             session.stage("student")
@@ -115,6 +118,10 @@ def announce(plan: RunPlan, prepared: Prepared, state: TrainState, session: RunS
         + f"; student vocabulary {ds.vocab_size} tokens")
     say(f"Student: {plan.student_size} ({state.model.n_params() / 1e6:.2f} M parameters, {bits}); teacher: "
         f"{prepared.teacher_description}")
+    if prepared.teacher_val_loss is not None:
+        say(f"Teacher held-out loss: {prepared.teacher_val_loss:.4f} (perplexity "
+            f"{math.exp(min(prepared.teacher_val_loss, 50.0)):.2f}) on the {len(prepared.eval_index)} validation "
+            "windows every evaluation uses: the student's reference")
     say(f"Schedule: {plan.total_steps} steps = {plan.n_epochs} epochs × {plan.steps_per_epoch} steps, batch "
         f"{plan.batch_size} × {plan.seq_len} tokens" + (f", {session.ctx.world_size} processes"
                                                           if session.ctx.enabled else ""))
@@ -148,7 +155,8 @@ def finish(plan: RunPlan, prepared: Prepared, state: TrainState, session: RunSes
     summary = summarize(state, plan, {
         "clustering_seconds": prepared.clustering_seconds, "setup_seconds": timings["setup_seconds"],
         "prepare_seconds": timings["prepare_seconds"], "teacher_cache_seconds": prepared.logits.built_seconds,
-        "teacher_tokens": (len(prepared.dataset.train) + len(prepared.dataset.val)) * plan.seq_len}, final_eval)
+        "teacher_tokens": (len(prepared.dataset.train) + len(prepared.dataset.val)) * plan.seq_len}, final_eval,
+        teacher_val_loss=prepared.teacher_val_loss)
     if diverged:
         summary.extra["diverged"] = diverged
     if main and not stopped:

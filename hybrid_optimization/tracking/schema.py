@@ -14,6 +14,10 @@ nothing.
 
 Version 3 adds `stages`: a run's setup stages (reading the data, building the teacher, its logits, clustering,
 the student) with their progress, so the workbench shows them without reading the log.
+
+Version 4 adds `runs.teacher_val_loss`: the teacher's own cross-entropy on exactly the validation windows the
+student is evaluated on, written at set-up (before the first step), so Live and Compare draw the student's
+reference from the start of a run (issue 16). NULL for runs recorded before it.
 """
 from __future__ import annotations
 
@@ -105,8 +109,13 @@ def _v3_setup_stages(conn: sqlite3.Connection) -> None:
                  "PRIMARY KEY (run_id, stage)) WITHOUT ROWID")
 
 
+def _v4_teacher_reference(conn: sqlite3.Connection) -> None:
+    # The teacher's held-out loss on the student's evaluation windows (nats per token): the reference line.
+    conn.execute("ALTER TABLE runs ADD COLUMN teacher_val_loss REAL")
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1_create_tables, _v2_record_write_failures,
-                                                                _v3_setup_stages)
+                                                                _v3_setup_stages, _v4_teacher_reference)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -31,7 +31,7 @@ from .schema import (ACTIVE_STATUSES, DB_NAME, LAYER_COLUMNS, PLAN_COLUMNS, SAMP
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RUN_TABLES = ("steps", "evals", "layers", "plan", "samples", "logs", "artifacts", "stages", "runs")
 _LIST_COLUMNS = ("run_id", "name", "status", "preset", "created_at", "started_at", "ended_at", "step",
-                 "total_steps", "device", "pid", "host", "heartbeat", "tags", "notes", "archived")
+                 "total_steps", "device", "pid", "host", "heartbeat", "tags", "notes", "archived", "teacher_val_loss")
 
 
 class Rows(Sequence):
@@ -324,6 +324,17 @@ class RunStore:
             return {}
         with self._read() as conn:
             rows = conn.execute(f"SELECT run_id, step FROM runs WHERE run_id IN ({','.join('?' * len(ids))})", ids)
+            return dict(rows.fetchall())
+
+    def teacher_val_losses(self, run_ids: Iterable[str]) -> dict[str, float | None]:
+        """Each run's teacher held-out loss (the student's reference line; None: not known yet, or a run recorded
+        before it was kept). Written at set-up, so a live run has it before its first step."""
+        ids = list(run_ids)
+        if not ids:
+            return {}
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT run_id, teacher_val_loss FROM runs WHERE run_id IN ({','.join('?' * len(ids))})",
+                                ids)
             return dict(rows.fetchall())
 
     # -- run management (short write transactions) -------------------------------------------------------------

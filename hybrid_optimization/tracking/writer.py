@@ -188,6 +188,10 @@ class RunWriter:
     def set_device(self, device: str) -> None:
         self._set(device=str(device))
 
+    def set_teacher_val_loss(self, value: float | None) -> None:
+        """The teacher's held-out loss on the run's evaluation windows (the student's reference; set at set-up)."""
+        self._set(teacher_val_loss=scalar(value))
+
     def set_summary(self, summary: dict) -> None:
         self._set(summary=json.dumps(summary, default=json_default))
 
