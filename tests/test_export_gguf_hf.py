@@ -136,7 +136,7 @@ def test_gguf_metadata_and_tokenizer_fields(tmp_path, tokenizer_dir):
     assert fields["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 1]
     assert fields["tokenizer.ggml.bos_token_id"] == 1 and fields["tokenizer.ggml.eos_token_id"] == 2
     assert "<|im_start|>" in fields["tokenizer.chat_template"]
-    # llama.cpp's own key for ids its sampler must never pick (read as an INT32 array by src/llama-vocab.cpp)
+    # llama.cpp's own key for ids its sampler must never pick (an INT32 array, as llama.cpp's vocabulary reads it)
     assert sorted(fields[SUPPRESS_TOKENS_KEY]) == sorted(set(range(300)) - set(vocab.tolist()))
     assert reader.fields[SUPPRESS_TOKENS_KEY].types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32]
     assert "hybrid.unused_token_ids" not in fields                   # the private key nothing read is gone
@@ -275,42 +275,73 @@ def test_llama_cpp_runs_the_ternary_gguf(tmp_path, tokenizer_dir):
 
 @pytest.mark.slow
 def test_llama_cpp_never_samples_an_unused_token_at_temperature_1(tmp_path, tokenizer_dir):
-    """Opt-in (`-m slow`; same llama-cpp-python interpreter as above, skipped without it): sampled at temperature 1
-    with no top-k / top-p / min-p cut, an unused token is never drawn; without the suppression it is.
+    """Opt-in (`-m slow`; same llama-cpp-python interpreter as above, skipped without it): llama.cpp's own samplers,
+    at temperature 1 with no top-k / top-p / min-p cut, never draw an id the GGUF lists in
+    `tokenizer.ggml.suppress_tokens`; on a copy of the file without the key the same sampling draws them.
 
-    llama.cpp's own programs (llama-cli, llama-server) apply `tokenizer.ggml.suppress_tokens` themselves: the vocab
-    loader reads it and common/sampling.cpp gives each id a -inf bias. llama-cpp-python builds its own sampler chain
-    and does not, so here the ids come from llama.cpp's own parse of the file (`Llama.metadata`, llama.cpp's GGUF
-    reader) and the -inf bias is added as common/sampling.cpp adds it, before llama.cpp's sampler draws.
+    Upstream llama.cpp applies the key itself since PR #26276 ("move suppress_tokens handling to common/sampling",
+    2026-07-29): `llama_vocab_get_suppress_tokens()` returns the file's list and `common_sampler_init`
+    (common/sampling.cpp) puts every id at -INFINITY into the logit-bias sampler that heads the chain, so llama-cli
+    and llama-server never sample them. The llama.cpp inside llama-cpp-python 0.3.16 (commit 4227c9b) predates that
+    (no `suppress` anywhere in its libllama.so), and llama-cpp-python builds its own sampler chain anyway. So the ids
+    are read here from the file with gguf-py and the chain is built as common_sampler_init builds it, from
+    llama.cpp's own samplers: logit_bias(ids at -inf) -> temp(1.0) -> dist(seed). Where the library has
+    `llama_vocab_get_suppress_tokens`, its list must equal gguf-py's.
     """
+    import gguf
     python = os.environ.get("LLAMA_PYTHON", "/work/llama-venv/bin/python")
     if not os.path.exists(python):
         pytest.skip(f"no llama-cpp-python interpreter at {python} (see test_llama_cpp_runs_the_ternary_gguf)")
     model, vocab, ids = _student()
-    path = tmp_path / "s.gguf"
+    path, plain = tmp_path / "s.gguf", tmp_path / "plain.gguf"
     export_gguf(model, vocab, tokenizer_dir, path)
+    # the same file less the key, made with gguf-py's own metadata tool (llama.cpp's gguf-new-metadata)
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--remove-metadata",
+                    SUPPRESS_TOKENS_KEY, "--force", str(path), str(plain)], capture_output=True, check=True,
+                   timeout=120, stdin=subprocess.DEVNULL)
     unused = sorted(set(range(300)) - set(vocab.tolist()))
-    script = ("import json,re,sys,llama_cpp,numpy as np\n"
-              "m=llama_cpp.Llama(sys.argv[1],n_ctx=256,verbose=False,n_threads=2,seed=1)\n"
-              "listed=[int(x) for x in re.findall(r'-?\\d+',m.metadata.get('tokenizer.ggml.suppress_tokens',''))]\n"
-              "def suppress(input_ids,scores):\n"
-              "    scores=np.array(scores,copy=True); scores[listed]=-np.inf; return scores\n"
-              "out={'listed':listed}\n"
-              "for name,procs in (('suppressed',llama_cpp.LogitsProcessorList([suppress])),('plain',None)):\n"
-              "    drawn=[]\n"
-              "    for r in range(8):\n"
-              "        for i,t in enumerate(m.generate(json.loads(sys.argv[2]),top_k=0,top_p=1.0,min_p=0.0,temp=1.0,\n"
-              "                                          repeat_penalty=1.0,logits_processor=procs)):\n"
-              "            drawn.append(int(t))\n"
-              "            if i==31: break\n"
-              "    out[name]=drawn\n"
+
+    def listed(file):
+        field = gguf.GGUFReader(str(file)).fields.get(SUPPRESS_TOKENS_KEY)
+        return sorted(int(i) for i in field.contents()) if field is not None else []
+
+    assert listed(path) == unused and listed(plain) == []
+    script = ("import ctypes,json,sys,llama_cpp,numpy as np\n"
+              "from llama_cpp import _internals\n"
+              "path,prompt,ids=sys.argv[1],json.loads(sys.argv[2]),json.loads(sys.argv[3])\n"
+              "m=llama_cpp.Llama(path,n_ctx=32,verbose=False,n_threads=1,seed=1)\n"
+              "out={'drawn':[]}\n"
+              "if hasattr(llama_cpp.llama_cpp._lib,'llama_vocab_get_suppress_tokens'):\n"
+              "    f=llama_cpp.llama_cpp._lib.llama_vocab_get_suppress_tokens\n"
+              "    f.restype=ctypes.POINTER(ctypes.c_int32); n=ctypes.c_int32(0)\n"
+              "    p=f(m._model.vocab,ctypes.byref(n)); out['library_list']=sorted(p[i] for i in range(n.value))\n"
+              "m.eval(prompt)\n"
+              "out['logits']=np.ctypeslib.as_array(m._ctx.get_logits_ith(-1),shape=(m.n_vocab(),)).tolist()\n"
+              "for run in range(16):\n"
+              "    s=_internals.LlamaSampler()\n"
+              "    if ids: s.add_logit_bias(m.n_vocab(),{int(i):float('-inf') for i in ids})\n"
+              "    s.add_temp(1.0); s.add_dist(1000+run)\n"
+              "    m.n_tokens=0; m._ctx.kv_cache_seq_rm(-1,0,-1); m.eval(prompt)\n"
+              "    for _ in range(24):\n"
+              "        t=s.sample(m._ctx,-1); out['drawn'].append(int(t)); m.eval([t])\n"
               "print(json.dumps(out))\n")
-    done = subprocess.run([python, "-c", script, str(path), json.dumps(vocab[ids[0, :8]].tolist())],
-                          capture_output=True, text=True, timeout=600, check=True)
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["listed"] == unused                      # llama.cpp reads the key, every unused id in it
-    assert len(out["suppressed"]) == 256 and not set(out["suppressed"]) & set(unused)
-    assert set(out["plain"]) & set(unused), "without the key's bias unused tokens are drawn: the check can fail"
+    prompt = json.dumps(vocab[ids[0, :8]].tolist())
+    out = {}
+    for name, file in (("suppressed", path), ("plain", plain)):
+        done = subprocess.run([python, "-c", script, str(file), prompt, json.dumps(listed(file))],
+                              capture_output=True, text=True, timeout=600, check=True)
+        out[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        if "library_list" in out[name]:                          # a llama.cpp new enough to read the key itself
+            assert out[name]["library_list"] == listed(file), name
+    # without the bias the unused ids are far from negligible: llama.cpp's own next-token distribution after the
+    # prompt gives them this much mass (logit 0 each, beside the student's logits)
+    logits = torch.tensor(out["plain"]["logits"], dtype=torch.float64)
+    unused_mass = torch.softmax(logits, -1)[unused].sum().item()
+    assert unused_mass > 0.05, unused_mass                       # 384 draws with none: < 1e-8 by chance
+    assert len(out["suppressed"]["drawn"]) == 384 and not set(out["suppressed"]["drawn"]) & set(unused)
+    drawn_unused = [t for t in out["plain"]["drawn"] if t in set(unused)]
+    assert drawn_unused, "without the key the same sampling draws unused ids: the check can fail"
+    print(f"unused mass {unused_mass:.3f}; plain: {len(drawn_unused)}/384 draws unused; with the key: 0/384")
 
 
 def test_export_cli_module_runs(tmp_path):

@@ -15,9 +15,13 @@ The tokenizer is the run's own (byte-level BPE, gguf tokenizer model "gpt2"): th
 (pre-tokenizer "gpt-2", the GPT-2 split regex it was trained with) or SmolLM2's for the smollm2 preset (pre-tokenizer
 "smollm"). Any byte-level BPE tokenizer.json exports the same way; other tokenizer kinds are refused with one line.
 The vocabulary is the full tokenizer's (llama_format.py: embedding and head expanded, unused rows zero). The ids the
-student never predicts are listed in `tokenizer.ggml.suppress_tokens` (INT32 array), llama.cpp's own key: its vocab
-loader reads it (src/llama-vocab.cpp) and its common sampler gives those ids a -inf bias (common/sampling.cpp), so
-llama-cli / llama-server never sample them. gguf-py 0.19 has no constant for that key yet, hence the string here.
+student never predicts are listed in `tokenizer.ggml.suppress_tokens` (INT32 array), llama.cpp's own key: since
+llama.cpp PR #26276 (2026-07-29) the vocabulary keeps it (`llama_vocab_get_suppress_tokens()`) and
+`common_sampler_init` (common/sampling.cpp) gives those ids a -INFINITY logit bias, so llama-cli / llama-server never
+sample them. Older llama.cpp builds (the one inside llama-cpp-python 0.3.16 is commit 4227c9b) ignore the key, and
+front-ends that build their own sampler chain (llama-cpp-python's `Llama`) must pass the ids as a logit bias
+themselves (tests/test_export_gguf_hf.py's llama.cpp test does, with llama.cpp's logit-bias sampler). gguf-py 0.19
+has no constant for that key yet, hence the string here.
 `general.quantization_version` is written as llama.cpp's own converter writes it (GGML_QUANT_VERSION).
 
 The file is written under a temporary name and renamed into place, so a failed export leaves nothing behind.
