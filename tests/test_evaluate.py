@@ -148,3 +148,39 @@ def test_the_summary_block_keeps_the_guides_lines_and_adds_the_teacher_after_the
     # Read back from the store's flat summary, the gap is the same; a run without a teacher loss shows no line.
     assert RunSummary.from_dict(summary.to_dict()).teacher_gap == 1.0
     assert "Teacher" not in render_summary({**guide, "val_loss": 5.0})
+
+
+def test_the_summary_page_shows_the_teachers_loss_and_the_students_gap(tmp_path):
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    store = RunStore(tmp_path / "runs")
+    finished = store.create_run(config={}, args={"options": {"hybrid": False}}, preset="tiny", status="running")
+    running = store.create_run(config={}, args={"options": {"hybrid": False}}, preset="tiny", status="running")
+    summary = RunSummary(steps_completed=4, final_loss=5.5, optimizer="adamw", val_loss=5.25, kl_teacher=0.4,
+                         teacher_val_loss=5.0).to_dict()
+    with store.writer(finished) as writer:
+        writer.set_teacher_val_loss(5.0)
+        writer.set_summary(summary)
+        writer.set_status("finished")
+    with store.writer(running) as writer:
+        writer.set_teacher_val_loss(4.5)
+    def summary_page(run_id):
+        at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=60)
+        at.session_state["runs_root"] = str(store.root)
+        at.session_state["selected_run"] = run_id
+        at.run()
+        at.switch_page("workbench/pages/summary.py")
+        at.run()
+        assert not at.exception, at.exception
+        return at
+
+    at = summary_page(finished)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Teacher's validation loss"] == "5.0000" and metrics["Validation loss"] == "5.2500"
+    assert metrics["Gap to the teacher"] == "+0.2500"
+    assert [m.delta for m in at.metric if m.label == "Gap to the teacher"] == ["1.050× the teacher's loss"]
+    assert "Student Gap to Teacher: +0.250000 nats (1.050× the teacher's loss)" in at.code[0].value
+    at = summary_page(running)                  # still training: its reference is known already
+    assert {m.label: m.value for m in at.metric} == {"Teacher's validation loss": "4.5000"}

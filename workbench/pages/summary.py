@@ -37,21 +37,40 @@ if run["status"] == "failed" and run.get("error"):
     with st.expander("Traceback"):
         st.code(run["error"], language="text")
 
+# The student's reference: the teacher's own loss on the very windows the student is evaluated on (stored on the
+# run at set-up, so a run still training has it too; runs recorded before it have none).
+TEACHER_HELP = ("The teacher's own cross-entropy on the same validation windows, over the student's vocabulary: "
+                "the loss the student is distilled toward.")
+GAP_HELP = ("The student's validation loss minus its teacher's, on the same windows (0: as good as the teacher). "
+            "Below it: the ratio of the two losses.")
+teacher_loss = summary.get("teacher_val_loss", run.get("teacher_val_loss"))
+if not summary and teacher_loss is not None:
+    st.metric(headline.value_label("teacher_val_loss"), headline.format_value("teacher_val_loss", teacher_loss),
+              help=TEACHER_HELP)
+
 if summary:
     # The block exactly as the trainer printed it (hybrid or baseline), then the same numbers readable.
     st.code(headline.summary_text(run), language="text")
-    headline_keys = ["final_loss", "val_loss", "val_ppl", "top1_agreement", "kl_teacher", "tokens_per_s"]
+    values = {**summary, "teacher_val_loss": teacher_loss}
+    headline_keys = ["final_loss", "val_loss", "teacher_val_loss", "teacher_gap", "val_ppl", "top1_agreement",
+                     "kl_teacher", "tokens_per_s"]
     if hybrid:
         headline_keys += ["avg_lr_multiplier", "constraint_activation_rate"]
-    shown_keys = [k for k in headline_keys if summary.get(k) is not None]
+    shown_keys = [k for k in headline_keys if values.get(k) is not None]
+    helps = {"final_loss": headline.FINAL_LOSS_HELP, "tokens_per_s": headline.TOKENS_HELP,
+             "teacher_val_loss": TEACHER_HELP, "teacher_gap": GAP_HELP}
+    ratio = values.get("teacher_gap_ratio")
     cols = st.columns(4)
     for i, key in enumerate(shown_keys):
-        cols[i % 4].metric(headline.value_label(key), headline.format_value(key, summary[key]),
-                           help=headline.FINAL_LOSS_HELP if key == "final_loss" else
-                           headline.TOKENS_HELP if key == "tokens_per_s" else None)
+        cols[i % 4].metric(headline.value_label(key), headline.format_value(key, values[key]), help=helps.get(key),
+                           delta=(f"{headline.format_value('teacher_gap_ratio', ratio)} the teacher's loss"
+                                  if key == "teacher_gap" and ratio is not None else None), delta_color="off")
     st.caption(f"“Final Loss”: {headline.FINAL_LOSS_HELP[0].lower() + headline.FINAL_LOSS_HELP[1:]} "
-               "Validation values are from the last evaluation.")
+               "Validation values are from the last evaluation."
+               + (" The teacher's validation loss is its own, on the same windows: the student's reference."
+                  if teacher_loss is not None else ""))
     rest = {k: v for k, v in summary.items() if k not in shown_keys and k not in headline.HIDDEN_VALUES
+            and k != "teacher_gap_ratio"
             and not str(k).startswith("val_loss_cluster_") and isinstance(v, (int, float, str, bool))}
     clusters = {k: v for k, v in summary.items() if str(k).startswith("val_loss_cluster_")}
     with st.expander("Timings, memory, size and every other value"):
