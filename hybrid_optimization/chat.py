@@ -250,7 +250,8 @@ def _sample(logits: "torch.Tensor", temperature: float, top_p: float, generator)
 # -- the command line -----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     from .distill.options import OneLineParser as _Parser
-    p = _Parser(prog="python -m hybrid_optimization.chat",
+    from .progname import command_name
+    p = _Parser(prog=command_name("hybrid_optimization.chat"),       # hybrid-chat, or python -m ...
                 description="Chat with a finished run's student, its teacher answering beside it.")
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--message", metavar="TEXT", help="ask one question and exit (default: interactive)")

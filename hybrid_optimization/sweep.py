@@ -798,7 +798,8 @@ def build_parser() -> argparse.ArgumentParser:
         def error(self, message: str):
             self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
-    p = Parser(prog="python -m hybrid_optimization.sweep", description=__doc__.split("\n\n")[0],
+    from .progname import command_name
+    p = Parser(prog=command_name("hybrid_optimization.sweep"), description=__doc__.split("\n\n")[0],
                epilog="See the module docstring (python -m pydoc hybrid_optimization.sweep) for the full story.",
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="the sweep (Optuna study) name; the same name joins a sweep")

@@ -75,7 +75,8 @@ def test_the_wheel_installs_the_packages_and_the_five_commands(venv):
 def test_each_command_answers_help_from_outside_the_checkout(venv, command):
     done = _run(venv, command, "--help")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("usage:") and "--runs_root" in done.stdout
+    # the usage line names the command as it was run (hybrid-distill printed `usage: distillation.py`)
+    assert done.stdout.startswith(f"usage: {command} ") and "--runs_root" in done.stdout
     assert "Traceback" not in done.stderr
 
 
@@ -136,11 +137,31 @@ def test_workbench_flags_match_the_checkouts_streamlit_config():
 
 
 def test_the_checkout_entry_points_keep_working():
-    """distillation.py and `python -m ...` from the checkout, as before the package existed."""
-    for argv in (["distillation.py", "--help"], ["-m", "hybrid_optimization.distill", "--help"],
-                 ["-m", "hybrid_optimization.sweep", "--help"]):
-        done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0 and done.stdout.startswith("usage:"), (argv, done.stderr[-500:])
+    """distillation.py and `python -m ...` from the checkout, as before the package existed; each usage line and
+    error line names the entry point as it was run."""
+    for argv, name in ((["distillation.py"], "distillation.py"),
+                       (["-m", "hybrid_optimization.distill"], "python -m hybrid_optimization.distill"),
+                       (["-m", "hybrid_optimization.sweep"], "python -m hybrid_optimization.sweep"),
+                       (["-m", "hybrid_optimization.export"], "python -m hybrid_optimization.export"),
+                       (["-m", "hybrid_optimization.chat"], "python -m hybrid_optimization.chat")):
+        done = subprocess.run([sys.executable, *argv, "--help"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0 and done.stdout.startswith(f"usage: {name} "), (argv, done.stdout[:200])
+        bad = subprocess.run([sys.executable, *argv, "--no_such_flag"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+        assert bad.returncode == 2 and bad.stderr.startswith(f"{name}: error:"), (argv, bad.stderr[-300:])
+        assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_command_name_is_the_name_it_was_run_as():
+    from hybrid_optimization.progname import command_name
+    assert command_name("hybrid_optimization.distill", "/venv/bin/hybrid-distill") == "hybrid-distill"
+    assert command_name("hybrid_optimization.distill", "distillation.py") == "distillation.py"
+    assert command_name("hybrid_optimization.distill", "/x/hybrid_optimization/distill/__main__.py") == \
+        "python -m hybrid_optimization.distill"
+    assert command_name("hybrid_optimization.chat", "/x/hybrid_optimization/chat.py") == \
+        "python -m hybrid_optimization.chat"
+    assert command_name("hybrid_optimization.sweep", "") == "python -m hybrid_optimization.sweep"
 
 
 def test_pyproject_extras_and_pins_agree():

@@ -236,8 +236,9 @@ def _find_trained_student(run_id: str, runs_root: str | Path | None) -> tuple[Pa
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..progname import command_name
     from .options import OneLineParser as _Parser
-    p = _Parser(prog="python -m hybrid_optimization.export",
+    p = _Parser(prog=command_name("hybrid_optimization.export"),      # hybrid-export, or python -m ...
                 description="Export a finished run's student: packed | gguf (llama.cpp) | hf (transformers).")
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="gguf", help="what to write (default gguf)")
