@@ -48,8 +48,10 @@ _Parser = OneLineParser                 # one clear line instead of usage + erro
 _O, _C = TrainOptions(), HybridTrainingConfig()
 
 
-def build_parser(prog: str = "distillation.py") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, argument_default=argparse.SUPPRESS, epilog=EPILOG,
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from ..progname import command_name          # hybrid-distill, distillation.py or python -m ... as it was run
+    p = _Parser(prog=prog or command_name("hybrid_optimization.distill"), argument_default=argparse.SUPPRESS,
+                epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="Distil a chat teacher into a low-bit (1.58-bit ternary) student with quantization-aware "
                             "training and the hybrid optimizer (learned LR multiplier + trust region + clustering).")
