@@ -194,3 +194,48 @@ def test_help_shows_the_defaults_the_options_and_config_declare():
                           ("--alpha F weight of the hard-label CE in the loss", f"{options.alpha:g}"),
                           ("--seed N seed of initialisation and sampling", str(config.seed))):
         assert f"{flag} ({default})" in text, flag
+
+
+def test_a_data_file_the_reader_refuses_is_refused_before_torch(tmp_path):
+    """Issue 17: the content of a --data file (not UTF-8, empty, a malformed chat, an unknown role) is checked by
+    the reader's own rules (distill/data_files.py) before torch is imported, in one line naming the file and line."""
+    from hybrid_optimization.distill.data import DataError, load_documents
+    files = {"latin1.txt": "caf\u00e9".encode("latin-1"), "blank.txt": b" \n\n ",
+             "broken.jsonl": b'{"messages": [{"role": "user", "content": "Hi"}]}\n{"messages": [\n',
+             "robot.jsonl": b'{"messages": [{"role": "robot", "content": "Hi"}]}\n',
+             "nbsp.txt": "\u00a0\n".encode()}
+    for name, content in files.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        message = refused("--data", str(path), "--runs_root", str(tmp_path / "runs"))
+        with pytest.raises(DataError) as reader:        # the same rule and the same words as the trainer's reader
+            load_documents(path)
+        assert message == f"error: {reader.value}", name
+    assert not (tmp_path / "runs" / "runs.db").exists()
+
+
+def test_sigterm_while_torch_is_imported_marks_the_launched_run_stopped(tmp_path):
+    """Issue 17: a SIGTERM in the seconds before the trainer installs its own handlers (importing torch) ends the
+    launched run's record 'stopped' at once, instead of leaving it queued until the liveness check calls it lost."""
+    import signal
+    import time
+
+    from hybrid_optimization.tracking import RunStore
+    store = RunStore(tmp_path / "runs")
+    run_id = store.create_run(config={}, args=[], preset="tiny", status="queued")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "distillation.py"), "--run_id", run_id, "--runs_root",
+                             str(store.root), "--max_steps", "2", "--quiet"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 60
+    while not len(store.read_stages(run_id)) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)          # the 'data' stage is marked right before torch is imported
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    answered = time.monotonic() - sent
+    run = store.get_run(run_id)
+    assert proc.returncode == 143, err
+    assert run["status"] == "stopped" and "SIGTERM" in run["error"], run
+    assert err.strip() == "stopped by SIGTERM while starting (before training began)", err   # ours, not the trainer's
+    assert answered < 5, f"answered {answered:.1f} s after the SIGTERM"

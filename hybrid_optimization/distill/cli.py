@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import traceback
 from dataclasses import fields
 
@@ -20,6 +22,7 @@ from ..config import ConfigError, HybridTrainingConfig
 from .options import (DATA_SOURCES, MAX_BATCH_SIZE, MAX_EPOCHS, MAX_OPTIONS_FILE_BYTES, MAX_SEQ_LEN, MAX_STEPS,
                       MIN_SEQ_LEN, PYTHON_ONLY, OneLineParser, OptionsError, TrainOptions, read_json_file,
                       regular_file_problem)
+from .data_files import check_data_file
 from .presets import PRESETS, STUDENT_SIZES
 
 EXIT_CODES = {"finished": 0, "failed": 1, "bad input": 2, "diverged": 3, "stopped (SIGINT)": 130,
@@ -103,7 +106,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "(warmup-stable-decay: linear decay to 0 over the last 20 %% of the steps)")
     a.add_argument("--warmup_steps", type=int, metavar="N", help=f"steps of linear LR warmup ({_O.warmup_steps})")
     a.add_argument("--trust_region_mode", choices=TRUST_REGION_MODES,
-                   help="trust region over all parameters (absolute) or per tensor relative to its norm")
+                   help="trust region over all parameters (absolute), per tensor relative to its norm (relative), "
+                        "or relative with each tensor's update RMS capped at 1e-3 (bounded)")
     a.add_argument("--embedder", choices=EMBEDDERS,
                    help="sample features for data clustering: TF-IDF+SVD (default) or MiniLM sentence embeddings")
     a.add_argument("--cluster_batches", choices=CLUSTER_BATCHES,
@@ -192,13 +196,29 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
+    holder: dict = {"options": None}
+    previous = _stop_before_training(holder)    # a SIGTERM before the trainer takes over marks the record
+    try:
+        return _main(argv, holder)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str], holder: dict) -> int:
     from ..tracking import StoreError
     from .plan import plan_run
     options = None
     try:
-        options = parse_options(argv)
+        options = holder["options"] = parse_options(argv)
         options.validate()                  # torch-free: bad input answers before anything heavy is imported
         plan = plan_run(options)            # torch-free too: the step bound, --resume's stored options
+        holder["options"] = plan.options
+        if plan.options.data is not None and plan.options.resume is None:
+            # The data file's content by the reader's own rules (data_files.py), still torch-free: a file that is
+            # not UTF-8, empty, or a malformed chat answers here, not after torch and the teacher are loaded. A
+            # resumed run's file is read by the trainer, which compares it with the run's fingerprint.
+            check_data_file(plan.options.data)
     except SystemExit as exc:               # argparse: --help (0) or a bad flag (2)
         return int(exc.code or 0)
     except (OptionsError, ValueError, StoreError) as exc:
@@ -230,6 +250,24 @@ def main(argv: list[str] | None = None) -> int:
     return result.exit_code
 
 
+def _stop_before_training(holder: dict) -> dict:
+    """SIGTERM / SIGINT handlers for the seconds before the trainer installs its own (importing torch alone takes
+    several): the launcher's queued record is marked stopped at once and the process exits 143 / 130, instead of
+    dying silently and leaving the record queued until the liveness check calls it lost. The trainer's session
+    replaces these handlers while it runs and puts them back after. Returns the handlers they replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        message = f"stopped by {name} while starting (before training began)"
+        print(message, file=sys.stderr, flush=True)
+        _mark_record(holder["options"], "stopped", message)
+        raise SystemExit(130 if signum == signal.SIGINT else 143)
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
 def _mark_starting(plan) -> None:
     """A launched run (a queued record) shows its first setup stage at once, before torch is imported (issue 19:
     the Live page's first progress within seconds of Launch). Best effort: the session records everything anyway."""
@@ -247,12 +285,17 @@ def _mark_starting(plan) -> None:
 
 def _fail_launcher_record(options: TrainOptions | None, message: str) -> None:
     """Bad input for a record a launcher pre-created (status queued): it must not stay queued forever."""
+    _mark_record(options, "failed", message)
+
+
+def _mark_record(options: TrainOptions | None, status: str, message: str) -> None:
+    """Set a launcher's pre-created record (still queued: the trainer has not taken it) to `status`."""
     if options is None or not options.run_id or not options.track:
         return
     try:
         from ..tracking import RunStore
         store = RunStore(options.runs_root, create=False)
         if store.get_run(options.run_id)["status"] == "queued":
-            store.set_status(options.run_id, "failed", message)
-    except Exception:               # best effort: the one-line error above is what the user needs
+            store.set_status(options.run_id, status, message)
+    except Exception:               # best effort: the one-line message on stderr is what the user needs
         pass

@@ -12,7 +12,8 @@ Sources
 
 Pipeline (every step deterministic):
 1. `load_documents(path)` -> list of Document (chat messages or plain text). Bad files raise `DataError` with one
-   clear message (file, line, what is allowed).
+   clear message (file, line, what is allowed); the file rules are data_files.py's (torch-free: the CLI checks a
+   --data file with them before torch is imported).
 2. `build_dataset(documents, tokenizer, seq_len, split_seed)`:
    - drop exact duplicate documents (the chatterbot corpus holds 2,025 conversations but only 898 distinct ones —
      one is repeated 121 times — and repeats would dominate whole batches and data clusters); messages say how many
@@ -47,9 +48,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .options import binary_problem, regular_file_problem
+from .data_files import ROLES, DataError, read_data_file  # noqa: F401 (re-exported: ROLES, DataError)
 
-ROLES = ("system", "user", "assistant")
 DEFAULT_VAL_FRACTION = 0.1
 ENCODE_CHUNK_CHARS = 1 << 20      # text handed to the tokenizer per call: bounds the tokenizer's own memory
 PIECE_CHARS = 1 << 16             # longer documents are tokenised in pieces of about this size
@@ -58,10 +58,6 @@ MAX_VAL_SHARE_FACTOR = 3.0        # document split only while validation holds �
 # characters per token with the tiny preset's 1,024-token BPE and ~4 with SmolLM2's 49 k vocabulary.
 ENCODE_CHARS_PER_S = 1.3e6
 CHARS_PER_TOKEN = 3.0
-
-
-class DataError(ValueError):
-    """The training data cannot be used; the message names the file, the place and what is allowed."""
 
 
 @dataclass
@@ -179,68 +175,6 @@ def load_python_docs() -> list[Document]:
 DATA_SOURCES = {"chatterbot": load_chatterbot, "python-docs": load_python_docs}
 
 
-def _read_text(path: Path) -> str:
-    # Only a regular file, and not a binary one (its head sampled for NUL bytes): a FIFO would block, /dev/zero
-    # would never end, and a gigabyte of NUL bytes would be decoded as text for minutes.
-    problem = regular_file_problem(path) if path.exists() else None
-    problem = problem or (binary_problem(path) if path.is_file() else None)
-    if problem:
-        raise DataError(f"data file {path} {problem}")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"data file {path} does not exist") from None
-    except IsADirectoryError:
-        raise DataError(f"data path {path} is a directory; pass a .txt or .jsonl file") from None
-    except OSError as exc:
-        raise DataError(f"cannot read data file {path}: {exc.strerror}") from None
-    if not raw.strip():
-        raise DataError(f"data file {path} is empty; it needs text (.txt) or one chat per line (.jsonl)")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise DataError(f"data file {path} is not valid UTF-8: undecodable byte 0x{raw[exc.start]:02x} at line "
-                        f"{line} (byte offset {exc.start}); save it as UTF-8") from None
-
-
-def load_txt(path: Path) -> list[Document]:
-    text = _read_text(path).replace("\r\n", "\n")
-    paragraphs = [p.strip() for p in text.split("\n\n")]
-    return [Document(text=p, source=path.name) for p in paragraphs if p]
-
-
-def load_jsonl(path: Path) -> list[Document]:
-    documents = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); each line must be "
-                            '{"messages": [{"role": ..., "content": ...}, ...]}') from None
-        messages = record.get("messages") if isinstance(record, dict) else None
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f'{where}: expected an object with a non-empty "messages" list, e.g. '
-                            '{"messages": [{"role": "user", "content": "Hi"}]}')
-        clean = []
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise DataError(f'{where}: message {i} must be an object with "role" and "content"')
-            if message["role"] not in ROLES:
-                raise DataError(f"{where}: message {i} has role {message['role']!r}; allowed roles: "
-                                f"{', '.join(ROLES)}")
-            if not isinstance(message["content"], str):
-                raise DataError(f'{where}: message {i} "content" must be a string')
-            clean.append({"role": message["role"], "content": message["content"]})
-        documents.append(Document(messages=clean, source=f"{path.name}:{number}"))
-    if not documents:
-        raise DataError(f"data file {path} has no chats (only blank lines)")
-    return documents
-
-
 def load_documents(path: str | Path | None = None, source: str | None = None) -> list[Document]:
     """Documents from `path` (.txt or .jsonl), a named source (DATA_SOURCES), or else the chatterbot corpus."""
     if source is not None:
@@ -251,15 +185,9 @@ def load_documents(path: str | Path | None = None, source: str | None = None) ->
     elif path is None:
         documents = load_chatterbot()
     else:
-        path = Path(path).expanduser()
-        suffix = path.suffix.lower()
-        if suffix == ".txt":
-            documents = load_txt(path)
-        elif suffix == ".jsonl":
-            documents = load_jsonl(path)
-        else:
-            raise DataError(f"data file {path} has extension {suffix or '(none)'!r}; use .txt (plain text) or "
-                            ".jsonl (one chat per line)")
+        path, read = read_data_file(path)          # the file's rules: data_files.py (torch-free, also the CLI's)
+        documents = [Document(text=doc, source=path.name) if isinstance(doc, str) else
+                     Document(messages=doc[1], source=f"{path.name}:{doc[0]}") for doc in read]
     if not documents:
         raise DataError(f"no documents found in {path or 'chatterbot-corpus'}")
     return documents
