@@ -44,7 +44,8 @@ HELP: dict[str, str] = {
     "initial_trust_radius": "Initial constraint radius μ₀ (range 0.001–1.0).",
     "trust_radius_adaptation": "Adapt radius during training.",
     "trust_region_mode": "absolute: ‖ΔΘ‖₂ ≤ μ over all parameters (the guide's formula). relative: every tensor W "
-                         "obeys ‖ΔW‖₂ ≤ μ·‖W‖₂ (LAMB-like), so one large layer cannot take the whole budget.",
+                         "obeys ‖ΔW‖₂ ≤ μ·‖W‖₂ (LAMB-like), so one large layer cannot take the whole budget. "
+                         "bounded: relative, and no tensor's update RMS above 1e-3 (an LR set too high is held there).",
     "base_learning_rate": "Base learning rate (the auxiliary NN multiplies it by 0.1×–10×).",
     "max_steps": "Maximum training steps.",
     "batch_size": "Batch size.",
