@@ -55,6 +55,10 @@ class Scale:
 SCALES = {
     "medium": Scale("medium", 1_350_000, 64, 256, 3, 4, 688, 256, 4, 4, 600, 16, 64),
     "full": Scale("full", None, 128, 256, 4, 4, 688, 384, 6, 6, 2000, 32, 256),
+    # Issue 16's python-docs twin of the quick (chat) workload: the tiny preset's shapes (student d 256, 1 block,
+    # d_ff 512; teacher hidden 128, 2 layers, 200 steps; top-32 logits; 64-token windows, 64 held-out windows),
+    # on the first 400 k tokens of the documentation pages, so that one run costs what a quick run costs.
+    "docs-quick": Scale("docs-quick", 400_000, 64, 256, 1, 4, 512, 128, 2, 4, 200, 32, 64),
 }
 
 

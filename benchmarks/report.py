@@ -38,7 +38,9 @@ def write_report(out: Path, budget, env: dict, workload: dict, protocol: dict, r
     summary = {"environment": env, "budget": _jsonable(vars(budget)), "workload": workload,
                "targets": protocol["targets"], "tuned_lr": protocol["tuned_lr"],
                "tuning_cost": protocol["tuning_cost"], "protocol_seconds": protocol["protocol_seconds"],
-               "smollm2": protocol.get("smollm2"), **_jsonable(extra)}
+               "smollm2": protocol.get("smollm2"), **_jsonable(extra),
+               # the method codes of this report and their labels: what the workbench's Benchmarks page shows
+               "methods": {k: m.label for k, m in ALL.items() if k in {r["method"] for r in rows}}}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     figures = build_figures(protocol, rows)
     for name, fig in figures.items():

@@ -68,9 +68,19 @@ VARIANTS = (
     replace(H, key="H-plan50", label="H with the precision plan after 50 % of the steps instead of 10 %",
             plan_fraction=0.5),
 )
+# The hybrid with each trust region pinned (issue 16's robustness protocol): "H" follows the product's default
+# (HybridTrainingConfig.trust_region_mode), which may change between sittings of a journal; these never do.
+HYB_ABS = replace(H, key="H-abs", label="H with the absolute trust region (‖ΔΘ‖ ≤ μ over all parameters)",
+                  config={"trust_region_mode": "absolute"})
+HYB_BOUNDED = replace(H, key="H-bounded", label="H with the bounded trust region (relative per tensor, update RMS "
+                      "capped)", config={"trust_region_mode": "bounded"})
 TRACK_METHODS = (ADAMW, ADAMW_COS, SF, MUON, PRODIGY, HYB, HYB_SCHED)
 TRACK_ABLATIONS = tuple(m for m in ABLATIONS if m.key in ("H-aux", "H-TR", "H-param", "H-frozen"))
-ALL_TRACK = {m.key: m for m in (*TRACK_METHODS, *TRACK_ABLATIONS, HYB_HORIZON, *VARIANTS)}
+ALL_TRACK = {m.key: m for m in (*TRACK_METHODS, *TRACK_ABLATIONS, HYB_HORIZON, *VARIANTS, HYB_ABS, HYB_BOUNDED)}
+# Issue 16's LR-robustness protocol: the product's menu at every LR of the 100× grid, the hybrid under each trust
+# region and over Muon; the two workloads are the chat data the workbench trains by default and python-docs.
+ROBUST_METHODS = ("AdamW", "AdamW-cos", "SF-AdamW", "Muon", "Prodigy", "H-abs", "H-rel", "H-bounded", "H-muon")
+ROBUST_WORKLOADS = {"robust-chat": "quick", "robust-docs": "docs-quick"}
 REFERENCE = "AdamW-cos"          # the target's source, AlgoPerf's tuned reference
 BITS = 1.58                      # W2: ternary QAT
 
@@ -120,9 +130,12 @@ def track_budget(mode: str) -> TrackBudget:
     if mode == "horizon":          # the meta-horizon experiment: quick workload, small budget, 3 seeds
         return TrackBudget("horizon", "quick", (0, 1, 2), 100, 100, 16, 5, (1e-4, 1e-3, 1e-2),
                            ("AdamW", "AdamW-cos", "H", "H-h8"), ())
+    if mode in ROBUST_WORKLOADS:   # issue 16: 400 steps, the budget at which tuned cosine beats tuned constant
+        return TrackBudget(mode, ROBUST_WORKLOADS[mode], (0, 1, 2, 3, 4), 100, 400, 16, 20, grid, ROBUST_METHODS, ())
     if mode == "smoke":
         return TrackBudget("smoke", "tiny", (0,), 100, 4, 4, 2, (1e-3, 1e-2), methods, ablations, n_boot=100)
-    raise ValueError(f"unknown tracks mode {mode!r}: use smoke, medium, variants, full or horizon")
+    raise ValueError(f"unknown tracks mode {mode!r}: use smoke, medium, variants, full, horizon, "
+                     f"{', '.join(ROBUST_WORKLOADS)}")
 
 
 # -- running ------------------------------------------------------------------------------------------------------
@@ -181,7 +194,7 @@ def read_journal(path) -> dict[tuple, dict]:
 
 
 def run_all(specs: list[RunSpec], workload: str, device: str, jobs: int, threads: int, log,
-            journal=None) -> list[dict]:
+            journal=None, priority=None) -> list[dict]:
     """Every spec's row. With `journal` (a .jsonl path) each finished row is appended at once and rows already
     there are reused, so an interrupted 100-minute protocol resumes where it stopped instead of starting over."""
     import json
@@ -191,7 +204,9 @@ def run_all(specs: list[RunSpec], workload: str, device: str, jobs: int, threads
     if out:
         log(f"  {len(out)} of {len(specs)} runs reused from {journal}")
     specs = [s for s in specs if _row_key(s.method.key, s.lr, s.seed, s.steps) not in done]
-    order = sorted(specs, key=lambda s: -(s.steps * (1.3 if s.method.is_hybrid else 1.0)))   # long jobs first
+    # long jobs first (parallel workers finish together), or, with `priority`, the most decision-relevant first so
+    # that an interrupted protocol leaves complete sets of runs (robustness.priority)
+    order = sorted(specs, key=priority or (lambda s: -(s.steps * (1.3 if s.method.is_hybrid else 1.0))))
     sink = open(journal, "a") if journal is not None else None
 
     def keep(row: dict) -> None:

@@ -12,8 +12,8 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
-
+# LR robustness (issue 16): the statistics and the table live with the two-workload protocol (robustness.py)
+from benchmarks.robustness import robustness, robustness_table  # noqa: F401  (robustness is re-exported)
 from benchmarks.tracks import ALL_TRACK, REFERENCE, TrackBudget, fmt_ci
 
 
@@ -41,80 +41,6 @@ def _kind(v) -> str:
 def _loss_kind(v) -> str:
     """'lower' / 'higher' / 'indistinguishable' for a (point, low, high) ratio of losses."""
     return {"fewer": "lower", "more": "higher"}.get(_kind(v), "indistinguishable")
-
-
-# -- LR robustness (issue 16): the hybrid's claim is "an LR you never tune", measured directly ------------------------
-def _finite_or_inf(x: np.ndarray) -> np.ndarray:
-    return np.where(np.isfinite(x), x, np.inf)          # a diverged run (NaN / inf loss) is the worst possible
-
-
-def _robustness_scores(cube: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """cube [methods, LRs, seeds] of final losses → (worst ÷ best, median ÷ best, best) where per-LR values are
-    medians over seeds and best = the lowest of them over every method and LR (the best tuned run of any method)."""
-    per_lr = np.median(cube, axis=2)
-    best = float(np.min(per_lr))
-    return per_lr.max(axis=1) / best, np.median(per_lr, axis=1) / best, best
-
-
-def robustness(rows: list[dict], b: TrackBudget, n_boot: int = 4000, key: str = "val_loss") -> dict | None:
-    """For every grid method: the worst and the median over the LR grid of the final `key` (median over the
-    evaluation seeds at each LR), divided by the best tuned run of any method; 95 % paired bootstrap intervals
-    (seeds resampled with the same draws for every method and LR, the best recomputed on each draw), and each
-    method's worst-case ratio ÷ Schedule-Free's and ÷ Prodigy's (paired the same way). None when a grid method
-    lacks a run or (for `key` other than val_loss) a run lacks the metric."""
-    from benchmarks.tracks import Runs, final
-    runs, seeds = Runs(rows), list(b.seeds)
-    methods = list(b.methods)
-    try:
-        cube = np.stack([np.vstack([runs.values(m, lr, seeds, lambda r: final(r, key)) for lr in b.grid])
-                         for m in methods])
-    except KeyError:
-        return None
-    if key != "val_loss" and np.isnan(cube).any():      # some runs did not record this metric
-        return None
-    cube = _finite_or_inf(cube)
-    worst, median, best = _robustness_scores(cube)
-    per_lr = np.median(cube, axis=2)
-    at = np.unravel_index(int(np.argmin(per_lr)), per_lr.shape)
-    idx = np.random.default_rng(0).integers(0, len(seeds), size=(n_boot, len(seeds)))
-    boot_w, boot_m = zip(*(_robustness_scores(cube[..., i])[:2] for i in idx))
-    boot_w, boot_m = np.array(boot_w), np.array(boot_m)            # [n_boot, methods]
-
-    def interval(samples: np.ndarray) -> tuple[float, float]:
-        return (float(np.percentile(samples, 2.5, method="lower")),
-                float(np.percentile(samples, 97.5, method="higher")))
-    out = {"best": best, "best_method": methods[at[0]], "best_lr": b.grid[at[1]], "key": key, "methods": {}}
-    anchors = [m for m in ("SF-AdamW", "Prodigy") if m in methods]
-    for i, m in enumerate(methods):
-        row = {"worst": (float(worst[i]), *interval(boot_w[:, i])),
-               "median": (float(median[i]), *interval(boot_m[:, i])),
-               "range": (float(per_lr[i].min()), float(per_lr[i].max())),
-               "worst_lr": b.grid[int(np.argmax(per_lr[i]))],
-               "per_lr": {f"{lr:g}": float(v) for lr, v in zip(b.grid, per_lr[i])}, "vs": {}}
-        for ref in anchors:
-            j = methods.index(ref)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                row["vs"][ref] = (float(worst[i] / worst[j]), *interval(boot_w[:, i] / boot_w[:, j]))
-        out["methods"][m] = row
-    return out
-
-
-def robustness_table(r: dict, b: TrackBudget, what: str) -> list[str]:
-    anchors = [m for m in ("SF-AdamW", "Prodigy") if m in r["methods"]]
-    ranked = sorted(r["methods"], key=lambda m: r["methods"][m]["worst"][0])
-    lines = [f"Best tuned run of any method ({what}, median over {len(b.seeds)} seeds): **{r['best_method']}** at lr "
-             f"{r['best_lr']:g}, {r['best']:.4f}. Each method at every LR of the {b.grid[-1] / b.grid[0]:.0f}× grid "
-             f"(nothing tuned), divided by it; lower is better, 1.00 = as good as the best tuned run.", "",
-             "| method | worst LR of the grid ÷ best tuned [95 % CI] | median over the grid ÷ best tuned [95 % CI] | "
-             "range over the grid | worst at lr |"
-             + "".join(f" worst-case ratio ÷ {ref}'s [95 % CI] |" for ref in anchors),
-             "|---|---|---|---|---|" + "---|" * len(anchors)]
-    for m in ranked:
-        v = r["methods"][m]
-        lines.append(f"| **{m}** | {fmt_ci(v['worst'], 3)} | {fmt_ci(v['median'], 3)} | {_f(v['range'][0], 3)} … "
-                     f"{_f(v['range'][1], 3)} | {v['worst_lr']:g} |"
-                     + "".join(f" {fmt_ci(v['vs'][ref], 3)} |" for ref in anchors))
-    return lines
 
 
 def robustness_section(result: dict, b: TrackBudget) -> list[str]:
@@ -365,7 +291,8 @@ def write(out: Path, b: TrackBudget, env: dict, workload: dict, result: dict, st
                              f"{r['evals'][-1].get('val_loss_fp', math.nan):.5f}" if r["evals"] else ""])
     (out / "results.json").write_text(json.dumps({"budget": b.__dict__, "env": env, "workload": workload,
                                                   "analysis": result["analysis"], "targets": result["targets"],
-                                                  "robustness": result["robustness"], "status": status},
+                                                  "robustness": result["robustness"], "status": status,
+                                                  "methods": method_labels((*b.methods, *b.ablations))},
                                                  indent=1, default=str,
                                                  allow_nan=True))
     try:
@@ -373,6 +300,27 @@ def write(out: Path, b: TrackBudget, env: dict, workload: dict, result: dict, st
     except ImportError:              # plotly is a workbench dependency; the report stands without the figure
         pass
     return out / "report.md"
+
+
+def method_labels(keys) -> dict[str, str]:
+    """Method code -> label, as the benchmark defines them (tracks.ALL_TRACK): written into every report's
+    results.json, where the workbench's Benchmarks page reads them (issue 18: no second label set in the app)."""
+    return {k: ALL_TRACK[k].label for k in keys if k in ALL_TRACK}
+
+
+def label_methods(folder: Path) -> dict[str, str]:
+    """Write the method labels into a committed report's results.json (reports written before they travelled
+    there): codes from its runs.csv, labels from the benchmark's registries (tracks.ALL_TRACK for the two-track
+    reports, methods.ALL for the quick protocol's). `python -m benchmarks.tracks_report --labels DIR`."""
+    from benchmarks.methods import ALL
+    folder = Path(folder)
+    data = json.loads((folder / "results.json").read_text())
+    with open(folder / "runs.csv", newline="") as handle:
+        codes = list(dict.fromkeys(row["method"] for row in csv.DictReader(handle)))
+    registry = {k: m.label for k, m in (ALL_TRACK if "analysis" in data else ALL).items()}
+    data["methods"] = {k: registry[k] for k in codes if k in registry}
+    (folder / "results.json").write_text(json.dumps(data, indent=1 if "analysis" in data else 2, default=str))
+    return data["methods"]
 
 
 def regenerate(folder: Path, n_boot: int | None = None) -> Path:
@@ -462,7 +410,17 @@ if __name__ == "__main__":
     parser.add_argument("--regenerate", default=None, metavar="DIR",
                         help="rewrite the report of a results folder (runs.jsonl, results.json) without training, "
                              "e.g. benchmarks/results/medium")
+    parser.add_argument("--labels", default=None, metavar="DIR",
+                        help="write the benchmark's method labels into DIR/results.json (for the workbench)")
     ns = parser.parse_args()
+    if ns.labels:
+        print(label_methods(Path(ns.labels)))
+        raise SystemExit(0)
+    if ns.regenerate and (Path(ns.regenerate) / "results.json").is_file() and json.loads(
+            (Path(ns.regenerate) / "results.json").read_text()).get("protocol") == "robustness":
+        from benchmarks.robustness import report as robustness_report   # issue 16's two-workload report
+        print(robustness_report(Path(ns.regenerate)))
+        raise SystemExit(0)
     if ns.regenerate:
         print(regenerate(Path(ns.regenerate)))
         raise SystemExit(0)

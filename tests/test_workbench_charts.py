@@ -1,6 +1,8 @@
 """Workbench maths (workbench/queries.py) and the pure figure builders (workbench/charts.py)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -231,12 +233,15 @@ def test_benchmark_report_reads_for_a_user():
               "| target | met? |\n|---|---|\n| H0 before issue 6 | **no** |\n")
     text = bench_view.verdict(report)
     assert "0.80× (95 % interval 0.70–0.90: better)" in text and "1.10× (95 % interval 1.05–1.20: worse)" in text
-    shown = bench_view.plain(report)
+    names = {"R": "Tuned AdamW", "H0": "Hybrid, first version", "H": "Hybrid optimizer (full)",
+             "H-frozen": "Hybrid, frozen aux net"}          # the report's own labels (its results.json "methods")
+    shown = bench_view.plain(report, names)
     assert "✅" not in shown and "❌" not in shown and "(win)" in shown and "(loss)" in shown
     assert "Issue 6" not in shown and "issue 6" not in shown
     assert "| Hybrid optimizer (full) (H) |" in shown
+    assert "| **H** Hybrid, full |" in bench_view.plain(report)        # no labels travelled: codes stay codes
     fig = bench_view.recolor(go.Figure([go.Scatter(name="R", y=[1]), go.Scatter(name="H0", y=[2]),
-                                        go.Scatter(name="H", y=[3]), go.Scatter(name="H-frozen", y=[4])]))
+                                        go.Scatter(name="H", y=[3]), go.Scatter(name="H-frozen", y=[4])]), names)
     colors = [t.line.color for t in fig.data]
     assert len(set(colors)) == 4 and fig.data[2].name == "H · Hybrid optimizer (full)"
 
@@ -254,7 +259,11 @@ def test_two_track_report_verdict_is_its_own_verdict_section_and_sorts_first(tmp
         (tmp_path / name / "report.md").write_text("# r\n")
     (tmp_path / "data").mkdir()                                       # no report.md: not a report
     assert [p.name for p in queries.benchmark_reports(tmp_path)] == ["medium", "quick", "changes"]
-    assert "Muon for hidden matrices" in bench_view.plain("**Muon** beats it")
+    from benchmarks.tracks_report import method_labels      # the benchmark writes them, the app reads them
+    (tmp_path / "medium" / "results.json").write_text(json.dumps({"methods": method_labels(["Muon", "H"])}))
+    names = bench_view.method_names(tmp_path / "medium")
+    assert list(names) == ["Muon", "H"] and bench_view.method_names(tmp_path / "quick") == {}
+    assert "**Muon (hidden matrices)" in bench_view.plain("**Muon** beats it", names)
 
 
 def test_parallel_coordinates_axes_categorical_log_and_constant():

@@ -9,32 +9,8 @@ import re
 
 import plotly.graph_objects as go
 
-# The report's method codes -> plain names (bench_hybrid.py's methods).
-METHODS = {
-    "R": "Tuned AdamW (warmup + cosine)",
-    "B1": "AdamW at constant LR (the guide's baseline)",
-    "B2": "Tuned AdamW + gradient clipping",
-    "B3": "Schedule-Free AdamW",
-    "H": "Hybrid optimizer (full)",
-    "H-aux": "Hybrid without the auxiliary net",
-    "H-TR": "Hybrid without the trust region",
-    "H-data": "Hybrid without data clustering",
-    "H-param": "Hybrid without parameter clustering",
-    "H-frozen": "Hybrid with a frozen, untrained auxiliary net",
-    "H0": "Hybrid, first version (old optimizer, one cluster per batch)",
-    # the two-track report (benchmarks/tracks.py)
-    "AdamW": "AdamW at constant LR (the guide's baseline)",
-    "AdamW-cos": "AdamW + warmup + cosine (the tuned reference)",
-    "SF-AdamW": "Schedule-Free AdamW",
-    "Muon": "Muon for hidden matrices + AdamW for the rest",
-    "H-h8": "Hybrid with an 8-update meta horizon",
-    "H-muon": "Hybrid with Muon's direction for the hidden matrices",
-    "H-cm": "Hybrid with one learned LR factor per parameter group",
-    "H-hd": "Hybrid with a hypergradient-descent LR factor on top of the auxiliary net",
-    "H-rel": "Hybrid with the relative trust region",
-    "H-plan50": "Hybrid with the precision plan at 50 % of the steps",
-    "H-sched": "Hybrid with its built-in warmup + cosine",
-}
+# Method codes and their labels are the benchmark's own: every report's results.json carries them ("methods",
+# written by benchmarks/report.py, tracks_report.py, robustness.py), and `method_names` reads them from there.
 WORKLOADS = {"W1": "full-precision student", "W2": "ternary (1.58-bit) student", "W3": "1-bit student",
              "W4": "W2 with every method's learning rate ×10 or ×0.1 (robustness to a mis-set LR)"}
 # Words the reports use besides the method codes (the page's glossary).
@@ -53,18 +29,34 @@ TERMS = {
     "Performance profile": "for each ratio τ, the share of problems a method solves within τ × the best "
                            "method's steps (higher and further left is better).",
 }
-# One distinct colour per method across every figure (references dark/blue/green, hybrids warm/varied).
-METHOD_COLORS = {"R": "#222222", "B1": "#1f77b4", "B2": "#17becf", "B3": "#2ca02c", "H": "#d62728",
-                 "H-aux": "#ff7f0e", "H-TR": "#9467bd", "H-data": "#8c564b", "H-param": "#e377c2",
-                 "H-frozen": "#bcbd22", "H0": "#7f7f7f", "AdamW": "#1f77b4", "AdamW-cos": "#222222",
-                 "SF-AdamW": "#2ca02c", "Muon": "#17becf", "H-sched": "#ff9896", "H-h8": "#c49c94"}
+# Distinct colours, given to a report's methods in the order its results.json lists them (plotly's D3 + Dark24).
+PALETTE = ("#1f77b4", "#222222", "#2ca02c", "#17becf", "#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
+           "#bcbd22", "#7f7f7f", "#ff9896", "#c49c94", "#aec7e8", "#98df8a", "#c5b0d5", "#f7b6d2", "#dbdb8d",
+           "#9edae5", "#ffbb78", "#393b79", "#637939", "#8c6d31", "#843c39")
 # Emoji marks (blank boxes without an emoji font) -> words.
 MARKS = {"✅": "(win)", "❌": "(loss)", "⚠️": "(warning)", "⚠": "(warning)"}
 WORDING = ((re.compile(r" ?\(issue \d+\)", re.I), ""), (re.compile(r"\(issue \d+; ", re.I), "("),
            (re.compile(r"Issue \d+ targets"), "Targets set for the hybrid"),
            (re.compile(r"\bbefore issue \d+\b"), "first version"),
            (re.compile(r"\bissue \d+\b", re.I), "the project"))
-_CODE = re.compile(r"\*\*(" + "|".join(sorted(map(re.escape, METHODS), key=len, reverse=True)) + r")\*\*")
+
+
+def method_names(folder) -> dict[str, str]:
+    """The report's own method codes -> labels (its results.json "methods", written by the benchmark); {} when the
+    report carries none (then the codes are shown as they are)."""
+    from pathlib import Path
+    try:
+        data = json.loads((Path(folder) / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    methods = data.get("methods") if isinstance(data, dict) else None
+    if not isinstance(methods, dict):
+        return {}
+    return {str(code): str(label) for code, label in methods.items()}
+
+
+def _codes(names: dict) -> str:
+    return "|".join(sorted(map(re.escape, names), key=len, reverse=True))
 
 
 _INFINITE = re.compile(r"∞ \[([^\]]*)\]× ((?:the steps of|those of)[^(]*?)\s*\((indistinguishable|not distinguishable|"
@@ -86,6 +78,15 @@ def situations(markdown: str) -> list[str]:
     _, sections = split_report(markdown)
     text = dict(sections).get("Verdict", "")
     found = []
+    # the robustness report's form (benchmarks/robustness.py): "**With a tuned learning rate: X** (label) — …"
+    for words, label in (("When you do not know the learning rate", "LR unknown"),
+                         ("With a tuned learning rate", "LR tuned")):
+        match = re.search(r"\*\*" + words + r": ([^*]+)\*\*\s*([^.]*\.)?", text)
+        if match:
+            found.append(f"**{label}** → {match.group(1).strip()}" + (f" {match.group(2).strip()}"
+                                                                       if match.group(2) else "."))
+    if found:
+        return found
     tuned = re.search(r"\*\*With a tuned learning rate, ([^*]+)\*\*:?\s*([^.]*\.)?", text)
     if tuned:
         found.append(f"**LR tuned** → {tuned.group(1).strip()}" + (f": {tuned.group(2).strip()}" if tuned.group(2)
@@ -126,22 +127,26 @@ def split_report(markdown: str) -> tuple[str, list[tuple[str, str]]]:
     return parts[0], [(parts[i].strip(), parts[i + 1]) for i in range(1, len(parts) - 1, 2)]
 
 
-def plain(markdown: str) -> str:
-    """The report's text for a user: text marks, no internal issue numbers, methods named in full."""
+def plain(markdown: str, names: dict[str, str] | None = None) -> str:
+    """The report's text for a user: text marks, no internal issue numbers, methods named in full (`names`: the
+    report's own codes -> labels, method_names)."""
     markdown = tidy_ratios(markdown)
     for mark, word in MARKS.items():
         markdown = markdown.replace(mark, word)
     for pattern, replacement in WORDING:
         markdown = pattern.sub(replacement, markdown)
 
+    if not names:
+        return markdown
+
     def name(match: re.Match) -> str:
-        return f"**{METHODS[match.group(1)]}** ({match.group(1)})"
+        return f"**{names[match.group(1)]}** ({match.group(1)})"
 
     # "**H0** Hybrid before issue 6 (...)" in a table cell: the plain name, the code in brackets, the cell's own
     # description dropped when it repeats the name.
-    markdown = re.sub(r"\| \*\*(" + "|".join(sorted(map(re.escape, METHODS), key=len, reverse=True))
-                      + r")\*\*[^|]*\|", lambda m: f"| {METHODS[m.group(1)]} ({m.group(1)}) |", markdown)
-    return _CODE.sub(name, markdown)
+    markdown = re.sub(r"\| \*\*(" + _codes(names) + r")\*\*[^|]*\|",
+                      lambda m: f"| {names[m.group(1)]} ({m.group(1)}) |", markdown)
+    return re.sub(r"\*\*(" + _codes(names) + r")\*\*", name, markdown)
 
 
 def table_rows(body: str) -> list[list[str]]:
@@ -195,17 +200,19 @@ def _words(ratio_cell: str) -> str:
     return f"{value}× (95 % interval {low}–{high}: {meaning})"
 
 
-def recolor(fig: go.Figure) -> go.Figure:
-    """One fixed colour per method and a legend that names it ("H · Hybrid optimizer (full)")."""
+def recolor(fig: go.Figure, names: dict[str, str] | None = None) -> go.Figure:
+    """One colour per method of the report (`names`, in its order) and a legend that names it ("H · Hybrid ...")."""
+    names = names or {}
+    order = list(names)
     for trace in fig.data:
         code = str(trace.name or "")
-        if code in METHOD_COLORS:
-            color = METHOD_COLORS[code]
+        if code in names:
+            color = PALETTE[order.index(code) % len(PALETTE)]
             if getattr(trace, "line", None) is not None:
                 trace.line.color = color
             if getattr(trace, "marker", None) is not None:
                 trace.marker.color = color
-            trace.name = f"{code} · {METHODS[code]}"
+            trace.name = f"{code} · {names[code]}"
     # The report's figures carry a fixed width (1100 px) that squeezes side-by-side subplots into a narrower page
     # (their titles ran into each other): the page's width instead, the legend under the plots.
     fig.update_layout(width=None, autosize=True, legend=dict(orientation="h", yanchor="top", y=-0.3, x=0),

@@ -19,20 +19,22 @@ if not reports:
     st.stop()
 chosen = st.selectbox("Report", reports, format_func=lambda p: p.name, key="benchmark_report")
 markdown = (chosen / "report.md").read_text(encoding="utf-8")
+names = bench_view.method_names(chosen)        # the report's own method codes and labels (its results.json)
 preamble, sections = bench_view.split_report(markdown)
 
 # What to use, one sentence per situation, from the report's verdict (the two-track reports write one).
 advice = bench_view.situations(markdown)
 if advice:
     st.markdown("### What to use")
-    st.markdown("\n".join(f"- {bench_view.plain(line)}" for line in advice))
+    st.markdown("\n".join(f"- {bench_view.plain(line, names)}" for line in advice))
 summary = bench_view.verdict(markdown)
 if summary:
     with st.expander("The verdict in full", expanded=not advice):
-        st.markdown(bench_view.plain(summary))
+        st.markdown(bench_view.plain(summary, names))
 with st.expander("What the names mean", expanded=True):
     left, right = st.columns(2)
-    left.markdown("\n".join(f"- **{code}**: {name}" for code, name in bench_view.METHODS.items()))
+    left.markdown("\n".join(f"- **{code}**: {name}" for code, name in names.items())
+                  or "This report lists no method names (its results.json predates them).")
     right.markdown("\n".join(f"- **{code}**: {name}" for code, name in bench_view.WORKLOADS.items())
                    + "\n" + "\n".join(f"- **{term}**: {meaning}" for term, meaning in bench_view.TERMS.items()))
 # The quick report's headline table or the two-track report's targets table, and a robustness table (how a method
@@ -40,7 +42,7 @@ with st.expander("What the names mean", expanded=True):
 opened = [(t, b) for t, b in sections if t.startswith(("Headline", "Targets")) or "robust" in t.lower()]
 for title, body in opened:
     st.markdown(f"### {bench_view.plain(title)}")
-    st.markdown(bench_view.plain(body))
+    st.markdown(bench_view.plain(body, names))
 
 figures: list[tuple[str, object]] = []
 for path in sorted((chosen / "figures").glob("*.json")) if (chosen / "figures").is_dir() else []:
@@ -55,7 +57,7 @@ if not figures and (chosen / "figures.html").is_file():
 if figures:
     st.markdown(f"### Figures ({len(figures)})")
     for name, fig in figures:
-        st.plotly_chart(bench_view.recolor(fig), width="stretch", key=f"bench-{name}")
+        st.plotly_chart(bench_view.recolor(fig, names), width="stretch", key=f"bench-{name}")
 
 with st.expander("How it was measured"):
     st.markdown(bench_view.plain(preamble))
@@ -63,4 +65,4 @@ for title, body in sections:
     if (title, body) in opened or title == "Verdict":
         continue
     with st.expander(bench_view.plain(title)):
-        st.markdown(bench_view.plain(body))
+        st.markdown(bench_view.plain(body, names))
