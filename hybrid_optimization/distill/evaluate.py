@@ -7,6 +7,10 @@ Metrics (keys as stored in the run store's evals table):
 - top1_agreement           fraction of positions where the student's argmax is the teacher's argmax
 - qdiff_max, qdiff_mean    the guide's quantization diff: max / mean |logits_fp − logits_q|
 - val_loss_cluster_<k>     val_loss over the validation windows of data cluster k
+
+The student's reference is not evaluated here: the teacher's own cross-entropy on the same windows needs its full
+logits, so it is computed once in the teacher's logits pass and cached with them (teacher.TeacherLogits.val_loss,
+Prepared.teacher_val_loss); the summary's teacher_gap is val_loss minus it.
 """
 from __future__ import annotations
 
