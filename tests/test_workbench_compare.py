@@ -293,3 +293,53 @@ def test_table_edits_over_their_bound_are_one_line_and_nothing_is_saved(seeds, m
     edits["tags"] = None
     at = _open(runs=run_id)
     assert not at.error and store.get_run(run_id)["tags"] == []
+
+
+def test_smoothing_is_numpy_alone_and_the_same_ema_at_every_weight():
+    """The EMA behind every smoothed curve needs no scipy (its import cost a fresh server ~1 CPU-s on the first
+    chart) and gives pandas' debiased ewm numbers at weights near 0 and near 1 and on long runs (blocks)."""
+    import subprocess
+    import sys
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 2000, 120_000):
+        values = np.cumsum(rng.normal(size=n)) + 50
+        for weight in (1e-6, 0.01, 0.6, 0.99, 0.9999):
+            expected = queries.ema(pd.Series(values), weight).to_numpy()
+            np.testing.assert_allclose(queries._ema_dense(values, weight), expected, rtol=1e-9)
+    code = ("import sys, numpy as np, pandas as pd; from workbench import queries; "
+            "queries.chart_series(pd.DataFrame({'step': np.arange(50), 'loss': np.ones(50)}), 'loss'); "
+            "print(any(m.startswith('scipy.signal') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_group_series_from_per_run_frames_recomputes_only_groups_that_moved():
+    """A live page passes run_series' per-run frames and a memo: the same numbers as the one-frame form, a group
+    whose frames are the same objects is reused, and nothing changed returns the previous result itself."""
+    rng = np.random.default_rng(0)
+    frames = [queries.chart_series(pd.DataFrame({"step": np.arange(1, 301), "loss": rng.normal(size=300) + 3}),
+                                   "loss", smoothing=0.6, max_points=100, run=f"r{i}") for i in range(6)]
+    groups = {f"r{i}": ("a" if i < 3 else "b") for i in range(6)}
+    memo: dict = {}
+    first = queries.group_series(frames, groups, memo=memo)
+    pd.testing.assert_frame_equal(first, queries.group_series(pd.concat(frames, ignore_index=True), groups))
+    assert first.group.dtype == object and first.series.dtype == object
+    assert queries.group_series(frames, groups, memo=memo) is first            # nothing moved: the same result
+    line_a = memo[("a", "loss", "median", "min–max", queries.GROUP_GRID)][1]
+    moved = list(frames)
+    moved[4] = queries.chart_series(pd.DataFrame({"step": np.arange(1, 321), "loss": np.full(320, 9.0)}), "loss",
+                                    smoothing=0.6, max_points=100, run="r4")
+    again = queries.group_series(moved, groups, memo=memo)
+    assert memo[("a", "loss", "median", "min–max", queries.GROUP_GRID)][1] is line_a      # group a: reused
+    assert again[again.group == "b"].x.max() == 320 and again[again.group == "a"].x.max() == 300
+    pd.testing.assert_frame_equal(again, queries.group_series(pd.concat(moved, ignore_index=True), groups))
+
+
+def test_benchmark_reports_put_the_deciding_reports_first(tmp_path):
+    for name in ("quick", "changes", "medium", "robustness", "full"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.md").write_text("# report\n")
+    (tmp_path / "empty").mkdir()
+    assert [p.name for p in queries.benchmark_reports(tmp_path)] == ["robustness", "full", "medium", "quick",
+                                                                      "changes"]

@@ -201,17 +201,33 @@ def chart_series(steps: pd.DataFrame, y: str, x: str = "step", smoothing: float 
     return _series_frame(run, y, xs[idx], raw[idx], smooth[idx])
 
 
+EMA_EXPONENT = 300.0     # a block's largest scale factor w^-(block-1) stays below e^300 (float64 reaches e^709)
+
+
 def _ema_dense(values: np.ndarray, weight: float) -> np.ndarray:
-    """`ema` of a series without NaNs as one linear filter (~50× faster than pandas' ewm on 2,000 points): the
-    running sum s_t = w·s_{t-1} + (1−w)·x_t, debiased by 1 − w^(t+1) — TensorBoard's smoothing, the same numbers
-    as ema() (tested)."""
+    """`ema` of a series without NaNs in numpy alone (~50× faster than pandas' ewm on 2,000 points, and no
+    scipy.signal import: that import alone cost a fresh server ~1 CPU-second on its first Compare render).
+
+    The running sum s_t = w·s_{t-1} + (1−w)·x_t, debiased by 1 − w^(t+1) — TensorBoard's smoothing, the same
+    numbers as ema() (tested). Within a block, s_j = w^j·(w·s_before + (1−w)·Σ_{i≤j} w^-i·x_i) is one cumsum;
+    blocks are as long as w^-i stays finite (30,000 points at w = 0.99, 3,000 at 0.9), so the loop is short."""
     if not 0 <= weight < 1:
         raise ValueError(f"smoothing weight {weight!r} is invalid: it must be in [0, 1)")
-    if weight == 0 or len(values) == 0:
-        return values.astype("float64", copy=True)
-    from scipy.signal import lfilter
-    running = lfilter([1 - weight], [1, -weight], values)
-    return running / (1 - weight ** np.arange(1, len(values) + 1))
+    values = np.asarray(values, dtype="float64")
+    n = len(values)
+    if weight == 0 or n == 0:
+        return values.copy()
+    block = max(1, min(n, int(EMA_EXPONENT / -math.log(weight))))
+    inverse = weight ** -np.arange(block, dtype="float64")          # w^-i for i in [0, block)
+    running = np.empty(n)
+    before = 0.0
+    for start in range(0, n, block):
+        chunk = values[start:start + block]
+        scale = inverse[:len(chunk)]
+        running[start:start + len(chunk)] = (weight * before + (1 - weight) * np.cumsum(chunk * scale)) / scale
+        before = running[start + len(chunk) - 1]
+    with np.errstate(under="ignore"):
+        return running / (1 - weight ** np.arange(1, n + 1))
 
 
 def _series_frame(run: str = "", name: str = "", x=(), raw=(), smooth=()) -> pd.DataFrame:
@@ -345,6 +361,18 @@ def step_columns_for(metrics) -> tuple[str, ...]:
     return tuple(c for c in STEP_COLUMNS if c in needed)
 
 
+def logged_eval_keys(cache: RunCache) -> frozenset:
+    """The evaluation keys a run has logged so far, remembered until it logs another evaluation (a 100-run page
+    asks on every rerun)."""
+    version = (cache.last_eval_step, len(cache.evals))
+    hit = cache.memo.get("eval_keys")
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    keys = frozenset(cache.evals.key.unique()) if len(cache.evals) else frozenset()
+    cache.memo["eval_keys"] = (version, keys)
+    return keys
+
+
 def run_series(cache: RunCache, metric: str, x: str = "step", smoothing: float = DEFAULT_SMOOTHING,
                max_points: int = MAX_POINTS) -> pd.DataFrame:
     """One run's chart series of `metric` from what its RunCache holds (step metric smoothed then downsampled;
@@ -448,14 +476,15 @@ def benchmark_results_root() -> "Path":
 
 
 def benchmark_reports(root) -> list:
-    """Report folders under `root` (those holding a report.md): the two-track reports (full, medium) first, since
-    they decide whether the hybrid earns its place, then the quick one, then the rest by name."""
+    """Report folders under `root` (those holding a report.md): the two-workload robustness report (issue 16) and
+    the two-track reports (full, medium) first, since they decide whether the hybrid earns its place, then the
+    quick one, then the rest by name."""
     from pathlib import Path
     root = Path(root)
     if not root.is_dir():
         return []
     found = [p for p in sorted(root.iterdir()) if (p / "report.md").is_file()]
-    order = {"full": 0, "medium": 1, "quick": 2}
+    order = {"robustness": 0, "full": 1, "medium": 2, "quick": 3}
     return sorted(found, key=lambda p: (order.get(p.name, len(order)), p.name))
 
 
@@ -501,10 +530,19 @@ def _short_number(value) -> str:
     return f"{float(value):.4g}"
 
 
-def group_series(series: pd.DataFrame, groups: dict[str, str], stat: str = "median", band: str = "min–max",
-                 grid_points: int = GROUP_GRID) -> pd.DataFrame:
+GROUP_COLUMNS = ["group", "series", "x", "center", "low", "high", "n"]
+
+
+def group_series(series, groups: dict[str, str], stat: str = "median", band: str = "min–max",
+                 grid_points: int = GROUP_GRID, memo: dict | None = None) -> pd.DataFrame:
     """Per-run chart series (run, series, x, raw, smooth) -> one line per (group, series): columns group, series,
-    x, center, low, high, n (runs with a value at that x).
+    x, center, low, high, n (runs with a value at that x); group and series are plain-object columns.
+
+    `series` is one frame, or a list of frames that each hold one run's one series (run_series' results). With
+    a list and a `memo` dict kept between calls (a live page's session), a group whose frames are the very same
+    objects as last time is not recomputed, and when no group changed the previous result itself comes back —
+    so a live tick redraws only the groups of the runs that moved (run_series returns the same object until
+    its run has new rows).
 
     Each run's smoothed values are interpolated onto the group's x grid (the union of its runs' x, thinned to
     `grid_points` when longer), inside that run's own x range only — a run that stopped early does not pretend
@@ -513,42 +551,84 @@ def group_series(series: pd.DataFrame, groups: dict[str, str], stat: str = "medi
         raise ValueError(f"group statistic {stat!r} is invalid: it must be one of {', '.join(GROUP_STATS)}")
     if band not in GROUP_BANDS:
         raise ValueError(f"group band {band!r} is invalid: it must be one of {', '.join(GROUP_BANDS)}")
-    columns = ["group", "series", "x", "center", "low", "high", "n"]
-    if series is None or series.empty:
-        return pd.DataFrame(columns=columns)
-    parts = []
-    x_all = series.x.to_numpy(dtype="float64")
-    y_all = series.smooth.to_numpy(dtype="float64", na_value=np.nan)
-    members: dict[tuple, list[np.ndarray]] = {}
-    for (run, name), idx in series.groupby(["run", "series"], sort=False).indices.items():
-        members.setdefault((groups.get(run, "(other)"), name), []).append(idx)
+    # (group, series) -> [(source frame or None, x, y)], in the order the runs come.
+    members: dict[tuple, list[tuple]] = {}
+    if isinstance(series, pd.DataFrame):
+        if series.empty:
+            return pd.DataFrame(columns=GROUP_COLUMNS)
+        x_all = series.x.to_numpy(dtype="float64")
+        y_all = series.smooth.to_numpy(dtype="float64", na_value=np.nan)
+        for (run, name), idx in series.groupby(["run", "series"], sort=False).indices.items():
+            members.setdefault((groups.get(run, "(other)"), name), []).append((None, x_all[idx], y_all[idx]))
+        memo = None
+    else:
+        for part in series:
+            if part is None or part.empty:
+                continue
+            run, name = part["run"].array[0], part["series"].array[0]
+            members.setdefault((groups.get(run, "(other)"), name), []).append((part, None, None))
+    lines = []
     for (group, name), runs in members.items():
-        xs = np.unique(np.concatenate([x_all[idx] for idx in runs]))
-        if len(xs) > grid_points:
-            xs = np.unique(np.round(np.linspace(xs[0], xs[-1], grid_points), 6))
-        matrix = np.full((len(runs), len(xs)), np.nan)
-        for row, idx in enumerate(runs):
-            rx, ry = x_all[idx], y_all[idx]
+        key = (group, name, stat, band, grid_points)
+        sources = tuple(source for source, _, _ in runs)
+        hit = memo.get(key) if memo is not None else None
+        if hit is not None and len(hit[0]) == len(sources) and all(a is b for a, b in zip(hit[0], sources)):
+            lines.append(hit[1])
+            continue
+        arrays = [(x, y) if source is None else (source.x.to_numpy(dtype="float64"),
+                                                 source.smooth.to_numpy(dtype="float64", na_value=np.nan))
+                  for source, x, y in runs]
+        line = _group_line(group, name, arrays, stat, band, grid_points)
+        if memo is not None:
+            memo[key] = (sources, line)     # holding the sources keeps their identity meaningful
+        lines.append(line)
+    if not lines:
+        return pd.DataFrame(columns=GROUP_COLUMNS)
+    if memo is not None:
+        previous = memo.get("result")
+        if previous is not None and len(previous[0]) == len(lines) and all(a is b for a, b in zip(previous[0], lines)):
+            return previous[1]
+    out = pd.concat(lines, ignore_index=True)
+    if memo is not None:
+        memo["result"] = (tuple(lines), out)
+    return out
+
+
+def _group_line(group: str, name: str, runs: list[tuple[np.ndarray, np.ndarray]], stat: str, band: str,
+                grid_points: int) -> pd.DataFrame:
+    """One group's line over its runs' (x, y) arrays (see group_series)."""
+    xs = np.unique(np.concatenate([x for x, _ in runs]))
+    if len(xs) > grid_points:
+        xs = np.unique(np.round(np.linspace(xs[0], xs[-1], grid_points), 6))
+    matrix = np.full((len(runs), len(xs)), np.nan)
+    for row, (rx, ry) in enumerate(runs):
+        if len(rx) > 1 and np.any(rx[1:] < rx[:-1]):
             order = np.argsort(rx, kind="stable")
             rx, ry = rx[order], ry[order]
-            ok = np.isfinite(ry)
-            rx, ry = rx[ok], ry[ok]
-            if len(rx):
-                inside = (xs >= rx[0]) & (xs <= rx[-1])
-                matrix[row, inside] = np.interp(xs[inside], rx, ry)
-        n = np.isfinite(matrix).sum(axis=0)
-        keep = n > 0
-        matrix, xs, n = matrix[:, keep], xs[keep], n[keep]
-        with np.errstate(all="ignore"):
-            center = np.nanmedian(matrix, axis=0) if stat == "median" else np.nanmean(matrix, axis=0)
-            if band == "min–max":
-                low, high = np.nanmin(matrix, axis=0), np.nanmax(matrix, axis=0)
-            else:
-                spread, mean = np.nanstd(matrix, axis=0), np.nanmean(matrix, axis=0)
-                low, high = mean - spread, mean + spread
-        parts.append(pd.DataFrame({"group": group, "series": name, "x": xs, "center": center, "low": low,
-                                   "high": high, "n": n}))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+        ok = np.isfinite(ry)
+        rx, ry = rx[ok], ry[ok]
+        if len(rx):
+            inside = (xs >= rx[0]) & (xs <= rx[-1])
+            matrix[row, inside] = np.interp(xs[inside], rx, ry)
+    n = np.isfinite(matrix).sum(axis=0)
+    keep = n > 0
+    matrix, xs, n = matrix[:, keep], xs[keep], n[keep]
+    # Runs of one length (the usual case) have no gaps: numpy's plain reductions, several times faster than the
+    # NaN-aware ones, give the same numbers.
+    full = bool((n == len(runs)).all())
+    median, mean, std, low_of, high_of = ((np.median, np.mean, np.std, np.min, np.max) if full else
+                                          (np.nanmedian, np.nanmean, np.nanstd, np.nanmin, np.nanmax))
+    with np.errstate(all="ignore"):
+        center = median(matrix, axis=0) if stat == "median" else mean(matrix, axis=0)
+        if band == "min–max":
+            low, high = low_of(matrix, axis=0), high_of(matrix, axis=0)
+        else:
+            spread, average = std(matrix, axis=0), mean(matrix, axis=0)
+            low, high = average - spread, average + spread
+    size = len(xs)
+    return pd.DataFrame({"group": pd.Series(np.full(size, group, dtype=object), dtype=object),
+                         "series": pd.Series(np.full(size, name, dtype=object), dtype=object),
+                         "x": xs, "center": center, "low": low, "high": high, "n": n})
 
 
 def group_table(table: pd.DataFrame, groups: dict[str, str], numeric: list[str], stat: str = "median") -> pd.DataFrame:

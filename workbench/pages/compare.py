@@ -6,7 +6,9 @@ session state and in the URL, so a comparison can be bookmarked or sent."""
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
+from collections import OrderedDict
 
 import pandas as pd
 import streamlit as st
@@ -25,6 +27,7 @@ STEP_METRICS = ("loss", "learning_rate", "lr_multiplier", "trust_radius", "const
 EVAL_PREFIX = queries.EVAL_PREFIX
 SELECTED = "compare_selected"
 CACHES = "compare_caches"       # run id -> queries.RunCache: what this session has read of each run
+MEMOS = "compare_memos"         # metric -> the groups and the figure last drawn from this session's series
 DIFF_UP_TO = 20       # config diff columns (one per run)
 CSV_AT_ONCE_ROWS = 50_000   # a larger selection's CSV is built on request ("Prepare"), not on every render
 RAW_LINES_UP_TO = 6    # more overlaid runs: smoothed lines only, or the chart becomes a blur (and slow to draw)
@@ -108,13 +111,24 @@ if not selected and not st.session_state.get("compare_cleared"):
     selected.update(all_runs.run_id.head(min(2, len(all_runs))))
 
 
-@st.cache_data(max_entries=4096, show_spinner=False)
+@st.cache_resource(show_spinner=False)
+def server_memo() -> dict:
+    """One dict per server, shared by every session: a run's kind, and the rows of runs that no longer train.
+    One lookup per run instead of one st.cache_* call per run (hashing the arguments of 100 calls cost more than
+    the lookups)."""
+    return {"kinds": {}, "finished": OrderedDict(), "lock": threading.Lock()}
+
+
 def kind_of(_store: RunStore, root: str, run_id: str) -> str:
-    """hybrid or baseline (from the run's options; they never change, so cached for good)."""
-    try:
-        return "hybrid" if headline.is_hybrid(_store.get_run(run_id)) else "baseline"
-    except StoreError:
-        return "—"
+    """hybrid or baseline (from the run's options; they never change, so remembered for good)."""
+    kinds = server_memo()["kinds"]
+    kind = kinds.get((root, run_id))
+    if kind is None:
+        try:
+            kind = kinds[(root, run_id)] = "hybrid" if headline.is_hybrid(_store.get_run(run_id)) else "baseline"
+        except StoreError:
+            return "—"
+    return kind
 
 
 f1, f2, f3 = st.columns([2, 2, 2])
@@ -256,13 +270,27 @@ info = all_runs.set_index("run_id")
 caches: dict[str, queries.RunCache] = st.session_state.setdefault(CACHES, {})
 
 
-@st.cache_resource(max_entries=4096, show_spinner=False)
+FINISHED_KEPT = 1024     # finished runs whose rows the server keeps (oldest use dropped first)
+
+
 def finished_run(_store: RunStore, root: str, run_id: str, step: int | None, status: str,
                  columns: tuple[str, ...]) -> queries.RunCache:
     """A run that no longer trains, read once for every session of this server (a reload, a second tab): its
     rows cannot change while its step and status stay what they are, and both are part of the key."""
+    memo = server_memo()
+    kept: OrderedDict = memo["finished"]
+    key = (root, run_id)
+    with memo["lock"]:
+        hit = kept.get(key)
+        if hit is not None and hit[0] == (step, status, columns):
+            kept.move_to_end(key)
+            return hit[1]
     cache = queries.RunCache(run_id)
     cache.refresh(_store, {"status": status}, columns=columns, log_lines=0)
+    with memo["lock"]:
+        kept[key] = ((step, status, columns), cache)
+        while len(kept) > FINISHED_KEPT:
+            kept.popitem(last=False)
     return cache
 
 
@@ -302,7 +330,7 @@ if chosen:
     base_runs = {r: {"status": info.at[r, "status"], "step": info.at[r, "step"]} for r in chosen}
     refresh(chosen, queries.step_columns_for(st.session_state.get("compare_metrics") or ["loss"]), base_runs,
             live=False)
-    eval_keys = sorted({k for r in chosen for k in (caches[r].evals.key.unique() if len(caches[r].evals) else [])})
+    eval_keys = sorted(set().union(*(queries.logged_eval_keys(caches[r]) for r in chosen)))
     named_evals = [k for k in eval_keys if not k.startswith("val_loss_cluster_")]
     options = [*(EVAL_PREFIX + k for k in named_evals), *STEP_METRICS,
                *(EVAL_PREFIX + k for k in eval_keys if k.startswith("val_loss_cluster_"))]
@@ -351,7 +379,7 @@ if chosen:
 
     @st.fragment(run_every=queries.DEFAULT_REFRESH_S if active else None)
     def curves() -> None:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         runs_now = dict(base_runs)
         still_active = []
         for run_id in active:        # the runs that train: their status and step now (one row each)
@@ -365,22 +393,40 @@ if chosen:
         read = refresh(chosen, queries.step_columns_for(metrics), runs_now)
         grid = st.columns(2)
         built, titles = [], []
+        memos = st.session_state.setdefault(MEMOS, {})
+        if sum(len(m["groups"]) for m in memos.values()) > 2000:      # old group labels pile up: start over
+            memos.clear()
         for i, metric in enumerate(metrics):
+            # run_series returns the same object until its run has new rows, so after a tick only the moved runs
+            # (and their groups) are recomputed, and an unchanged chart reuses its figure.
             parts = [queries.run_series(caches[r], metric, x_col, smoothing, max_points) for r in chosen]
             parts = [p for p in parts if not p.empty]
-            series = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+            memo = memos.setdefault(metric, {"groups": {}, "figure": None})
             title = _metric_label(metric)
             log_y = metric in log_y_metrics
             if grouped:
-                fig = charts.group_figure(queries.group_series(series, groups, stat, band),
-                                          title[0].upper() + title[1:], x_title=x_title, log_y=log_y,
+                data = [queries.group_series(parts, groups, stat, band, memo=memo["groups"])]
+                view = ("groups", title, x_title, log_y, x_range, stat, band, group_by,
+                        tuple(sorted(group_colors.items())))
+            else:
+                data = parts
+                view = ("runs", title, x_title, log_y, x_range, show_raw, tuple(labels[r] for r in chosen),
+                        tuple(colors[r] for r in chosen))
+            previous = memo["figure"]
+            if (previous is not None and previous[0] == view and len(previous[1]) == len(data)
+                    and all(a is b for a, b in zip(previous[1], data))):
+                fig = previous[2]
+            elif grouped:
+                fig = charts.group_figure(data[0], title[0].upper() + title[1:], x_title=x_title, log_y=log_y,
                                           colors=group_colors, y_title=title, x_range=x_range, stat=stat, band=band,
                                           uirevision=f"compare:{metric}:{x_col}:{log_y}:{group_by}")
             else:
+                series = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
                 fig = charts.line_figure(series, title[0].upper() + title[1:], x_title=x_title, log_y=log_y,
                                          colors=colors, labels=labels, y_title=title, x_range=x_range,
                                          uirevision=f"compare:{metric}:{x_col}:{log_y}", color_by="run",
                                          raw=show_raw)
+            memo["figure"] = (view, tuple(data), fig)
             if layout == "linked":
                 built.append(fig)
                 titles.append(title[0].upper() + title[1:])
@@ -391,10 +437,11 @@ if chosen:
             st.plotly_chart(charts.linked_figure(built, titles, x_title=x_title, x_range=x_range,
                                                  uirevision=f"compare:linked:{x_col}:{group_by}"),
                             key="compare_chart.linked", config={"displaylogo": False})
-        elapsed = time.perf_counter() - started
-        st.session_state["compare_tick"] = {"seconds": elapsed, "runs_read": read, "runs": len(chosen)}
-        st.caption(f"curves of {len(chosen)} run(s) prepared in {elapsed:.2f} s ({read} run(s) read"
-                   + (", new rows only" if active else "") + ")")
+        elapsed, cpu = time.perf_counter() - started, time.thread_time() - cpu_started
+        st.session_state["compare_tick"] = {"seconds": elapsed, "cpu_seconds": cpu, "runs_read": read,
+                                            "runs": len(chosen), "at": time.time()}
+        st.caption(f"curves of {len(chosen)} run(s) prepared in {elapsed:.2f} s ({cpu:.2f} s CPU; {read} run(s) "
+                   "read" + (", new rows only" if active else "") + ")")
         if active and not still_active:      # every run finished: one full rerun stops the timer
             st.rerun()
 
