@@ -160,3 +160,43 @@ def test_unknown_backend_and_parsing():
     from hybrid_optimization.distill.options import TrainOptions
     assert TrainOptions(report_to="tensorboard,mlflow").report_to == ["tensorboard", "mlflow"]
     assert TrainOptions(report_to=["nope"]).errors()["report_to"].startswith("--report_to nope is invalid")
+
+
+class _Crash:
+    """A user callback that raises after the reporter has logged `at` steps (order 85: after ReportTo's 75)."""
+    order = 85
+
+    def __init__(self, at, exc):
+        self.at, self.exc = at, exc
+
+    def on_step_end(self, state, metrics):
+        if state.step == self.at:
+            raise self.exc
+
+
+@pytest.mark.parametrize("exc, status", [(RuntimeError("boom at step 3"), "FAILED"),
+                                         (KeyboardInterrupt(), "KILLED")])
+def test_a_crashed_or_interrupted_run_does_not_stay_running_in_mlflow(tmp_path, monkeypatch, exc, status):
+    """A run that ends without a summary (an exception in training; a second Ctrl-C) ends its MLflow run FAILED or
+    KILLED — it used to stay RUNNING forever — with the steps it logged sent and its TensorBoard file closed."""
+    from hybrid_optimization.distill.options import TrainOptions
+    from hybrid_optimization.distill.train import train
+    from hybrid_optimization.tracking import RunStore
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = tmp_path / "runs"
+    with pytest.raises(type(exc)):
+        train(TrainOptions(max_steps=6, eval_every_steps=1000, eval_windows=8, quiet=True, progress=False,
+                           runs_root=str(runs), data_clustering=False, param_clustering=False,
+                           report_to=["tensorboard", "mlflow"], callbacks=[_Crash(3, exc)]))
+    store = RunStore(runs)
+    run_id, = [r["run_id"] for r in store.list_runs()]
+    assert store.get_run(run_id)["status"] in ("failed", "stopped")
+    run_dir = store.run_dir(run_id)
+    client, run = _mlflow(run_dir, tracking_uri(runs))
+    assert run.info.status == status and run.info.end_time is not None
+    assert run.data.tags["hybrid.error"].startswith(type(exc).__name__)
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert history == {r["step"]: r["loss"] for r in store.read_steps(run_id, columns=["loss"])}
+    assert sorted(history) == [1, 2, 3]
+    scalars, _, _ = _tensorboard(run_dir)                             # flushed and closed: readable, all 3 steps
+    assert sorted(scalars["train/loss"]) == [1, 2, 3]

@@ -8,7 +8,8 @@ What is written, for both back-ends (same names in both):
                      params (flattened, `config.<field>` / `options.<name>`)
     summary/<name>   the final summary's numbers at the last step, and the summary block as text
                      (TensorBoard text `summary`, MLflow artifact `summary.txt`); MLflow's run ends FINISHED, KILLED
-                     (stopped) or FAILED (diverged)
+                     (stopped) or FAILED (diverged); a run that crashes or is interrupted without a summary ends
+                     FAILED / KILLED too, with tag `hybrid.error` (on_failure, from RunSession's exit)
 
 Where: TensorBoard event files in `<run folder>/tensorboard/` (`tensorboard --logdir <runs root>` shows every run).
 MLflow: `$MLFLOW_TRACKING_URI` when set, else a local SQLite store `<runs root>/mlflow.db`; a SQLite store's
@@ -138,6 +139,31 @@ class ReportTo:
                 client.log_text(run_id, text + "\n", "summary.txt")
             client.log_dict(run_id, summary, "summary.json")
             client.set_terminated(run_id, {"finished": "FINISHED", "stopped": "KILLED"}.get(status, "FAILED"))
+            self.mlflow = None
+
+    def on_failure(self, status: str = "failed", error: str = "") -> None:
+        """The run ended without a summary (an exception, a second Ctrl-C, a stop during set-up; RunSession's exit
+        calls this): the steps logged so far are sent, the event file is closed, and the MLflow run ends FAILED
+        ("failed") or KILLED ("stopped") with the error in tag `hybrid.error` instead of staying RUNNING. A no-op
+        once on_summary has ended the reporting. Never raises: the run's own error is the one to show."""
+        if self.tb is not None:
+            try:
+                self.tb.close()
+            except Exception:
+                pass
+            self.tb = None
+        if self.mlflow is not None:
+            client, run_id = self.mlflow
+            try:
+                self._flush_mlflow()
+                if error:
+                    client.set_tag(run_id, "hybrid.error", error[:PARAM_VALUE_LIMIT])
+            except Exception:
+                pass
+            try:
+                client.set_terminated(run_id, "KILLED" if status == "stopped" else "FAILED")
+            except Exception:
+                pass
             self.mlflow = None
 
     # -- writing ----------------------------------------------------------------------------------------------------

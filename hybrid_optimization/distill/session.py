@@ -96,6 +96,10 @@ class RunSession:
         try:
             if exc is not None:
                 self._record_failure(exc)
+                reporter = getattr(self, "reporter", None)      # --report_to: end the MLflow run, not RUNNING
+                if reporter is not None:
+                    reporter.on_failure("stopped" if isinstance(exc, (SetupStopped, KeyboardInterrupt)) else
+                                        "failed", f"{type(exc).__name__}: {exc}")
         finally:
             self._restore_signal_handlers()
             if self.console is not None:
