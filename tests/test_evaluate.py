@@ -126,6 +126,8 @@ def test_a_run_stores_the_teacher_loss_at_set_up_and_its_summary_shows_the_gap(t
     assert f"Teacher Held-out Loss: {summary['teacher_val_loss']:.6f}" in out
     assert f"Student Gap to Teacher: {summary['teacher_gap']:+.6f} nats" in out
     assert out.index("Teacher held-out loss:") < out.index("Teacher Held-out Loss:")
+    assert (f"val_loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.2f}) [teacher {expected:.4f}, gap "
+            f"{summary['val_loss'] - summary['teacher_val_loss']:+.4f}]") in out      # each evaluation's line
     # A second run on the same data reads the teacher's logits and held-out loss from the cache.
     monkeypatch.setattr(teacher_module, "compute_topk", no_teacher_pass)
     again = train(TrainOptions(quiet=True, **common))

@@ -234,14 +234,17 @@ def epoch_line(epoch: int, rows: list[StepMetrics]) -> str:
 class Evaluation(Callback):
     """Validation every `every_steps` steps and/or every `every_epochs` epochs, and always after the last step.
     `evaluate(state)` runs on rank 0 and returns a metrics dict; it is recorded (`recorder.log_eval`) and said in
-    one line (`say`). `annotate()` adds values to the state's copy only (the benchmark's training time so far)."""
+    one line (`say`; with the gap to `teacher_val_loss`, the teacher's loss on the same windows, when known).
+    `annotate()` adds values to the state's copy only (the benchmark's training time so far)."""
     order = 50
 
     def __init__(self, evaluate: Callable[[TrainState], dict], every_steps: int | None = None,
                  every_epochs: int | None = None, is_main: bool = True, recorder: Recorder = NO_RECORDER,
-                 say: Callable[[str], None] | None = None, annotate: Callable[[], dict] | None = None):
+                 say: Callable[[str], None] | None = None, annotate: Callable[[], dict] | None = None,
+                 teacher_val_loss: float | None = None):
         self.evaluate, self.every_steps, self.every_epochs = evaluate, every_steps, every_epochs
         self.is_main, self.recorder, self.say, self.annotate = is_main, recorder, say, annotate
+        self.teacher_val_loss = teacher_val_loss
 
     def due(self, state: TrainState) -> bool:
         if state.step == state.total_steps:
@@ -260,13 +263,15 @@ class Evaluation(Callback):
             state.evals.append({"step": state.step, **result, **(self.annotate() if self.annotate else {})})
             self.recorder.log_eval(state.step, **result)
             if self.say is not None:
-                self.say(eval_line(state.step, result))
+                self.say(eval_line(state.step, result, self.teacher_val_loss))
         set_optimizer_mode(state.optimizer, "train")
         dist_utils.barrier(state.ctx)
 
 
-def eval_line(step: int, m: dict) -> str:
-    return (f"  eval @ step {step}: val_loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.2f}), KL to teacher "
+def eval_line(step: int, m: dict, teacher_val_loss: float | None = None) -> str:
+    gap = f" [teacher {teacher_val_loss:.4f}, gap {m['val_loss'] - teacher_val_loss:+.4f}]" \
+        if teacher_val_loss is not None else ""
+    return (f"  eval @ step {step}: val_loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.2f}){gap}, KL to teacher "
             f"{m['kl_teacher']:.4f}, top-1 agreement {m['top1_agreement']:.1%}, quantization diff max "
             f"{m['qdiff_max']:.4f} / mean {m['qdiff_mean']:.4f}")
 
@@ -366,7 +371,8 @@ def pipeline_callbacks(plan, prepared, session, state: TrainState) -> list:
         session.console = Console(session.say, show_bar=opts.progress and not opts.quiet)
         found.append(session.console)
     found.append(Evaluation(validation(prepared, state.device), every_steps=opts.eval_every_steps,
-                            every_epochs=opts.eval_every, is_main=main, recorder=recorder, say=session.say))
+                            every_epochs=opts.eval_every, is_main=main, recorder=recorder, say=session.say,
+                            teacher_val_loss=prepared.teacher_val_loss))
     found.append(DivergenceGuard(DIVERGENCE_PATIENCE))
     found.append(StopRequests(lambda: session.stop_signal is not None, recorder, opts.stop_after_steps))
     found.extend(opts.callbacks)
