@@ -69,18 +69,21 @@ def server_render(steps: int, repeats: int) -> dict:
             at.run()
             first.append(time.perf_counter() - started)
             assert not at.exception, [e.value for e in at.exception]
-            charts.append(len(at.get("plotly_chart")))
+            charts.append(len(at.get("plotly_chart")))      # plotly figures (Live: one, its charts as subplots)
             _more_steps(store, run_id, steps + 1)
             started = time.perf_counter()
             at.run()
             refresh.append(time.perf_counter() - started)
-    return {"steps": steps, "charts_chosen": len(TWELVE), "charts_rendered_per_run": charts,
+    return {"steps": steps, "charts_chosen": len(TWELVE), "plotly_figures_per_run": charts,
             "first_render_s": round(statistics.median(first), 3), "refresh_s": round(statistics.median(refresh), 3),
             "first_render_all_s": [round(x, 3) for x in first], "refresh_all_s": [round(x, 3) for x in refresh]}
 
 
+# Charts drawn on screen: a plot's subplots whose curves plotly has drawn (Live stacks its charts as subplots of one
+# figure, each trace's `meta` naming its chart); a plot without meta counts as one chart.
 DRAWN_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).filter(p =>
-    p._fullData && p._fullData.length && p.offsetParent !== null).length"""
+    p._fullData && p._fullData.length && p.offsetParent !== null && p.querySelector('.scatterlayer .trace'))
+  .reduce((n, p) => n + (new Set(p._fullData.filter(t => t._length && t.meta).map(t => t.meta)).size || 1), 0)"""
 
 
 def browser_render(steps: int) -> dict:
@@ -114,16 +117,21 @@ def browser_render(steps: int) -> dict:
                 page.goto(link)                                    # warm the server and the browser once
                 page.get_by_role("heading", name="Live run").wait_for()
                 page.wait_for_function(f"() => ({DRAWN_JS})() >= 2", polling=100)
+                # The renderer's own busy time (CDP Performance metrics count from the navigation): what the
+                # browser spends, apart from waiting for a CPU that other work on a shared machine holds.
+                cdp = page.context.new_cdp_session(page)
+                cdp.send("Performance.enable")
                 page.goto(link)
                 started = time.perf_counter()
                 page.get_by_role("heading", name="Live run").wait_for()
                 page.wait_for_function(f"() => ({DRAWN_JS})() >= 1", polling=50)
-                # Every chart of the open tab drawn: their count stops growing for a second.
+                # Every chart of the open view drawn: their count stops growing for two seconds.
                 last, stable_since = -1, time.perf_counter()
                 while time.perf_counter() - stable_since < 2.0:
                     now = page.evaluate(DRAWN_JS)
                     if now != last:
                         last, stable_since, drawn_at = now, time.perf_counter(), time.perf_counter()
+                        busy = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
                     page.wait_for_timeout(50)
                 first = drawn_at - started
                 tabs = page.get_by_role("tab")
@@ -135,6 +143,8 @@ def browser_render(steps: int) -> dict:
                     total += page.evaluate(DRAWN_JS)
                 browser.close()
             return {"browser_render_s": round(first, 3), "charts_drawn_in_first_view": last,
+                    "browser_busy_until_drawn_s": {k: round(busy.get(k, 0.0), 3) for k in
+                                                   ("TaskDuration", "ScriptDuration", "LayoutDuration")},
                     "browser_all_tabs_s": round(time.perf_counter() - started - 2.0, 3), "charts_drawn_total": total}
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -209,9 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 2 or args.repeats < 1:
         print("--steps must be ≥ 2 and --repeats ≥ 1", file=sys.stderr)
         return 2
+    load_before = [round(x, 1) for x in os.getloadavg()]
     results = {"live_12_charts": server_render(args.steps, args.repeats)}
     if args.browser:
         results["live_12_charts"].update(browser_render(args.steps))
+    # A 2-core machine shared with other work makes every figure pessimistic: the load goes with them.
+    results["load_average_before_after"] = [load_before, [round(x, 1) for x in os.getloadavg()]]
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

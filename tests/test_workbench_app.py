@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -162,7 +163,7 @@ def test_live_view_reads_only_new_rows_of_an_active_run(runs_root):
     assert len(cache.steps) == 50 and cache.last_step == 50
     assert any(f"refreshing every {queries.DEFAULT_REFRESH_S} s" in c for c in _texts(at.caption))
     assert [b.label for b in at.button] == ["Stop"]
-    assert "hello from the trainer" in at.code[0].value
+    assert "hello from the trainer" in at.text[0].value
     for step in range(51, 76):
         writer.log_step(step, loss=1.5)
     writer.flush()
@@ -324,6 +325,23 @@ def _figure(chart) -> dict:
     return fig
 
 
+def _live_panels(at: AppTest) -> dict[str, dict]:
+    """Live's charts, all subplots of its stacked figures: title -> the panel's traces (found by their meta),
+    its y axis, the shared x axis, its reference-line shapes, and which figure holds it."""
+    panels = {}
+    for n, chart in enumerate(at.get("plotly_chart")):
+        fig = _figure(chart)
+        layout = fig["layout"]
+        titles = [a["text"] for a in layout.get("annotations", []) if a.get("yanchor") == "bottom"]
+        for i, title in enumerate(titles):
+            axis = "y" if i == 0 else f"y{i + 1}"
+            panels[title] = {"data": [t for t in fig["data"] if t.get("meta") == title and t.get("yaxis") == axis],
+                             "yaxis": layout["yaxis" if i == 0 else f"yaxis{i + 1}"], "xaxis": layout["xaxis"],
+                             "shapes": [s for s in layout.get("shapes", []) if s.get("yref") == axis],
+                             "figure": n, "layout": layout}
+    return panels
+
+
 @pytest.mark.parametrize("kind", ["baseline", "hybrid", "mixed"])
 def test_every_page_with_baseline_hybrid_and_mixed_stores(kind, runs_root):
     ids = _store_of(kind, runs_root)
@@ -353,13 +371,13 @@ def test_constant_learning_rate_is_drawn_at_its_value(runs_root):
     at = _app().run()
     at.session_state["selected_run"] = run_id
     _open(at, "live")
-    lr = next(_figure(c) for c in at.get("plotly_chart") if _figure(c)["layout"]["title"]["text"] == "Learning rate")
-    low, high = lr["layout"]["yaxis"]["range"]
+    lr = _live_panels(at)["Learning rate"]
+    low, high = lr["yaxis"]["range"]
     values = [y for trace in lr["data"] for y in trace["y"]]
     lr_value = HybridTrainingConfig().base_learning_rate
     assert all(abs(v - lr_value) <= 1e-12 * lr_value for v in values)     # the smoothed line may differ by float ulps
     assert 0 < low < values[0] < high < 2 * values[0]          # around the LR, not a line at 0 on −1…1
-    assert lr["layout"]["yaxis"]["title"]["text"] and lr["layout"]["xaxis"]["title"]["text"] == "step"
+    assert lr["yaxis"]["title"]["text"] and lr["xaxis"]["title"]["text"] == "step"
 
 
 def test_baseline_switch_greys_out_hybrid_options_and_saves_them_off(runs_root, started):
@@ -436,7 +454,7 @@ def test_live_shows_system_metrics_and_setup_stages(runs_root):
     at.session_state["selected_run"] = run_id
     _open(at, "live")
     at.multiselect(key="live_charts.hybrid").set_value(["CPU (%)", "Memory (RSS, MiB)"]).run()
-    cpu = next(_figure(c) for c in at.get("plotly_chart") if _figure(c)["layout"]["title"]["text"] == "CPU (%)")
+    cpu = _live_panels(at)["CPU (%)"]
     assert cpu["data"][-1]["y"] == [float(90 + i) for i in range(10)]
     # A run still setting up (no step yet): its stages, the teacher logits with n/N.
     setting_up = store.create_run(HybridTrainingConfig().to_dict(), {"argv": ["--hybrid"]}, "tiny",
@@ -620,14 +638,13 @@ def test_live_y_titles_follow_the_trust_region_mode_and_fit(runs_root):
     for run_id in (relative, absolute):
         at.selectbox(key="live_run").set_value(run_id).run()
         assert not at.exception
-        titles[run_id] = {_figure(c)["layout"]["title"]["text"]: _figure(c)["layout"]["yaxis"]["title"]["text"]
-                          for c in at.get("plotly_chart")}
+        titles[run_id] = {title: panel["yaxis"]["title"]["text"] for title, panel in _live_panels(at).items()}
     assert titles[relative]["Trust radius"].startswith("μ (fraction of ‖W‖₂")
     assert titles[absolute]["Trust radius"] == "μ (L2 norm)"
-    # Charts of another section sit in their own tab, built only when it is open (lazy tabs).
-    assert "Tokens/s" not in titles[absolute] and [t.label for t in at.tabs] == ["Training (1)", "Gradients & speed (1)"]
+    # Both charts are subplots of one figure on one x axis (zoom and hover together), not separate charts.
+    assert len(at.get("plotly_chart")) == 1 and set(titles[absolute]) == {"Trust radius", "Tokens/s"}
     at.multiselect(key="live_charts.hybrid").set_value(["Tokens/s"]).run()
-    tokens = next(_figure(c) for c in at.get("plotly_chart") if _figure(c)["layout"]["title"]["text"] == "Tokens/s")
+    tokens = _live_panels(at)["Tokens/s"]
     # A 300 px chart's vertical title longer than ~20 characters ran into the chart title.
     assert len(tokens["layout"]["yaxis"]["title"]["text"]) <= 20
 
@@ -745,3 +762,65 @@ def test_live_charts_are_named_in_the_url(runs_root):
     assert at.multiselect(key="live_charts.hybrid").value == ["Tokens/s", "Flip rate"]
     at.multiselect(key="live_charts.hybrid").set_value(["Loss"]).run()
     assert at.query_params["chart"] in ("Loss", ["Loss"])     # AppTest gives a single value unwrapped
+
+
+def test_live_overlays_other_runs_grouped_with_a_band_and_the_teacher_line(runs_root):
+    """Live overlays other runs and groups them as Compare does (one median line over a min–max band per group,
+    the run count in the legend); the teacher's held-out loss is a reference line on the validation loss; and the
+    whole view is in the URL, so a second session opened on that link shows the same."""
+    store = RunStore(runs_root)
+    main = write_synthetic_run(store, 120, "finished", name="main", seed=0)
+    with store.writer(main) as w:
+        w.set_teacher_val_loss(2.75)
+    seeds = [write_synthetic_run(store, 120, "finished", name=f"lr3-s{i}", seed=i + 1,
+                                 config={"base_learning_rate": 3e-3}) for i in range(3)]
+    other = write_synthetic_run(store, 120, "finished", name="lr1", seed=9, config={"base_learning_rate": 1e-3})
+    at = _app().run()
+    at.session_state["selected_run"] = main
+    at.session_state["live_charts.hybrid"] = ["Loss", "Validation loss"]
+    _open(at, "live")
+    panels = _live_panels(at)
+    assert [s["label"]["text"] for s in panels["Validation loss"]["shapes"]] == ["teacher 2.75"]
+    assert panels["Loss"]["shapes"] == []
+    at.multiselect(key="live_overlays").set_value([*seeds, other]).run()
+    at.selectbox(key="live_group").set_value("cfg.base_learning_rate").run()
+    assert not at.exception
+    loss = _live_panels(at)["Loss"]
+    legend = [t["name"] for t in loss["data"] if t.get("showlegend")]
+    assert legend == [f"main ({main})", "base_learning_rate = 0.003 (n=3)", "base_learning_rate = 0.001 (n=1)"]
+    # The band of the 3-seed group holds its median line: low <= center <= high at every x, and it has width.
+    band = [t for t in loss["data"] if t.get("legendgroup") == "group:base_learning_rate = 0.003"]
+    high, low, center = (np.asarray(t["y"], dtype=float) for t in band)
+    assert np.all(low <= center + 1e-12) and np.all(center <= high + 1e-12)
+    assert (high - low).max() > 0 and band[1]["fill"] == "tonexty"
+    seed_losses = [queries.read_steps(store, r).loss.to_numpy() for r in seeds]
+    assert high.max() <= max(s.max() for s in seed_losses) + 1e-9     # the band spans the seeds' smoothed curves
+    assert at.query_params["group"] in ("cfg.base_learning_rate", ["cfg.base_learning_rate"])
+    # A second session opened on the URL restores the same view.
+    link = AppTest.from_file(APP, default_timeout=60)
+    for key, value in at.query_params.items():
+        link.query_params[key] = value
+    link.run()
+    _open(link, "live")
+    assert link.multiselect(key="live_overlays").value == [*seeds, other]
+    assert link.selectbox(key="live_group").value == "cfg.base_learning_rate"
+    assert link.multiselect(key="live_charts.hybrid").value == ["Loss", "Validation loss"]
+    assert [t["name"] for t in _live_panels(link)["Loss"]["data"] if t.get("showlegend")] == legend
+
+
+def test_live_view_persists_smoothing_axis_and_log_y_in_the_url(runs_root):
+    (run_id,) = _store_of("hybrid", runs_root).values()
+    at = _app()
+    at.query_params.update({"run": run_id, "smooth": "0.9", "x": "wall time", "logy": ["Loss", "nonsense"],
+                            "chart": ["Loss", "Tokens/s"]})
+    at.run()
+    _open(at, "live")
+    assert at.slider(key="live_smoothing").value == 0.9 and at.radio(key="live_x").value == "wall time"
+    assert at.multiselect(key="live_logy").value == ["Loss"]
+    panels = _live_panels(at)
+    assert panels["Loss"]["yaxis"]["type"] == "log" and panels["Tokens/s"]["yaxis"]["type"] == "linear"
+    assert panels["Loss"]["xaxis"]["title"]["text"] == "seconds since the first step"
+    at.slider(key="live_smoothing").set_value(0.3).run()
+    at.radio(key="live_x").set_value("step").run()
+    assert at.query_params["smooth"] in ("0.3", ["0.3"]) and "x" not in at.query_params   # default: left out
+    assert at.slider(key="live_smoothing").value == 0.3          # the session keeps it across reruns

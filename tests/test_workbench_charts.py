@@ -349,3 +349,52 @@ def test_a_shared_x_range_may_leave_one_end_open():
     assert list(fig.layout.xaxis.range) == [10, None] and fig.layout.xaxis.autorange == "max"
     fig = _validated(charts.line_figure(_series("r1"), "Loss", x_range=(None, 30)))
     assert fig.layout.xaxis.autorange == "min"
+
+
+def test_stacked_figure_puts_every_chart_on_one_x_axis():
+    """Live: each chart a subplot of one figure on the SAME x axis (plotly.js syncs hover across stacked subplots
+    only on one axis: hoversubplots="axis"; zoom follows from there being one axis)."""
+    loss = charts.Panel("Loss", _series("r1"), y_title="nats", log_y=True)
+    lr = charts.Panel("Learning rate", _series("r1", "learning_rate"))
+    empty = charts.Panel("Flip rate", pd.DataFrame())
+    fig = charts.stacked_figure([loss, lr, empty], main_run="r1", uirevision="r1:step")
+    _validated(fig)                                    # every property valid (built unvalidated for speed)
+    assert fig.layout.hovermode == "x unified" and fig.layout.hoversubplots == "axis"
+    assert {t.xaxis for t in fig.data} == {"x"} and "xaxis2" not in fig.layout.to_plotly_json()
+    assert [(t.meta, t.yaxis) for t in fig.data] == [("Loss", "y"), ("Loss", "y"), ("Learning rate", "y2"),
+                                                     ("Learning rate", "y2")]
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis2.type == "linear" and fig.layout.yaxis.title.text == "nats"
+    # Stacked top to bottom without overlap, each titled; an empty chart says so.
+    domains = [fig.layout.yaxis.domain, fig.layout.yaxis2.domain, fig.layout.yaxis3.domain]
+    assert domains[0][0] > domains[1][1] and domains[1][0] > domains[2][1]
+    texts = [a.text for a in fig.layout.annotations]
+    assert texts[:3] == ["Loss", "Learning rate", "Flip rate"] and "no data yet" in texts
+    raw, smooth = fig.data[:2]
+    assert raw.opacity == charts.RAW_OPACITY and raw.hoverinfo == "skip" and smooth.line.width == 2
+    assert fig.layout.showlegend is False              # one run, one curve per chart: the titles name them
+    assert fig.layout.uirevision == "r1:step"          # zoom survives refreshes
+
+
+def test_stacked_figure_overlays_groups_and_the_teacher_line():
+    colors = charts.run_colors(["main", "a", "b", "c"])
+    overlays = pd.concat([_series(r, "val_loss").assign(smooth=lambda f, i=i: f.smooth + i)
+                          for i, r in enumerate(("a", "b", "c"))], ignore_index=True)
+    groups = queries.group_series(overlays, {"a": "seed group", "b": "seed group", "c": "other"})
+    panel = charts.Panel("Validation loss", _series("main", "val_loss"), groups=groups,
+                         references=[("teacher", 2.5)])
+    fig = charts.stacked_figure([panel, charts.Panel("Loss", pd.concat([_series("main"), _series("a")]))],
+                                colors=colors, labels={"main": "this <b>run</b>", "a": "run a"}, main_run="main")
+    _validated(fig)
+    legend = [t for t in fig.data if t.showlegend]
+    assert [t.name for t in legend] == ["this &lt;b&gt;run&lt;/b&gt;", "seed group (n=2)", "other (n=1)", "run a"]
+    assert legend[0].line.color == colors["main"] and legend[-1].line.color == colors["a"]
+    band = [t for t in fig.data if t.legendgroup == "group:seed group" and t.hoverinfo == "skip"]
+    assert band[1].fill == "tonexty"
+    np.testing.assert_allclose(np.asarray(band[0].y) - np.asarray(band[1].y), 1.0)   # min–max of +0, +1
+    # The same run toggles in every chart: one legendgroup, one legend entry.
+    assert {t.legendgroup for t in fig.data if t.name == "this &lt;b&gt;run&lt;/b&gt;"} == {"run:main"}
+    (teacher,) = fig.layout.shapes
+    assert teacher.yref == "y" and teacher.y0 == teacher.y1 == 2.5 and teacher.label.text == "teacher 2.5"
+    assert teacher.xref == "x domain" and (teacher.x0, teacher.x1) == (0, 1)
+    # Only the shown run has the faint raw line; overlays draw their smoothed curve.
+    assert [t.meta for t in fig.data if t.opacity == charts.RAW_OPACITY] == ["Validation loss", "Loss"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import html
 import math
 import textwrap
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 
 import numpy as np
 import pandas as pd
@@ -478,3 +480,157 @@ def linked_figure(figures: list[go.Figure], titles: list[str], x_title: str = "s
                       hoverlabel=dict(namelength=-1),
                       legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0.0))
     return fig
+
+
+# -- Live: every chart as a subplot of one figure on one x axis -------------------------------------------------------
+@dataclass
+class Panel:
+    """One chart of a stacked figure: run curves (queries.chart_series rows), optional group bands
+    (queries.group_series rows) and optional horizontal reference lines (label, y), e.g. the teacher's loss."""
+    title: str
+    series: pd.DataFrame | None = None
+    y_title: str | None = None
+    log_y: bool = False
+    groups: pd.DataFrame | None = None
+    references: list[tuple[str, float]] = dc_field(default_factory=list)
+
+
+def stacked_figure(panels: list[Panel], x_title: str = "step", colors: dict[str, str] | None = None,
+                   labels: dict[str, str] | None = None, group_colors: dict[str, str] | None = None,
+                   main_run: str | None = None, uirevision: str | None = None, row_height: int = 220,
+                   stat: str = "median", band: str = "min–max") -> go.Figure:
+    """Several charts stacked in ONE figure whose subplots share one x axis: zoom or pan any of them and all
+    follow, and the hover line reads every chart at that x (hovermode "x unified" + hoversubplots="axis", which
+    plotly.js applies only to subplots on the very same axis). One figure instead of one per chart is also what
+    keeps a 12-chart page fast in the browser: plotly's fixed cost per plot (axes, modebar, layout) is paid once.
+
+    The run `main_run` gets the faint raw line under its smoothed one; other runs (overlays) their smoothed line in
+    their own colour; groups a median/mean line over a band with the run count in the legend. A curve's legend
+    entry toggles it in every subplot (legendgroup). Each trace's `meta` is its panel's title (tests and the
+    browser find a chart's curves by it)."""
+    n = len(panels)
+    if n == 0:
+        return _empty("Charts", "no chart chosen")
+    gap = 56                                        # px between rows: the next subplot's title
+    plot_height = n * row_height + (n - 1) * gap
+    all_runs = list(dict.fromkeys(r for p in panels if p.series is not None and not p.series.empty
+                                  for r in p.series.run))
+    by_run = len(all_runs) > 1 or any(p.groups is not None and not p.groups.empty for p in panels)
+    traces: list[dict] = []
+    layout: dict = {}
+    annotations: list[dict] = []
+    shapes: list[dict] = []
+    seen_legend: set[str] = set()
+    x_values = []
+
+    def legend_once(group: str) -> bool:
+        first = group not in seen_legend
+        seen_legend.add(group)
+        return first
+
+    for i, panel in enumerate(panels):
+        axis = "y" if i == 0 else f"y{i + 1}"
+        top = 1 - i * (row_height + gap) / plot_height
+        domain = [max(0.0, top - row_height / plot_height), min(1.0, top)]
+        annotations.append(dict(text=html.escape(panel.title, quote=False), x=0, xref="paper", y=domain[1],
+                                yref="paper", xanchor="left", yanchor="bottom", showarrow=False,
+                                font=dict(size=14)))
+        yaxis = dict(domain=domain, anchor="x", type="log" if panel.log_y else "linear", automargin=True,
+                     title=dict(text=panel.y_title or ""), exponentformat="power" if panel.log_y else "e")
+        values = []
+        series = panel.series if panel.series is not None else pd.DataFrame()
+        names = list(dict.fromkeys(series.series)) if not series.empty else []
+        for r, run in enumerate(dict.fromkeys(series.run) if not series.empty else []):
+            for s, name in enumerate(names):
+                part = series[(series.run == run) & (series.series == name)]
+                if part.empty:
+                    continue
+                if by_run:
+                    color = (colors or {}).get(run, color_for(all_runs.index(run)))
+                    label = (labels or {}).get(run, run)
+                    group, dash = f"run:{run}", SERIES_DASHES[s % len(SERIES_DASHES)]
+                    text = f"{label} · {series_name(name)}" if len(names) > 1 else label
+                else:
+                    color, group, dash = color_for(s), f"series:{name}", "solid"
+                    text = series_name(name)
+                text = html.escape(text, quote=False)           # a run name is the user's text: never markup
+                x, y_raw, y_smooth = part.x.to_numpy(), part.raw.to_numpy(), part.smooth.to_numpy()
+                x_values.append(pd.to_numeric(part.x, errors="coerce").to_numpy(dtype="float64"))
+                values.append(y_smooth)
+                main = run == main_run or not by_run
+                if main and not np.allclose(y_raw, y_smooth, equal_nan=True):
+                    values.append(y_raw)
+                    traces.append(dict(type="scatter", x=x, y=y_raw, xaxis="x", yaxis=axis, mode="lines",
+                                       name=f"{text} (raw)", legendgroup=group, showlegend=False, hoverinfo="skip",
+                                       line=dict(color=color, width=1), opacity=RAW_OPACITY, meta=panel.title))
+                # Single-run curves need no legend (the subplot title names them) unless a chart holds several.
+                show = (by_run or len(names) > 1) and legend_once(group if by_run else f"{group}:{panel.title}")
+                traces.append(dict(type="scatter", x=x, y=y_smooth, xaxis="x", yaxis=axis,
+                                   mode="lines+markers" if len(x) <= 30 else "lines", name=text, legendgroup=group,
+                                   showlegend=show, line=dict(color=color, width=2 if main else 1.5, dash=dash),
+                                   hovertemplate="%{y:.4g}", meta=panel.title))
+        if panel.groups is not None and not panel.groups.empty:
+            gnames = list(dict.fromkeys(panel.groups.series))
+            for g, grp in enumerate(dict.fromkeys(panel.groups.group)):
+                color = (group_colors or {}).get(grp, color_for(g + 1))
+                for s, name in enumerate(gnames):
+                    part = panel.groups[(panel.groups.group == grp) & (panel.groups.series == name)]
+                    if part.empty:
+                        continue
+                    runs = int(part.n.max())
+                    text = html.escape(f"{grp} (n={runs})" + (f" · {series_name(name)}" if len(gnames) > 1 else ""),
+                                       quote=False)
+                    legend = f"group:{grp}"
+                    x = part.x.to_numpy()
+                    x_values.append(x.astype("float64"))
+                    values.extend([part.low.to_numpy(), part.high.to_numpy()])
+                    traces.append(dict(type="scatter", x=x, y=part.high.to_numpy(), xaxis="x", yaxis=axis,
+                                       mode="lines", line=dict(width=0), legendgroup=legend, showlegend=False,
+                                       hoverinfo="skip", name=f"{text} high", meta=panel.title))
+                    traces.append(dict(type="scatter", x=x, y=part.low.to_numpy(), xaxis="x", yaxis=axis,
+                                       mode="lines", line=dict(width=0), fill="tonexty", fillcolor=_rgba(color, 0.18),
+                                       legendgroup=legend, showlegend=False, hoverinfo="skip", name=f"{text} low",
+                                       meta=panel.title))
+                    traces.append(dict(type="scatter", x=x, y=part.center.to_numpy(), xaxis="x", yaxis=axis,
+                                       name=text, legendgroup=legend, showlegend=legend_once(legend),
+                                       mode="lines+markers" if len(x) <= 30 else "lines",
+                                       line=dict(color=color, width=2, dash=SERIES_DASHES[s % len(SERIES_DASHES)]),
+                                       customdata=np.stack([part.low.to_numpy(), part.high.to_numpy(),
+                                                            part.n.to_numpy()], axis=1),
+                                       hovertemplate=f"{stat} %{{y:.4g}} [%{{customdata[0]:.4g}}, "
+                                                     f"%{{customdata[1]:.4g}}] ({band}, %{{customdata[2]}} runs)",
+                                       meta=panel.title))
+        for label, value in panel.references:
+            if value is None or not math.isfinite(value):
+                continue
+            values.append(np.array([value], dtype="float64"))
+            # A shape across the whole width (it stays put when zooming) with its label and value on it.
+            shapes.append(dict(type="line", xref="x domain", x0=0, x1=1, yref=axis, y0=value, y1=value,
+                               line=dict(color="#444", width=1.5, dash="dash"),
+                               label=dict(text=f"{html.escape(label, quote=False)} {value:.4g}",
+                                          textposition="end", yanchor="bottom", font=dict(size=11, color="#444"))))
+        if not values:
+            annotations.append(dict(text="no data yet", x=0.5, xref="paper", y=sum(domain) / 2, yref="paper",
+                                    showarrow=False, font=dict(color="gray")))
+            yaxis.update(showticklabels=False, showgrid=False, zeroline=False)
+        else:
+            flat = y_range_for_flat(np.concatenate([np.asarray(v, dtype="float64") for v in values]), panel.log_y)
+            if flat is not None:
+                yaxis.update(range=flat, autorange=False)
+        layout["yaxis" if i == 0 else f"yaxis{i + 1}"] = yaxis
+    xaxis = dict(title=dict(text=x_title), anchor="y" if n == 1 else f"y{n}", automargin=True, domain=[0, 1],
+                 showspikes=True, spikemode="across", spikethickness=1, spikedash="dot", spikecolor="#888")
+    if x_title == "step" and x_values:
+        xaxis.update(integer_ticks(np.concatenate(x_values)))
+    legend_entries = sum(1 for t in traces if t.get("showlegend"))
+    legend_rows = 0 if not legend_entries else 1 + legend_entries // 4
+    title_px = 26                                   # the first subplot's title sits above its plot area
+    top_margin = title_px + 24 * legend_rows + 8
+    layout.update(height=plot_height + top_margin + 70, margin=dict(l=10, r=10, t=top_margin, b=10),
+                  hovermode="x unified", hoversubplots="axis", hoverlabel=dict(namelength=-1),
+                  uirevision=uirevision or "stacked", xaxis=xaxis, annotations=annotations, shapes=shapes,
+                  showlegend=legend_entries > 0,    # legend above the first title, below plotly's toolbar
+                  legend=dict(orientation="h", yanchor="bottom", y=1 + title_px / plot_height, xanchor="left",
+                              x=0.0))
+    # No plotly validation here (a live refresh rebuilds it every tick); the unit tests validate the output.
+    return go.Figure(data=traces, layout=layout, _validate=False)

@@ -9,13 +9,13 @@ import pytest
 from hybrid_optimization.tracking import RunStore
 from workbench import queries
 
-# Points drawn in the plotly chart titled `title` (-1: no such chart on the page). Streamlit wraps titles in <b>;
-# plotly.js keeps the decoded traces (with their length) in the element's _fullData.
+# Points drawn in Live's chart `title` (-1: no such chart on the page). Live's charts are subplots of one figure;
+# each trace's `meta` names its chart, and plotly.js keeps the decoded traces (with their length) in _fullData.
 POINTS_JS = """(title) => {
-  const plots = Array.from(document.querySelectorAll('.js-plotly-plot')).filter(p =>
-      p.layout && p.layout.title && String(p.layout.title.text).replace(/<[^>]+>/g, '') === title);
-  if (!plots.length || !plots[0]._fullData) return -1;
-  return Math.max(0, ...plots[0]._fullData.map(t => t._length || 0));
+  const traces = Array.from(document.querySelectorAll('.js-plotly-plot')).filter(p => p._fullData)
+      .flatMap(p => p._fullData.filter(t => t.meta === title));
+  if (!traces.length) return -1;
+  return Math.max(0, ...traces.map(t => t._length || 0));
 }"""
 MAX_STEPS = 1000         # long enough to watch it grow and stop it midway (tiny: up to ~10 steps/s on 2 cores)
 FIRST_STEP_TIMEOUT_S = 900  # a cold cache trains the tiny teacher first (minutes); warm: seconds

@@ -22,6 +22,19 @@ FIGURE_JS = """(title) => {
                                          y: t.y ? Array.from(t.y).slice(0, 5) : null})),
           yrange: p._fullLayout.yaxis ? p._fullLayout.yaxis.range : null};
 }"""
+# Live's chart `title` (a subplot of its stacked figure, traces found by `meta`): traces and its y-axis range.
+LIVE_PANEL_JS = """(title) => {
+  for (const p of Array.from(document.querySelectorAll('.js-plotly-plot'))) {
+    if (!p._fullData) continue;
+    const traces = p._fullData.filter(t => t.meta === title);
+    if (!traces.length) continue;
+    const axis = p._fullLayout['yaxis' + traces[0].yaxis.slice(1)];
+    return {traces: traces.map(t => ({name: t.name, type: t.type, n: t._length || 0,
+                                      y: t.y ? Array.from(t.y).slice(0, 5) : null})),
+            yrange: axis ? axis.range : null};
+  }
+  return null;
+}"""
 PARCOORDS_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).some(p =>
     p._fullData && p._fullData.some(t => t.type === 'parcoords' && t.dimensions && t.dimensions.length >= 2))"""
 
@@ -50,8 +63,8 @@ def test_links_compare_and_constant_lr_in_a_real_browser(workbench_server, brows
     # A ?run= link opens that run (not the newest one), and its constant LR is drawn around the LR.
     page.goto(f"{url}/live?run={baseline}")
     page.get_by_role("heading", name="Live run").wait_for()
-    page.wait_for_function(f"() => ({FIGURE_JS})('Learning rate') !== null", timeout=60_000)
-    lr = page.evaluate(FIGURE_JS, "Learning rate")
+    page.wait_for_function(f"() => ({LIVE_PANEL_JS})('Learning rate') !== null", timeout=60_000)
+    lr = page.evaluate(LIVE_PANEL_JS, "Learning rate")
     value = HybridTrainingConfig().base_learning_rate
     low, high = lr["yrange"]
     assert 0 < low < value < high < 2 * value, lr
