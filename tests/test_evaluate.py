@@ -122,11 +122,11 @@ def test_a_run_stores_the_teacher_loss_at_set_up_and_its_summary_shows_the_gap(t
     assert store.get_run(result.run_id)["teacher_val_loss"] == summary["teacher_val_loss"]
     assert store.teacher_val_losses([result.run_id]) == {result.run_id: summary["teacher_val_loss"]}
     assert [r["teacher_val_loss"] for r in store.list_runs()] == [summary["teacher_val_loss"]]
-    assert f"Teacher held-out loss: {expected:.4f}" in out          # said at set-up, before training
+    assert f"Teacher held-out loss: {summary['teacher_val_loss']:.4f}" in out          # said at set-up, before training
     assert f"Teacher Held-out Loss: {summary['teacher_val_loss']:.6f}" in out
     assert f"Student Gap to Teacher: {summary['teacher_gap']:+.6f} nats" in out
     assert out.index("Teacher held-out loss:") < out.index("Teacher Held-out Loss:")
-    assert (f"val_loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.2f}) [teacher {expected:.4f}, gap "
+    assert (f"val_loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.2f}) [teacher {summary['teacher_val_loss']:.4f}, gap "
             f"{summary['val_loss'] - summary['teacher_val_loss']:+.4f}]") in out      # each evaluation's line
     # A second run on the same data reads the teacher's logits and held-out loss from the cache.
     monkeypatch.setattr(teacher_module, "compute_topk", no_teacher_pass)
