@@ -9,8 +9,10 @@ Three teachers share one path (`load_teacher`):
 
 Teacher forward passes are slow on a CPU (~500 tokens/s for SmolLM2 on 2 cores), so the teacher runs once per
 dataset: `teacher_topk_cache` stores the top-k logits of every window, restricted to the student's reduced
-vocabulary, in a safetensors file keyed by a hash of (teacher, token windows, vocabulary, k); while they are computed,
-every block of LOGITS_PART_WINDOWS windows is saved, so an interrupted computation resumes where it stopped.
+vocabulary, in a safetensors file keyed by a hash of (teacher, token windows, vocabulary, k), with the teacher's own
+cross-entropy on every validation window (`val_ce`: the student's reference loss, which needs the full logits only
+this pass sees); while they are computed, every block of LOGITS_PART_WINDOWS windows is saved, so an interrupted
+computation resumes where it stopped.
 """
 from __future__ import annotations
 
