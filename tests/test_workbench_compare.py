@@ -343,3 +343,73 @@ def test_benchmark_reports_put_the_deciding_reports_first(tmp_path):
     (tmp_path / "empty").mkdir()
     assert [p.name for p in queries.benchmark_reports(tmp_path)] == ["robustness", "full", "medium", "quick",
                                                                       "changes"]
+
+
+def test_teacher_reference_column_gap_and_dashed_line_per_run_and_per_group(seeds):
+    """Issue 16: each run's teacher validation loss (stored at set-up) is a table column with the student's gap to
+    it, and a dashed line on the validation-loss chart — one per run, or the group's median when grouped."""
+    store, ids = seeds
+    chosen = ids[LR_A][:2] + ids[LR_B][:1]
+    teacher = {chosen[0]: 2.5, chosen[1]: 2.75, chosen[2]: 3.0}
+    for run_id, value in teacher.items():
+        with store.writer(run_id) as writer:
+            writer.set_teacher_val_loss(value)
+    at = _open(runs=",".join(chosen), metrics="eval:val_loss,loss")
+    table = at.dataframe[0].value.set_index("run id")
+    assert table.loc[ids[LR_A][4], "Teacher's validation loss"] is None or pd.isna(
+        table.loc[ids[LR_A][4], "Teacher's validation loss"])          # no reference stored: an empty cell
+    for run_id, value in teacher.items():
+        student = store.get_run(run_id)["summary"]["val_loss"]
+        assert table.at[run_id, headline.value_label("teacher_val_loss")] == pytest.approx(value)
+        assert table.at[run_id, headline.value_label("teacher_gap")] == pytest.approx(student - value)
+    assert queries.column_format(headline.VALUE_LABELS["teacher_gap"][1]) == (1.0, "%+.4f")
+    figures = _figures(at)
+    dashed = [t for t in figures["Validation loss (quantized)"]["data"] if t.get("legendgroup") == "teacher"]
+    assert sorted(t["y"][0] for t in dashed) == sorted(teacher.values())
+    assert all(t["line"]["dash"] == "dash" and t["y"][0] == t["y"][1] for t in dashed)
+    assert [t.get("showlegend", True) for t in dashed].count(True) == 1       # one legend entry toggles them all
+    assert all(t["x"] == [20, 100] for t in dashed)                           # the run's evaluated span
+    assert not [t for t in figures["Training loss"]["data"] if t.get("legendgroup") == "teacher"]
+    # Grouped: one line per group at the median of its runs' teacher losses.
+    at = _open(runs=",".join(chosen), metrics="eval:val_loss", group="cfg.base_learning_rate")
+    dashed = [t for t in _figures(at)["Validation loss (quantized)"]["data"] if t.get("legendgroup") == "teacher"]
+    assert sorted(t["y"][0] for t in dashed) == [pytest.approx(2.625), pytest.approx(3.0)]
+
+
+def test_a_tick_without_a_new_evaluation_keeps_the_validation_chart(runs_root):
+    """The live tick rebuilds only what moved: new steps redraw the training-loss chart, while the validation-loss
+    chart (no evaluation since) keeps its figure, and the finished run's series are not recomputed."""
+    store = RunStore(runs_root)
+    done = write_synthetic_run(store, 60, seed=1, name="done", eval_every=20, n_samples=4)
+    live = store.create_run({}, {}, "tiny", name="live", total_steps=10_000)
+    writer = store.writer(live)
+    writer.set_status("running")
+    writer.set_pid(os.getpid())
+    for step in range(1, 41):
+        writer.log_step(step, loss=3.0 / step)
+    writer.log_eval(40, val_loss=2.0)
+    writer.flush()
+    at = _open(runs=",".join([live, done]), metrics="eval:val_loss,loss")
+    memos = at.session_state["compare_memos"]
+    before = {m: memos[m]["figure"][2] for m in ("eval:val_loss", "loss")}
+
+    def done_part(memos):         # the finished run's training-loss series the figure was drawn from
+        return next(p for p in memos["loss"]["figure"][1] if p["run"].array[0] == done)
+
+    finished_series = done_part(memos)
+    for step in range(41, 51):
+        writer.log_step(step, loss=3.0 / step)
+    writer.flush()
+    at.run()
+    memos = at.session_state["compare_memos"]
+    assert memos["eval:val_loss"]["figure"][2] is before["eval:val_loss"]     # no new evaluation: same figure
+    assert memos["loss"]["figure"][2] is not before["loss"]                   # new steps: redrawn
+    assert done_part(memos) is finished_series                                # not recomputed
+    loss = _figures(at)["Training loss"]
+    assert next(t for t in loss["data"] if t["name"].startswith("live"))["x"][-1] == 50
+    writer.log_eval(50, val_loss=1.5)
+    writer.flush()
+    at.run()
+    assert at.session_state["compare_memos"]["eval:val_loss"]["figure"][2] is not before["eval:val_loss"]
+    writer.set_status("finished")
+    writer.close()

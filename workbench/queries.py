@@ -81,7 +81,11 @@ RUN_COLUMNS = ("run_id", "name", "status", "preset", "created_at", "started_at",
 def read_steps(store: RunStore, run_id: str, after_step: int = -1, columns=None, every: int = 1) -> pd.DataFrame:
     """Step rows as one float frame (NULL -> NaN; step as int64): one array conversion, ~3x faster than row by
     row."""
-    rows = store.read_steps(run_id, after_step=after_step, columns=columns, every=every)
+    return steps_frame(store.read_steps(run_id, after_step=after_step, columns=columns, every=every))
+
+
+def steps_frame(rows: Rows) -> pd.DataFrame:
+    """RunStore.read_steps rows as read_steps' frame."""
     values = np.array(rows.values, dtype=np.float64).reshape(len(rows), len(rows.columns))
     out = pd.DataFrame(values, columns=list(rows.columns))
     out["step"] = out["step"].astype(np.int64)
@@ -91,7 +95,11 @@ def read_steps(store: RunStore, run_id: str, after_step: int = -1, columns=None,
 def read_evals(store: RunStore, run_id: str, after_step: int = -1) -> pd.DataFrame:
     """Evaluation rows (step, wall_time, key, value): built column by column, key as plain Python strings (arrow
     strings per row cost more than the read on a 100-run comparison)."""
-    rows = store.read_evals(run_id, after_step=after_step)
+    return evals_frame(store.read_evals(run_id, after_step=after_step))
+
+
+def evals_frame(rows: Rows) -> pd.DataFrame:
+    """RunStore.read_evals rows as read_evals' frame."""
     if not len(rows):
         return frame(rows, numeric=["wall_time", "value"])
     steps, walls, keys, values = zip(*rows.values)
@@ -333,23 +341,26 @@ class RunCache:
             self.steps, self.last_step = pd.DataFrame(), -1
         self.status = status
         self.reads += 1
-        new_steps = read_steps(store, self.run_id, after_step=self.last_step, columns=self.columns)
-        if len(new_steps):
+        # A tick usually brings a few steps and no evaluation: only rows that came become (small) frames.
+        step_rows = store.read_steps(self.run_id, after_step=self.last_step, columns=self.columns)
+        if len(step_rows):
+            new_steps = steps_frame(step_rows)
             self.steps = new_steps if self.steps.empty else pd.concat([self.steps, new_steps], ignore_index=True)
             self.last_step = int(new_steps.step.iloc[-1])
-        new_evals = read_evals(store, self.run_id, after_step=self.last_eval_step)
-        if len(new_evals):
+        eval_rows = store.read_evals(self.run_id, after_step=self.last_eval_step)
+        if len(eval_rows):
+            new_evals = evals_frame(eval_rows)
             self.evals = new_evals if self.evals.empty else pd.concat([self.evals, new_evals], ignore_index=True)
             self.last_eval_step = int(new_evals.step.max())
         if log_lines <= 0:            # Compare: no log lines wanted
-            return len(new_steps)
+            return len(step_rows)
         # Only the newest `log_lines` lines matter to the view; older new lines are skipped, not queued.
         new_logs = read_logs(store, self.run_id, after_seq=self.last_seq, limit=log_lines, tail=True)
         if len(new_logs):
             self.logs = (pd.concat([self.logs, new_logs], ignore_index=True).tail(log_lines).reset_index(drop=True)
                          if len(self.logs) else new_logs)
             self.last_seq = int(new_logs.seq.iloc[-1])
-        return len(new_steps)
+        return len(step_rows)
 
 
 EVAL_PREFIX = "eval:"     # a metric name "eval:val_loss" is an evaluation key; any other is a step column
@@ -376,16 +387,20 @@ def logged_eval_keys(cache: RunCache) -> frozenset:
 def run_series(cache: RunCache, metric: str, x: str = "step", smoothing: float = DEFAULT_SMOOTHING,
                max_points: int = MAX_POINTS) -> pd.DataFrame:
     """One run's chart series of `metric` from what its RunCache holds (step metric smoothed then downsampled;
-    an evaluation metric as logged), remembered until the cache reads something new — so a live tick recomputes
-    only the runs that moved."""
-    version = (cache.last_step, cache.last_eval_step, len(cache.steps), len(cache.evals), cache.columns)
+    an evaluation metric as logged), remembered until the cache reads something new for it — so a live tick
+    recomputes only the runs that moved, and an evaluation chart only when an evaluation came (the same object
+    comes back until then: group_series and the page's figure memo rely on that)."""
+    steps = cache.steps
+    if metric.startswith(EVAL_PREFIX):
+        t0 = float(steps.wall_time.iat[0]) if x == "time_s" and len(steps) and "wall_time" in steps else None
+        version = (cache.last_eval_step, len(cache.evals), t0)
+    else:
+        version = (cache.last_step, len(steps), cache.columns)
     key = (metric, x, smoothing, max_points)
     hit = cache.memo.get(key)
     if hit is not None and hit[0] == version:
         return hit[1]
-    steps = cache.steps
     if metric.startswith(EVAL_PREFIX):
-        t0 = float(steps.wall_time.iloc[0]) if len(steps) and "wall_time" in steps else None
         out = eval_series(cache.evals, [metric[len(EVAL_PREFIX):]], run=cache.run_id, x=x, t0=t0,
                           max_points=max_points)
         out = out.assign(smooth=out.raw)          # evaluations: the logged values, not smoothed
@@ -685,36 +700,37 @@ def query_runs(frame: pd.DataFrame, text: str) -> pd.Series:
     if not text:
         return pd.Series(True, index=frame.index)
     expression = _SINGLE_EQUALS.sub("==", text)
+    shown = text if len(text) <= 200 else f"{text[:200]}… ({len(text):,} characters)"   # a 100 kB link: one line
     try:
         result = frame.query(expression, engine="python", local_dict={}, global_dict={})
     except pd.errors.UndefinedVariableError as exc:
         name = str(exc).split("'")[1] if "'" in str(exc) else str(exc)
-        raise QueryError(f"query {text!r} is invalid: no column {name!r}; columns are the run's config fields "
+        raise QueryError(f"query {shown!r} is invalid: no column {name[:80]!r}; columns are the run's config fields "
                          "and results, e.g. val_loss, base_learning_rate, trust_region_mode, kind, status, "
                          "name, tags") from None
     except Exception as exc:          # a syntax error, a type mismatch ("abc" < 3), ...: one line, no traceback
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise QueryError(f"query {text!r} is invalid ({detail}); write e.g. val_loss < 4.1 and "
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise QueryError(f"query {shown!r} is invalid ({detail}); write e.g. val_loss < 4.1 and "
                          "trust_region_mode == \"relative\" (text in quotes; and / or / not)") from None
     return frame.index.isin(result.index)
 
 
 # -- one number format (headline.VALUE_LABELS) as a table column format -----------------------------------------------
 def column_format(fmt: str) -> tuple[float, str]:
-    """A headline format ("{:.4f}", "{:.1%}", "{:,.0f}", "{:.2f}×", "{:.4g}") -> (scale, printf format) for a
+    """A headline format ("{:.4f}", "{:+.4f}", "{:.1%}", "{:,.0f}", "{:.2f}×", "{:.4g}") -> (scale, printf format) for a
     sortable numeric table column that reads exactly as Summary prints the number. "{:,.0f}" is (1, "localized")
     after rounding: the browser adds the thousands separators, and no decimals show ("294", not "294.137")."""
     import re
-    match = re.fullmatch(r"\{:(,?)\.(\d+)([fg%])\}(.*)", fmt or "")
+    match = re.fullmatch(r"\{:(\+?)(,?)\.(\d+)([fg%])\}(.*)", fmt or "")
     if not match:
         return 1.0, "%.4g"
-    comma, digits, kind, suffix = match.groups()
+    sign, comma, digits, kind, suffix = match.groups()      # sign: "{:+.4f}" (a gap) keeps its + as "%+.4f"
     suffix = suffix.replace("%", "%%")
     if kind == "%":
-        return 100.0, f"%.{digits}f%%{suffix}"
+        return 100.0, f"%{sign}.{digits}f%%{suffix}"
     if comma:
-        return 1.0, "localized" if digits == "0" and not suffix else f"%.{digits}f{suffix}"
-    return 1.0, f"%.{digits}{kind}{suffix}"
+        return 1.0, "localized" if digits == "0" and not suffix and not sign else f"%{sign}.{digits}f{suffix}"
+    return 1.0, f"%{sign}.{digits}{kind}{suffix}"
 
 
 def display_text(value) -> str:

@@ -6,10 +6,12 @@ session state and in the URL, so a comparison can be bookmarked or sent."""
 from __future__ import annotations
 
 import hashlib
+import html
 import threading
 import time
 from collections import OrderedDict
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -22,6 +24,12 @@ KEY_CONFIG = {"cfg.target_bits": "bits", "cfg.base_learning_rate": "base LR", "c
               "cfg.parameter_clusters": "param clusters", "cfg.use_auxiliary_nn": "aux NN",
               "cfg.use_trust_region": "trust region", "cfg.max_steps": "max steps"}
 RESULTS = ("final_loss", "val_loss", "val_ppl", "kl_teacher", "top1_agreement", "tokens_per_s")
+COLUMN_HELP = {"final_loss": headline.FINAL_LOSS_HELP,
+               "teacher_val_loss": "The teacher's own loss on the same validation windows as the student: the "
+                                   "reference the student is distilled towards (dashed on the validation-loss chart).",
+               "teacher_gap": "Validation loss (quantized) − the teacher's validation loss; the latest evaluation "
+                              "while a run trains."}
+TEACHER_CHARTS = ("eval:val_loss", "eval:val_loss_fp")   # the charts that get the teacher's dashed reference line
 STEP_METRICS = ("loss", "learning_rate", "lr_multiplier", "trust_radius", "constraint_rate", "update_magnitude",
                 "gradient_magnitude", "quantization_error", "flip_rate", "tokens_per_s")
 EVAL_PREFIX = queries.EVAL_PREFIX
@@ -200,6 +208,17 @@ for key in RESULTS:
         values = pd.to_numeric(runs[col], errors="coerce") * scale
         table[headline.value_label(key)] = values.round(0) if fmt == "localized" else values
         result_columns.append(key)
+# The teacher's own loss on the student's validation windows, and the student's gap to it (issue 16): the gap
+# from the latest validation loss, so a run still training has one too. Runs from before the teacher reference
+# (no value) leave both cells empty.
+teacher_loss = (pd.to_numeric(runs["teacher_val_loss"], errors="coerce") if "teacher_val_loss" in runs.columns
+                else pd.Series(float("nan"), index=runs.index))
+if teacher_loss.notna().any():
+    student_loss = (pd.to_numeric(runs["final.val_loss"], errors="coerce") if "final.val_loss" in runs.columns
+                    else float("nan"))
+    table[headline.value_label("teacher_val_loss")] = teacher_loss
+    table[headline.value_label("teacher_gap")] = student_loss - teacher_loss
+    result_columns += ["teacher_val_loss", "teacher_gap"]
 table["tags"] = runs.tags.apply(lambda t: ", ".join(t or []))
 table["notes"] = runs.notes.fillna("")
 table["run id"] = runs.run_id
@@ -216,7 +235,7 @@ column_config = {"select": st.column_config.CheckboxColumn("✓", help="Compare 
 for key in result_columns:      # one format per number: Summary's (headline.VALUE_LABELS)
     column_config[headline.value_label(key)] = st.column_config.NumberColumn(
         format=queries.column_format(headline.VALUE_LABELS[key][1])[1],
-        help=headline.FINAL_LOSS_HELP if key == "final_loss" else None)
+        help=COLUMN_HELP.get(key))
 
 s1, s2, _ = st.columns([1, 1, 4])
 if s1.button("Select all shown", key="compare_select_all", icon=":material/select_all:"):
@@ -327,7 +346,9 @@ def _metric_label(metric: str) -> str:
 
 if chosen:
     st.subheader("Curves")
-    base_runs = {r: {"status": info.at[r, "status"], "step": info.at[r, "step"]} for r in chosen}
+    base_runs = {r: {"status": info.at[r, "status"], "step": info.at[r, "step"],
+                     "teacher_val_loss": info.at[r, "teacher_val_loss"] if "teacher_val_loss" in info else None}
+                 for r in chosen}
     refresh(chosen, queries.step_columns_for(st.session_state.get("compare_metrics") or ["loss"]), base_runs,
             live=False)
     eval_keys = sorted(set().union(*(queries.logged_eval_keys(caches[r]) for r in chosen)))
@@ -377,6 +398,32 @@ if chosen:
                   "their new rows." if active else ""))
     group_colors = {g: charts.color_for(i) for i, g in enumerate(sorted(set(groups.values())))} if grouped else {}
 
+    def _teacher_lines(data: list[pd.DataFrame], teacher: dict[str, float]) -> list[dict]:
+        """Dashed horizontal lines at each run's teacher validation loss (grouped: the median over the group's
+        runs), in the run's (group's) colour over its x span; one legend entry toggles them all."""
+        lines = []      # (label, y, x0, x1, color)
+        if grouped:
+            frame = data[0]
+            names, xs = frame.group.to_numpy(dtype=object), frame.x.to_numpy(dtype="float64")
+            for group in dict.fromkeys(names):
+                values = [teacher[r] for r in chosen if groups.get(r) == group and r in teacher]
+                if values:
+                    span = xs[names == group]
+                    lines.append((group, float(np.median(values)), span.min(), span.max(), group_colors.get(group)))
+        else:
+            for part in data:
+                run = part["run"].array[0]
+                if run in teacher:
+                    lines.append((labels.get(run, run), teacher[run], part.x.min(), part.x.max(), colors.get(run)))
+        traces = []
+        for i, (label, y, x0, x1, color) in enumerate(lines):
+            text = html.escape(str(label), quote=False)          # a run name is the user's text: never markup
+            traces.append(dict(type="scatter", x=[x0, x1], y=[y, y], mode="lines", legendgroup="teacher",
+                               name="Teacher's validation loss (dashed)" if i == 0 else f"{text} · teacher",
+                               showlegend=i == 0, line=dict(color=color, width=1.5, dash="dash"),
+                               hovertemplate=f"{text}: teacher %{{y:.4f}}<extra></extra>"))
+        return traces
+
     @st.fragment(run_every=queries.DEFAULT_REFRESH_S if active else None)
     def curves() -> None:
         started, cpu_started = time.perf_counter(), time.thread_time()
@@ -391,6 +438,8 @@ if chosen:
             if run.get("status") in ACTIVE_STATUSES:
                 still_active.append(run_id)
         read = refresh(chosen, queries.step_columns_for(metrics), runs_now)
+        # A run records its teacher's loss at set-up, so a run that just started may have it only now.
+        teacher = {r: float(v) for r in chosen if not queries._missing(v := runs_now[r].get("teacher_val_loss"))}
         grid = st.columns(2)
         built, titles = [], []
         memos = st.session_state.setdefault(MEMOS, {})
@@ -412,21 +461,26 @@ if chosen:
                 data = parts
                 view = ("runs", title, x_title, log_y, x_range, show_raw, tuple(labels[r] for r in chosen),
                         tuple(colors[r] for r in chosen))
+            if metric in TEACHER_CHARTS:
+                view += (tuple(sorted(teacher.items())),)
             previous = memo["figure"]
             if (previous is not None and previous[0] == view and len(previous[1]) == len(data)
                     and all(a is b for a, b in zip(previous[1], data))):
                 fig = previous[2]
-            elif grouped:
-                fig = charts.group_figure(data[0], title[0].upper() + title[1:], x_title=x_title, log_y=log_y,
-                                          colors=group_colors, y_title=title, x_range=x_range, stat=stat, band=band,
-                                          uirevision=f"compare:{metric}:{x_col}:{log_y}:{group_by}")
             else:
-                series = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-                fig = charts.line_figure(series, title[0].upper() + title[1:], x_title=x_title, log_y=log_y,
-                                         colors=colors, labels=labels, y_title=title, x_range=x_range,
-                                         uirevision=f"compare:{metric}:{x_col}:{log_y}", color_by="run",
-                                         raw=show_raw)
-            memo["figure"] = (view, tuple(data), fig)
+                if grouped:
+                    fig = charts.group_figure(data[0], title[0].upper() + title[1:], x_title=x_title, log_y=log_y,
+                                              colors=group_colors, y_title=title, x_range=x_range, stat=stat,
+                                              band=band, uirevision=f"compare:{metric}:{x_col}:{log_y}:{group_by}")
+                else:
+                    series = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+                    fig = charts.line_figure(series, title[0].upper() + title[1:], x_title=x_title, log_y=log_y,
+                                             colors=colors, labels=labels, y_title=title, x_range=x_range,
+                                             uirevision=f"compare:{metric}:{x_col}:{log_y}", color_by="run",
+                                             raw=show_raw)
+                if metric in TEACHER_CHARTS and teacher:
+                    fig.add_traces(_teacher_lines(data, teacher))
+                memo["figure"] = (view, tuple(data), fig)
             if layout == "linked":
                 built.append(fig)
                 titles.append(title[0].upper() + title[1:])
