@@ -50,6 +50,14 @@ def plain(text) -> str:
     return text.replace("\n", "  \n")
 
 
+def ignored_link(param: str, value, why: str) -> None:
+    """A URL parameter that names nothing here (a stale bookmark, a typo, a crafted link): one line saying it is
+    ignored and why; the page shows its usual view. The value is shown cut and literally (never markdown)."""
+    text = str(value)
+    shown = text if len(text) <= 80 else f"{text[:80]}… ({len(text):,} characters)"
+    st.warning(f"The link's {param}={plain(shown)} is ignored: {plain(why)}.", icon=":material/link_off:")
+
+
 def runs_root() -> Path:
     if "runs_root" not in st.session_state:
         st.session_state["runs_root"] = str(default_runs_root())
@@ -102,6 +110,8 @@ def pick_run(runs: pd.DataFrame, label: str = "Run", key: str = "run_picker",
     if linked in ids and linked != st.session_state.get("_run_in_url"):
         st.session_state["selected_run"] = linked
         st.session_state.pop(key, None)
+    elif linked is not None and linked not in ids and linked != st.session_state.get("_run_in_url"):
+        ignored_link("run", linked, "no run with this id in this runs root")
     chosen = st.session_state.get("selected_run")
     if chosen not in ids:
         active = runs[runs.status.isin(ACTIVE_STATUSES)]

@@ -112,6 +112,9 @@ colors = charts.run_colors(list(all_runs.sort_values("created_at").run_id))
 labels = {row.run_id: queries.run_label(row._asdict()) for row in all_runs.itertuples()}   # charts escape them
 selected: set[str] = st.session_state.setdefault(SELECTED, set())
 linked = [r for r in st.query_params.get("runs", "").split(",") if r in set(all_runs.run_id)]
+unknown = [r for r in st.query_params.get("runs", "").split(",") if r and r not in set(all_runs.run_id)]
+if unknown and st.query_params.get("runs") != st.session_state.get("_runs_in_url"):
+    ui.ignored_link("runs", ",".join(unknown), f"no run with {'this id' if len(unknown) == 1 else 'these ids'} here")
 if linked and ",".join(linked) != st.session_state.get("_runs_in_url"):   # ?runs=<id>,<id> links to a comparison
     selected.clear()
     selected.update(linked)

@@ -300,8 +300,9 @@ option_errors = {name: message.split(" = ", 1)[-1] if message.startswith(f"{name
 if data_error:
     option_errors.pop("data", None)  # already shown next to the data source
 # Errors of the run options sit under their own fields (the widgets above are drawn; these slots follow them).
-for slot, name in ((e3, "epochs"), (e4, "seq_len"), (f2, "alpha"), (f3, "temperature"), (e1, "teacher"),
-                   (g2, "tags"), (h1, "optimizer"), (h2, "schedule"), (h3, "warmup_steps"), (h4, "report_to")):
+SLOTS = ((e3, "epochs"), (e4, "seq_len"), (f2, "alpha"), (f3, "temperature"), (e1, "teacher"), (g1, "run_name"),
+         (g2, "tags"), (h1, "optimizer"), (h2, "schedule"), (h3, "warmup_steps"), (h4, "report_to"))
+for slot, name in SLOTS:
     _field_error(option_errors, name, where=slot)
 
 st.subheader("HybridTrainingConfig")
@@ -318,8 +319,9 @@ for i, (title, names) in enumerate(groups):
         for name in names:
             _config_widget(name, config_errors, disabled=off)
 
-if "nproc" in option_errors:
-    st.error(ui.plain(option_errors["nproc"]), icon=":material/error:")
+# The process count, and any option error without a field of its own above: every counted problem is shown.
+for name in sorted(option_errors.keys() - {name for _, name in SLOTS}):
+    st.error(ui.plain(option_errors[name]), icon=":material/error:")
 
 problems = len(config_errors) + len(option_errors) + (1 if data_error else 0) + (1 if store_problem else 0)
 launch_col, status_col = st.columns([1, 3])

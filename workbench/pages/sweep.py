@@ -38,6 +38,8 @@ except Exception as exc:            # an unreachable database: say which and why
 linked = st.query_params.get("sweep")        # ?sweep=NAME links to a sweep's results
 if linked in names and linked != st.session_state.get("_sweep_in_url"):
     st.session_state["sweep_selected"] = linked
+elif linked is not None and linked not in names and not storage_problem:
+    ui.ignored_link("sweep", linked, "no sweep of this name in this storage")
 running = st.session_state.get("sweep_running")
 if running:
     # Started from this page: a panel that stays (unlike a toast) with trials n/N and a link; it refreshes while

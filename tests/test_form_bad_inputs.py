@@ -1,0 +1,290 @@
+"""Bad values through the workbench's doors (issue 17: "the form and URL parameters get the same through AppTest").
+
+Two tables, run through streamlit's AppTest on the real app.py:
+
+- FORM_CASES: bad values typed or picked on the Configure & launch form (out-of-range numbers, text where a number
+  goes, combinations the optimizer menu refuses, a warmup longer than the run, names and tags over their bounds, a
+  teacher or a data file that cannot be used). Each must show exactly one error naming the problem, raise no
+  exception, keep Launch disabled, start no process and write nothing to the runs root.
+- URL_CASES: bad query parameters of the pages that read st.query_params (?run=, ?sweep=, ?runs= and Compare's view
+  state): unknown ids, garbage, huge strings, markdown and HTML. Each must raise no exception, show at most one
+  message (exactly one where `expect` is given: the link is named as ignored, or the value's error), never render the
+  value as markdown or HTML, and write nothing to the runs root.
+
+The form cases share one app session (a case's bad values are put back before the next case, whose "exactly one
+error" also proves the previous one was undone), so the table costs one page run per case.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from hybrid_optimization.tracking import RunStore
+from tests.fixtures.workbench_runs import write_synthetic_run
+from workbench import launcher
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+PATH_SOURCE = "Path on this machine"
+MARKUP = "![x](http://host.example/p.png) <b>bold</b> [link](http://host.example)"
+RAW_MARKUP = ("![x](", "<b>", "[link](")   # never in a text element: ui.plain puts a backslash inside each
+LONG = "n" * 100_000
+
+
+@dataclass(frozen=True)
+class FormCase:
+    settings: tuple[tuple[str, str, object], ...]     # (widget kind, key, value), applied in order
+    expect: str                                       # a fragment of the one error shown (markup unescaped)
+    note: str = ""
+
+    @property
+    def id(self) -> str:
+        if self.note:
+            return self.note
+        return " + ".join(f"{key.split('.', 1)[-1]}={str(value)[:30]}" for _, key, value in self.settings)
+
+
+def cfg(name: str, value, expect: str, note: str = "") -> FormCase:
+    """A config field: free text for number fields, a number input for integer fields."""
+    kind = "number" if isinstance(value, int) else "text"
+    return FormCase(((kind, f"cfg.{name}", value),), expect, note)
+
+
+def opt(name: str, value, expect: str, note: str = "") -> FormCase:
+    kind = {"nproc": "number", "warmup_steps": "number", "optimizer": "select", "schedule": "select",
+            "hybrid": "toggle"}.get(name, "text")
+    return FormCase(((kind, f"opt.{name}", value),), expect, note)
+
+
+def data(path: str, expect: str, note: str = "") -> FormCase:
+    return FormCase((("radio", "opt.data_source", PATH_SOURCE), ("text", "opt.data_path", path)), expect, note)
+
+
+FORM_CASES = [
+    # -- HybridTrainingConfig fields: the core's rule and message ------------------------------------------------------
+    cfg("base_learning_rate", "fast", "base_learning_rate"), cfg("base_learning_rate", "0", "base_learning_rate"),
+    cfg("base_learning_rate", "-1", "base_learning_rate"), cfg("base_learning_rate", "nan", "base_learning_rate"),
+    cfg("base_learning_rate", "100", "base_learning_rate"), cfg("base_learning_rate", "1e999", "base_learning_rate",
+                                                               note="learning rate: 1e999 (infinite)"),
+    cfg("weight_decay", "-1", "weight_decay"), cfg("momentum", "1.5", "momentum"), cfg("momentum", "1", "momentum"),
+    cfg("quantizer_scale", "0", "quantizer_scale"), cfg("initial_trust_radius", "0", "initial_trust_radius"),
+    cfg("initial_trust_radius", "5", "initial_trust_radius"),
+    cfg("auxiliary_nn_learning_rate", "-1", "auxiliary_nn_learning_rate"),
+    cfg("precision_budget", "0.5", "precision_budget"), cfg("precision_budget", "9", "precision_budget"),
+    cfg("precision_budget", "ternary", "precision_budget"),
+    cfg("data_clusters", 0, "data_clusters"), cfg("data_clusters", 5000, "data_clusters"),
+    cfg("parameter_clusters", 0, "parameter_clusters"), cfg("max_sample_repeats", 0, "max_sample_repeats"),
+    cfg("auxiliary_nn_hidden_size", 0, "auxiliary_nn_hidden_size"), cfg("meta_horizon", 0, "meta_horizon"),
+    cfg("max_steps", 0, "max_steps"), cfg("max_steps", 30_000_000, "max_steps"), cfg("batch_size", 0, "batch_size"),
+    cfg("batch_size", 70_000, "batch_size"), cfg("seed", -1, "seed"), cfg("seed", 2 ** 40, "seed"),
+    cfg("log_interval", 0, "log_interval"), cfg("eval_interval", 0, "eval_interval"),
+    # -- run options: the CLI's rule and message (TrainOptions.errors) --------------------------------------------------
+    opt("epochs", "abc", "'abc' is invalid"), opt("epochs", "0", "0 is invalid"), opt("epochs", "-5", "-5 is invalid"),
+    opt("epochs", "1.5", "1.5 is invalid"), opt("seq_len", "3", "3 is invalid"),
+    opt("seq_len", "100000", "100000 is invalid"), opt("seq_len", "long", "'long' is invalid"),
+    opt("alpha", "2", "2.0 is invalid"), opt("alpha", "-0.1", "-0.1 is invalid"),
+    opt("alpha", "nan", "'nan' is invalid"), opt("temperature", "0", "0.0 is invalid"),
+    opt("temperature", "-1", "-1.0 is invalid"),
+    opt("teacher", "/nonexistent/teacher", "does not exist"),
+    opt("teacher", "{files}/table.csv", "is not a .gguf file", note="teacher: a csv file"),
+    opt("teacher", "{files}/empty_dir", "has no config.json", note="teacher: a folder without a model"),
+    opt("run_name", LONG, "of 100,000 characters is invalid: it must be one line", note="run name of 100,000 characters"),
+    opt("run_name", "two\nlines", "is invalid: it must be one line", note="run name of two lines"),
+    opt("tags", "a," + "t" * 100, "are invalid", note="a tag of 100 characters"),
+    opt("tags", ",".join(f"t{i}" for i in range(40)), "are invalid", note="40 tags"),
+    opt("nproc", 0, "0 is invalid"), opt("warmup_steps", -1, "-1 is invalid"),
+    opt("warmup_steps", 100_000, "less than the run's", note="warmup longer than the run"),
+    FormCase((("select", "opt.optimizer", "schedule-free"), ("select", "opt.schedule", "cosine")),
+             "cannot be combined with --optimizer schedule-free", note="schedule-free with a cosine schedule"),
+    FormCase((("select", "opt.optimizer", "prodigy"),), "prodigy", note="prodigy under the hybrid optimizer"),
+    # -- the data file: the reader's own rules (distill/data_files.py) -------------------------------------------------
+    data("{files}/missing.txt", "does not exist"), data("{files}/folder.txt", "is a directory", "data: a directory"),
+    data("{files}/fifo.txt", "is not a regular file", "data: a FIFO"), data("/dev/zero", "has extension"),
+    data("{files}/table.csv", "has extension '.csv'"), data("{files}/zeros.txt", "looks binary", "data: 1 GB of NULs"),
+    data("{files}/latin1.txt", "is not valid UTF-8", "data: not UTF-8"), data("{files}/blank.txt", "is empty"),
+    data("{files}/broken.jsonl", "malformed JSON", "data: malformed JSONL"),
+    data("{files}/robot.jsonl", "has role 'robot'", "data: unknown chat role"),
+    data("{files}/nomessages.jsonl", 'non-empty "messages" list', "data: no messages list"),
+]
+
+
+def make_files(folder: Path) -> None:
+    folder.mkdir()
+    os.mkfifo(folder / "fifo.txt")
+    with open(folder / "zeros.txt", "wb") as handle:        # 1 GB of NUL bytes, sparse: costs no disk
+        handle.truncate(2 ** 30)
+    (folder / "folder.txt").mkdir()
+    (folder / "empty_dir").mkdir()
+    (folder / "table.csv").write_text("a,b\n1,2\n")
+    (folder / "latin1.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    (folder / "blank.txt").write_text("  \n")
+    (folder / "broken.jsonl").write_text('{"messages": [\n')
+    (folder / "robot.jsonl").write_text('{"messages": [{"role": "robot", "content": "Hi"}]}\n')
+    (folder / "nomessages.jsonl").write_text('{"text": "Hi"}\n')
+
+
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """Every path below `folder` with its size and modification time (SQLite's side files left out: a reader may
+    create them)."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else () for p in folder.rglob("*")
+            if not p.name.endswith(("-wal", "-shm", "-journal"))}
+
+
+def unescaped(text: str) -> str:
+    """An element's text as the user reads it (ui.plain escapes markdown with backslashes)."""
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def messages(at: AppTest, kinds=("error",)) -> list[str]:
+    return [str(e.value) for kind in kinds for e in getattr(at, kind)]
+
+
+def shown_texts(at: AppTest) -> list[str]:
+    return messages(at, ("markdown", "caption", "error", "warning", "info", "success", "subheader", "title"))
+
+
+@pytest.fixture(scope="module")
+def form(tmp_path_factory):
+    """One Configure page session over a runs root holding one finished run; the process start is stubbed."""
+    base = tmp_path_factory.mktemp("form-bad-inputs")
+    root, files = base / "runs", base / "files"
+    make_files(files)
+    write_synthetic_run(RunStore(root), 20, "finished", name="existing", seed=0)
+    calls = []
+
+    class Proc:
+        pid = os.getpid()
+
+        def poll(self):
+            return None
+
+    from hybrid_optimization import launch as launch_path
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HYBRID_RUNS_ROOT", str(root))
+        patch.setattr(launch_path, "start", lambda argv, log_dir, **kw: calls.append(argv) or Proc())
+        at = AppTest.from_file(APP, default_timeout=120)
+        at.session_state["runs_root"] = str(root)
+        at.run()
+        assert not at.exception and messages(at) == [] and not at.button(key="launch").disabled
+        yield at, calls, root, files
+    launcher._CHILDREN.clear()
+
+
+def widget(at: AppTest, kind: str, key: str):
+    return {"text": at.text_input, "number": at.number_input, "select": at.selectbox, "radio": at.radio,
+            "toggle": at.toggle}[kind](key=key)
+
+
+def set_value(element, kind: str, value) -> None:
+    element.input(value) if kind == "text" else element.set_value(value)
+
+
+def test_the_tables_are_big_enough():
+    assert len(FORM_CASES) >= 40 and len({case.id for case in FORM_CASES}) == len(FORM_CASES)
+    assert len(URL_CASES) >= 15 and len({case.id for case in URL_CASES}) == len(URL_CASES)
+
+
+@pytest.mark.parametrize("case", FORM_CASES, ids=[case.id for case in FORM_CASES])
+def test_a_bad_form_value_shows_one_error_and_launches_nothing(form, case):
+    at, calls, root, files = form
+    before, runs_before = snapshot(root), len(RunStore(root).list_runs())
+    undo = []
+    try:
+        for kind, key, value in case.settings:
+            element = widget(at, kind, key)
+            undo.append((kind, key, element.value))
+            set_value(element, kind, value.replace("{files}", str(files)) if isinstance(value, str) else value)
+            at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        errors = [unescaped(text) for text in messages(at)]
+        assert len(errors) == 1, errors
+        assert case.expect in errors[0], errors[0]
+        assert len(errors[0]) < 600 and "Traceback" not in errors[0]        # one clear line, the value cut
+        assert at.button(key="launch").disabled
+        assert any("1 problem(s)" in text for text in messages(at, ("warning",)))
+    finally:
+        for kind, key, value in reversed(undo):       # put the form back for the next case
+            set_value(widget(at, kind, key), kind, value)
+    assert calls == [] and len(RunStore(root).list_runs()) == runs_before and snapshot(root) == before
+
+
+def test_the_form_is_clean_again_after_every_case(form):
+    at, calls, root, _ = form
+    at.run()
+    assert messages(at) == [] and not at.button(key="launch").disabled     # every case above was undone
+    assert calls == []
+
+
+# -- URL query parameters ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UrlCase:
+    page: str
+    params: tuple[tuple[str, str], ...]
+    expect: str | None = None      # a fragment of the one message shown; None: ignored without a message
+    note: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"{self.page}:{self.note or '&'.join(f'{k}={v[:30]}' for k, v in self.params)}"
+
+
+def url(page: str, expect: str | None = None, note: str = "", **params: str) -> UrlCase:
+    return UrlCase(page, tuple(params.items()), expect, note)
+
+
+IGNORED = "is ignored"
+URL_CASES = [
+    url("summary", IGNORED, run="no-such-run"), url("summary", IGNORED, "run: 100,000 characters", run=LONG),
+    url("summary", IGNORED, "run: markdown and HTML", run=MARKUP), url("live", IGNORED, run="no-such-run"),
+    url("live", IGNORED, "run: markdown and HTML", run=MARKUP), url("clusters", IGNORED, run="../etc/passwd"),
+    url("precision", IGNORED, run="' OR 1=1 --"), url("chat", IGNORED, run="no-such-run"),
+    url("live", None, "chart: unknown names", chart="bogus"), url("live", None, "chart: markdown", chart=MARKUP),
+    url("sweep", IGNORED, sweep="no-such-sweep"), url("sweep", IGNORED, "sweep: markdown and HTML", sweep=MARKUP),
+    url("sweep", IGNORED, "sweep: 100,000 characters", sweep=LONG),
+    url("compare", IGNORED, runs="nope,also-nope"), url("compare", IGNORED, "runs: markdown and HTML", runs=MARKUP),
+    url("compare", "is invalid", "q: markdown and HTML", q=MARKUP),
+    url("compare", "is invalid", "q: 100,000 characters", q="(" + LONG),
+    url("compare", "is invalid", q="status == "), url("compare", "must be below", xmin="100", xmax="1"),
+    url("compare", None, smooth="abc"), url("compare", None, smooth="nan"), url("compare", None, xmin="abc"),
+    url("compare", None, x="bogus"), url("compare", None, group="bogus"), url("compare", None, stat="bogus"),
+    url("compare", None, metrics="bogus,metric"), url("compare", None, logy=MARKUP), url("compare", None, layout="x"),
+]
+
+
+@pytest.fixture(scope="module")
+def store_for_links(tmp_path_factory):
+    root = tmp_path_factory.mktemp("url-bad-inputs") / "runs"
+    store = RunStore(root)
+    write_synthetic_run(store, 40, "finished", name="adamw-baseline", seed=0, hybrid=False)
+    write_synthetic_run(store, 40, "finished", name="hybrid-run", seed=1)
+    return root
+
+
+@pytest.mark.parametrize("case", URL_CASES, ids=[case.id for case in URL_CASES])
+def test_a_bad_url_parameter_is_ignored_or_refused_in_one_message(store_for_links, case, monkeypatch):
+    root = store_for_links
+    monkeypatch.setenv("HYBRID_RUNS_ROOT", str(root))
+    before = snapshot(root)
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["runs_root"] = str(root)
+    for key, value in case.params:
+        at.query_params[key] = value
+    at.run()
+    at.switch_page(f"workbench/pages/{case.page}.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = [unescaped(text) for text in messages(at, ("error", "warning"))]
+    if case.page == "chat":             # the synthetic run has no real student: the page says so in its own error
+        shown = [text for text in shown if "safetensors" not in text and "student" not in text]
+    if case.expect is None:
+        assert len(shown) <= 1, shown
+    else:
+        assert len(shown) == 1 and case.expect in shown[0], shown
+    assert all(len(text) < 600 for text in shown), [len(text) for text in shown]     # a huge value is cut
+    raw = [text for text in shown_texts(at) if any(mark in text for mark in RAW_MARKUP)]
+    assert raw == [], raw               # the value is never rendered as markdown or HTML
+    assert snapshot(root) == before     # nothing written to the runs root
