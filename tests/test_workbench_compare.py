@@ -183,10 +183,13 @@ def test_view_persists_in_the_url_and_x_range_is_shared(seeds):
     params = {k: (v[0] if isinstance(v, list) else v) for k, v in at.query_params.items()}
     assert params["smooth"] == "0.8" and params["x"] == "wall time" and params["xmin"] == "10.0"
     assert params["metrics"] == "eval:val_loss,loss,lr_multiplier"
-    # Linked: one figure whose charts share their x axis (zoom, pan and hover move together).
+    # Linked: one figure whose charts sit on ONE x axis (zoom, pan and hover move together: plotly's
+    # hoversubplots="axis" spans only subplots of the same axis), each with its own y axis.
     at.radio(key="compare_layout").set_value("linked").run()
     linked = [f for f in _figures(at).values() if f["layout"].get("hoversubplots") == "axis"]
-    assert len(linked) == 1 and len({t["xaxis"] for t in linked[0]["data"]}) == 3
+    assert len(linked) == 1 and {t["xaxis"] for t in linked[0]["data"]} == {"x"}
+    assert len({t["yaxis"] for t in linked[0]["data"]}) == 3 and linked[0]["layout"]["hovermode"] == "x unified"
+    assert linked[0]["layout"]["xaxis"]["range"] == [10, 60]          # the page's one x range
     params = {k: (v[0] if isinstance(v, list) else v) for k, v in at.query_params.items()}
     assert params["layout"] == "linked"
     # A bookmark of that URL restores the same view in a fresh session.
@@ -374,6 +377,12 @@ def test_teacher_reference_column_gap_and_dashed_line_per_run_and_per_group(seed
     at = _open(runs=",".join(chosen), metrics="eval:val_loss", group="cfg.base_learning_rate")
     dashed = [t for t in _figures(at)["Validation loss (quantized)"]["data"] if t.get("legendgroup") == "teacher"]
     assert sorted(t["y"][0] for t in dashed) == [pytest.approx(2.625), pytest.approx(3.0)]
+    # Linked charts (one stacked figure): the lines sit on the validation-loss subplot, one legend entry.
+    at.radio(key="compare_layout").set_value("linked").run()
+    (linked,) = [f for f in _figures(at).values() if f["layout"].get("hoversubplots") == "axis"]
+    dashed = [t for t in linked["data"] if t.get("legendgroup") == "teacher"]
+    assert len(dashed) == 2 and {t["meta"] for t in dashed} == {"Validation loss (quantized)"}
+    assert [t.get("showlegend", True) for t in dashed].count(True) == 1
 
 
 def test_a_tick_without_a_new_evaluation_keeps_the_validation_chart(runs_root):

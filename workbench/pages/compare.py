@@ -444,7 +444,7 @@ if chosen:
         # A run records its teacher's loss at set-up, so a run that just started may have it only now.
         teacher = {r: float(v) for r in chosen if not queries._missing(v := runs_now[r].get("teacher_val_loss"))}
         grid = st.columns(2)
-        built, titles = [], []
+        panels = []         # linked layout: (metric, data, charts.Panel) per chart
         memos = st.session_state.setdefault(MEMOS, {})
         if sum(len(m["groups"]) for m in memos.values()) > 2000:      # old group labels pile up: start over
             memos.clear()
@@ -466,6 +466,12 @@ if chosen:
                         tuple(colors[r] for r in chosen))
             if metric in TEACHER_CHARTS:
                 view += (tuple(sorted(teacher.items())),)
+            if layout == "linked":          # one stacked figure of every chart, built below
+                panels.append((metric, data, charts.Panel(
+                    title=title[0].upper() + title[1:], series=None if grouped else (
+                        pd.concat(parts, ignore_index=True) if parts else None),
+                    groups=data[0] if grouped else None, y_title=title, log_y=log_y)))
+                continue
             previous = memo["figure"]
             if (previous is not None and previous[0] == view and len(previous[1]) == len(data)
                     and all(a is b for a, b in zip(previous[1], data))):
@@ -484,16 +490,25 @@ if chosen:
                 if metric in TEACHER_CHARTS and teacher:
                     fig.add_traces(_teacher_lines(data, teacher))
                 memo["figure"] = (view, tuple(data), fig)
-            if layout == "linked":
-                built.append(fig)
-                titles.append(title[0].upper() + title[1:])
-                continue
             with grid[i % 2]:
                 st.plotly_chart(fig, key=f"compare_chart.{metric}", config={"displaylogo": False})
-        if layout == "linked" and built:
-            st.plotly_chart(charts.linked_figure(built, titles, x_title=x_title, x_range=x_range,
-                                                 uirevision=f"compare:linked:{x_col}:{group_by}"),
-                            key="compare_chart.linked", config={"displaylogo": False})
+        if layout == "linked" and panels:
+            # Every chart on ONE x axis (charts.stacked_figure): zoom and pan move all of them, and one hover line
+            # reads every chart at that x (plotly's hoversubplots spans subplots of the same axis only).
+            fig = charts.stacked_figure([panel for _, _, panel in panels], x_title=x_title, colors=colors,
+                                        labels=labels, group_colors=group_colors, stat=stat, band=band,
+                                        uirevision=f"compare:linked:{x_col}:{group_by}")
+            legend_shown = False
+            for row, (metric, data, panel) in enumerate(panels):
+                if metric in TEACHER_CHARTS and teacher:
+                    lines = [dict(line, xaxis="x", yaxis="y" if row == 0 else f"y{row + 1}", meta=panel.title,
+                                  showlegend=line["showlegend"] and not legend_shown)
+                             for line in _teacher_lines(data, teacher)]
+                    legend_shown = legend_shown or bool(lines)
+                    fig.add_traces(lines)
+            if x_range is not None:
+                fig.update_xaxes(**charts.x_range_settings(x_range))
+            st.plotly_chart(fig, key="compare_chart.linked", config={"displaylogo": False})
         elapsed, cpu = time.perf_counter() - started, time.thread_time() - cpu_started
         st.session_state["compare_tick"] = {"seconds": elapsed, "cpu_seconds": cpu, "runs_read": read,
                                             "runs": len(chosen), "at": time.time()}
