@@ -335,8 +335,9 @@ def test_linked_figure_shares_zoom_and_hover_across_charts():
                               colors=colors, raw=False, log_y=True)
     fig = _validated(charts.linked_figure([loss, mult], ["Loss", "LR"], x_range=(3, 30)))
     assert fig.layout.hoversubplots == "axis" and fig.layout.hovermode == "x unified"
-    assert fig.layout.xaxis.matches == "x2"                      # one x axis: zoom one chart, zoom both
-    assert [t.xaxis for t in fig.data] == ["x", "x", "x2", "x2"]
+    # ONE x axis (not x2 matching x): plotly.js spreads the hover over stacked subplots only on the same axis.
+    assert [t.xaxis for t in fig.data] == ["x", "x", "x", "x"] and [t.yaxis for t in fig.data] == ["y", "y", "y2", "y2"]
+    assert "xaxis2" not in fig.layout.to_plotly_json() and fig.layout.yaxis2.type == "log"
     assert [t.showlegend for t in fig.data] == [True, True, False, False]      # one legend entry per run
     assert fig.data[0].line.color == fig.data[2].line.color == colors["r1"]
     assert fig.layout.yaxis2.type == "log" and list(fig.layout.xaxis.range) == [3, 30]

@@ -404,12 +404,13 @@ def group_figure(groups: pd.DataFrame, title: str, x_title: str = "step", log_y:
         return _empty(title)
     traces = []
     names = list(dict.fromkeys(groups.series))
+    lines = groups.groupby(["group", "series"], sort=False).indices    # one pass, not two filters per line
     for g, group in enumerate(dict.fromkeys(groups.group)):
         color = (colors or {}).get(group, color_for(g))
         for s, name in enumerate(names):
-            part = groups[(groups.group == group) & (groups.series == name)]
-            if part.empty:
+            if (group, name) not in lines:
                 continue
+            part = groups.take(lines[(group, name)])
             runs = int(part.n.max())
             label = html.escape(f"{group} (n={runs})" + (f" · {series_name(name)}" if len(names) > 1 else ""),
                                 quote=False)             # a group can be a tag: the user's text, never markup
@@ -449,37 +450,46 @@ def _rgba(color: str, alpha: float) -> str:
 def linked_figure(figures: list[go.Figure], titles: list[str], x_title: str = "step",
                   uirevision: str | None = None, x_range: tuple[float, float] | None = None,
                   height_per_chart: int = 260) -> go.Figure:
-    """Several charts (line_figure / group_figure outputs) stacked as subplots of one figure that share their x
-    axis: zooming or panning one zooms them all, and one hover line reads every chart at that x (plotly's
-    hoversubplots="axis"). A curve's legend entry is shown once and toggles it in every chart (legendgroup)."""
-    from plotly.subplots import make_subplots
-
+    """Several charts (line_figure / group_figure outputs) stacked as subplots of one figure on ONE x axis:
+    zooming or panning one zooms them all, and one hover line reads every chart at that x (hovermode "x unified"
+    + hoversubplots="axis" — which plotly.js applies only to subplots on the very same axis, not to axes linked by
+    `matches`). A curve's legend entry is shown once and toggles it in every chart (legendgroup)."""
     shown = [(f, t) for f, t in zip(figures, titles) if f is not None]
     if not shown:
         return _empty("Linked charts")
-    fig = make_subplots(rows=len(shown), cols=1, shared_xaxes=True, vertical_spacing=0.06,
-                        subplot_titles=[t for _, t in shown])
+    n, gap = len(shown), 56
+    plot_height = n * height_per_chart + (n - 1) * gap
+    traces, annotations, layout = [], [], {}
     seen: set[str] = set()
-    for row, (part, _) in enumerate(shown, start=1):
+    for i, (part, title) in enumerate(shown):
+        axis = "y" if i == 0 else f"y{i + 1}"
+        top = 1 - i * (height_per_chart + gap) / plot_height
+        domain = [max(0.0, top - height_per_chart / plot_height), min(1.0, top)]
+        annotations.append(dict(text=html.escape(title, quote=False), x=0, xref="paper", y=domain[1], yref="paper",
+                                xanchor="left", yanchor="bottom", showarrow=False, font=dict(size=14)))
         for trace in part.data:
             data = trace.to_plotly_json()
             group = data.get("legendgroup") or data.get("name")
             if data.get("showlegend", True) is not False:
                 data["showlegend"] = group not in seen
                 seen.add(group)
-            data["legendgroup"] = group
-            fig.add_trace(go.Scatter(**{k: v for k, v in data.items() if k != "type"}), row=row, col=1)
+            traces.append({**data, "legendgroup": group, "xaxis": "x", "yaxis": axis, "meta": title})
         yaxis = part.layout.yaxis
-        fig.update_yaxes(type=yaxis.type, title_text=yaxis.title.text, row=row, col=1,
-                         **({"range": list(yaxis.range), "autorange": False} if yaxis.range else {}))
-    fig.update_xaxes(title_text=x_title, row=len(shown), col=1)
+        settings = dict(domain=domain, anchor="x", type=yaxis.type, title=dict(text=yaxis.title.text),
+                        automargin=True)
+        if yaxis.range:
+            settings.update(range=list(yaxis.range), autorange=False)
+        layout["yaxis" if i == 0 else f"yaxis{i + 1}"] = settings
+    xaxis = dict(title=dict(text=x_title), anchor="y" if n == 1 else f"y{n}", domain=[0, 1], automargin=True,
+                 showspikes=True, spikemode="across", spikethickness=1, spikedash="dot", spikecolor="#888")
     if x_range is not None:
-        fig.update_xaxes(**x_range_settings(x_range))
-    fig.update_layout(height=120 + height_per_chart * len(shown), hovermode="x unified", hoversubplots="axis",
-                      uirevision=uirevision or "linked", margin=dict(l=10, r=10, t=40, b=10),
-                      hoverlabel=dict(namelength=-1),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0.0))
-    return fig
+        xaxis.update(x_range_settings(x_range))
+    top_margin = 26 + 24 * (1 + len(seen) // 4) + 8
+    layout.update(height=plot_height + top_margin + 70, hovermode="x unified", hoversubplots="axis",
+                  uirevision=uirevision or "linked", margin=dict(l=10, r=10, t=top_margin, b=10),
+                  hoverlabel=dict(namelength=-1), xaxis=xaxis, annotations=annotations,
+                  legend=dict(orientation="h", yanchor="bottom", y=1 + 26 / plot_height, xanchor="left", x=0.0))
+    return go.Figure(data=traces, layout=layout, _validate=False)
 
 
 # -- Live: every chart as a subplot of one figure on one x axis -------------------------------------------------------
