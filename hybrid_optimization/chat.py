@@ -119,8 +119,13 @@ class ChatModels:
 
     @classmethod
     def from_run(cls, run_id: str, runs_root=None, with_teacher: bool = True) -> "ChatModels":
+        from .distill.export import ExportError
         from .distill.run_export import find_trained_student
-        return cls.from_packed(find_trained_student(run_id, runs_root), with_teacher=with_teacher)
+        try:
+            packed = find_trained_student(run_id, runs_root)
+        except ExportError as exc:      # the export's words ("cannot export run …") said for a chat
+            raise ExportError(str(exc).replace("cannot export run", "cannot chat with run", 1)) from None
+        return cls.from_packed(packed, with_teacher=with_teacher)
 
     @classmethod
     def from_packed(cls, packed: str | Path, with_teacher: bool = True) -> "ChatModels":

@@ -132,6 +132,9 @@ def test_cli_one_question_and_bad_input(run, capsys, tokenizer_dir):
     assert err.count("\n") == 1 and "failed" in err
     assert main([run_id, "--top_p", "2", "--runs_root", str(store.root)]) == 2
     assert "top_p 2.0 is invalid" in capsys.readouterr().err
+    assert main(["no-such-run", "--message", "hi", "--runs_root", str(store.root)]) == 2
+    err = capsys.readouterr().err         # the chat's words, not the export's it shares the lookup with
+    assert err.startswith("error: cannot chat with run 'no-such-run': no run 'no-such-run'") and "export" not in err
 
 
 def test_workbench_chat_page_streams_both_answers(run):
