@@ -422,3 +422,14 @@ def test_a_tick_without_a_new_evaluation_keeps_the_validation_chart(runs_root):
     assert at.session_state["compare_memos"]["eval:val_loss"]["figure"][2] is not before["eval:val_loss"]
     writer.set_status("finished")
     writer.close()
+
+
+def test_a_link_with_unreadable_view_parameters_says_so_in_one_line_and_keeps_the_rest(seeds):
+    store, ids = seeds
+    at = _open(runs=",".join(ids[LR_A][:2]), x="bogus", stat="max", smooth="nan", band="± std")
+    (warning,) = at.warning
+    shown = warning.value.replace("\\", "")
+    assert shown == "The link's smooth=nan is ignored: not a number (and 2 more parameter(s) of this link)."
+    assert at.radio(key="compare_x").value == "step" and at.radio(key="compare_band").value == "± std"
+    assert at.slider(key="compare_smoothing").value == pytest.approx(queries.DEFAULT_SMOOTHING)
+    assert not at.exception

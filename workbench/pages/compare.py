@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -66,32 +67,43 @@ def _from_url() -> None:
         return
     st.session_state["_compare_url"] = signature
     state = st.session_state
-    try:
-        if "metrics" in params:
-            state["compare_metrics"] = [m for m in params["metrics"].split(",") if m]
-        if "smooth" in params:
-            state["compare_smoothing"] = min(0.99, max(0.0, float(params["smooth"])))
-        if params.get("x") in X_AXES:
-            state["compare_x"] = params["x"]
-        if "group" in params:
-            state["compare_group"] = params["group"]
-        if params.get("stat") in queries.GROUP_STATS:
-            state["compare_stat"] = params["stat"]
-        if params.get("band") in queries.GROUP_BANDS:
-            state["compare_band"] = params["band"]
-        if params.get("rows") in ROWS:
-            state["compare_rows"] = params["rows"]
-        if "q" in params:
-            state["compare_query"] = params["q"]
-        for key in ("xmin", "xmax"):
-            if key in params:
-                state[f"compare_{key}"] = float(params[key]) if params[key] else None
-        if params.get("layout") in LAYOUTS:
-            state["compare_layout"] = params["layout"]
-        if "logy" in params:
-            state["compare_logy"] = [m for m in params["logy"].split(",") if m]
-    except ValueError:
-        st.caption("Part of this link's view could not be read; the rest is restored.")
+    ignored: list[tuple[str, str, str]] = []        # (parameter, value, why): said in one line below
+
+    def number(param: str, low: float | None = None, high: float | None = None) -> float | None:
+        try:
+            value = float(params[param])
+        except ValueError:
+            value = float("nan")
+        if not math.isfinite(value):
+            ignored.append((param, params[param], "not a number"))
+            return None
+        return min(high, max(low, value)) if low is not None and high is not None else value
+
+    if "metrics" in params:
+        state["compare_metrics"] = [m for m in params["metrics"].split(",") if m]
+    if "smooth" in params and (smooth := number("smooth", 0.0, 0.99)) is not None:
+        state["compare_smoothing"] = smooth
+    for param, key, choices in (("x", "compare_x", X_AXES), ("stat", "compare_stat", queries.GROUP_STATS),
+                                ("band", "compare_band", queries.GROUP_BANDS), ("rows", "compare_rows", ROWS),
+                                ("layout", "compare_layout", LAYOUTS)):
+        if param in params:
+            if params[param] in choices:
+                state[key] = params[param]
+            else:
+                ignored.append((param, params[param], f"it is one of {', '.join(choices)}"))
+    if "group" in params:
+        state["compare_group"] = params["group"]
+    if "q" in params:
+        state["compare_query"] = params["q"]
+    for key in ("xmin", "xmax"):
+        if key in params:
+            state[f"compare_{key}"] = number(key) if params[key] else None
+    if "logy" in params:
+        state["compare_logy"] = [m for m in params["logy"].split(",") if m]
+    if ignored:
+        param, value, why = ignored[0]
+        more = f" (and {len(ignored) - 1} more parameter(s) of this link)" if len(ignored) > 1 else ""
+        ui.ignored_link(param, value, why + more)
 
 
 def _to_url(values: dict) -> None:
