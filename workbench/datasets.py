@@ -1,21 +1,29 @@
 """Training data chosen in the workbench: uploads (size-capped, stored by content hash) and their validation.
 
 Validation is the pipeline's own file rules (`hybrid_optimization.distill.data_files`, which the reader uses and
-which raise one clear `DataError`). They are torch-free, so they run in the app process and answer at once; the
-result is cached per file content.
+which raise one clear `DataError`), run in a short child process: torch-free, so it answers in well under a second
+(it imported torch through the reader before: ~25 s at load), while a huge file's memory and time stay out of the
+app process (a timeout bounds it). The result is cached per file content.
 """
 from __future__ import annotations
 
 import hashlib
 import re
+import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 
-from hybrid_optimization.distill.data_files import DataError, read_data_file
-from workbench.launcher import DATA_SUFFIXES
+from workbench.launcher import DATA_SUFFIXES, REPO_ROOT
 
 MAX_UPLOAD_MB = 50            # also server.maxUploadSize in .streamlit/config.toml
 UPLOADS_DIR = "uploads"
+_CHECK = ("import sys\n"
+          "from hybrid_optimization.distill.data_files import DataError, read_data_file\n"
+          "try:\n"
+          "    print(len(read_data_file(sys.argv[1])[1]))\n"
+          "except DataError as exc:\n"
+          "    print(exc, file=sys.stderr); sys.exit(2)\n")
 
 
 class DataFileError(ValueError):
@@ -73,9 +81,15 @@ def validate_data_file(path: str | Path, timeout_s: float = 120) -> int:
 
 @lru_cache(maxsize=64)
 def _validate(path: str, size: int, mtime_ns: int, timeout_s: float) -> int:
-    """`timeout_s` is kept for callers: the reader's rules refuse a FIFO or a device from stat() and a binary file
-    from its first 64 kB, so reading a regular text file is bounded by its size (an upload: ≤ MAX_UPLOAD_MB)."""
     try:
-        return len(read_data_file(path)[1])
-    except DataError as exc:
-        raise DataFileError(str(exc)) from None
+        done = subprocess.run([sys.executable, "-c", _CHECK, path], cwd=str(REPO_ROOT), capture_output=True,
+                              text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise DataFileError(f"reading {path} took more than {timeout_s:.0f} s; is it very large?") from None
+    if done.returncode == 0:
+        return int(done.stdout.strip().splitlines()[-1])
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    message = lines[-1] if lines else f"the data reader failed with exit code {done.returncode}"
+    if done.returncode != 2:  # not a DataError: say so instead of pretending the file is bad
+        message = f"could not check {path} with the pipeline's reader: {message}"
+    raise DataFileError(message)
