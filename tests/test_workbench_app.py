@@ -824,3 +824,14 @@ def test_live_view_persists_smoothing_axis_and_log_y_in_the_url(runs_root):
     at.radio(key="live_x").set_value("step").run()
     assert at.query_params["smooth"] in ("0.3", ["0.3"]) and "x" not in at.query_params   # default: left out
     assert at.slider(key="live_smoothing").value == 0.3          # the session keeps it across reruns
+
+    # A link with values that cannot apply: each is left out, the first named in one line, the rest applies.
+    bad = _app()
+    bad.query_params.update({"run": run_id, "smooth": "abc", "x": "epochs", "chart": ["Loss", "no such chart"]})
+    bad.run()
+    _open(bad, "live")
+    assert not bad.exception and bad.multiselect(key="live_charts.hybrid").value == ["Loss"]
+    from workbench.ui import plain
+    assert [w.value for w in bad.warning] == [plain("The link's chart=no such chart is ignored: not a chart of this run "
+                                                    "(and 2 more parameter(s) of this link).")]
+    assert bad.slider(key="live_smoothing").value == queries.DEFAULT_SMOOTHING and bad.radio(key="live_x").value == "step"

@@ -70,37 +70,53 @@ others = runs[runs.run_id != run_id]
 other_ids = list(others.run_id)
 
 
-def _from_url() -> None:
+def _from_url() -> list[str]:
     """Restore the view from the URL (a bookmark or a sent link) once per link: ?chart=Loss&chart=Tokens/s,
-    smooth, x, logy (repeated), overlay (repeated run ids), group, stat, band. Unknown values are left out."""
+    smooth, x, logy (repeated), overlay (repeated run ids), group, stat, band. A value that cannot apply is left
+    out and named (the list returned: one line each), the rest of the link still applies."""
     params = {"chart": st.query_params.get_all("chart"), **{p: st.query_params.get_all(p) for p in URL_KEYS.values()}}
     params = {k: v for k, v in params.items() if v}
     signature = repr(sorted(params.items())) + charts_key
     if not params or signature == st.session_state.get("_live_url"):
-        return
+        return []
     st.session_state["_live_url"] = signature
-    state = st.session_state
-    if "chart" in params and [c for c in params["chart"] if c in available]:
-        state[charts_key] = [c for c in params["chart"] if c in available]
-    try:
-        if "smooth" in params:
+    state, problems = st.session_state, []
+
+    def known(param: str, values: list[str], allowed, what: str) -> list[str]:
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            problems.append(f"{param}={bad[0]} is ignored: {what}")
+        return [v for v in values if v in allowed]
+
+    charts_given = known("chart", params.get("chart", []), available, "not a chart of this run")
+    if charts_given:
+        state[charts_key] = charts_given
+    if "smooth" in params:
+        try:
             value = float(params["smooth"][0])
-            if 0.0 <= value <= 0.99:
-                state["live_smoothing"] = round(value, 2)
-    except ValueError:
-        pass
-    if params.get("x", [None])[0] in X_AXES:
-        state["live_x"] = params["x"][0]
+        except ValueError:
+            value = float("nan")
+        if 0.0 <= value <= 0.99:
+            state["live_smoothing"] = round(value, 2)
+        else:
+            problems.append(f"smooth={params['smooth'][0]} is ignored: it must be a number from 0 to 0.99")
+    for param, key, allowed in (("x", "live_x", X_AXES), ("stat", "live_stat", queries.GROUP_STATS),
+                                ("band", "live_band", queries.GROUP_BANDS)):
+        if param in params and known(param, params[param][:1], allowed, "it is one of " + ", ".join(allowed)):
+            state[key] = params[param][0]
     if "logy" in params:
-        state["live_logy"] = [c for c in params["logy"] if c in available]
+        state["live_logy"] = known("logy", params["logy"], available, "not a chart of this run")
     if "overlay" in params:
-        state["live_overlays"] = [r for r in params["overlay"] if r in other_ids][:OVERLAYS_UP_TO]
+        state["live_overlays"] = known("overlay", params["overlay"], other_ids, "no other run has that id")[
+            :OVERLAYS_UP_TO]
     if "group" in params:
-        state["live_group"] = params["group"][0]
-    if params.get("stat", [None])[0] in queries.GROUP_STATS:
-        state["live_stat"] = params["stat"][0]
-    if params.get("band", [None])[0] in queries.GROUP_BANDS:
-        state["live_band"] = params["band"][0]
+        group = params["group"][0]
+        if group in (queries.NO_GROUP, *queries.GROUP_SPECIAL) or (group.startswith("cfg.") and group in runs):
+            state["live_group"] = group
+        else:
+            problems.append(f"group={group} is ignored: it is {queries.NO_GROUP}, "
+                            f"{', '.join(queries.GROUP_SPECIAL)} or a config field as cfg.<name>")
+    return problems
 
 
 def _to_url(values: dict, chart_values: list[str]) -> None:
@@ -123,7 +139,10 @@ def _to_url(values: dict, chart_values: list[str]) -> None:
     st.session_state["_live_url"] = repr(sorted((k, v) for k, v in params.items() if v)) + charts_key
 
 
-_from_url()
+link_problems = _from_url()
+if link_problems:
+    more = f" (and {len(link_problems) - 1} more parameter(s) of this link)" if len(link_problems) > 1 else ""
+    st.warning(ui.plain(f"The link's {link_problems[0]}{more}."), icon=":material/link_off:")
 state = st.session_state
 if any(c not in available for c in state.get(charts_key, [])):
     state.pop(charts_key)
@@ -188,8 +207,8 @@ def _cache(run_id: str) -> queries.RunCache:
 
 def y_title(title: str, run: dict) -> str | None:
     """The y-axis title with its unit; the trust radius's unit depends on the run's trust-region mode."""
-    if title == "Trust radius" and (run.get("config") or {}).get("trust_region_mode") == "relative":
-        return "μ (fraction of ‖W‖₂, per tensor)"
+    if title == "Trust radius" and (run.get("config") or {}).get("trust_region_mode") in ("relative", "bounded"):
+        return "μ (fraction of ‖W‖₂, per tensor)"        # bounded: the same μ, with each update's RMS capped
     return Y_TITLES.get(title)
 
 
