@@ -242,16 +242,17 @@ URL_CASES = [
     url("summary", IGNORED, "run: markdown and HTML", run=MARKUP), url("live", IGNORED, run="no-such-run"),
     url("live", IGNORED, "run: markdown and HTML", run=MARKUP), url("clusters", IGNORED, run="../etc/passwd"),
     url("precision", IGNORED, run="' OR 1=1 --"), url("chat", IGNORED, run="no-such-run"),
-    url("live", None, "chart: unknown names", chart="bogus"), url("live", None, "chart: markdown", chart=MARKUP),
+    url("live", IGNORED, "chart: unknown names", chart="bogus"), url("live", IGNORED, "chart: markdown", chart=MARKUP),
     url("sweep", IGNORED, sweep="no-such-sweep"), url("sweep", IGNORED, "sweep: markdown and HTML", sweep=MARKUP),
     url("sweep", IGNORED, "sweep: 100,000 characters", sweep=LONG),
     url("compare", IGNORED, runs="nope,also-nope"), url("compare", IGNORED, "runs: markdown and HTML", runs=MARKUP),
     url("compare", "is invalid", "q: markdown and HTML", q=MARKUP),
     url("compare", "is invalid", "q: 100,000 characters", q="(" + LONG),
     url("compare", "is invalid", q="status == "), url("compare", "must be below", xmin="100", xmax="1"),
-    url("compare", None, smooth="abc"), url("compare", None, smooth="nan"), url("compare", None, xmin="abc"),
-    url("compare", None, x="bogus"), url("compare", None, group="bogus"), url("compare", None, stat="bogus"),
-    url("compare", None, metrics="bogus,metric"), url("compare", None, logy=MARKUP), url("compare", None, layout="x"),
+    url("compare", IGNORED, smooth="abc"), url("compare", IGNORED, smooth="nan"), url("compare", IGNORED, xmin="abc"),
+    url("compare", IGNORED, x="bogus"), url("compare", IGNORED, stat="bogus"), url("compare", IGNORED, layout="x"),
+    # names of groupings, metrics and log axes that do not exist are dropped from the view without a message
+    url("compare", None, group="bogus"), url("compare", None, metrics="bogus,metric"), url("compare", None, logy=MARKUP),
 ]
 
 
