@@ -5,8 +5,10 @@ AlgoPerf sanity check the medium report fails at 200 steps: 1.01 [1.00, 1.02]) a
 
 Only the two methods the check needs (AdamW constant, AdamW + 5 % warmup + cosine), each tuned on a separate seed
 over the grid, then the evaluation seeds at the tuned LR: the tracks protocol (tracks.protocol) restricted to them,
-so the ratio is computed exactly as the report's sanity row. Every finished run goes to runs.jsonl (an interrupted
-probe resumes); probe.json keeps the sanity row, the CPU seconds the runs took, and the budget.
+so the ratio is computed exactly as the report's sanity row. The runs that decide go first (the tuning seed over
+the grid, then the evaluation seeds at the tuned LRs), then the rest of the grid. Every finished run goes to
+runs.jsonl (an interrupted probe resumes); probe.json keeps the sanity row, the CPU seconds the runs took, and the
+budget.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks import tracks
+from benchmarks import stats, tracks
 
 
 def budget(workload: str, steps: int, seeds: int, grid: tuple[float, ...], batch_size: int = 16) -> tracks.TrackBudget:
@@ -22,38 +24,66 @@ def budget(workload: str, steps: int, seeds: int, grid: tuple[float, ...], batch
                               batch_size, max(1, steps // 20), grid, ("AdamW", tracks.REFERENCE), ())
 
 
+def sanity(rows: list[dict], b: tracks.TrackBudget) -> dict | None:
+    """The sanity row from whatever finished: each method's LR tuned on the tuning seed over the whole grid, then
+    tuned cosine ÷ tuned constant final validation loss over the evaluation seeds both have at their tuned LRs
+    (paired bootstrap, as tracks.analyse). None until the tuning runs are complete."""
+    runs = tracks.Runs(rows)
+    if not all((m, float(lr), b.tuning_seed) in runs.by for m in b.methods for lr in b.grid):
+        return None
+    tuned = tracks.tuned_lrs(runs, b)
+    seeds = [s for s in b.seeds if all((m, float(tuned[m]), s) in runs.by for m in b.methods)]
+    if not seeds:
+        return None
+    cos, const = (runs.values(m, tuned[m], seeds, tracks.final) for m in (tracks.REFERENCE, "AdamW"))
+    v = tracks.paired_bootstrap(cos, const, stats.median, b.n_boot)
+    return {"target": "sanity: the tuned cosine reference beats constant LR at this budget",
+            "measured": f"{tracks.fmt_ci(v, 3)} over {len(seeds)} seeds (AdamW-cos {stats.median(cos):.4f} "
+                        f"at lr {tuned[tracks.REFERENCE]:g} vs AdamW {stats.median(const):.4f} at lr "
+                        f"{tuned['AdamW']:g})", "ratio": v, "seeds": seeds, "tuned_lr": tuned, "met": v[2] < 1}
+
+
 def main(out: Path, workload: str = "quick", steps: int = 400, seeds: int = 3,
-         grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2), jobs: int = 1, log=print) -> dict:
+         grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2), log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     b = budget(workload, steps, seeds, grid)
+    journal = out / "runs.jsonl"
     started, cpu0 = time.perf_counter(), time.process_time()
-    tracks.prepare_workload(b.workload, "cpu", log)             # caches first (the teacher of the workload)
-    result = tracks.protocol(b, "cpu", jobs, 1, log, journal=out / "runs.jsonl")
-    sanity = next((t for t in result["targets"] if t["target"].startswith("sanity")), None)
-    ext = result["analysis"]["external"]
-    record = {"budget": {k: v for k, v in b.__dict__.items()}, "sanity": sanity,
-              "tuned_lr": result["analysis"]["tuned_lr"],
-              "final_val": {m: ext[m]["final_val"] for m in ext},
-              "final_vs": {m: ext[m]["final_vs"] for m in ext},
-              "runs": len(result["rows"]), "reused_runs": result["reused_runs"],
-              "runs_cpu_seconds": result["run_cpu_seconds"],
-              "this_invocation_wall_s": time.perf_counter() - started,
-              "this_invocation_cpu_s_main_process": time.process_time() - cpu0}
-    (out / "probe.json").write_text(json.dumps(record, indent=1, default=str))
-    log(f"sanity (tuned cosine ÷ tuned constant, final val loss): {sanity['measured'] if sanity else '–'} → "
-        f"{'decides' if sanity and sanity['met'] else 'does not decide'}; runs' CPU time "
-        f"{result['run_cpu_seconds'] / 3600:.2f} h")
-    return record
+    prepared = tracks.prepare_workload(b.workload, "cpu", log)   # once (the teacher of the workload is cached)
+    specs = tracks.specs_for(b, "cpu")
 
+    def record(rows: list[dict], complete: bool) -> dict:
+        row = sanity(rows, b)
+        data = {"budget": dict(b.__dict__), "sanity": row, "complete_grid": complete, "runs": len(rows),
+                "runs_cpu_seconds": float(sum(r["train_cpu_s"] for r in rows)),
+                "this_invocation_wall_s": time.perf_counter() - started,
+                "this_invocation_cpu_s_main_process": time.process_time() - cpu0}
+        (out / "probe.json").write_text(json.dumps(data, indent=1, default=str))
+        return data
+
+    # The decision first (an interrupted probe still decides): the tuning seed over the grid, then the evaluation
+    # seeds at the tuned LRs; then the rest of the grid (the robustness tables reuse those runs).
+    tracks.run_prepared([s for s in specs if s.seed == b.tuning_seed], prepared, log, journal)
+    tuned = tracks.tuned_lrs(tracks.Runs(list(tracks.read_journal(journal).values())), b)
+    tracks.run_prepared([s for s in specs if s.seed != b.tuning_seed and s.lr == tuned[s.method.key]], prepared, log,
+                        journal)
+    early = record(list(tracks.read_journal(journal).values()), complete=False)
+    log(f"sanity (tuned cosine ÷ tuned constant, final val loss): "
+        f"{early['sanity']['measured'] if early['sanity'] else '–'}")
+    from benchmarks.robustness import priority         # the rest in the robustness protocol's order
+    rows = tracks.run_prepared(sorted(specs, key=priority(b)), prepared, log, journal)
+    final = record(rows, complete=True)
+    log(f"the whole grid: {len(rows)} runs, {final['runs_cpu_seconds'] / 3600:.2f} CPU-h")
+    return final
 
 if __name__ == "__main__":
     import argparse
+    import functools
     parser = argparse.ArgumentParser(description="Does tuned cosine beat tuned constant LR at this budget?")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--workload", default="quick", choices=("quick", "medium"))
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--grid", default="1e-3,3e-3,1e-2", help="comma-separated LRs")
-    parser.add_argument("--jobs", type=int, default=1)
     ns = parser.parse_args()
-    main(ns.out, ns.workload, ns.steps, ns.seeds, tuple(float(x) for x in ns.grid.split(",")), ns.jobs)
+    main(ns.out, ns.workload, ns.steps, ns.seeds, tuple(float(x) for x in ns.grid.split(",")), log=functools.partial(print, flush=True))

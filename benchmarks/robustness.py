@@ -15,7 +15,8 @@ The two workloads (tracks.ROBUST_WORKLOADS), both at the tiny preset's shapes, 4
 
 The protocol is tracks.protocol's (same specs, same journal format, the same robustness statistics as
 tracks_report.robustness), with the runs ordered by how much the decision needs them (`priority`): the grid's ends
-and middle (1e-4, 1e-2, 1e-3) on seeds 0–2 first, then the tuning seed there, then the other two LRs, then seeds
+and middle (1e-4, 1e-2, 1e-3) on seeds 0–2 first (seed by seed; the six methods the targets need before AdamW-cos,
+H-rel and H-muon), then the tuning seed there, then the other two LRs, then seeds
 3–4. An interrupted protocol therefore leaves complete sets of runs, and the report is written from the largest
 complete set (`complete_set`): every table says which seeds and LRs it rests on and which methods it lacks.
 
@@ -41,6 +42,9 @@ WORKLOAD_NAMES = {"robust-chat": "chat (chatterbot-corpus)", "robust-docs": "pyt
 # Same workload, steps, batch, evaluation cadence and method definitions → the same runs (tracks._row_key).
 ALSO_FROM = {"robust-chat": [RESULTS / "budget-probe" / "quick-400" / "runs.jsonl"]}
 CORE_LRS = (1e-4, 1e-2, 1e-3)             # the 100× grid's ends and middle: worst and median need these first
+# The first methods of tracks.ROBUST_METHODS (AdamW, the hybrid's absolute and bounded trust regions, the two
+# self-tuning anchors, Muon) are what the targets need; AdamW-cos, H-rel and H-muon follow them.
+FIRST_METHODS = 6
 # `--hybrid`'s trust region → the pinned method that runs it (tracks.HYB_ABS / H-rel / HYB_BOUNDED)
 DEFAULT_KEY = {"absolute": "H-abs", "relative": "H-rel", "bounded": "H-bounded"}
 SF_KEY, PRODIGY_KEY = "SF-AdamW", "Prodigy"
@@ -62,7 +66,7 @@ def priority(b: TrackBudget):
         tuning = spec.seed == b.tuning_seed
         seed_order = b.seeds.index(spec.seed) if spec.seed in b.seeds else -1
         method = methods.index(spec.method.key) if spec.method.key in methods else len(methods)
-        return (late_seed, not core, tuning, seed_order, method, spec.lr)
+        return (late_seed, not core, tuning, method >= FIRST_METHODS, seed_order, method, spec.lr)
     return key
 
 
@@ -497,19 +501,7 @@ def run(mode: str, methods: tuple[str, ...] | None = None, log=print) -> list[di
     order = sorted(specs, key=priority(b))
     log(f"{mode}: {len(done)} runs done (incl. {', '.join(map(str, ALSO_FROM.get(mode, []))) or 'none'}), "
         f"{len(order)} to run, in priority order")
-    # tracks.run_all would prepare the workload a second time (its worker initialiser): run the one worker here
-    import torch
-    torch.set_num_threads(1)
-    tracks._PREPARED = prepared
-    rows = []
-    with open(folder / "runs.jsonl", "a") as sink:
-        for i, spec in enumerate(order, start=1):
-            row = tracks.run_one(spec)
-            sink.write(json.dumps(row) + "\n")
-            sink.flush()
-            rows.append(row)
-            tracks._log_row(log, i, len(order), row)
-    return rows
+    return tracks.run_prepared(order, prepared, log, folder / "runs.jsonl")
 
 if __name__ == "__main__":
     import argparse

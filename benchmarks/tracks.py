@@ -79,7 +79,7 @@ TRACK_ABLATIONS = tuple(m for m in ABLATIONS if m.key in ("H-aux", "H-TR", "H-pa
 ALL_TRACK = {m.key: m for m in (*TRACK_METHODS, *TRACK_ABLATIONS, HYB_HORIZON, *VARIANTS, HYB_ABS, HYB_BOUNDED)}
 # Issue 16's LR-robustness protocol: the product's menu at every LR of the 100× grid, the hybrid under each trust
 # region and over Muon; the two workloads are the chat data the workbench trains by default and python-docs.
-ROBUST_METHODS = ("AdamW", "AdamW-cos", "SF-AdamW", "Muon", "Prodigy", "H-abs", "H-rel", "H-bounded", "H-muon")
+ROBUST_METHODS = ("AdamW", "H-abs", "H-bounded", "SF-AdamW", "Prodigy", "Muon", "AdamW-cos", "H-rel", "H-muon")
 ROBUST_WORKLOADS = {"robust-chat": "quick", "robust-docs": "docs-quick"}
 REFERENCE = "AdamW-cos"          # the target's source, AlgoPerf's tuned reference
 BITS = 1.58                      # W2: ternary QAT
@@ -221,6 +221,31 @@ def run_all(specs: list[RunSpec], workload: str, device: str, jobs: int, threads
     finally:
         if sink is not None:
             sink.close()
+    return out
+
+
+def run_prepared(specs: list[RunSpec], prepared, log, journal) -> list[dict]:
+    """run_all in this process on a workload already prepared (run_all's worker would prepare it again, and
+    recompute each seed's clustering): the specs in the given order, the journal's rows reused, each finished row
+    appended at once. Returns every spec's row."""
+    import json
+    done = read_journal(journal)
+    out = [done[k] for k in (_row_key(s.method.key, s.lr, s.seed, s.steps) for s in specs) if k in done]
+    todo = [s for s in specs if _row_key(s.method.key, s.lr, s.seed, s.steps) not in done]
+    global _PREPARED
+    _PREPARED, before = prepared, torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with open(journal, "a") as sink:
+            for spec in todo:
+                row = run_one(spec)
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                os.fsync(sink.fileno())
+                out.append(row)
+                _log_row(log, len(out), len(specs), row)
+    finally:
+        torch.set_num_threads(before)
     return out
 
 

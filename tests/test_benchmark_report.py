@@ -24,3 +24,27 @@ def test_left_off_variants_are_described_by_their_measurement():
     rows = _rows(H=[(3.0, 0.1), (3.0, 0.1)], **{"H-sched": [(3.3, 0.1), (3.3, 0.1)]})
     assert report.measured_vs_h(rows, "H-sched").startswith("final val loss 1.100")
     assert report.measured_vs_h(rows, "H-cap1") == "not measured in this run"
+
+
+def test_the_benchmarks_page_reads_the_robustness_verdict_and_the_reports_own_labels(tmp_path):
+    """Issue 16's two-workload report (benchmarks/robustness.py) writes its verdict as "**When you do not know the
+    learning rate: X**" / "**With a tuned learning rate: Y**" lines; the page turns them into its "What to use"
+    sentences, and names the methods with the labels the report's results.json carries (issue 18), none of its own."""
+    import json
+
+    from benchmarks.robustness import verdict
+    from benchmarks.tracks_report import method_labels
+    from workbench import bench_view
+    ce = {"best": 4.0, "best_method": "Muon", "best_lr": 1e-2,
+          "methods": {"H-abs": {"worst": (1.02, 1.01, 1.03)}, "Muon": {"worst": (1.20, 1.15, 1.25)}}}
+    workloads = [{"name": n, "robustness": {"val_loss": ce}} for n in ("chat", "python-docs")]
+    text = verdict(workloads)
+    report = f"# LR robustness on two workloads\n\n## Verdict\n\n{text}\n\n## Setup\n\nx\n"
+    advice = bench_view.situations(report)
+    assert advice[0].startswith("**LR unknown** → H-abs") and advice[1].startswith("**LR tuned** → Muon")
+    (tmp_path / "results.json").write_text(json.dumps({"methods": method_labels(["H-abs", "Muon"])}))
+    names = bench_view.method_names(tmp_path)
+    assert names["H-abs"].startswith("H with the absolute trust region")
+    assert f"**{names['Muon']}** (Muon)" in bench_view.plain(advice[1].replace("→ Muon", "→ **Muon**"), names)
+    split = [dict(w, robustness={"val_loss": dict(ce, best_method=m)}) for w, m in zip(workloads, ("Muon", "H-abs"))]
+    assert "**With a tuned learning rate: no single method on both workloads**" in verdict(split)

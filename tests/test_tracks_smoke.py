@@ -253,13 +253,18 @@ def test_robustness_report_has_a_row_per_method_and_per_issue16_target_from_a_pa
 
 
 def test_robustness_protocol_runs_the_decision_first():
-    """The journal's order: the grid's ends and middle on seeds 0–2 (seed by seed, every method), then the tuning
-    seed there, then the other two LRs, then seeds 3–4 — so a cut leaves complete sets."""
+    """The journal's order: the grid's ends and middle on seeds 0–2 (seed by seed) for the six methods the targets
+    need, then for the other three, then the tuning seed there, then the other two LRs, then seeds 3–4 — so a cut
+    leaves complete sets."""
     from benchmarks import robustness
     b = tracks.track_budget("robust-chat")
     order = sorted(tracks.specs_for(b, "cpu"), key=robustness.priority(b))
-    first = order[:len(b.methods) * 3 * 3]
-    assert {s.seed for s in first} == {0, 1, 2} and {s.lr for s in first} == set(robustness.CORE_LRS)
-    assert [s.seed for s in first[:len(b.methods) * 3]] == [0] * len(b.methods) * 3
-    assert {s.seed for s in order[len(first):len(first) + len(b.methods) * 3]} == {b.tuning_seed}
+    n1, n2 = robustness.FIRST_METHODS * 9, (len(b.methods) - robustness.FIRST_METHODS) * 9
+    first, second = order[:n1], order[n1:n1 + n2]
+    assert {s.method.key for s in first} == set(b.methods[:robustness.FIRST_METHODS])
+    assert {s.method.key for s in second} == set(b.methods[robustness.FIRST_METHODS:])
+    for part in (first, second):
+        assert {s.seed for s in part} == {0, 1, 2} and {s.lr for s in part} == set(robustness.CORE_LRS)
+        assert [s.seed for s in part[:len(part) // 3]] == [0] * (len(part) // 3)     # seed by seed
+    assert {s.seed for s in order[n1 + n2:n1 + n2 + len(b.methods) * 3]} == {b.tuning_seed}
     assert {s.seed for s in order[-len(b.methods) * 5 * 2:]} == {3, 4}
