@@ -832,6 +832,6 @@ def test_live_view_persists_smoothing_axis_and_log_y_in_the_url(runs_root):
     _open(bad, "live")
     assert not bad.exception and bad.multiselect(key="live_charts.hybrid").value == ["Loss"]
     from workbench.ui import plain
-    assert [w.value for w in bad.warning] == [plain("The link's chart=no such chart is ignored: not a chart of this run "
-                                                    "(and 2 more parameter(s) of this link).")]
+    why = plain("not a chart of this run (and 2 more parameter(s) of this link)")
+    assert [w.value for w in bad.warning] == [f"The link's chart={plain('no such chart')} is ignored: {why}."]
     assert bad.slider(key="live_smoothing").value == queries.DEFAULT_SMOOTHING and bad.radio(key="live_x").value == "step"

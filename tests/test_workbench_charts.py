@@ -328,22 +328,6 @@ def test_run_and_group_names_are_text_in_legends():
     assert charts.group_figure(groups, "Loss").data[-1]["name"] == "&lt;i&gt;tag&lt;/i&gt; (n=1)"
 
 
-def test_linked_figure_shares_zoom_and_hover_across_charts():
-    colors = charts.run_colors(["r1", "r2"])
-    loss = charts.line_figure(pd.concat([_series("r1"), _series("r2")]), "Loss", colors=colors, raw=False)
-    mult = charts.line_figure(pd.concat([_series("r1", "lr_multiplier"), _series("r2", "lr_multiplier")]), "LR",
-                              colors=colors, raw=False, log_y=True)
-    fig = _validated(charts.linked_figure([loss, mult], ["Loss", "LR"], x_range=(3, 30)))
-    assert fig.layout.hoversubplots == "axis" and fig.layout.hovermode == "x unified"
-    # ONE x axis (not x2 matching x): plotly.js spreads the hover over stacked subplots only on the same axis.
-    assert [t.xaxis for t in fig.data] == ["x", "x", "x", "x"] and [t.yaxis for t in fig.data] == ["y", "y", "y2", "y2"]
-    assert "xaxis2" not in fig.layout.to_plotly_json() and fig.layout.yaxis2.type == "log"
-    assert [t.showlegend for t in fig.data] == [True, True, False, False]      # one legend entry per run
-    assert fig.data[0].line.color == fig.data[2].line.color == colors["r1"]
-    assert fig.layout.yaxis2.type == "log" and list(fig.layout.xaxis.range) == [3, 30]
-    assert [a.text for a in fig.layout.annotations] == ["Loss", "LR"]
-
-
 def test_a_shared_x_range_may_leave_one_end_open():
     assert charts.x_range_settings((10, 60)) == {"range": [10, 60], "autorange": False}
     fig = _validated(charts.line_figure(_series("r1"), "Loss", x_range=(10, None)))

@@ -447,52 +447,7 @@ def _rgba(color: str, alpha: float) -> str:
     return f"rgba({int(r)}, {int(g)}, {int(b)}, {alpha})"
 
 
-def linked_figure(figures: list[go.Figure], titles: list[str], x_title: str = "step",
-                  uirevision: str | None = None, x_range: tuple[float, float] | None = None,
-                  height_per_chart: int = 260) -> go.Figure:
-    """Several charts (line_figure / group_figure outputs) stacked as subplots of one figure on ONE x axis:
-    zooming or panning one zooms them all, and one hover line reads every chart at that x (hovermode "x unified"
-    + hoversubplots="axis" — which plotly.js applies only to subplots on the very same axis, not to axes linked by
-    `matches`). A curve's legend entry is shown once and toggles it in every chart (legendgroup)."""
-    shown = [(f, t) for f, t in zip(figures, titles) if f is not None]
-    if not shown:
-        return _empty("Linked charts")
-    n, gap = len(shown), 56
-    plot_height = n * height_per_chart + (n - 1) * gap
-    traces, annotations, layout = [], [], {}
-    seen: set[str] = set()
-    for i, (part, title) in enumerate(shown):
-        axis = "y" if i == 0 else f"y{i + 1}"
-        top = 1 - i * (height_per_chart + gap) / plot_height
-        domain = [max(0.0, top - height_per_chart / plot_height), min(1.0, top)]
-        annotations.append(dict(text=html.escape(title, quote=False), x=0, xref="paper", y=domain[1], yref="paper",
-                                xanchor="left", yanchor="bottom", showarrow=False, font=dict(size=14)))
-        for trace in part.data:
-            data = trace.to_plotly_json()
-            group = data.get("legendgroup") or data.get("name")
-            if data.get("showlegend", True) is not False:
-                data["showlegend"] = group not in seen
-                seen.add(group)
-            traces.append({**data, "legendgroup": group, "xaxis": "x", "yaxis": axis, "meta": title})
-        yaxis = part.layout.yaxis
-        settings = dict(domain=domain, anchor="x", type=yaxis.type, title=dict(text=yaxis.title.text),
-                        automargin=True)
-        if yaxis.range:
-            settings.update(range=list(yaxis.range), autorange=False)
-        layout["yaxis" if i == 0 else f"yaxis{i + 1}"] = settings
-    xaxis = dict(title=dict(text=x_title), anchor="y" if n == 1 else f"y{n}", domain=[0, 1], automargin=True,
-                 showspikes=True, spikemode="across", spikethickness=1, spikedash="dot", spikecolor="#888")
-    if x_range is not None:
-        xaxis.update(x_range_settings(x_range))
-    top_margin = 26 + 24 * (1 + len(seen) // 4) + 8
-    layout.update(height=plot_height + top_margin + 70, hovermode="x unified", hoversubplots="axis",
-                  uirevision=uirevision or "linked", margin=dict(l=10, r=10, t=top_margin, b=10),
-                  hoverlabel=dict(namelength=-1), xaxis=xaxis, annotations=annotations,
-                  legend=dict(orientation="h", yanchor="bottom", y=1 + 26 / plot_height, xanchor="left", x=0.0))
-    return go.Figure(data=traces, layout=layout, _validate=False)
-
-
-# -- Live: every chart as a subplot of one figure on one x axis -------------------------------------------------------
+# -- Live and Compare's linked layout: every chart a subplot of one figure on one x axis -------------------------
 @dataclass
 class Panel:
     """One chart of a stacked figure: run curves (queries.chart_series rows), optional group bands

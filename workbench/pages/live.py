@@ -70,10 +70,10 @@ others = runs[runs.run_id != run_id]
 other_ids = list(others.run_id)
 
 
-def _from_url() -> list[str]:
+def _from_url() -> list[tuple[str, str, str]]:
     """Restore the view from the URL (a bookmark or a sent link) once per link: ?chart=Loss&chart=Tokens/s,
     smooth, x, logy (repeated), overlay (repeated run ids), group, stat, band. A value that cannot apply is left
-    out and named (the list returned: one line each), the rest of the link still applies."""
+    out; the list returned holds (parameter, value, why) of each; the rest of the link still applies."""
     params = {"chart": st.query_params.get_all("chart"), **{p: st.query_params.get_all(p) for p in URL_KEYS.values()}}
     params = {k: v for k, v in params.items() if v}
     signature = repr(sorted(params.items())) + charts_key
@@ -85,7 +85,7 @@ def _from_url() -> list[str]:
     def known(param: str, values: list[str], allowed, what: str) -> list[str]:
         bad = [v for v in values if v not in allowed]
         if bad:
-            problems.append(f"{param}={bad[0]} is ignored: {what}")
+            problems.append((param, bad[0], what))
         return [v for v in values if v in allowed]
 
     charts_given = known("chart", params.get("chart", []), available, "not a chart of this run")
@@ -99,7 +99,7 @@ def _from_url() -> list[str]:
         if 0.0 <= value <= 0.99:
             state["live_smoothing"] = round(value, 2)
         else:
-            problems.append(f"smooth={params['smooth'][0]} is ignored: it must be a number from 0 to 0.99")
+            problems.append(("smooth", params["smooth"][0], "it must be a number from 0 to 0.99"))
     for param, key, allowed in (("x", "live_x", X_AXES), ("stat", "live_stat", queries.GROUP_STATS),
                                 ("band", "live_band", queries.GROUP_BANDS)):
         if param in params and known(param, params[param][:1], allowed, "it is one of " + ", ".join(allowed)):
@@ -114,8 +114,8 @@ def _from_url() -> list[str]:
         if group in (queries.NO_GROUP, *queries.GROUP_SPECIAL) or (group.startswith("cfg.") and group in runs):
             state["live_group"] = group
         else:
-            problems.append(f"group={group} is ignored: it is {queries.NO_GROUP}, "
-                            f"{', '.join(queries.GROUP_SPECIAL)} or a config field as cfg.<name>")
+            problems.append(("group", group, f"it is {queries.NO_GROUP}, {', '.join(queries.GROUP_SPECIAL)} or a "
+                                             "config field as cfg.<name>"))
     return problems
 
 
@@ -140,9 +140,10 @@ def _to_url(values: dict, chart_values: list[str]) -> None:
 
 
 link_problems = _from_url()
-if link_problems:
+if link_problems:      # one line: the first, and how many more
+    param, value, why = link_problems[0]
     more = f" (and {len(link_problems) - 1} more parameter(s) of this link)" if len(link_problems) > 1 else ""
-    st.warning(ui.plain(f"The link's {link_problems[0]}{more}."), icon=":material/link_off:")
+    ui.ignored_link(param, value, why + more)
 state = st.session_state
 if any(c not in available for c in state.get(charts_key, [])):
     state.pop(charts_key)
