@@ -198,15 +198,20 @@ def chart_series(steps: pd.DataFrame, y: str, x: str = "step", smoothing: float 
     throughout: Compare builds one per run and metric (100 runs × 2 charts per render)."""
     if y not in steps or x not in steps:
         return _series_frame()
-    raw = steps[y].to_numpy(dtype="float64", na_value=np.nan)
+    return _series_of(steps[x].to_numpy(), steps[y].to_numpy(dtype="float64", na_value=np.nan), y, smoothing,
+                      max_points, run)
+
+
+def _series_of(xs: np.ndarray, raw: np.ndarray, name: str, smoothing: float, max_points: int,
+               run: str) -> pd.DataFrame:
+    """chart_series on arrays: NaNs dropped, smoothed on every point, then downsampled."""
     keep = ~np.isnan(raw)
     if not keep.any():
         return _series_frame()
-    raw = raw[keep]
-    xs = steps[x].to_numpy()[keep]
+    raw, xs = raw[keep], xs[keep]
     smooth = _ema_dense(raw, smoothing)
     idx = downsample_indices(raw, max_points)
-    return _series_frame(run, y, xs[idx], raw[idx], smooth[idx])
+    return _series_frame(run, name, xs[idx], raw[idx], smooth[idx])
 
 
 EMA_EXPONENT = 300.0     # a block's largest scale factor w^-(block-1) stays below e^300 (float64 reaches e^709)
@@ -265,11 +270,13 @@ def eval_series(evals: pd.DataFrame, keys: list[str] | None = None, run: str = "
         if not mask.any():
             continue
         order = np.argsort(steps[mask], kind="stable")
-        wide = pd.DataFrame({"step": steps[mask][order], key: values[mask][order]})
+        xs = steps[mask][order]
         if x == "time_s":
             origin = t0 if t0 is not None else float(np.nanmin(walls[mask]))
-            wide["time_s"] = walls[mask][order] - origin
-        parts.append(chart_series(wide, key, x if x == "time_s" else "step", smoothing, max_points, run))
+            xs = walls[mask][order] - origin
+        parts.append(_series_of(xs, values[mask][order], key, smoothing, max_points, run))
+    if len(parts) == 1:
+        return parts[0]
     return pd.concat(parts, ignore_index=True) if parts else _series_frame()
 
 
@@ -401,9 +408,9 @@ def run_series(cache: RunCache, metric: str, x: str = "step", smoothing: float =
     if hit is not None and hit[0] == version:
         return hit[1]
     if metric.startswith(EVAL_PREFIX):
+        # Evaluations as logged (smoothing 0: smooth is raw), not smoothed.
         out = eval_series(cache.evals, [metric[len(EVAL_PREFIX):]], run=cache.run_id, x=x, t0=t0,
                           max_points=max_points)
-        out = out.assign(smooth=out.raw)          # evaluations: the logged values, not smoothed
     else:
         derived = steps
         if metric == "constraint_rate" or x == "time_s":
