@@ -276,12 +276,17 @@ class SweepSpec:
                              f"or one of {', '.join(option_fields())}")
         self._check({}, "the sweep's base options")
         for param in self.params:
-            for value in param.extremes():
-                where = f"--param {param.spec()}" + ("" if param.choices else
-                                                     f" at its {'low' if value == param.extremes()[0] else 'high'} end")
-                self._check({param.name: value}, where)
+            self.check_param(param)
         self._check({p.name: p.extremes()[0] for p in self.params}, "every range at its low end together")
         self._check({p.name: p.extremes()[-1] for p in self.params}, "every range at its high end together")
+
+    def check_param(self, param: Param) -> None:
+        """Every choice, or both ends of the range, as a trial of this sweep would run it (the CLI's bounds); also
+        the workbench's Sweep form's check of each field as it is typed."""
+        for value in param.extremes():
+            where = f"--param {param.spec()}" + ("" if param.choices else
+                                                 f" at its {'low' if value == param.extremes()[0] else 'high'} end")
+            self._check({param.name: value}, where)
 
     def _check(self, values: dict, where: str) -> None:
         try:

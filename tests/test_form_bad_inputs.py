@@ -6,6 +6,9 @@ Two tables, run through streamlit's AppTest on the real app.py:
   goes, combinations the optimizer menu refuses, a warmup longer than the run, names and tags over their bounds, a
   teacher or a data file that cannot be used). Each must show exactly one error naming the problem, raise no
   exception, keep Launch disabled, start no process and write nothing to the runs root.
+- SWEEP_CASES: bad values on the Sweep page's "New sweep" form: ranges that do not parse or leave the CLI's bounds
+  (each field's error as it is typed, Start disabled) and sweep names the sweep refuses (one "Not started" line
+  when Start is pressed). Nothing may start and nothing may be written.
 - URL_CASES: bad query parameters of the pages that read st.query_params (?run=, ?sweep=, ?runs= and Compare's view
   state): unknown ids, garbage, huge strings, markdown and HTML. Each must raise no exception, show at most one
   message (exactly one where `expect` is given: the link is named as ignored, or the value's error), never render the
@@ -186,6 +189,7 @@ def set_value(element, kind: str, value) -> None:
 def test_the_tables_are_big_enough():
     assert len(FORM_CASES) >= 40 and len({case.id for case in FORM_CASES}) == len(FORM_CASES)
     assert len(URL_CASES) >= 15 and len({case.id for case in URL_CASES}) == len(URL_CASES)
+    assert len({case.id for case in SWEEP_CASES}) == len(SWEEP_CASES)
 
 
 @pytest.mark.parametrize("case", FORM_CASES, ids=[case.id for case in FORM_CASES])
@@ -217,6 +221,99 @@ def test_the_form_is_clean_again_after_every_case(form):
     at.run()
     assert messages(at) == [] and not at.button(key="launch").disabled     # every case above was undone
     assert calls == []
+
+
+# -- the Sweep page's form -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SweepCase:
+    settings: tuple[tuple[str, str, object], ...]
+    expect: str
+    press_start: bool = False      # the value is checked when Start is pressed (the name), not as it is typed
+    note: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.note or " + ".join(f"{key.split('.', 1)[-1]}={str(value)[:30]}" for _, key, value in self.settings)
+
+
+def sweep_range(field: str, end: str, value: str, expect: str, note: str = "") -> SweepCase:
+    return SweepCase((("text", f"sweep_{end}.{field}", value),), expect, note=note)
+
+
+def sweep_name(value: str, note: str = "") -> SweepCase:
+    return SweepCase((("text", "sweep_name", value),), "Not started: --name", True, note)
+
+
+SWEEP_CASES = [
+    sweep_range("base_learning_rate", "low", "abc", "must be numbers"),
+    sweep_range("base_learning_rate", "low", "1", "LOW < HIGH", "learning rate: low above high"),
+    sweep_range("base_learning_rate", "low", "0", "needs LOW > 0", "learning rate: log range from 0"),
+    sweep_range("base_learning_rate", "high", "nan", "finite LOW < HIGH"),
+    sweep_range("base_learning_rate", "high", "100", "at its high end", "learning rate: high end over the bound"),
+    sweep_range("initial_trust_radius", "high", "1000", "at its high end", "trust radius: high end over the bound"),
+    sweep_range("initial_trust_radius", "low", "0.0001", "at its low end", "trust radius: low end under the bound"),
+    SweepCase((("multiselect", "sweep_fields", ["base_learning_rate", "initial_trust_radius", "target_bits"]),
+               ("text", "sweep_choices.target_bits", "1.58,3")), "target_bits", note="target_bits: 3 bits"),
+    SweepCase((("multiselect", "sweep_fields", ["base_learning_rate", "initial_trust_radius", "batch_size"]),
+               ("text", "sweep_low.batch_size", "70000"), ("text", "sweep_high.batch_size", "80000")),
+              "batch_size", note="batch_size: over the bound"),
+    sweep_name("", "name: empty"), sweep_name("../x", "name: a path"), sweep_name(LONG, "name: 100,000 characters"),
+    sweep_name(MARKUP, "name: markdown and HTML"),
+]
+
+
+@pytest.fixture(scope="module")
+def sweep_form(tmp_path_factory):
+    """One Sweep page session over an empty runs root; the sweep process start is recorded, never made."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from workbench import sweeps
+    root = tmp_path_factory.mktemp("sweep-bad-inputs") / "runs"
+    root.mkdir()
+    calls = []
+    recorder = SimpleNamespace(Popen=lambda *a, **k: calls.append(a) or pytest.fail("a sweep was started"),
+                               DEVNULL=subprocess.DEVNULL, STDOUT=subprocess.STDOUT)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HYBRID_RUNS_ROOT", str(root))
+        patch.setattr(sweeps, "subprocess", recorder)
+        at = AppTest.from_file(APP, default_timeout=120)
+        at.session_state["runs_root"] = str(root)
+        at.run()
+        at.switch_page("workbench/pages/sweep.py")
+        at.run()
+        assert not at.exception and messages(at) == [] and not at.button(key="sweep_start").disabled
+        yield at, calls, root
+
+
+@pytest.mark.parametrize("case", SWEEP_CASES, ids=[case.id for case in SWEEP_CASES])
+def test_a_bad_sweep_form_value_shows_one_error_and_starts_nothing(sweep_form, case):
+    at, calls, root = sweep_form
+    before = snapshot(root)
+    undo = []
+    try:
+        for kind, key, value in case.settings:
+            element = at.multiselect(key=key) if kind == "multiselect" else widget(at, kind, key)
+            undo.append((kind, key, element.value))
+            set_value(element, kind, value)
+            at.run()
+        if case.press_start:
+            assert not at.button(key="sweep_start").disabled
+            at.button(key="sweep_start").click().run()
+        else:
+            assert at.button(key="sweep_start").disabled
+        assert not at.exception, [e.value for e in at.exception]
+        errors = [unescaped(text) for text in messages(at)]
+        assert len(errors) == 1 and case.expect in errors[0], errors
+        assert len(errors[0]) < 600
+        raw = [text for text in shown_texts(at) if any(mark in text for mark in RAW_MARKUP)]
+        assert raw == [], raw
+    finally:
+        for kind, key, value in reversed(undo):
+            element = at.multiselect(key=key) if kind == "multiselect" else widget(at, kind, key)
+            set_value(element, kind, value)
+        at.run()
+    assert calls == [] and snapshot(root) == before
 
 
 # -- URL query parameters ------------------------------------------------------------------------------------------

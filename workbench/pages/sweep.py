@@ -119,7 +119,9 @@ with new_tab:
                                    help="Log-uniform: right for rates, which matter by their order of magnitude.")
             spec = f"{field_name}={low}:{high}" + (":log" if log else "")
         try:
-            core.parse_param(spec)
+            param = core.parse_param(spec)          # then both ends against the CLI's bounds, as the sweep will
+            core.SweepSpec(name="form", params=[param], preset=preset,
+                           base_options={"hybrid": hybrid}).check_param(param)
             params.append(spec)
         except core.SweepError as exc:
             message = re.sub(r"^--param '[^']*' is invalid: ", "", str(exc))
