@@ -45,6 +45,7 @@ CORE_LRS = (1e-4, 1e-2, 1e-3)             # the 100× grid's ends and middle: wo
 # The first methods of tracks.ROBUST_METHODS (AdamW, the hybrid's absolute and bounded trust regions, the two
 # self-tuning anchors, Muon) are what the targets need; AdamW-cos, H-rel and H-muon follow them.
 FIRST_METHODS = 6
+MIN_SEEDS = 3                             # fewer complete seeds: the verdict names the leaders, decides nothing
 # `--hybrid`'s trust region → the pinned method that runs it (tracks.HYB_ABS / H-rel / HYB_BOUNDED)
 DEFAULT_KEY = {"absolute": "H-abs", "relative": "H-rel", "bounded": "H-bounded"}
 SF_KEY, PRODIGY_KEY = "SF-AdamW", "Prodigy"
@@ -322,7 +323,15 @@ def verdict(workloads: list[dict]) -> str:
         lacking = ", ".join(w["name"] for w in workloads if w not in have)
         return f"No verdict: {lacking} has no complete set of runs yet."
     parts = []
+    seeds = min(len(w["complete"]["seeds"]) for w in have)
+    if seeds < MIN_SEEDS:        # a point estimate from one or two seeds is no basis for advice
+        parts.append(f"**Not decided**: the complete runs have only {seeds} seed{'s' if seeds > 1 else ''} per "
+                     f"method and LR (a decision needs ≥ {MIN_SEEDS}; issue 16 asks 5). Leading so far — LR unknown: "
+                     + "; ".join(f"{w['name']} {_best_by(w, 'unknown')}" for w in have) + "; LR tuned: "
+                     + "; ".join(f"{w['name']} {_best_by(w, 'tuned')}" for w in have) + ".")
     for which, words in (("unknown", "When you do not know the learning rate"), ("tuned", "With a tuned learning rate")):
+        if seeds < MIN_SEEDS:
+            break
         picks = {w["name"]: _best_by(w, which) for w in have}
         if len(set(picks.values())) == 1:
             m = next(iter(picks.values()))

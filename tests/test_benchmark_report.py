@@ -37,7 +37,8 @@ def test_the_benchmarks_page_reads_the_robustness_verdict_and_the_reports_own_la
     from workbench import bench_view
     ce = {"best": 4.0, "best_method": "Muon", "best_lr": 1e-2,
           "methods": {"H-abs": {"worst": (1.02, 1.01, 1.03)}, "Muon": {"worst": (1.20, 1.15, 1.25)}}}
-    workloads = [{"name": n, "robustness": {"val_loss": ce}} for n in ("chat", "python-docs")]
+    workloads = [{"name": n, "robustness": {"val_loss": ce}, "complete": {"seeds": [0, 1, 2]}}
+                 for n in ("chat", "python-docs")]
     text = verdict(workloads)
     report = f"# LR robustness on two workloads\n\n## Verdict\n\n{text}\n\n## Setup\n\nx\n"
     advice = bench_view.situations(report)
@@ -48,3 +49,6 @@ def test_the_benchmarks_page_reads_the_robustness_verdict_and_the_reports_own_la
     assert f"**{names['Muon']}** (Muon)" in bench_view.plain(advice[1].replace("→ Muon", "→ **Muon**"), names)
     split = [dict(w, robustness={"val_loss": dict(ce, best_method=m)}) for w, m in zip(workloads, ("Muon", "H-abs"))]
     assert "**With a tuned learning rate: no single method on both workloads**" in verdict(split)
+    one_seed = [dict(w, complete={"seeds": [0]}) for w in workloads]       # leaders named, no advice given
+    assert verdict(one_seed).startswith("**Not decided**")
+    assert bench_view.situations(f"# r\n\n## Verdict\n\n{verdict(one_seed)}\n") == []

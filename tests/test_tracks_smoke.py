@@ -246,7 +246,8 @@ def test_robustness_report_has_a_row_per_method_and_per_issue16_target_from_a_pa
     assert sanity.endswith("| not measured |")
     external = rows["external tuning: `--hybrid` tuned ÷ Muon tuned, final validation loss"]
     assert "not measured (no tuning-seed runs for both)" in external and external.endswith("| not measured |")
-    assert "**When you do not know the learning rate: H-abs**" in text
+    assert "**Not decided**: the complete runs have only 2 seeds" in text           # python-docs' two seeds
+    assert "Leading so far — LR unknown: chat (chatterbot-corpus) H-abs; python-docs H-abs" in text
     saved = (tmp_path / "robustness" / "results.json").read_text()
     assert '"protocol": "robustness"' in saved and '"H-muon": "H with Muon' in saved       # labels travel
     assert (tmp_path / "robustness" / "figures.html").stat().st_size > 1000
