@@ -20,6 +20,10 @@ from workbench import charts, headline, launcher, queries, ui
 from workbench.launcher import LaunchError
 
 REFRESH_CHOICES = (1, 2, 3, 5)
+# Every tick redraws all the charts' curves (each new step shifts the downsampling buckets); measured with
+# bench_live.py --browser, a 1 s tick kept a loaded 2-core machine's browser busy from one tick to the next, so the
+# first view waited behind them. 2 s halves that work and still shows a new point within ~3 s (1 s stays a choice).
+LIVE_REFRESH_S = 2
 CACHES = "live_caches"
 OVERLAY_CACHES = "live_overlay_caches"   # run id -> queries.RunCache of each overlaid run
 LIVE_POINTS = 1000       # per curve: the browser draws 12 charts × (raw + smoothed) of these on every tick
@@ -154,7 +158,7 @@ if any(r not in other_ids for r in state.get("live_overlays", [])):
     state["live_overlays"] = [r for r in state["live_overlays"] if r in other_ids]
 
 c1, c2, c3, c4 = st.columns([1.2, 1, 1.6, 1.2])
-refresh_s = c1.select_slider("Refresh every (s)", REFRESH_CHOICES, value=queries.DEFAULT_REFRESH_S, key="live_refresh")
+refresh_s = c1.select_slider("Refresh every (s)", REFRESH_CHOICES, value=LIVE_REFRESH_S, key="live_refresh")
 paused = c2.toggle("Pause", key="live_paused", help="Stop refreshing (the run goes on).")
 smoothing = c3.slider("Smoothing (EMA)", 0.0, 0.99, step=0.01, key="live_smoothing",
                       help="Exponential moving average, debiased, over every logged point; the raw curve stays faint.")
@@ -192,7 +196,8 @@ _to_url({"live_smoothing": smoothing, "live_x": x_axis, "live_logy": log_charts,
 st.caption(f"**{ui.plain(queries.run_label(page_run))}** · {headline.kind_label(page_run)}")
 st.caption(f"Each curve is downsampled on the server to at most {LIVE_POINTS:,} points (the minimum and maximum of "
            "every bucket are kept, so spikes stay visible); smoothing is computed on all points first. The charts "
-           "share one x axis: zoom or pan one and all follow, hover reads them all; double-click to reset.")
+           "share one x axis: zoom or pan one and all follow, hover reads them all; double-click to reset. A "
+           "refresh with new steps redraws the figure (and its zoom): Pause to study a zoomed view.")
 
 active = page_run["status"] in ACTIVE_STATUSES
 interval = None if paused or not active else refresh_s
