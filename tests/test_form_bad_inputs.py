@@ -386,3 +386,20 @@ def test_a_bad_url_parameter_is_ignored_or_refused_in_one_message(store_for_link
     raw = [text for text in shown_texts(at) if any(mark in text for mark in RAW_MARKUP)]
     assert raw == [], raw               # the value is never rendered as markdown or HTML
     assert snapshot(root) == before     # nothing written to the runs root
+
+
+def test_a_query_cannot_reach_python_through_a_link():
+    """?q= is evaluated by pandas' python engine, which also runs attribute access and method calls: a link could
+    call any loaded module's functions (`a.__class__.__mro__[-1].__subclasses__()[i].__init__.__globals__[...]`).
+    Only columns, numbers, text, comparisons, and / or / not and arithmetic are accepted (a method call such as
+    kind.str.upper() used to run and filter)."""
+    import pandas as pd
+
+    from workbench.queries import QueryError, query_runs
+    frame = pd.DataFrame({"val_loss": [1.0, 5.0], "kind": ["hybrid", "baseline"]})
+    assert query_runs(frame, "val_loss < 4 and kind = 'hybrid'").tolist() == [True, False]
+    assert query_runs(frame, "not (val_loss > 2) or -val_loss < -3").tolist() == [True, True]
+    for text in ("val_loss.__class__.__mro__[-1].__subclasses__().__len__() > 0", "kind.str.upper() == 'HYBRID'",
+                 "val_loss.sum() > 0", "`val_loss`.__class__ == 1", "kind[0] == 'h'", "(lambda: 1)() == 1"):
+        with pytest.raises(QueryError, match="is invalid"):
+            query_runs(frame, text)

@@ -697,6 +697,26 @@ def query_frame(runs: pd.DataFrame, kinds: dict[str, str] | None = None) -> pd.D
 
 
 _SINGLE_EQUALS = __import__("re").compile(r"(?<![<>=!])=(?!=)")
+# What a query may hold: column names, numbers, text, comparisons, and / or / not, + - * /. pandas' python engine
+# also evaluates attribute access and method calls (`a.__class__.__mro__[-1].__subclasses__()…` reaches any loaded
+# module's functions), and a query also arrives in a link (?q=): anything else is refused before pandas sees it.
+_QUERY_NODES = tuple(getattr(__import__("ast"), name) for name in (
+    "Expression", "BoolOp", "And", "Or", "UnaryOp", "Not", "USub", "UAdd", "Compare", "Eq", "NotEq", "Lt", "LtE",
+    "Gt", "GtE", "In", "NotIn", "BinOp", "Add", "Sub", "Mult", "Div", "Name", "Constant", "List", "Tuple", "Load"))
+
+
+def _query_problem(expression: str) -> str | None:
+    """Why `expression` is not a plain query (None when it is)."""
+    import ast
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError as exc:
+        return exc.msg or "invalid syntax"
+    for node in ast.walk(tree):
+        if not isinstance(node, _QUERY_NODES):
+            return (f"{type(node).__name__.lower()} is not allowed: a query compares columns with numbers or text "
+                    "(no attributes, calls or indexing)")
+    return None
 
 
 def query_runs(frame: pd.DataFrame, text: str) -> pd.Series:
@@ -708,6 +728,10 @@ def query_runs(frame: pd.DataFrame, text: str) -> pd.Series:
         return pd.Series(True, index=frame.index)
     expression = _SINGLE_EQUALS.sub("==", text)
     shown = text if len(text) <= 200 else f"{text[:200]}… ({len(text):,} characters)"   # a 100 kB link: one line
+    problem = _query_problem(expression)
+    if problem:
+        raise QueryError(f"query {shown!r} is invalid ({problem}); write e.g. val_loss < 4.1 and "
+                         "trust_region_mode == \"relative\" (text in quotes; and / or / not)")
     try:
         result = frame.query(expression, engine="python", local_dict={}, global_dict={})
     except pd.errors.UndefinedVariableError as exc:
