@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ANSWER_S = 20.0          # wall time: generous on a shared 2-core machine; the measured times are printed by the summary
+ANSWER_S = 40.0          # wall time bounds hangs only: at load 21 on 2 cores a 0.6 CPU-s refusal took 20 s of wall time
 CPU_S = 5.0              # CPU time of the refusing process: the 5 s, which a loaded machine cannot inflate the
                          # way it inflates wall time (measured at load 20 on 2 cores: wall up to 14 s, CPU ≤ 1 s w/o torch)
 WORKERS = 4
