@@ -59,7 +59,6 @@ HYBRID_BASES = ("adamw", "sgd", "muon")
 # --schedule: the LR schedule after --warmup_steps of linear warmup (wsd: warmup, stable, linear decay to 0 over
 # the last 20 % of the steps). Schedule-Free has its own averaging and takes constant only.
 SCHEDULES = ("constant", "cosine", "wsd")
-OPTIMIZERS = ("hybrid", *BASE_OPTIMIZERS, "custom")   # what trained a run (its summary title depends on it)
 
 
 def optimizer_combination_error(optimizer: str, schedule: str, hybrid: bool, warmup_steps: Any = 0,

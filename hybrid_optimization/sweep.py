@@ -126,10 +126,6 @@ def searchable_fields() -> dict[str, type]:
     return {**config_fields(), **option_fields()}
 
 
-# Kept for the workbench's Sweep page: the searchable names that are TrainOptions fields.
-OPTION_KINDS = option_fields()
-
-
 # -- the search space --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Param:
@@ -603,7 +599,7 @@ def run_trial(trial, spec: SweepSpec, runs_root: Path, poll_s: float = POLL_S) -
     trial.set_user_attr("worker_started", _process_started(os.getpid()))
     options = spec.trial_options(values, run_id=run_id, runs_root=store.root, run_name=run_name)
     run_dir = store.run_dir(run_id)
-    document = _document(options, run_dir)
+    document = options.to_dict()       # the config embedded: one options.json
     store.update_run(run_id, args={"options": document,
                                    "sweep": {"name": spec.name, "trial": trial.number, "params": values}})
     try:
@@ -658,19 +654,6 @@ def run_trial(trial, spec: SweepSpec, runs_root: Path, poll_s: float = POLL_S) -
         raise TrialFailed(f"run {run_id} ended {run['status']} (exit code {code}): {reason}")
     trial.set_user_attr("val_loss", reported[-1][1])
     return value
-
-
-def _document(options: TrainOptions, run_dir: Path) -> dict:
-    """The options document. Until TrainOptions.to_dict() embeds its config (issue 18), the config travels in a
-    config.json beside it that the document names."""
-    document = options.to_dict()
-    if "hybrid_config" not in document and options.hybrid_config is not None:
-        path = run_dir / "config.json"
-        path.write_text(options.hybrid_config.to_json())
-        document["config"] = str(path)
-    elif isinstance(document.get("hybrid_config"), HybridTrainingConfig):
-        document["hybrid_config"] = document["hybrid_config"].to_dict()
-    return document
 
 
 # -- the study ----------------------------------------------------------------------------------------------------

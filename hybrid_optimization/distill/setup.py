@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -44,8 +43,6 @@ from .tiny import tiny_teacher_dir, tiny_tokenizer
 
 Say = Callable[[str], None]
 
-# Setup stages, in the order a run goes through them (the store's `stages` table; the Live page draws them).
-STAGES = ("data", "teacher", "teacher_logits", "clustering", "student")
 SAMPLE_ROWS_MAX = 5000          # samples stored for the cluster plot
 
 
@@ -372,9 +369,3 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):     # not glibc (macOS, musl): nothing to do
         pass
-
-
-def set_threads_for_ranks(ctx: dist_utils.DistContext, device: torch.device) -> None:
-    """Under torchrun on CPU, the cores are shared between the ranks."""
-    if ctx.enabled and device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))
