@@ -835,3 +835,29 @@ def test_live_view_persists_smoothing_axis_and_log_y_in_the_url(runs_root):
     why = plain("not a chart of this run (and 2 more parameter(s) of this link)")
     assert [w.value for w in bad.warning] == [f"The link's chart={plain('no such chart')} is ignored: {why}."]
     assert bad.slider(key="live_smoothing").value == queries.DEFAULT_SMOOTHING and bad.radio(key="live_x").value == "step"
+
+
+def test_form_launch_carries_the_trackers_picked_under_also_report_to(runs_root, started, monkeypatch):
+    """issue 20: picking TensorBoard under 'Also report to' launches the CLI with report_to=["tensorboard"] in its
+    options file and in the run's stored options; a tracker whose package is missing is named under the field and
+    Launch stays off."""
+    from hybrid_optimization.distill import report_to
+    at = _app().run()
+    assert at.multiselect(key="opt.report_to").options == list(report_to.REPORT_TO)
+    at.multiselect(key="opt.report_to").select("tensorboard").run()
+    assert not at.button(key="launch").disabled, _texts(at.error)
+    at.button(key="launch").click().run()
+    (argv,) = started
+    options = json.loads(Path(argv[2].split("=", 1)[1]).read_text())
+    assert options["report_to"] == ["tensorboard"]
+    run = RunStore(runs_root).get_run(at.session_state["launched_run"])
+    assert run["args"]["options"]["report_to"] == ["tensorboard"]
+    # Without the package (simulated: its module is looked up under a name that does not exist), one line names it.
+    monkeypatch.setitem(report_to.BACKENDS, "mlflow", ("no_such_tracker_module", "mlflow", "mlflow-skinny==3.17.2"))
+    at = _app().run()
+    at.multiselect(key="opt.report_to").select("mlflow").run()
+    assert at.button(key="launch").disabled
+    from workbench.ui import plain
+    needs = plain("mlflow needs the 'mlflow' extra: pip install 'hybrid-optimization[mlflow]' "
+                  "(in a checkout: pip install mlflow-skinny==3.17.2)")
+    assert _texts(at.error) == [needs]
