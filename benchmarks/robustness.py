@@ -182,19 +182,24 @@ def _tuned(runs: Runs, b: TrackBudget, m: str) -> float:
 
 
 def tuned_ratio(runs: Runs, b: TrackBudget, a: str, ref: str) -> dict | None:
-    """Final validation loss of `a` at its tuned LR ÷ `ref` at its own (LRs tuned on the tuning seed over the
-    largest grid where both have it), median over the evaluation seeds, paired bootstrap."""
-    found = complete_set(runs, b, methods=[a, ref], tuning=True)
-    if found is None:
+    """Final validation loss of `a` at its tuned LR ÷ `ref` at its own, median over the evaluation seeds both ran
+    at their tuned LRs, paired bootstrap. Each LR is tuned on the tuning seed over the whole grid, or over its ends
+    and middle while the rest is missing (budget_probe runs exactly these first). None without those runs."""
+    for grid in grids(b):
+        if _complete(runs, [a, ref], grid, [b.tuning_seed]):
+            break
+    else:
         return None
-    _, grid, seeds = found
-    sb = sub_budget(b, [a, ref], grid, seeds)
+    sb = sub_budget(b, [a, ref], grid, b.seeds)
     lr_a, lr_r = _tuned(runs, sb, a), _tuned(runs, sb, ref)
+    seeds = [s for s in b.seeds if (a, float(lr_a), s) in runs.by and (ref, float(lr_r), s) in runs.by]
+    if not seeds:
+        return None
     fa = runs.values(a, lr_a, seeds, tracks.final)
     fr = runs.values(ref, lr_r, seeds, tracks.final)
     v = tracks.paired_bootstrap(fa, fr, lambda x: float(np.median(x)), b.n_boot)
     return {"ratio": v, "lr": lr_a, "ref_lr": lr_r, "final": float(np.median(fa)), "ref_final": float(np.median(fr)),
-            "grid": list(grid), "seeds": list(seeds)}
+            "grid": list(grid), "seeds": seeds}
 
 
 def cost_ratio(rows: list[dict], a: str, ref: str = "AdamW", n_boot: int = 4000) -> dict | None:
@@ -225,6 +230,10 @@ def analyse_workload(mode: str, rows: list[dict], n_boot: int = 4000) -> dict:
     runs = Runs(rows)
     out = {"mode": mode, "name": WORKLOAD_NAMES[mode], "runs": len(rows),
            "cpu_seconds": float(sum(r["train_cpu_s"] for r in rows)), "budget": b.__dict__}
+    out["default_key"] = default = hybrid_default_key()
+    out["sanity"] = tuned_ratio(runs, b, "AdamW-cos", "AdamW")
+    out["external_vs_muon"] = tuned_ratio(runs, b, default, "Muon")
+    out["cost"] = cost_ratio(rows, default, "AdamW", n_boot)
     found = complete_set(runs, b)
     if found is None:
         return {**out, "complete": None}
@@ -233,11 +242,6 @@ def analyse_workload(mode: str, rows: list[dict], n_boot: int = 4000) -> dict:
     out["complete"] = {"methods": list(methods), "grid": list(grid), "seeds": list(seeds),
                        "missing": [m for m in b.methods if m not in methods]}
     out["robustness"] = {key: robustness(rows, sb, n_boot, key) for key in ("val_loss", "kl_teacher")}
-    default = hybrid_default_key()
-    out["default_key"] = default
-    out["sanity"] = tuned_ratio(runs, b, "AdamW-cos", "AdamW")
-    out["external_vs_muon"] = tuned_ratio(runs, b, default, "Muon")
-    out["cost"] = cost_ratio(rows, default, "AdamW", n_boot)
     out["mean_multiplier"] = {m: {f"{lr:g}": float(np.median([runs.get(m, lr, s)["mean_multiplier"] for s in seeds]))
                                   for lr in grid} for m in methods if m.startswith("H")}
     return out
@@ -265,7 +269,11 @@ def target_cells(w: dict) -> list[tuple[str, bool | None]]:
     d = w.get("default_key")
     cells = []
     row = ce["methods"].get(d) if ce else None
-    note = "" if _full_grid(w) else " (grid 1e-4, 1e-3, 1e-2 only)"
+    c = w.get("complete") or {}
+    caveats = ([] if _full_grid(w) else ["grid 1e-4, 1e-3, 1e-2 only"]) + (
+        [f"{len(c['seeds'])} seed{'s' if len(c['seeds']) > 1 else ''}"] if len(c.get("seeds", ())) < 5 else []) + (
+        [f"best of {len(c['methods'])} methods only: {', '.join(c['missing'])} not complete"] if c.get("missing") else [])
+    note = f" ({'; '.join(caveats)})" if caveats else ""
     if row:
         cells.append((f"{d} {fmt_ci(row['worst'], 3)}{note}", row["worst"][0] <= 1.03))
         cells.append((f"{d} {fmt_ci(row['median'], 3)}{note}", row["median"][0] <= 1.01))
@@ -286,9 +294,9 @@ def target_cells(w: dict) -> list[tuple[str, bool | None]]:
     cells.append((f"{fmt_ci(s['ratio'], 3)} (AdamW-cos {s['final']:.4f} at lr {s['lr']:g} vs AdamW "
                    f"{s['ref_final']:.4f} at lr {s['ref_lr']:g}; {len(s['seeds'])} seeds, grid of "
                    f"{len(s['grid'])})", s["ratio"][2] < 1) if s else ("not measured", None))
-    c = w.get("cost")
-    cells.append((f"{fmt_ci(c['ratio'], 3)} ({c['ms']:.0f} vs {c['ref_ms']:.0f} ms, {c['runs']} paired runs; "
-                  "a shared, loaded machine)", c["ratio"][0] <= 1.05) if c else ("not measured", None))
+    cost = w.get("cost")
+    cells.append((f"{fmt_ci(cost['ratio'], 3)} ({cost['ms']:.0f} vs {cost['ref_ms']:.0f} ms, {cost['runs']} paired "
+                  "runs; a shared, loaded machine)", cost["ratio"][0] <= 1.05) if cost else ("not measured", None))
     return cells
 
 
