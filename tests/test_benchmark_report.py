@@ -52,3 +52,17 @@ def test_the_benchmarks_page_reads_the_robustness_verdict_and_the_reports_own_la
     one_seed = [dict(w, complete={"seeds": [0]}) for w in workloads]       # leaders named, no advice given
     assert verdict(one_seed).startswith("**Not decided**")
     assert bench_view.situations(f"# r\n\n## Verdict\n\n{verdict(one_seed)}\n") == []
+
+
+def test_the_lr_unknown_advice_names_the_grids_best_method_by_the_reports_own_code():
+    """A two-track verdict's "best: X," (lowest median final loss over the grid) is added to the LR-unknown advice
+    as X's code, which plain() then names from the report's results.json; nothing is added when H itself is best."""
+    from workbench import bench_view
+    text = ("**Without tuning, `--hybrid` ends lower than AdamW at a constant LR** over a 100× LR grid; rank 3 of 6 "
+            "(best: {best}, 4.970); 0 of 25 runs diverged.")
+    (line,) = bench_view.situations(f"# r\n\n## Verdict\n\n{text.format(best='H-bounded')}\n")
+    assert line.endswith("; **H-bounded** ends lowest of all over the grid.")
+    names = {"H-bounded": "H with the bounded trust region"}
+    assert "**H with the bounded trust region** (H-bounded) ends lowest" in bench_view.plain(line, names)
+    (line,) = bench_view.situations(f"# r\n\n## Verdict\n\n{text.format(best='H')}\n")
+    assert "ends lowest" not in line

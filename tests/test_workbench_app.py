@@ -695,7 +695,8 @@ def test_benchmarks_page_tells_a_newcomer_what_to_use(monkeypatch):
     assert not at.exception, [e.value for e in at.exception]
     texts = _texts(at.markdown)
     advice = next(t for t in texts if "**LR tuned** →" in t)
-    assert "**LR unknown** →" in advice and "--trust_region_mode relative" in advice
+    assert "**LR unknown** →" in advice and "(H-rel) ends lowest of all over the grid" in advice   # best: H-rel
+    assert "**H with the relative trust region" in advice          # named by the report's results.json
     glossary = " ".join(texts)
     for term in ("**H**:", "**H-rel**:", "**W2**:", "**AlgoPerf**:"):
         assert term in glossary, term
