@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from .schema import PER_TENSOR_TRUST_REGIONS
 from .state import TrainingState, TrainingStateTracker
 
 LR_RANGE = (0.1, 10.0)         # the guide's LR multiplier range (the auxiliary net's output is squashed into it)
@@ -169,7 +170,7 @@ class HybridController:
         proposed = math.sqrt(sum(m * m * q for m, q in zip(multipliers, update_sq)))
         if mode == "absolute" and proposed > radius:
             scales, free, active = [m * radius / proposed for m in multipliers], [False] * n, True
-        elif mode in ("relative", "bounded"):
+        elif mode in PER_TENSOR_TRUST_REGIONS:
             cap = float(settings["max_update_rms"]) if mode == "bounded" else math.inf
             for i in range(n):
                 norm = multipliers[i] * math.sqrt(update_sq[i])

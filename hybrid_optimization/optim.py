@@ -60,7 +60,7 @@ from torch.optim.sgd import sgd as sgd_functional
 from .auxiliary_nn import RADIUS_RANGE, AuxiliaryNeuralNetwork
 from .config import HybridTrainingConfig
 from .controller import HybridController
-from .schema import HYBRID_BASES, TRUST_REGION_MODES
+from .schema import HYBRID_BASES, PER_TENSOR_TRUST_REGIONS, TRUST_REGION_MODES
 
 BASES = HYBRID_BASES                   # the bases whose direction the hybrid steers (schema: the one list)
 # Muon's quintic Newton–Schulz coefficients and step count (Jordan et al. 2024; torch.optim.Muon's defaults).
@@ -249,7 +249,7 @@ class HybridOptimizer(Optimizer):
         updates = [s["update"] for s in states]
         measured.add("update_norm", torch._foreach_norm(updates))
         measured.add("grad_dot_update", [_dot(g, u) for g, u in zip(grad_list, updates)])
-        relative = settings["trust_region"] in ("relative", "bounded")          # per-tensor regions need ‖W‖
+        relative = settings["trust_region"] in PER_TENSOR_TRUST_REGIONS      # per-tensor regions need ‖W‖
         if relative:
             measured.add("param_norm", torch._foreach_norm(params))
         values = measured.read()                                    # the one host sync of the step

@@ -50,6 +50,9 @@ EXPORT_LABELS = {e.name: e.label for e in EXPORTS}
 # --trust_region_mode: absolute ‖ΔΘ‖ ≤ μ over all parameters (the guide's); relative ‖ΔW‖ ≤ μ‖W‖ per tensor;
 # bounded = relative, and no tensor's update RMS above a fixed cap (HybridOptimizer max_update_rms; issue 16).
 TRUST_REGION_MODES = ("absolute", "relative", "bounded")
+# The modes whose region is per tensor (‖ΔW‖ against each ‖W‖): the optimizer measures ‖W‖ for them and μ is a
+# fraction of ‖W‖₂ (the Live page's axis title).
+PER_TENSOR_TRUST_REGIONS = frozenset({"relative", "bounded"})
 # --optimizer: the optimizer a run trains with (optimizers.build_optimizer). muon = torch.optim.Muon on the 2-D
 # hidden matrices + AdamW on embeddings, norms and head; schedule-free = PyPI schedulefree AdamWScheduleFree;
 # prodigy = PyPI prodigyopt (LR-free: --lr is the factor on its estimated step size, default 1.0).

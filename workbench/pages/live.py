@@ -14,6 +14,7 @@ import time
 import pandas as pd
 import streamlit as st
 
+from hybrid_optimization.schema import PER_TENSOR_TRUST_REGIONS
 from hybrid_optimization.system_metrics import SYSTEM_METRICS_FILE, read_system_metrics
 from hybrid_optimization.tracking import ACTIVE_STATUSES, StoreError
 from workbench import charts, headline, launcher, queries, ui
@@ -213,7 +214,7 @@ def _cache(run_id: str) -> queries.RunCache:
 
 def y_title(title: str, run: dict) -> str | None:
     """The y-axis title with its unit; the trust radius's unit depends on the run's trust-region mode."""
-    if title == "Trust radius" and (run.get("config") or {}).get("trust_region_mode") in ("relative", "bounded"):
+    if title == "Trust radius" and (run.get("config") or {}).get("trust_region_mode") in PER_TENSOR_TRUST_REGIONS:
         return "μ (fraction of ‖W‖₂, per tensor)"        # bounded: the same μ, with each update's RMS capped
     return Y_TITLES.get(title)
 
