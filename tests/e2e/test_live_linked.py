@@ -1,6 +1,7 @@
 """End to end in a real browser (Debian Chromium): Live with other runs overlaid and grouped — a median line over
-a min–max band of 5 seeds, opened from a link that names the whole view — and its charts linked: hovering one
-chart reads every chart at that step, and zooming one zooms them all (one figure, one shared x axis)."""
+a min–max band of 5 seeds, opened from a link that names the whole view — with the teacher's held-out loss as a
+line on the validation loss, and its charts linked: hovering one chart reads every chart at that step, and zooming
+one zooms them all (one figure, one shared x axis)."""
 from __future__ import annotations
 
 from urllib.parse import urlencode
@@ -44,6 +45,8 @@ def test_live_groups_overlays_into_a_band_and_links_hover_and_zoom(workbench_ser
     url, runs_root = workbench_server
     store = RunStore(runs_root)
     main = write_synthetic_run(store, 300, "finished", name="this-run", seed=0)
+    with store.writer(main) as w:
+        w.set_teacher_val_loss(1.5)            # the teacher's held-out loss: a reference line on validation loss
     seeds = [write_synthetic_run(store, 300, "finished", name=f"lr3e-3-seed{i}", seed=i + 1,
                                  config={"base_learning_rate": 3e-3}) for i in range(5)]
     page = browser_page
@@ -63,6 +66,10 @@ def test_live_groups_overlays_into_a_band_and_links_hover_and_zoom(workbench_ser
     panels = {title: page.evaluate(PANEL_JS, title) for title in charts}
     assert {t["xaxis"] for traces in panels.values() for t in traces} == {"x"}
     assert len({traces[0]["yaxis"] for traces in panels.values()}) == 3
+    teacher = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot')).flatMap(p =>
+        (p._fullLayout && p._fullLayout.shapes || []).map(s => ({label: s.label && s.label.text, y: s.y0,
+                                                                  yref: s.yref})))""")
+    assert teacher == [{"label": "teacher 1.5", "y": 1.5, "yref": panels["Validation loss"][0]["yaxis"]}], teacher
     page.wait_for_timeout(1000)
     page.screenshot(path=str(screenshots_dir / "live-grouped-band.png"), full_page=True)
 
