@@ -1,5 +1,15 @@
-"""Shared test setup: CPU-only, deterministic, offline, and never writing into the user's real caches."""
+"""Shared test setup: CPU-only, deterministic, offline, and never writing into the user's real caches.
+
+Speed on 2 cores (issue 18: the default suite in ≤ 6 min), with nothing tested less:
+- one cache per test session, shared by the xdist workers: the tiny preset's tokenizer, teacher and teacher logits
+  are built once (the cache's own flock makes a second worker wait for the first, as two runs started together do);
+- one torch thread per worker when the workers fill the cores, and OMP_NUM_THREADS for the processes tests start
+  (two 2-thread workers on 2 cores stall each other's small ops for whole scheduler slices);
+- modules whose module-scoped fixture is the expensive part run on one worker (`--dist loadgroup` in pytest.ini,
+  groups from ONE_WORKER below), so the fixture is built once, not once per worker.
+"""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,15 +18,64 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Module → why its tests stay together on one worker (each reason is the module-scoped fixture's cost).
+ONE_WORKER = {
+    "test_bad_inputs.py": "the whole table of ~200 subprocess probes runs in the module fixture",
+    "test_install.py": "a wheel build and a fresh virtual environment",
+    "test_reporting.py": "one training run that every test reads",
+    "test_benchmarks_smoke.py": "the prepared tiny workload",
+}
+
+
+def _workers() -> int:
+    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+
+
+def pytest_configure(config):
+    if _workers():
+        threads = max(1, len(os.sched_getaffinity(0)) // _workers())
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))      # inherited by the CLI runs, kernels, servers
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """HYBRID_TEST_CACHE_DIR: set it to keep the cache across sessions (a warm tiny teacher); else one per session,
+    in the folder above the workers' own (popen-gw0, popen-gw1). Session scope runs before any module fixture, so
+    module fixtures (which run before `_isolated`) see the same cache and a temporary runs root too."""
+    if not os.environ.get("HYBRID_TEST_CACHE_DIR"):
+        base = tmp_path_factory.getbasetemp()
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            base = base.parent
+        os.environ["HYBRID_TEST_CACHE_DIR"] = str(base / "hybrid-cache")
+    os.environ["HYBRID_CACHE_DIR"] = os.environ["HYBRID_TEST_CACHE_DIR"]
+    os.environ["HYBRID_RUNS_ROOT"] = str(tmp_path_factory.mktemp("session-runs"))
+    yield Path(os.environ["HYBRID_TEST_CACHE_DIR"])
+
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path_factory, monkeypatch):
+def _isolated(tmp_path_factory, monkeypatch, _session_cache):
     # Runs and caches of a test go to a temporary folder, not ~/.cache/hybrid-workbench.
-    cache = tmp_path_factory.getbasetemp() / "hybrid-cache"
-    monkeypatch.setenv("HYBRID_CACHE_DIR", os.environ.get("HYBRID_TEST_CACHE_DIR", str(cache)))
+    monkeypatch.setenv("HYBRID_CACHE_DIR", str(_session_cache))
     monkeypatch.setenv("HYBRID_RUNS_ROOT", str(tmp_path_factory.mktemp("runs")))
     torch.manual_seed(0)
     yield
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` with the groups named by ONE_WORKER: xdist 3.8 groups by renaming a test's nodeid, which
+    pytest 9 no longer allows, so `xdist_group` marks would have no effect."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerModules(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if Path(module).name in ONE_WORKER else nodeid
+
+    return OneWorkerModules(config, log)
 
 
 def pytest_collection_modifyitems(config, items):

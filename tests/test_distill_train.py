@@ -240,6 +240,10 @@ def test_cli_process_stops_on_a_store_request_and_resumes(tmp_path):
     assert run["status"] == "finished" and run["summary"]["steps_completed"] == done + 3
 
 
+@pytest.mark.slow     # the default suite proves the same through full runs of the same entry point (python -m ...):
+# test_faults.py::test_interrupted_then_resumed_equals_the_uninterrupted_run[sigterm] (exit 143, the checkpoint
+# resumes exactly) and ::test_a_checkpoint_with_flipped_bytes_is_refused_in_one_line (exit 143, status stopped,
+# checkpoint.pt written)
 def test_sigterm_checkpoints_and_exits_143(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "hybrid_optimization.distill", "--epochs", "50", "--quiet",
