@@ -154,9 +154,10 @@ def grids(b: TrackBudget) -> list[tuple[float, ...]]:
 
 
 def complete_set(runs: Runs, b: TrackBudget, methods=None, tuning: bool = False):
-    """(methods, grid, seeds) of the largest complete set of runs: at least 3 seeds if there are, then as many
-    methods as possible, then the whole grid over its ends and middle, then more seeds. None when nothing is
-    complete. With `methods` fixed, only those (all of them) count."""
+    """(methods, grid, seeds) of the largest complete set of runs: as many of the methods as the targets need
+    (FIRST_METHODS; a table of one method says nothing), then at least 3 seeds if there are, then more methods,
+    then the whole grid over its ends and middle, then more seeds. None when nothing is complete. With `methods`
+    fixed, only those (all of them) count."""
     best, best_score = None, None
     for grid in grids(b):
         for k in range(len(b.seeds), 0, -1):
@@ -166,7 +167,7 @@ def complete_set(runs: Runs, b: TrackBudget, methods=None, tuning: bool = False)
                 continue
             if not candidates:
                 continue
-            score = (min(k, 3), len(candidates), len(grid), k)
+            score = (min(len(candidates), FIRST_METHODS), min(k, 3), len(candidates), len(grid), k)
             if best_score is None or score > best_score:
                 best, best_score = (tuple(candidates), grid, b.seeds[:k]), score
     return best

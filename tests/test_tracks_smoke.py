@@ -269,3 +269,19 @@ def test_robustness_protocol_runs_the_decision_first():
         assert [s.seed for s in part[:len(part) // 3]] == [0] * (len(part) // 3)     # seed by seed
     assert {s.seed for s in order[n1 + n2:n1 + n2 + len(b.methods) * 3]} == {b.tuning_seed}
     assert {s.seed for s in order[-len(b.methods) * 5 * 2:]} == {3, 4}
+
+
+def test_a_partial_protocol_reports_the_methods_before_more_seeds():
+    """Six methods on seed 0 beat one method on seeds 0–1 (a robustness table of one method says nothing); once
+    the six have three seeds, those win over seven methods on fewer."""
+    from benchmarks import robustness
+    b = tracks.track_budget("robust-chat")
+    row = lambda m, lr, s: {"method": m, "lr": lr, "seed": s, "steps": 400, "evals": []}  # noqa: E731
+    six = b.methods[:robustness.FIRST_METHODS]
+    rows = [row(m, lr, 0) for m in six for lr in robustness.CORE_LRS] + [row("AdamW", lr, 1) for lr in b.grid]
+    methods, grid, seeds = robustness.complete_set(tracks.Runs(rows), b)
+    assert set(methods) == set(six) and seeds == (0,) and len(grid) == 3
+    rows += [row(m, lr, s) for m in six for lr in robustness.CORE_LRS for s in (1, 2)]
+    rows += [row(b.methods[6], lr, 0) for lr in robustness.CORE_LRS]
+    methods, grid, seeds = robustness.complete_set(tracks.Runs(rows), b)
+    assert set(methods) == set(six) and seeds == (0, 1, 2)
