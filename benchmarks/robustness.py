@@ -327,10 +327,12 @@ def _best_by(w: dict, which: str) -> str | None:
 
 def verdict(workloads: list[dict]) -> str:
     """Which optimizer when the LR is unknown, which when it is tuned: only what every workload supports."""
-    have = [w for w in workloads if (w.get("robustness") or {}).get("val_loss")]
+    def compared(w: dict) -> int:
+        return len(((w.get("robustness") or {}).get("val_loss") or {}).get("methods", ()))
+    have = [w for w in workloads if compared(w) >= 2]
     if len(have) < len(workloads):
-        lacking = ", ".join(w["name"] for w in workloads if w not in have)
-        return f"No verdict: {lacking} has no complete set of runs yet."
+        lacking = ", ".join(f"{w['name']} ({compared(w)} method(s) complete)" for w in workloads if w not in have)
+        return f"No verdict: no comparison of methods yet on {lacking}."
     parts = []
     seeds = min(len(w["complete"]["seeds"]) for w in have)
     if seeds < MIN_SEEDS:        # a point estimate from one or two seeds is no basis for advice
