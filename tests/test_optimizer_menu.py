@@ -116,7 +116,8 @@ def test_hybrid_over_muon_scales_muons_own_direction_by_the_multiplier_inside_th
     embedding, norms and head take AdamW's direction under the same c."""
     model = _tiny_lm()
     cfg = HybridTrainingConfig(use_trust_region=use_trust_region, initial_trust_radius=0.02,
-                               trust_radius_adaptation=False, auxiliary_nn_learning_rate=0.05)
+                               trust_radius_adaptation=False, auxiliary_nn_learning_rate=0.05,
+                               trust_region_mode="absolute")     # the region whose applied norm this test checks
     opt, _ = build_optimizer(model, optimizer="muon", lr=2e-2, weight_decay=1e-3, total_steps=12, hybrid=cfg)
     with torch.no_grad():                  # an aux net that asks for a multiplier ≠ 1 (as a trained one does)
         opt.aux_net.head.bias[0] = 0.3
