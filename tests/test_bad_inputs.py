@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.bad_files import make_files
+
 ROOT = Path(__file__).resolve().parents[1]
 ANSWER_S = 40.0          # wall time bounds hangs only: at load 21 on 2 cores a 0.6 CPU-s refusal took 20 s of wall time
 CPU_S = 5.0              # CPU time of the refusing process: the issue's 5 s, which a loaded machine cannot inflate the
@@ -210,31 +212,6 @@ CASES = [
 
 
 # -- the sandbox -----------------------------------------------------------------------------------------------------
-def make_files(folder: Path) -> None:
-    folder.mkdir()
-    os.mkfifo(folder / "fifo.txt")
-    with open(folder / "zeros.txt", "wb") as handle:       # 1 GB of NUL bytes, sparse: costs no disk
-        handle.truncate(2 ** 30)
-    (folder / "folder.txt").mkdir()
-    (folder / "folder.txt" / "inside.txt").write_text("a folder named like a file")
-    (folder / "empty_dir").mkdir()
-    (folder / "full_dir").mkdir()
-    (folder / "full_dir" / "keep.me").write_text("someone's file")
-    (folder / "table.csv").write_text("a,b\n1,2\n")
-    (folder / "chats.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
-    (folder / "latin1.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
-    (folder / "empty.txt").write_text("  \n")
-    (folder / "broken.jsonl").write_text('{"messages": [\n')
-    (folder / "robot.jsonl").write_text('{"messages": [{"role": "robot", "content": "Hi"}]}\n')
-    (folder / "nan.json").write_text('{"base_learning_rate": NaN}')
-    (folder / "not_json.json").write_text("{not json")
-    (folder / "big.json").write_text('{"seed": 1, "pad": "' + "x" * (2 ** 20) + '"}')
-    (folder / "list.json").write_text("[1, 2]")
-    (folder / "unknown_field.json").write_text('{"learning_rate": 0.1}')
-    (folder / "bad_value.json").write_text('{"base_learning_rate": -1}')
-    (folder / "damaged.db").write_bytes(b"SQLite format 3\x00" + b"\xff" * 4096)
-
-
 def make_store(folder: Path) -> dict[str, str]:
     """A run store with a finished run (a packed student beside its tokenizer), a failed and a queued one."""
     from hybrid_optimization.tracking import RunStore

@@ -28,6 +28,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from hybrid_optimization.tracking import RunStore
+from tests.fixtures.bad_files import make_files
 from tests.fixtures.workbench_runs import write_synthetic_run
 from workbench import launcher
 
@@ -108,26 +109,11 @@ FORM_CASES = [
     data("{files}/missing.txt", "does not exist"), data("{files}/folder.txt", "is a directory", "data: a directory"),
     data("{files}/fifo.txt", "is not a regular file", "data: a FIFO"), data("/dev/zero", "has extension"),
     data("{files}/table.csv", "has extension '.csv'"), data("{files}/zeros.txt", "looks binary", "data: 1 GB of NULs"),
-    data("{files}/latin1.txt", "is not valid UTF-8", "data: not UTF-8"), data("{files}/blank.txt", "is empty"),
+    data("{files}/latin1.txt", "is not valid UTF-8", "data: not UTF-8"), data("{files}/empty.txt", "is empty"),
     data("{files}/broken.jsonl", "malformed JSON", "data: malformed JSONL"),
     data("{files}/robot.jsonl", "has role 'robot'", "data: unknown chat role"),
     data("{files}/nomessages.jsonl", 'non-empty "messages" list', "data: no messages list"),
 ]
-
-
-def make_files(folder: Path) -> None:
-    folder.mkdir()
-    os.mkfifo(folder / "fifo.txt")
-    with open(folder / "zeros.txt", "wb") as handle:        # 1 GB of NUL bytes, sparse: costs no disk
-        handle.truncate(2 ** 30)
-    (folder / "folder.txt").mkdir()
-    (folder / "empty_dir").mkdir()
-    (folder / "table.csv").write_text("a,b\n1,2\n")
-    (folder / "latin1.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
-    (folder / "blank.txt").write_text("  \n")
-    (folder / "broken.jsonl").write_text('{"messages": [\n')
-    (folder / "robot.jsonl").write_text('{"messages": [{"role": "robot", "content": "Hi"}]}\n')
-    (folder / "nomessages.jsonl").write_text('{"text": "Hi"}\n')
 
 
 def snapshot(folder: Path) -> dict[str, tuple]:

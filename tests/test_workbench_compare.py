@@ -125,15 +125,21 @@ def test_groups_as_table_rows_and_grouping_by_tag_and_kind(seeds, runs_root):
     assert names == {"hybrid (n=8)"}
 
 
-def test_live_tick_reads_only_new_rows_of_the_running_runs(runs_root, monkeypatch):
-    store = RunStore(runs_root)
-    finished = [write_synthetic_run(store, 50, seed=i, name=f"done-{i}", n_samples=4) for i in range(3)]
+def start_live_run(store: RunStore):
+    """A run this process keeps 'running' (its pid is ours), with 40 logged steps; returns (run id, its writer)."""
     live = store.create_run({}, {}, "tiny", name="live", total_steps=10_000)
     writer = store.writer(live)
     writer.set_status("running")
     writer.set_pid(os.getpid())
     for step in range(1, 41):
         writer.log_step(step, loss=3.0 / step)
+    return live, writer
+
+
+def test_live_tick_reads_only_new_rows_of_the_running_runs(runs_root, monkeypatch):
+    store = RunStore(runs_root)
+    finished = [write_synthetic_run(store, 50, seed=i, name=f"done-{i}", n_samples=4) for i in range(3)]
+    live, writer = start_live_run(store)
     writer.flush()
     reads = []
     original = RunStore.read_steps
@@ -390,12 +396,7 @@ def test_a_tick_without_a_new_evaluation_keeps_the_validation_chart(runs_root):
     chart (no evaluation since) keeps its figure, and the finished run's series are not recomputed."""
     store = RunStore(runs_root)
     done = write_synthetic_run(store, 60, seed=1, name="done", eval_every=20, n_samples=4)
-    live = store.create_run({}, {}, "tiny", name="live", total_steps=10_000)
-    writer = store.writer(live)
-    writer.set_status("running")
-    writer.set_pid(os.getpid())
-    for step in range(1, 41):
-        writer.log_step(step, loss=3.0 / step)
+    live, writer = start_live_run(store)
     writer.log_eval(40, val_loss=2.0)
     writer.flush()
     at = _open(runs=",".join([live, done]), metrics="eval:val_loss,loss")
