@@ -162,14 +162,19 @@ class HybridController:
         (param_sq, numels needed; a zero tensor such as a fresh bias may still move);  "bounded": relative, and
         also ‖ΔW_i‖ ≤ max_update_rms·√n_i (no entry moves by more than that RMS in one step, however large the LR
         and μ; the cap does not depend on the model's size, as the absolute region's whole-model μ does);
+        "rms": ‖ΔΘ‖ ≤ μ·max_update_rms·√N over all tensors together, N = Σ n_i (numels needed) — the absolute
+        region in update-RMS units, so one μ means the same per-entry step at any model size;
         None: no constraint."""
         mode = settings["trust_region"]
         n = len(update_sq)
         multipliers = [float(multiplier)] * n if isinstance(multiplier, (int, float)) else list(multiplier)
         scales, free, active = list(multipliers), [True] * n, False
         proposed = math.sqrt(sum(m * m * q for m, q in zip(multipliers, update_sq)))
-        if mode == "absolute" and proposed > radius:
-            scales, free, active = [m * radius / proposed for m in multipliers], [False] * n, True
+        limit = radius     # the whole-model bound on ‖ΔΘ‖ (absolute and rms)
+        if mode == "rms":
+            limit = radius * float(settings["max_update_rms"]) * math.sqrt(sum(numels))
+        if mode in ("absolute", "rms") and proposed > limit:
+            scales, free, active = [m * limit / proposed for m in multipliers], [False] * n, True
         elif mode in PER_TENSOR_TRUST_REGIONS:
             cap = float(settings["max_update_rms"]) if mode == "bounded" else math.inf
             for i in range(n):
@@ -178,7 +183,7 @@ class HybridController:
                             cap * math.sqrt(numels[i]))
                 if norm > limit:
                     scales[i], free[i], active = multipliers[i] * limit / norm, False, True
-        applied = radius if mode == "absolute" and active else math.sqrt(
+        applied = limit if mode in ("absolute", "rms") and active else math.sqrt(
             sum(s * s * q for s, q in zip(scales, update_sq)))
         predicted = -sum(s * d for s, d in zip(scales, grad_dot_update))
         if not settings["projected_hypergradient"]:

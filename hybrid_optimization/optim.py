@@ -13,6 +13,9 @@ One step, for all parameters together:
    "bounded":   relative, and ‖ΔW‖₂ ≤ max_update_rms·√n for each tensor W of n entries: whatever the LR and μ, no
                 tensor's update RMS exceeds the cap (1e-3 by default, the guide's LR: an LR set far too high is
                 held there), and the cap does not shrink as the model grows, as the absolute region's does.
+   "rms":       ‖ΔΘ‖₂ ≤ μ·max_update_rms·√N over all N entries updated: the absolute region in update-RMS units
+                (μ = 1 caps the whole update's RMS at max_update_rms), so one μ is the same per-entry step at any
+                model size — the absolute radius, in whole-model units, binds on every step of a large student.
 3. θ ← θ + Δ.
 
 m and μ come from the AuxiliaryNeuralNetwork, which learns online from the hypergradient cos(g_t, Δ_{t-1}) and the
@@ -70,7 +73,8 @@ TRUST_REGIONS = (*TRUST_REGION_MODES, None)
 RHO_SOURCES = ("gradients", "losses")
 AUX_RADIUS_MODES = ("scaled", "direct")
 FUSED_DEVICES = ("cpu", "cuda")
-# The "bounded" trust region's cap on each tensor's update RMS: the guide's LR (AdamW's update RMS is about its LR).
+# The "bounded" trust region's cap on each tensor's update RMS, and the "rms" region's unit (μ = 1 caps the whole
+# update's RMS there): the guide's LR (AdamW's update RMS is about its LR).
 MAX_UPDATE_RMS = 1e-3
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Settings of the whole optimizer (every group holds the same value; step reads the first group's). The rest —
@@ -278,7 +282,8 @@ class HybridOptimizer(Optimizer):
         projection = ctl.project(settings, multipliers, radius, [x * x for x in values["update_norm"]],
                                  values["grad_dot_update"],
                                  [x * x for x in values["param_norm"]] if relative else None,
-                                 [p.numel() for p in params] if relative else None)
+                                 [p.numel() for p in params] if relative or settings["trust_region"] == "rms"
+                                 else None)
         scales = projection.scales
         if all(c == scales[0] for c in scales):
             torch._foreach_add_(params, updates, alpha=scales[0])
@@ -678,7 +683,7 @@ class ConstrainedOptimizer:
     A thin functional front over HybridOptimizer (same update code): the first call creates the per-parameter
     state (moments) for the parameters it is given; later calls must pass the same parameters. The whole update
     over ALL parameters is projected onto ‖ΔΘ‖₂ ≤ constraint_radius (or, with trust_region="relative", each tensor
-    onto ‖ΔW‖ ≤ radius·‖W‖; "bounded": that and an update RMS ≤ 1e-3 per tensor). Returns a StepInfo (update_magnitude, constraint_active, efficiency, ...).
+    onto ‖ΔW‖ ≤ radius·‖W‖; "bounded": that and an update RMS ≤ 1e-3 per tensor; "rms": ‖ΔΘ‖₂ ≤ radius·1e-3·√N). Returns a StepInfo (update_magnitude, constraint_active, efficiency, ...).
     """
 
     def __init__(self, use_quantization: bool = True, target_bits: float = 1.58, momentum: float = 0.9,

@@ -48,8 +48,10 @@ EXPORT_FORMATS = tuple(e.name for e in EXPORTS)   # --export FORMAT; a bare --ex
 EXPORT_FILE_NAMES = {e.name: e.file_name for e in EXPORTS}
 EXPORT_LABELS = {e.name: e.label for e in EXPORTS}
 # --trust_region_mode: absolute ‖ΔΘ‖ ≤ μ over all parameters (the guide's); relative ‖ΔW‖ ≤ μ‖W‖ per tensor;
-# bounded = relative, and no tensor's update RMS above a fixed cap (HybridOptimizer max_update_rms; issue 16).
-TRUST_REGION_MODES = ("absolute", "relative", "bounded")
+# bounded = relative, and no tensor's update RMS above a fixed cap (HybridOptimizer max_update_rms; issue 16);
+# rms = absolute measured in update-RMS units: ‖ΔΘ‖ ≤ μ·max_update_rms·√N over all N updated entries, so the same μ
+# allows the same per-entry step at any model size (the absolute radius shrinks per entry as the model grows).
+TRUST_REGION_MODES = ("absolute", "relative", "bounded", "rms")
 # The modes whose region is per tensor (‖ΔW‖ against each ‖W‖): the optimizer measures ‖W‖ for them and μ is a
 # fraction of ‖W‖₂ (the Live page's axis title).
 PER_TENSOR_TRUST_REGIONS = frozenset({"relative", "bounded"})

@@ -69,6 +69,40 @@ def test_bounded_projection_is_relative_with_a_cap_on_each_tensors_update_rms():
     assert wide.applied_norm == pytest.approx(0.01)
 
 
+def test_rms_projection_caps_the_whole_models_update_rms_at_mu_times_max_update_rms():
+    s = settings(trust_region="rms", max_update_rms=1e-3)
+    # two tensors of 50 entries, every entry proposing 0.01 (update RMS 1e-2): N = 100, ‖m·u‖ = 0.01·√100 = 0.1
+    proj = HybridController.project(s, 1.0, 0.5, [50 * 1e-4] * 2, [-1.0, -1.0], numels=[50, 50])
+    assert proj.active and proj.free == [False, False] and proj.scales == pytest.approx([0.05, 0.05])
+    assert proj.applied_norm == pytest.approx(0.5 * 1e-3 * math.sqrt(100))      # the radius, reported as applied
+    assert proj.applied_norm / math.sqrt(100) == pytest.approx(0.5e-3)          # update RMS = μ·max_update_rms
+    assert proj.predicted == pytest.approx(0.1) and proj.proposed_norm == pytest.approx(0.1)
+    # below the cap nothing is cut; per-tensor multipliers (cluster factors) are scaled together, like absolute's
+    loose = HybridController.project(s, 1.0, 0.5, [50 * 1e-8] * 2, [0.0, 0.0], numels=[50, 50])
+    assert not loose.active and loose.scales == [1.0, 1.0] and loose.applied_norm == pytest.approx(1e-3)
+    mixed = HybridController.project(s, [1.0, 3.0], 0.5, [50 * 1e-4] * 2, [0.0, 0.0], numels=[50, 50])
+    assert mixed.active and mixed.scales[1] == pytest.approx(3 * mixed.scales[0])
+    assert mixed.applied_norm == pytest.approx(0.5e-3 * 10)
+
+
+def test_rms_gives_a_model_twice_as_large_the_same_per_entry_step_where_absolute_shrinks_it():
+    """The same per-entry proposal (0.01 on every entry) on a model and on one with every tensor duplicated: rms
+    takes the same per-entry step in both; absolute, its radius matched to the small model, cuts the large one's
+    per-entry step by 1/√2 (a whole-model radius spread over twice the entries)."""
+    small = dict(update_sq=[50 * 1e-4] * 2, grad_dot_update=[0.0] * 2, numels=[50, 50])
+    large = dict(update_sq=[50 * 1e-4] * 4, grad_dot_update=[0.0] * 4, numels=[50] * 4)
+
+    def per_entry(mode, radius, model):
+        proj = HybridController.project(settings(trust_region=mode, max_update_rms=1e-3), 1.0, radius,
+                                        model["update_sq"], model["grad_dot_update"], numels=model["numels"])
+        return proj.applied_norm / math.sqrt(sum(model["numels"]))              # the applied update's RMS
+
+    assert per_entry("rms", 0.5, small) == pytest.approx(0.5e-3) == per_entry("rms", 0.5, large)
+    radius = 0.5e-3 * math.sqrt(100)            # absolute radius that gives the small model the same step
+    assert per_entry("absolute", radius, small) == pytest.approx(0.5e-3)
+    assert per_entry("absolute", radius, large) == pytest.approx(0.5e-3 / math.sqrt(2))
+
+
 def test_rho_from_gradients_is_exact_on_a_quadratic_and_the_rule_grows_a_binding_radius():
     # f(x) = ½x², x = 1, step Δ = -0.5 (half way): g_{t-1}·Δ = -0.5, g_t·Δ = (0.5)(-0.5) = -0.25
     # actual = −½(g_{t-1} + g_t)·Δ = 0.375, predicted = 0.5 → ρ = 0.75

@@ -161,6 +161,47 @@ def test_bounded_is_relative_when_the_cap_never_binds():
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+def test_rms_trust_region_caps_the_whole_update_rms_at_mu_times_max_update_rms():
+    X, y = regression()
+    model = mlp(d_in=20)
+    n = sum(p.numel() for p in model.parameters())
+    # LR 1.0 (1000× the guide's), μ fixed at 0.5: the region holds the whole update's RMS at 0.5·1e-3
+    opt = HybridOptimizer(model.parameters(), lr=1.0, trust_region="rms", trust_radius=0.5, radius_adaptation=False,
+                          max_update_rms=1e-3)
+    steps = []
+
+    def check(before, after, info):
+        step = math.sqrt(sum(float((a - b).detach().pow(2).sum()) for b, a in zip(before, after)))
+        steps.append(step)
+        assert step / math.sqrt(n) <= 0.5e-3 * (1 + 1e-5)
+        assert info.update_magnitude == pytest.approx(step, rel=1e-4)
+
+    infos = train(model, opt, 20, X, y, check=check)
+    assert all(i.constraint_active and i.trust_radius == 0.5 for i in infos)
+    assert min(steps) / math.sqrt(n) == pytest.approx(0.5e-3, rel=1e-4)      # binding: exactly at the cap
+
+
+def _one_step_per_entry(mode: str, copies: int, radius: float) -> float:
+    """The RMS of the first step of `copies` identical 100-entry tensors (identical gradients), at LR 1.0."""
+    torch.manual_seed(0)
+    weight, grad = torch.randn(100), torch.randn(100)
+    params = [nn.Parameter(weight.clone()) for _ in range(copies)]
+    for p in params:
+        p.grad = grad.clone()
+    opt = HybridOptimizer(params, lr=1.0, trust_region=mode, trust_radius=radius, radius_adaptation=False)
+    opt.step()
+    return float(torch.cat([(p.detach() - weight) for p in params]).pow(2).mean().sqrt())
+
+
+def test_rms_takes_the_same_per_entry_step_on_a_model_twice_as_large_and_absolute_does_not():
+    # AdamW's first step at LR 1 moves every entry by ~1: both regions bind; absolute's radius 0.5e-3·√100 gives
+    # the one-tensor model the same step as rms at μ = 0.5
+    assert _one_step_per_entry("rms", 1, 0.5) == pytest.approx(0.5e-3, rel=1e-4)
+    assert _one_step_per_entry("rms", 2, 0.5) == pytest.approx(0.5e-3, rel=1e-4)
+    assert _one_step_per_entry("absolute", 1, 0.5e-2) == pytest.approx(0.5e-3, rel=1e-4)
+    assert _one_step_per_entry("absolute", 2, 0.5e-2) == pytest.approx(0.5e-3 / math.sqrt(2), rel=1e-4)
+
+
 def test_max_update_rms_must_be_positive():
     with pytest.raises(ValueError, match="max_update_rms must be a finite number > 0"):
         HybridOptimizer(mlp().parameters(), trust_region="bounded", max_update_rms=0.0)

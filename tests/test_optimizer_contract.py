@@ -151,7 +151,7 @@ def _continue(model, opt, X, y):
     return [p.detach().clone() for p in model.parameters()], opt.last_info
 
 
-@pytest.mark.parametrize("trust_region", ["absolute", "relative", "bounded"])
+@pytest.mark.parametrize("trust_region", ["absolute", "relative", "bounded", "rms"])
 def test_deepcopy_continues_identically(trust_region):
     model, opt, X, y = _trained_pair(trust_region=trust_region)
     model2, opt2 = copy.deepcopy((model, opt))        # defect 1: the copy lost aux_net, controller, ... on main
@@ -188,7 +188,7 @@ def test_state_dict_round_trip_through_weights_only_load():
 
 # -- non-contiguous parameters (defect 2) -----------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("trust_region", [None, "absolute", "relative", "bounded"])
+@pytest.mark.parametrize("trust_region", [None, "absolute", "relative", "bounded", "rms"])
 def test_non_contiguous_parameter_follows_its_contiguous_copy(dtype, trust_region):
     g = torch.Generator().manual_seed(0)
     big = torch.randn(6, 5, 2, generator=g, dtype=dtype)

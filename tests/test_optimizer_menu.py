@@ -11,7 +11,7 @@ from hybrid_optimization.config import HybridTrainingConfig
 from hybrid_optimization.optim import _orthogonalize, is_hidden_matrix
 from hybrid_optimization.optimizers import (build_optimizer, combination_error, schedule_factor,
                                             set_optimizer_mode)
-from hybrid_optimization.schema import BASE_OPTIMIZERS, HYBRID_BASES, SCHEDULES
+from hybrid_optimization.schema import BASE_OPTIMIZERS, HYBRID_BASES, SCHEDULES, TRUST_REGION_MODES
 
 pytestmark = pytest.mark.timeout(1800)
 
@@ -206,6 +206,29 @@ def test_cli_refuses_a_bad_combination_with_exit_2_and_one_line(argv, fragment, 
     code, out, err = _cli([*argv, "--runs_root", str(tmp_path)], capsys)
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.iterdir())                        # nothing started
+
+
+def test_cli_refuses_an_unknown_trust_region_in_one_line_naming_every_mode(tmp_path, capsys):
+    code, out, err = _cli(["--hybrid", "--trust_region_mode", "global", "--runs_root", str(tmp_path)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--trust_region_mode: invalid choice: 'global'" in err and "rms" in TRUST_REGION_MODES
+    assert "(choose from " + ", ".join(map(repr, TRUST_REGION_MODES)) + ")" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_trains_with_the_rms_trust_region_and_holds_the_update_rms_at_mu_times_1e_3(tmp_path, capsys,
+                                                                                         one_torch_thread):
+    code, out, err = _cli(["--hybrid", "--trust_region_mode", "rms", "--max_steps", "3", "--steps_per_epoch", "3",
+                           "--eval_windows", "4", "--ternary", "--qat", "--quiet", "--no_progress",
+                           "--runs_root", str(tmp_path)], capsys)
+    assert code == 0, err
+    checkpoint = _checkpoint(tmp_path, _run_id(out))
+    assert checkpoint["optimizer"]["param_groups"][0]["trust_region"] == "rms"
+    n = sum(p.numel() for p in checkpoint["model"].values() if p.is_floating_point())
+    history = checkpoint["history"]
+    assert all(history["constraint_active"])          # LR 1e-3 proposes more than μ = 0.01 of a 1e-3 RMS
+    for radius, applied in zip(history["trust_radius"], history["update_magnitude"]):
+        assert applied / math.sqrt(n) == pytest.approx(radius * 1e-3, rel=1e-3)    # ‖ΔΘ‖ = μ·1e-3·√N
 
 
 def _run_id(out: str) -> str:

@@ -107,7 +107,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     a.add_argument("--warmup_steps", type=int, metavar="N", help=f"steps of linear LR warmup ({_O.warmup_steps})")
     a.add_argument("--trust_region_mode", choices=TRUST_REGION_MODES,
                    help="trust region over all parameters (absolute), per tensor relative to its norm (relative), "
-                        "or relative with each tensor's update RMS capped at 1e-3 (bounded)")
+                        "or relative with each tensor's update RMS capped at 1e-3 (bounded), or over all "
+                        "parameters in update-RMS units, ‖ΔΘ‖ ≤ μ·1e-3·√N, the same per-entry step at any size (rms)")
     a.add_argument("--embedder", choices=EMBEDDERS,
                    help="sample features for data clustering: TF-IDF+SVD (default) or MiniLM sentence embeddings")
     a.add_argument("--cluster_batches", choices=CLUSTER_BATCHES,

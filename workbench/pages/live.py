@@ -216,6 +216,8 @@ def y_title(title: str, run: dict) -> str | None:
     """The y-axis title with its unit; the trust radius's unit depends on the run's trust-region mode."""
     if title == "Trust radius" and (run.get("config") or {}).get("trust_region_mode") in PER_TENSOR_TRUST_REGIONS:
         return "μ (fraction of ‖W‖₂, per tensor)"        # bounded: the same μ, with each update's RMS capped
+    if title == "Trust radius" and (run.get("config") or {}).get("trust_region_mode") == "rms":
+        return "μ (update RMS ÷ 1e-3)"                     # ‖ΔΘ‖ ≤ μ·1e-3·√N
     return Y_TITLES.get(title)
 
 
