@@ -334,8 +334,10 @@ URL_CASES = [
     url("compare", "is invalid", q="status == "), url("compare", "must be below", xmin="100", xmax="1"),
     url("compare", IGNORED, smooth="abc"), url("compare", IGNORED, smooth="nan"), url("compare", IGNORED, xmin="abc"),
     url("compare", IGNORED, x="bogus"), url("compare", IGNORED, stat="bogus"), url("compare", IGNORED, layout="x"),
-    # names of groupings, metrics and log axes that do not exist are dropped from the view without a message
-    url("compare", None, group="bogus"), url("compare", None, metrics="bogus,metric"), url("compare", None, logy=MARKUP),
+    # names of groupings, metrics and log axes that do not exist are dropped from the view, and said in one line
+    url("compare", IGNORED, group="bogus"), url("compare", IGNORED, "group: markdown and HTML", group=MARKUP),
+    url("compare", IGNORED, metrics="bogus,metric"), url("compare", IGNORED, "logy: markdown and HTML", logy=MARKUP),
+    url("compare", None, "group: a config field that does not vary now is kept", group="cfg.seed"),
 ]
 
 
@@ -389,3 +391,23 @@ def test_a_query_cannot_reach_python_through_a_link():
                  "val_loss.sum() > 0", "`val_loss`.__class__ == 1", "kind[0] == 'h'", "(lambda: 1)() == 1"):
         with pytest.raises(QueryError, match="is invalid"):
             query_runs(frame, text)
+
+
+def test_a_links_unknown_metric_is_named_once_and_its_known_metrics_stay(store_for_links, monkeypatch):
+    """?metrics=loss,bogus&logy=loss: the view keeps loss (and its log axis), drops bogus, and says so in one line;
+    the next rerun (the user's next change) does not repeat it."""
+    monkeypatch.setenv("HYBRID_RUNS_ROOT", str(store_for_links))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["runs_root"] = str(store_for_links)
+    at.query_params["metrics"] = "loss,bogus"
+    at.query_params["logy"] = "loss"
+    at.run()
+    at.switch_page("workbench/pages/compare.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = [unescaped(text) for text in messages(at, ("error", "warning"))]
+    assert len(shown) == 1 and "metrics=bogus is ignored" in shown[0] and "loss" in shown[0], shown
+    assert at.multiselect(key="compare_metrics").value == ["loss"]
+    assert at.multiselect(key="compare_logy").value == ["loss"]
+    at.run()
+    assert [unescaped(text) for text in messages(at, ("error", "warning"))] == []

@@ -81,6 +81,8 @@ def _from_url() -> None:
 
     if "metrics" in params:
         state["compare_metrics"] = [m for m in params["metrics"].split(",") if m]
+        # Which of them the chosen runs logged is known only below, once runs are chosen: judged there, in one line.
+        state["_compare_link_metrics"] = {"metrics": state["compare_metrics"]}
     if "smooth" in params and (smooth := number("smooth", 0.0, 0.99)) is not None:
         state["compare_smoothing"] = smooth
     for param, key, choices in (("x", "compare_x", X_AXES), ("stat", "compare_stat", queries.GROUP_STATS),
@@ -92,7 +94,12 @@ def _from_url() -> None:
             else:
                 ignored.append((param, params[param], f"it is one of {', '.join(choices)}"))
     if "group" in params:
-        state["compare_group"] = params["group"]
+        group = params["group"]
+        if group in (queries.NO_GROUP, *queries.GROUP_SPECIAL) or (group.startswith("cfg.") and len(group) > 4):
+            state["compare_group"] = group      # a cfg. field that does not vary now is kept: it may vary again
+        else:
+            ignored.append(("group", group, f"it is one of {', '.join((queries.NO_GROUP, *queries.GROUP_SPECIAL))} "
+                                            "or a config field cfg.NAME"))
     if "q" in params:
         state["compare_query"] = params["q"]
     for key in ("xmin", "xmax"):
@@ -100,6 +107,7 @@ def _from_url() -> None:
             state[f"compare_{key}"] = number(key) if params[key] else None
     if "logy" in params:
         state["compare_logy"] = [m for m in params["logy"].split(",") if m]
+        state.setdefault("_compare_link_metrics", {})["logy"] = state["compare_logy"]
     if ignored:
         param, value, why = ignored[0]
         more = f" (and {len(ignored) - 1} more parameter(s) of this link)" if len(ignored) > 1 else ""
@@ -376,6 +384,16 @@ if chosen:
     state["compare_metrics"] = [m for m in state.get("compare_metrics", default_metrics) if m in options]
     state.setdefault("compare_smoothing", queries.DEFAULT_SMOOTHING)
     state["compare_logy"] = [m for m in state.get("compare_logy", []) if m in state["compare_metrics"]]
+    # A link's metric that none of the chosen runs logged is dropped from the view, and said once (never silently).
+    link_metrics = state.pop("_compare_link_metrics", {})
+    dropped = {param: [m for m in names if m not in options] for param, names in link_metrics.items()}
+    dropped = {param: names for param, names in dropped.items() if names}
+    if dropped:
+        param, names = next(iter(dropped.items()))
+        more = " (and the link's logy too)" if len(dropped) > 1 else ""
+        ui.ignored_link(param, ",".join(names), "none of the chosen runs logged "
+                        + ("it" if len(names) == 1 else "them") + "; the metrics here are "
+                        + ", ".join(options[:8]) + (", …" if len(options) > 8 else "") + more)
     c1, c2, c3 = st.columns([3, 1.5, 1])
     metrics = c1.multiselect("Curves (any logged metric; evaluation metrics first)", options,
                              key="compare_metrics", format_func=_metric_label)
