@@ -2,6 +2,8 @@
 AlgoPerf sanity check the medium report fails at 200 steps: 1.01 [1.00, 1.02]) at a given workload and budget?
 
     nice -n 19 python -m benchmarks.budget_probe --steps 400 --out benchmarks/results/budget-probe/quick-400
+    nice -n 19 python -m benchmarks.budget_probe --workload docs-quick --steps 400 --seeds 5 \
+        --grid 1e-4,3e-4,1e-3,3e-3,1e-2 --out benchmarks/results/budget-probe/docs-400
 
 Only the two methods the check needs (AdamW constant, AdamW + 5 % warmup + cosine), each tuned on a separate seed
 over the grid, then the evaluation seeds at the tuned LR: the tracks protocol (tracks.protocol) restricted to them,
@@ -81,7 +83,8 @@ if __name__ == "__main__":
     import functools
     parser = argparse.ArgumentParser(description="Does tuned cosine beat tuned constant LR at this budget?")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--workload", default="quick", choices=("quick", "medium"))
+    # quick = the chat workload; docs-quick = its python-docs twin (the robustness protocol's two workloads)
+    parser.add_argument("--workload", default="quick", choices=("quick", "docs-quick", "medium"))
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--grid", default="1e-3,3e-3,1e-2", help="comma-separated LRs")

@@ -40,7 +40,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REPORT_DIR = RESULTS / "robustness"
 WORKLOAD_NAMES = {"robust-chat": "chat (chatterbot-corpus)", "robust-docs": "python-docs"}
 # Same workload, steps, batch, evaluation cadence and method definitions → the same runs (tracks._row_key).
-ALSO_FROM = {"robust-chat": [RESULTS / "budget-probe" / "quick-400" / "runs.jsonl"]}
+ALSO_FROM = {"robust-chat": [RESULTS / "budget-probe" / "quick-400" / "runs.jsonl"],
+             "robust-docs": [RESULTS / "budget-probe" / "docs-400" / "runs.jsonl"]}
 CORE_LRS = (1e-4, 1e-2, 1e-3)             # the 100× grid's ends and middle: worst and median need these first
 # The first methods of tracks.ROBUST_METHODS (AdamW, the hybrid's absolute and bounded trust regions, the two
 # self-tuning anchors, Muon) are what the targets need; AdamW-cos, H-rel and H-muon follow them.
@@ -499,8 +500,9 @@ def report(out: Path = REPORT_DIR, n_boot: int = 4000, status: str | None = None
     return out / "report.md"
 
 
-def run(mode: str, methods: tuple[str, ...] | None = None, log=print) -> list[dict]:
-    """Run (or resume) one workload's protocol in priority order, journaled in results/<mode>/runs.jsonl."""
+def run(mode: str, methods: tuple[str, ...] | None = None, log=print, limit: int | None = None) -> list[dict]:
+    """Run (or resume) one workload's protocol in priority order, journaled in results/<mode>/runs.jsonl; with
+    `limit`, only the next `limit` runs of that order (to interleave the two workloads)."""
     b = track_budget(mode)
     if methods:
         unknown = [m for m in methods if m not in b.methods]
@@ -520,7 +522,8 @@ def run(mode: str, methods: tuple[str, ...] | None = None, log=print) -> list[di
              if tracks._row_key(s.method.key, s.lr, s.seed, s.steps) not in have]
     order = sorted(specs, key=priority(b))
     log(f"{mode}: {len(done)} runs done (incl. {', '.join(map(str, ALSO_FROM.get(mode, []))) or 'none'}), "
-        f"{len(order)} to run, in priority order")
+        f"{len(order)} to run, in priority order" + (f"; the next {limit} now" if limit else ""))
+    order = order[:limit] if limit else order
     return tracks.run_prepared(order, prepared, log, folder / "runs.jsonl")
 
 if __name__ == "__main__":
@@ -529,11 +532,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Issue 16's LR robustness protocol on two workloads")
     parser.add_argument("--mode", choices=tuple(ROBUST_WORKLOADS), help="run (resume) this workload's protocol")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the methods to run now")
+    parser.add_argument("--limit", type=int, default=None, help="run only the next N runs of the priority order")
     parser.add_argument("--report", action="store_true", help="write the report from whatever finished")
     ns = parser.parse_args()
     if not ns.mode and not ns.report:
         parser.error("give --mode MODE and/or --report")
     if ns.mode:
-        run(ns.mode, tuple(ns.methods.split(",")) if ns.methods else None, log=functools.partial(print, flush=True))
+        if ns.limit is not None and ns.limit < 1:
+            parser.error(f"--limit must be a positive number of runs, got {ns.limit}")
+        run(ns.mode, tuple(ns.methods.split(",")) if ns.methods else None, log=functools.partial(print, flush=True),
+            limit=ns.limit)
     if ns.report:
         print(report())
