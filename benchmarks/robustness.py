@@ -107,6 +107,8 @@ def robustness(rows: list[dict], b: TrackBudget, n_boot: int = 4000, key: str = 
     idx = np.random.default_rng(0).integers(0, len(seeds), size=(n_boot, len(seeds)))
     boot_w, boot_m = zip(*(_robustness_scores(cube[..., i])[:2] for i in idx))
     boot_w, boot_m = np.array(boot_w), np.array(boot_m)            # [n_boot, methods]
+    # each method's tuned loss (its best LR of the grid, median over seeds) on the same draws
+    tuned, boot_t = per_lr_min(cube), np.array([per_lr_min(cube[..., i]) for i in idx])
 
     def interval(samples: np.ndarray) -> tuple[float, float]:
         return (float(np.percentile(samples, 2.5, method="lower")),
@@ -124,7 +126,22 @@ def robustness(rows: list[dict], b: TrackBudget, n_boot: int = 4000, key: str = 
             with np.errstate(invalid="ignore", divide="ignore"):
                 row["vs"][ref] = (float(worst[i] / worst[j]), *interval(boot_w[:, i] / boot_w[:, j]))
         out["methods"][m] = row
+    # The leader and its runner-up, paired on the same draws: a leader whose interval against the runner-up holds 1
+    # is level with it, and the verdict says "X or Y" rather than crown a point estimate.
+    for which, point, draws in (("unknown", worst, boot_w), ("tuned", tuned, boot_t)):
+        if len(methods) < 2:
+            break
+        top, nxt = (int(i) for i in np.argsort(point, kind="stable")[:2])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[f"leader_{which}"] = {"method": methods[top], "runner_up": methods[nxt],
+                                      "ratio": (float(point[top] / point[nxt]),
+                                                *interval(draws[:, top] / draws[:, nxt]))}
     return out
+
+
+def per_lr_min(cube: np.ndarray) -> np.ndarray:
+    """cube [methods, LRs, seeds] → each method's loss at its best LR (median over seeds at each LR)."""
+    return np.median(cube, axis=2).min(axis=1)
 
 
 def robustness_table(r: dict, b: TrackBudget, what: str) -> list[str]:
@@ -326,6 +343,18 @@ def _best_by(w: dict, which: str) -> str | None:
     return min(ce["methods"], key=lambda m: ce["methods"][m]["worst"][0])
 
 
+def _leader(w: dict, which: str) -> dict | None:
+    return ((w.get("robustness") or {}).get("val_loss") or {}).get(f"leader_{which}")
+
+
+def _level_leaders(w: dict, which: str) -> list[str]:
+    """[leader] or, when its paired interval against the runner-up holds 1, [leader, runner-up]."""
+    lead = _leader(w, which)
+    if lead is None:                        # a report without the paired leader rows: the point estimate alone
+        return [_best_by(w, which)]
+    return [lead["method"]] + ([lead["runner_up"]] if lead["ratio"][2] >= 1 else [])
+
+
 def verdict(workloads: list[dict]) -> str:
     """Which optimizer when the LR is unknown, which when it is tuned: only what every workload supports."""
     def compared(w: dict) -> int:
@@ -344,15 +373,25 @@ def verdict(workloads: list[dict]) -> str:
     for which, words in (("unknown", "When you do not know the learning rate"), ("tuned", "With a tuned learning rate")):
         if seeds < MIN_SEEDS:
             break
-        picks = {w["name"]: _best_by(w, which) for w in have}
-        if len(set(picks.values())) == 1:
-            m = next(iter(picks.values()))
-            parts.append(f"**{words}: {m}** ({ALL_TRACK[m].label}) — "
-                         + ("the smallest worst-case loss over the 100× grid" if which == "unknown" else
-                            "the lowest loss at its best LR") + " on both workloads.")
+        what = ("the smallest worst-case loss over the 100× grid" if which == "unknown" else
+                "the lowest loss at its best LR")
+        # per workload: the leader, and its runner-up too when the paired interval between them holds 1
+        level = {w["name"]: _level_leaders(w, which) for w in have}
+        common = [m for m in level[have[0]["name"]] if all(m in ms for ms in level.values())]
+        ties = [f"{n}: {' ÷ '.join(ms)} {fmt_ci(_leader(w, which)['ratio'], 3)}"
+                for (n, ms), w in zip(level.items(), have) if len(ms) > 1]
+        # (the page quotes the sentence up to its first full stop: the numbers go in the next sentence)
+        paired = f" Level (paired 95 % interval holding 1): {'; '.join(ties)}." if ties else ""
+        if len(common) == 1:
+            m = common[0]
+            parts.append(f"**{words}: {m}** ({ALL_TRACK[m].label}) — {what} on both workloads"
+                         + (", level with its runner-up on " + ", ".join(n for n, ms in level.items() if len(ms) > 1)
+                            if ties else "") + "." + paired)
+        elif common:
+            parts.append(f"**{words}: {' or '.join(common)}** — not told apart, {what} on both workloads." + paired)
         else:
             parts.append(f"**{words}: no single method on both workloads** — "
-                         + "; ".join(f"{n}: {m}" for n, m in picks.items()) + ".")
+                         + "; ".join(f"{n}: {' or '.join(ms)}" for n, ms in level.items()) + ".")
     for w in have:
         ce = w["robustness"]["val_loss"]
         ranked = sorted(ce["methods"], key=lambda m: ce["methods"][m]["worst"][0])

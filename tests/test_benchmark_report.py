@@ -66,3 +66,43 @@ def test_the_lr_unknown_advice_names_the_grids_best_method_by_the_reports_own_co
     assert "**H with the bounded trust region** (H-bounded) ends lowest" in bench_view.plain(line, names)
     (line,) = bench_view.situations(f"# r\n\n## Verdict\n\n{text.format(best='H')}\n")
     assert "ends lowest" not in line
+
+
+def test_the_robustness_verdict_names_a_leader_only_when_its_paired_interval_excludes_the_runner_up():
+    """robustness() pairs the leader with its runner-up on the same bootstrap draws; the verdict names one method
+    when that interval is below 1 on both workloads, "X or Y" when it holds 1, and the page still reads it."""
+    from benchmarks import robustness, tracks
+    from workbench import bench_view
+    b = tracks.track_budget("robust-chat")
+
+    def rows(loss):                 # loss(method, lr, seed) at the end of every run of three methods
+        return [{"method": m, "lr": lr, "seed": s, "steps": b.steps, "diverged": False, "train_cpu_s": 1.0,
+                 "evals": [{"step": b.steps, "val_loss": loss(m, lr, s)}]}
+                for m in ("H-abs", "H-bounded", "AdamW") for lr in robustness.CORE_LRS for s in (0, 1, 2)]
+
+    def worse_at_high_lr(m, lr, s):
+        return 5.0 + (1.0 if m == "AdamW" and lr == 1e-2 else 0.0) + (0.3 if lr == 1e-2 else 0.0)
+
+    sub = robustness.sub_budget(b, ["H-abs", "H-bounded", "AdamW"], robustness.CORE_LRS, (0, 1, 2))
+    clear = robustness.robustness(rows(lambda m, lr, s: worse_at_high_lr(m, lr, s)
+                                       + (0.2 if m == "H-bounded" and lr == 1e-2 else 0.0) + 0.01 * s), sub, 200)
+    lead = clear["leader_unknown"]
+    assert (lead["method"], lead["runner_up"]) == ("H-abs", "H-bounded") and lead["ratio"][2] < 1
+    # H-bounded better on seed 0, worse on seeds 1 and 2 at the worst LR: the medians differ, the draws do not agree
+    noisy = robustness.robustness(rows(lambda m, lr, s: worse_at_high_lr(m, lr, s)
+                                       + ({0: -0.2, 1: 0.02, 2: 0.01}[s] if m == "H-bounded" and lr == 1e-2 else 0)),
+                                  sub, 200)
+    assert noisy["leader_unknown"]["ratio"][1] <= 1 <= noisy["leader_unknown"]["ratio"][2]
+
+    def workloads(ce):
+        return [{"name": n, "robustness": {"val_loss": ce}, "complete": {"seeds": [0, 1, 2]}}
+                for n in ("chat", "python-docs")]
+    text = robustness.verdict(workloads(clear))
+    assert "**When you do not know the learning rate: H-abs** (" in text and "Level (" not in text.split("**With")[0]
+    tie = robustness.verdict(workloads(noisy))
+    leader, runner = noisy["leader_unknown"]["method"], noisy["leader_unknown"]["runner_up"]
+    assert f"**When you do not know the learning rate: {leader} or {runner}** — not told apart" in tie
+    assert "Level (paired 95 % interval holding 1): chat: " in tie
+    advice = bench_view.situations(f"# r\n\n## Verdict\n\n{tie}\n")
+    assert advice[0] == (f"**LR unknown** → {leader} or {runner} — not told apart, the smallest worst-case loss "
+                         "over the 100× grid on both workloads.")
