@@ -351,3 +351,12 @@ def test_the_reader_takes_regular_text_files_only_and_answers_at_once(tmp_path):
         with pytest.raises(DataError, match=message):
             load_documents(path)
         assert time.perf_counter() - started < 2
+
+
+def test_chatterbot_loads_the_same_documents_with_the_pure_python_yaml_loader(chats, monkeypatch):
+    """The corpus is parsed with libyaml's CSafeLoader when PyYAML has it (speed); the documents must be exactly
+    those of PyYAML's own SafeLoader."""
+    import yaml
+
+    monkeypatch.delattr(yaml, "CSafeLoader", raising=False)          # what a PyYAML without libyaml does
+    assert load_chatterbot() == chats

@@ -98,10 +98,13 @@ def load_chatterbot(language: str = "english") -> list[Document]:
     Entries that are not lists of strings (one stray string in trivia.yml) are skipped."""
     import yaml
 
+    # libyaml's safe loader when PyYAML was built with it: the same documents, ~15x less CPU than the pure-Python
+    # one (0.03 s instead of 0.45 s per load here; every tiny-preset run loads the corpus).
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     documents = []
     for path in sorted(chatterbot_corpus_dir(language).glob("*.yml")):
         with open(path, encoding="utf-8") as handle:
-            content = yaml.safe_load(handle) or {}
+            content = yaml.load(handle, Loader=loader) or {}
         for conversation in content.get("conversations") or []:
             if not isinstance(conversation, list) or len(conversation) < 1:
                 continue
