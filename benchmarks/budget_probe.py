@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from benchmarks import stats, tracks
@@ -46,17 +47,19 @@ def sanity(rows: list[dict], b: tracks.TrackBudget) -> dict | None:
 
 
 def main(out: Path, workload: str = "quick", steps: int = 400, seeds: int = 3,
-         grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2), log=print) -> dict:
+         grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2), log=print, bits: float = tracks.BITS) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     b = budget(workload, steps, seeds, grid)
     journal = out / "runs.jsonl"
     started, cpu0 = time.perf_counter(), time.process_time()
     prepared = tracks.prepare_workload(b.workload, "cpu", log)   # once (the teacher of the workload is cached)
     specs = tracks.specs_for(b, "cpu")
+    if bits != tracks.BITS:      # a diagnostic probe: the same runs without ternary QAT (W1, full precision)
+        specs = [replace(s, workload="W1", bits=bits) for s in specs]
 
     def record(rows: list[dict], complete: bool) -> dict:
         row = sanity(rows, b)
-        data = {"budget": dict(b.__dict__), "sanity": row, "complete_grid": complete, "runs": len(rows),
+        data = {"budget": dict(b.__dict__), "bits": bits, "sanity": row, "complete_grid": complete, "runs": len(rows),
                 "runs_cpu_seconds": float(sum(r["train_cpu_s"] for r in rows)),
                 "this_invocation_wall_s": time.perf_counter() - started,
                 "this_invocation_cpu_s_main_process": time.process_time() - cpu0}
@@ -88,5 +91,8 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--grid", default="1e-3,3e-3,1e-2", help="comma-separated LRs")
+    parser.add_argument("--bits", type=float, default=tracks.BITS, choices=(tracks.BITS, 32.0),
+                        help="1.58: ternary QAT (the protocol's); 32: full precision (is QAT why a budget fails?)")
     ns = parser.parse_args()
-    main(ns.out, ns.workload, ns.steps, ns.seeds, tuple(float(x) for x in ns.grid.split(",")), log=functools.partial(print, flush=True))
+    main(ns.out, ns.workload, ns.steps, ns.seeds, tuple(float(x) for x in ns.grid.split(",")),
+         log=functools.partial(print, flush=True), bits=ns.bits)
