@@ -4,7 +4,7 @@
     nice -n 19 python -m benchmarks.hybrid_default run --workload python-docs
     python -m benchmarks.hybrid_default report                                  # the ratio table, no training
 
-The grid: the hybrid with each trust region (absolute, relative, bounded — each named explicitly, so a row keeps
+The grid: the hybrid with each trust region (absolute, relative, bounded, rms — each named explicitly, so a row keeps
 its meaning when the default changes) and AdamW at constant LR as the reference, at LR 1e-4, 1e-3, 1e-2 (the
 100x grid), ternary QAT, seeds 0, 1, 2 (then 3, 4 if time allows), 150 steps at batch 16 (issue 16's chat
 budget; batch 16 rather than the CLI's 32 halves the cost on the shared 2-core machine), one evaluation at the end.
@@ -37,7 +37,7 @@ from benchmarks.harness import RunSpec
 OUT = Path(__file__).resolve().parent / "results" / "hybrid-default"
 GRID = (1e-4, 1e-3, 1e-2)
 BITS = 1.58
-MODES = ("absolute", "relative", "bounded")
+MODES = ("absolute", "relative", "bounded", "rms")
 METHODS = {"AdamW": tracks.ADAMW,
            **{f"H-{mode}": replace(tracks.HYB, key=f"H-{mode}", label=f"--hybrid --trust_region_mode {mode}",
                                    config={"trust_region_mode": mode}) for mode in MODES}}
