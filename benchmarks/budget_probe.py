@@ -47,7 +47,8 @@ def sanity(rows: list[dict], b: tracks.TrackBudget) -> dict | None:
 
 
 def main(out: Path, workload: str = "quick", steps: int = 400, seeds: int = 3,
-         grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2), log=print, bits: float = tracks.BITS) -> dict:
+         grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2), log=print, bits: float = tracks.BITS,
+         decisive_only: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     b = budget(workload, steps, seeds, grid)
     journal = out / "runs.jsonl"
@@ -75,6 +76,8 @@ def main(out: Path, workload: str = "quick", steps: int = 400, seeds: int = 3,
     early = record(list(tracks.read_journal(journal).values()), complete=False)
     log(f"sanity (tuned cosine ÷ tuned constant, final val loss): "
         f"{early['sanity']['measured'] if early['sanity'] else '–'}")
+    if decisive_only:
+        return early
     from benchmarks.robustness import priority         # the rest in the robustness protocol's order
     rows = tracks.run_prepared(sorted(specs, key=priority(b)), prepared, log, journal)
     final = record(rows, complete=True)
@@ -93,6 +96,8 @@ if __name__ == "__main__":
     parser.add_argument("--grid", default="1e-3,3e-3,1e-2", help="comma-separated LRs")
     parser.add_argument("--bits", type=float, default=tracks.BITS, choices=(tracks.BITS, 32.0),
                         help="1.58: ternary QAT (the protocol's); 32: full precision (is QAT why a budget fails?)")
+    parser.add_argument("--decisive-only", action="store_true",
+                        help="stop once the sanity row is decided (skip the rest of the grid)")
     ns = parser.parse_args()
     main(ns.out, ns.workload, ns.steps, ns.seeds, tuple(float(x) for x in ns.grid.split(",")),
-         log=functools.partial(print, flush=True), bits=ns.bits)
+         log=functools.partial(print, flush=True), bits=ns.bits, decisive_only=ns.decisive_only)
