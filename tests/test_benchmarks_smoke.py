@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import stats
+from benchmarks import stats, tracks
 from benchmarks.bench_hybrid import WORKLOADS, RunSpec, budget, main, run
 from benchmarks.methods import ALL, MAIN
 from benchmarks.workload import prepare
@@ -51,9 +51,16 @@ def test_statistics():
         stats.paired_bootstrap_ratio([1, 2], [1])
 
 
-def test_smoke_report_has_every_row(tmp_path):
-    out = tmp_path / "smoke"
-    path = main(["--smoke", "--jobs", "1", "--out", str(out), "--quiet"])
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One `bench_hybrid.py --smoke` run (its report, then issue 10's tracks at smoke size in out/tracks), read by the
+    report test here and by the tracks test below (which ran the same tracks smoke a second time before)."""
+    out = tmp_path_factory.mktemp("bench") / "smoke"
+    return out, main(["--smoke", "--jobs", "1", "--out", str(out), "--quiet"])
+
+
+def test_smoke_report_has_every_row(smoke):
+    out, path = smoke
     text = path.read_text()
     b = budget("smoke")
     with open(out / "runs.csv") as handle:
@@ -181,3 +188,34 @@ def test_builtin_schedule_warms_up_and_decays():
         HybridOptimizer([w], warmup_steps=-1)
     with pytest.raises(ValueError, match="rho_from"):
         HybridOptimizer([w], rho_from="loss")
+
+
+def test_smoke_run_has_every_track_method_and_target_row(smoke):
+    """Issue 10's tracks at smoke size, as `bench_hybrid.py --smoke` runs them (tracks_report.main("smoke", ...))."""
+    tmp_path = smoke[0]
+    path = tmp_path / "tracks" / "report.md"
+    text = path.read_text()
+    b = tracks.track_budget("smoke")
+    for section in ("## Verdict", "## Targets (issue 10", "## External tuning track", "## Self-tuning track",
+                    "Performance profile", "## Ablations of H", "## Cost per step", "Budget check:"):
+        assert section in text, section
+    for m in (*b.methods, *b.ablations):
+        assert text.count(f"| **{m}** |") >= (5 if m in b.methods else 2), m    # ext, self, per-LR, profile, cost
+    for target in ("self-tuning: H's steps to target", "external tuning: H tuned vs AdamW-cosine tuned",
+                   "external tuning: H tuned vs Muon tuned", "quantization gap", "sanity: the tuned cosine"):
+        line = next(row for row in text.splitlines() if row.startswith(f"| {target}"))
+        assert line.endswith("| **yes** |") or line.endswith("| **no** |"), line
+    assert (tmp_path / "tracks" / "runs.csv").read_text().count("\n") == b.n_runs + 1
+    assert (tmp_path / "tracks" / "figures.html").stat().st_size > 1000
+    # issue 16: the LR robustness table, one row per grid method (Prodigy, the LR-free anchor, among them), by
+    # cross-entropy and — the smoke runs record it — by KL to the teacher; worst ≥ median ≥ 1 by construction
+    section = text[text.index("## LR robustness"):text.index("## Setup")]
+    assert "Prodigy" in b.methods and "By the KL to the teacher" in section
+    for m in b.methods:
+        rows = [r for r in section.splitlines() if r.startswith(f"| **{m}** |")]
+        assert len(rows) == 2, (m, rows)                          # the cross-entropy table and the KL table
+        for row in rows:
+            cells = row.split(" | ")
+            worst, median = float(cells[1].split()[0]), float(cells[2].split()[0])
+            assert worst >= median >= 1.0 or math.isinf(worst), row
+    assert "Final validation loss against LR" in (tmp_path / "tracks" / "figures.html").read_text()

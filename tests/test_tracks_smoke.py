@@ -1,5 +1,7 @@
 """Issue 10's two-track benchmark: the Muon baseline, the track statistics, the targets table, and a CI smoke run
-(seconds on the quick workload) whose report has every track, method and target row."""
+(seconds on the quick workload) whose report has every track, method and target row: that one is
+test_benchmarks_smoke.py::test_smoke_run_has_every_track_method_and_target_row, which reads the tracks `bench_hybrid.py
+--smoke` writes (one smoke run for both)."""
 import math
 
 import numpy as np
@@ -7,7 +9,6 @@ import pytest
 import torch
 
 from benchmarks import tracks
-from benchmarks.tracks_report import main as tracks_main
 from benchmarks.tracks_report import targets_table, verdict
 from hybrid_optimization.optim import MuonWithAdamW, is_hidden_matrix
 
@@ -95,35 +96,6 @@ def test_targets_table_says_yes_only_when_the_bar_is_met():
     table = "\n".join(targets_table(rows))
     assert table.count("| **no** |") == 4 and table.count("| **yes** |") == 1
     assert "Leave `--hybrid` off" in verdict(bad, b) and "**Switch `--hybrid` on**" in verdict(good, b)
-
-
-def test_smoke_run_has_every_track_method_and_target_row(tmp_path):
-    path = tracks_main("smoke", tmp_path / "tracks", jobs=1, env={"command": "test"}, log=lambda m: None)
-    text = path.read_text()
-    b = tracks.track_budget("smoke")
-    for section in ("## Verdict", "## Targets (issue 10", "## External tuning track", "## Self-tuning track",
-                    "Performance profile", "## Ablations of H", "## Cost per step", "Budget check:"):
-        assert section in text, section
-    for m in (*b.methods, *b.ablations):
-        assert text.count(f"| **{m}** |") >= (5 if m in b.methods else 2), m    # ext, self, per-LR, profile, cost
-    for target in ("self-tuning: H's steps to target", "external tuning: H tuned vs AdamW-cosine tuned",
-                   "external tuning: H tuned vs Muon tuned", "quantization gap", "sanity: the tuned cosine"):
-        line = next(row for row in text.splitlines() if row.startswith(f"| {target}"))
-        assert line.endswith("| **yes** |") or line.endswith("| **no** |"), line
-    assert (tmp_path / "tracks" / "runs.csv").read_text().count("\n") == b.n_runs + 1
-    assert (tmp_path / "tracks" / "figures.html").stat().st_size > 1000
-    # issue 16: the LR robustness table, one row per grid method (Prodigy, the LR-free anchor, among them), by
-    # cross-entropy and — the smoke runs record it — by KL to the teacher; worst ≥ median ≥ 1 by construction
-    section = text[text.index("## LR robustness"):text.index("## Setup")]
-    assert "Prodigy" in b.methods and "By the KL to the teacher" in section
-    for m in b.methods:
-        rows = [r for r in section.splitlines() if r.startswith(f"| **{m}** |")]
-        assert len(rows) == 2, (m, rows)                          # the cross-entropy table and the KL table
-        for row in rows:
-            cells = row.split(" | ")
-            worst, median = float(cells[1].split()[0]), float(cells[2].split()[0])
-            assert worst >= median >= 1.0 or math.isinf(worst), row
-    assert "Final validation loss against LR" in (tmp_path / "tracks" / "figures.html").read_text()
 
 
 def test_robustness_ratios_are_worst_and_median_over_the_grid_of_the_best_tuned_run():
