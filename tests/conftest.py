@@ -6,7 +6,10 @@ Speed on 2 cores (issue 18: the default suite in ≤ 6 min), with nothing tested
 - one torch thread per worker when the workers fill the cores, and OMP_NUM_THREADS for the processes tests start
   (two 2-thread workers on 2 cores stall each other's small ops for whole scheduler slices);
 - modules whose module-scoped fixture is the expensive part run on one worker (`--dist loadgroup` in pytest.ini,
-  groups from ONE_WORKER below), so the fixture is built once, not once per worker.
+  groups from ONE_WORKER below), so the fixture is built once, not once per worker; so do the tests that share one
+  expensive module fixture in a module otherwise spread (ONE_WORKER_TESTS);
+- the longest tests and groups start first (LONGEST_FIRST): a long test picked up last keeps one worker busy while
+  the other has nothing left to do.
 """
 import os
 from pathlib import Path
@@ -23,8 +26,44 @@ ONE_WORKER = {
     "test_bad_inputs.py": "the whole table of ~200 subprocess probes runs in the module fixture",
     "test_install.py": "a wheel build and a fresh virtual environment",
     "test_reporting.py": "one training run that every test reads",
-    "test_benchmarks_smoke.py": "the prepared tiny workload",
+    "test_benchmarks_smoke.py": "the prepared tiny workload and one `bench_hybrid.py --smoke` run",
 }
+# Tests (node id prefixes) → the group they run in together on one worker, for their shared module fixture.
+ONE_WORKER_TESTS = {
+    # test_faults.py's `reference` (the uninterrupted 30-step CLI run every resumed run must equal, ~25 s)
+    "tests/test_faults.py::test_interrupted_then_resumed_equals_the_uninterrupted_run": "faults-reference",
+    "tests/test_faults.py::test_disk_full_during_a_checkpoint_is_one_line_recorded_and_the_last_checkpoint_resumes":
+        "faults-reference",
+}
+# Node id prefixes, longest first (from `pytest --durations=0`, 2 workers); everything else keeps collection order.
+# First the two that can start on a cold cache side by side: the benchmark smoke module builds the tiny teacher
+# in-process while the bad-input table (teacher-free subprocesses) fills the other core.
+LONGEST_FIRST = (
+    "tests/test_benchmarks_smoke.py",
+    "tests/test_bad_inputs.py",
+    "tests/test_faults.py::test_interrupted_then_resumed_equals_the_uninterrupted_run",     # the group above
+    "tests/test_faults.py::test_disk_full_during_a_checkpoint_is_one_line_recorded_and_the_last_checkpoint_resumes",
+    "tests/test_notebooks.py::test_notebook_runs_top_to_bottom_in_fast_mode[05_precision_plan]",
+    "tests/e2e/test_workbench_views.py::test_tiny_sweep_from_the_sweep_page",
+    "tests/test_notebooks.py::test_notebook_runs_top_to_bottom_in_fast_mode[06_hybrid_distillation]",
+    "tests/test_reporting.py",
+    "tests/test_install.py",
+    "tests/e2e/test_browser.py",
+    "tests/test_faults.py::test_re_export_replaces_its_own_export_atomically",
+    "tests/test_faults.py::test_a_checkpoint_copied_from_another_run",
+    "tests/test_tracks_smoke.py::test_every_hybrid_variant_trains",
+    "tests/test_workbench_app.py::test_clusters_and_precision_pages_show_the_run",
+    "tests/test_distill_ddp.py::test_two_gloo_ranks_end_with_identical_parameters",
+    "tests/test_faults.py::test_a_checkpoint_with_flipped_bytes",
+    "tests/test_distill_train.py::test_cli_process_stops_on_a_store_request_and_resumes",
+    "tests/test_notebooks.py::test_notebook_runs_top_to_bottom_in_fast_mode",
+    "tests/test_faults.py::test_three_runs_on_a_cold_cache",
+    "tests/test_optimizer_menu.py::test_cli_trains_every_optimizer_and_schedule",
+    "tests/test_sweep.py::test_workers_opening_a_new_storage_at_the_same_instant",
+    "tests/test_distill_train.py::test_resume_after_a_stop_equals_an_uninterrupted_run",
+    "tests/test_sweep.py::test_median_pruner_stops_a_trailing_trial",
+    "tests/test_faults.py::test_sigterm_while_the_pipeline_builds_its_teacher",
+)
 
 
 def _workers() -> int:
@@ -73,12 +112,22 @@ def pytest_xdist_make_scheduler(config, log):
     class OneWorkerModules(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
-            return module if Path(module).name in ONE_WORKER else nodeid
+            group = next((g for prefix, g in ONE_WORKER_TESTS.items() if nodeid.startswith(prefix)), None)
+            return group or (module if Path(module).name in ONE_WORKER else nodeid)
 
     return OneWorkerModules(config, log)
 
 
+def _rank(nodeid: str) -> int:
+    return next((i for i, prefix in enumerate(LONGEST_FIRST) if nodeid.startswith(prefix)), len(LONGEST_FIRST))
+
+
 def pytest_collection_modifyitems(config, items):
+    # Longest first (a stable sort: the rest keeps collection order). Every worker collects the same order, so the
+    # scheduler's queue (--no-loadscope-reorder) is this order; a group's place is that of its first test. Only
+    # under xdist: in one process it would only split modules (and rebuild their module fixtures).
+    if _workers():
+        items.sort(key=lambda item: _rank(item.nodeid))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
