@@ -439,7 +439,25 @@ def robustness_md(w: dict) -> list[str]:
     return lines + [""]
 
 
-def render(workloads: list[dict], probe: dict | None, status: str | None) -> str:
+def probes_md(probes: list[dict]) -> list[str]:
+    """The report's budget paragraph: whether a probed budget decides, then one line per probe."""
+    if not probes:
+        return []
+    decided = [p for p in probes if (p.get("sanity") or {}).get("met")]
+    lines = ["**A budget that decides** (tuned warmup + cosine ÷ tuned constant LR, final validation loss, "
+             "interval below 1; `benchmarks/budget_probe.py`, each folder's NOTE.md): "
+             + (f"found at {', '.join(p['name'] for p in decided)}." if decided else
+                f"none of the {len(probes)} probed budgets passes, in "
+                f"{sum(p.get('runs_cpu_seconds', 0) for p in probes) / 3600:.2f} CPU-h of probe runs (issue 16 "
+                "allows 8 before the GPU `--full` mode must decide)."), ""]
+    for p in probes:
+        s = p.get("sanity") or {}
+        lines.append(f"- {p['name']} (`{p['command']}`): {s.get('measured', 'not decided yet')}; {p.get('runs')} "
+                     f"runs, {p.get('runs_cpu_seconds', 0) / 3600:.2f} CPU-h.")
+    return lines + [""]
+
+
+def render(workloads: list[dict], probes: list[dict], status: str | None) -> str:
     d = workloads[0].get("default_key") or hybrid_default_key()
     lines = ["# LR robustness on two workloads (issue 16)", ""]
     if status:
@@ -455,11 +473,7 @@ def render(workloads: list[dict], probe: dict | None, status: str | None) -> str
                      + f" | {met} |")
     lines += ["", "A target is **yes** only when met on both workloads; a bar is never loosened. Issue 16 asks "
               "≥ 5 seeds: a table resting on fewer says so above it.", ""]
-    if probe:
-        s = probe.get("sanity") or {}
-        lines += [f"Budget (chat workload, `{probe['command']}`): tuned cosine ÷ tuned constant "
-                  f"{s.get('measured', '–')}; {probe.get('runs')} runs, {probe.get('runs_cpu_seconds', 0) / 3600:.2f} "
-                  f"CPU-h.", ""]
+    lines += probes_md(probes)
     for w in workloads:
         lines += robustness_md(w)
     lines += ["## Setup", "",
@@ -499,6 +513,27 @@ def figures_html(workloads: list[dict]) -> str:
     return fig.to_html(include_plotlyjs="cdn", full_html=True)
 
 
+PROBE_WORKLOADS = {"quick": "chat", "docs-quick": "python-docs", "medium": "medium"}
+
+
+def read_probes(folder: Path) -> list[dict]:
+    """Every budget probe's probe.json (benchmarks/budget_probe.py), named and with the command that resumes it,
+    in order of workload then steps."""
+    probes = []
+    for path in sorted(folder.glob("*/probe.json")):
+        p = json.loads(path.read_text())
+        b, bits = p["budget"], float(p.get("bits", tracks.BITS))
+        precision = "full precision" if bits >= 16 else "ternary QAT"
+        p["name"] = f"{PROBE_WORKLOADS.get(b['workload'], b['workload'])}, {b['steps']} steps, {precision}"
+        p["command"] = (f"python -m benchmarks.budget_probe --workload {b['workload']} --steps {b['steps']} --seeds "
+                        f"{len(b['seeds'])} --grid " + ",".join(f"{x:g}" for x in b["grid"])
+                        + (f" --bits {bits:g}" if bits != tracks.BITS else "")
+                        + f" --out benchmarks/results/budget-probe/{path.parent.name}")
+        probes.append(p)
+    return sorted(probes, key=lambda p: (p["budget"]["workload"] != "quick", p["budget"]["steps"],
+                                         p.get("bits", tracks.BITS)))
+
+
 def report(out: Path = REPORT_DIR, n_boot: int = 4000, status: str | None = None, rows: dict | None = None,
            results: Path = RESULTS) -> Path:
     """Analyse both workloads' journals (whatever finished; `rows`: {mode: rows} instead) and write report.md,
@@ -512,12 +547,7 @@ def report(out: Path = REPORT_DIR, n_boot: int = 4000, status: str | None = None
         w["workload"] = json.loads(info.read_text()) if info.exists() else {}
         w["teacher_val_loss"] = w["workload"].get("teacher_val_loss")
         workloads.append(w)
-    probe_path = Path(results) / "budget-probe" / "quick-400" / "probe.json"
-    probe = json.loads(probe_path.read_text()) if probe_path.exists() else None
-    if probe:
-        probe["command"] = ("python -m benchmarks.budget_probe --steps 400 --seeds "
-                            f"{len(probe['budget']['seeds'])} --grid "
-                            + ",".join(f"{x:g}" for x in probe["budget"]["grid"]))
+    probes = read_probes(Path(results) / "budget-probe")
     if status is None:
         short = [w["name"] for w in workloads if not w.get("complete") or w["complete"]["missing"]
                  or len(w["complete"]["seeds"]) < 5 or not _full_grid(w)]
@@ -525,7 +555,7 @@ def report(out: Path = REPORT_DIR, n_boot: int = 4000, status: str | None = None
             status = ("Partial: the protocol (≈ 9 methods × 5 LRs × 6 seeds per workload) did not finish within "
                       "this session's CPU; " + ", ".join(short) + " rest on the complete subsets named below. "
                       "`python -m benchmarks.robustness --mode robust-chat|robust-docs` resumes it.")
-    (out / "report.md").write_text(render(workloads, probe, status))
+    (out / "report.md").write_text(render(workloads, probes, status))
     (out / "results.json").write_text(json.dumps({"protocol": "robustness", "status": status, "workloads": workloads,
                                                   "targets": targets(workloads), "verdict": verdict(workloads),
                                                   "methods": {k: ALL_TRACK[k].label for k in

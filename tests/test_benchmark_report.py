@@ -106,3 +106,33 @@ def test_the_robustness_verdict_names_a_leader_only_when_its_paired_interval_exc
     advice = bench_view.situations(f"# r\n\n## Verdict\n\n{tie}\n")
     assert advice[0] == (f"**LR unknown** → {leader} or {runner} — not told apart, the smallest worst-case loss "
                          "over the 100× grid on both workloads.")
+
+
+def test_the_robustness_report_lists_every_budget_probe_and_says_whether_one_decides(tmp_path):
+    """Each budget-probe/*/probe.json becomes one line (workload, steps, precision, the command that reruns it, the
+    ratio, its CPU), and the report says "none … passes" with the summed CPU until a probe's interval is below 1."""
+    import json
+
+    from benchmarks import robustness
+
+    def probe(name, workload, steps, measured, met, bits=None, cpu=360.0):
+        folder = tmp_path / "budget-probe" / name
+        folder.mkdir(parents=True)
+        data = {"budget": {"workload": workload, "steps": steps, "seeds": [0, 1, 2], "grid": [1e-3, 3e-3]},
+                "sanity": {"measured": measured, "met": met}, "runs": 10, "runs_cpu_seconds": cpu}
+        if bits is not None:
+            data["bits"] = bits
+        (folder / "probe.json").write_text(json.dumps(data))
+    probe("docs-400-fp32", "docs-quick", 400, "1.047 [1.041, 1.048]", False, bits=32.0)
+    probe("quick-400", "quick", 400, "0.997 [0.990, 1.009]", False)
+    probes = robustness.read_probes(tmp_path / "budget-probe")
+    assert [p["name"] for p in probes] == ["chat, 400 steps, ternary QAT", "python-docs, 400 steps, full precision"]
+    assert probes[1]["command"].endswith("--grid 0.001,0.003 --bits 32 --out benchmarks/results/budget-probe/"
+                                         "docs-400-fp32")
+    assert "--bits" not in probes[0]["command"]
+    text = "\n".join(robustness.probes_md(probes))
+    assert "none of the 2 probed budgets passes, in 0.20 CPU-h of probe runs" in text
+    assert "- python-docs, 400 steps, full precision (`python -m benchmarks.budget_probe" in text
+    probe("docs-1600", "docs-quick", 1600, "0.980 [0.970, 0.990]", True)
+    text = "\n".join(robustness.probes_md(robustness.read_probes(tmp_path / "budget-probe")))
+    assert "found at python-docs, 1600 steps, ternary QAT." in text
