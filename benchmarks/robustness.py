@@ -15,7 +15,7 @@ The two workloads (tracks.ROBUST_WORKLOADS), both at the tiny preset's shapes, 4
 
 The protocol is tracks.protocol's (same specs, same journal format, the same robustness statistics as
 tracks_report.robustness), with the runs ordered by how much the decision needs them (`priority`): the grid's ends
-and middle (1e-4, 1e-2, 1e-3) on seeds 0–2 first (seed by seed; the six methods the targets need before AdamW-cos,
+and middle (1e-4, 1e-2, 1e-3) on seeds 0–2 first (seed by seed; the seven methods the targets need before AdamW-cos,
 H-rel and H-muon), then the tuning seed there, then the other two LRs, then seeds
 3–4. An interrupted protocol therefore leaves complete sets of runs, and the report is written from the largest
 complete set (`complete_set`): every table says which seeds and LRs it rests on and which methods it lacks.
@@ -43,12 +43,12 @@ WORKLOAD_NAMES = {"robust-chat": "chat (chatterbot-corpus)", "robust-docs": "pyt
 ALSO_FROM = {"robust-chat": [RESULTS / "budget-probe" / "quick-400" / "runs.jsonl"],
              "robust-docs": [RESULTS / "budget-probe" / "docs-400" / "runs.jsonl"]}
 CORE_LRS = (1e-4, 1e-2, 1e-3)             # the 100× grid's ends and middle: worst and median need these first
-# The first methods of tracks.ROBUST_METHODS (AdamW, the hybrid's absolute and bounded trust regions, the two
+# The first methods of tracks.ROBUST_METHODS (AdamW, the hybrid's absolute, rms and bounded trust regions, the two
 # self-tuning anchors, Muon) are what the targets need; AdamW-cos, H-rel and H-muon follow them.
-FIRST_METHODS = 6
+FIRST_METHODS = 7
 MIN_SEEDS = 3                             # fewer complete seeds: the verdict names the leaders, decides nothing
 # `--hybrid`'s trust region → the pinned method that runs it (tracks.HYB_ABS / H-rel / HYB_BOUNDED)
-DEFAULT_KEY = {"absolute": "H-abs", "relative": "H-rel", "bounded": "H-bounded"}
+DEFAULT_KEY = {"absolute": "H-abs", "relative": "H-rel", "bounded": "H-bounded", "rms": "H-rms"}
 SF_KEY, PRODIGY_KEY = "SF-AdamW", "Prodigy"
 
 

@@ -74,12 +74,16 @@ HYB_ABS = replace(H, key="H-abs", label="H with the absolute trust region (‖Δ
                   config={"trust_region_mode": "absolute"})
 HYB_BOUNDED = replace(H, key="H-bounded", label="H with the bounded trust region (relative per tensor, update RMS "
                       "capped)", config={"trust_region_mode": "bounded"})
+HYB_RMS = replace(H, key="H-rms", label="H with the rms trust region (‖ΔΘ‖ ≤ μ·1e-3·√N: the absolute region in update-RMS "
+                  "units, the same per-entry step at any model size)", config={"trust_region_mode": "rms"})
 TRACK_METHODS = (ADAMW, ADAMW_COS, SF, MUON, PRODIGY, HYB, HYB_SCHED)
 TRACK_ABLATIONS = tuple(m for m in ABLATIONS if m.key in ("H-aux", "H-TR", "H-param", "H-frozen"))
-ALL_TRACK = {m.key: m for m in (*TRACK_METHODS, *TRACK_ABLATIONS, HYB_HORIZON, *VARIANTS, HYB_ABS, HYB_BOUNDED)}
+ALL_TRACK = {m.key: m for m in (*TRACK_METHODS, *TRACK_ABLATIONS, HYB_HORIZON, *VARIANTS, HYB_ABS, HYB_BOUNDED,
+                                   HYB_RMS)}
 # Issue 16's LR-robustness protocol: the product's menu at every LR of the 100× grid, the hybrid under each trust
 # region and over Muon; the two workloads are the chat data the workbench trains by default and python-docs.
-ROBUST_METHODS = ("AdamW", "H-abs", "H-bounded", "SF-AdamW", "Prodigy", "Muon", "AdamW-cos", "H-rel", "H-muon")
+ROBUST_METHODS = ("AdamW", "H-abs", "H-rms", "H-bounded", "SF-AdamW", "Prodigy", "Muon", "AdamW-cos", "H-rel",
+                  "H-muon")
 ROBUST_WORKLOADS = {"robust-chat": "quick", "robust-docs": "docs-quick"}
 REFERENCE = "AdamW-cos"          # the target's source, AlgoPerf's tuned reference
 BITS = 1.58                      # W2: ternary QAT
