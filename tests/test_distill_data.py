@@ -360,3 +360,40 @@ def test_chatterbot_loads_the_same_documents_with_the_pure_python_yaml_loader(ch
 
     monkeypatch.delattr(yaml, "CSafeLoader", raising=False)          # what a PyYAML without libyaml does
     assert load_chatterbot() == chats
+
+
+def test_clusters_are_cached_by_content_and_read_back_identical(tmp_path, monkeypatch):
+    """setup.cluster_samples: the second run on the same texts, embedder, seed and k reads the arrays the first
+    computed (bit-identical, same dtypes) instead of refitting; other texts or another seed refit; a torn cache
+    file is computed again."""
+    from types import SimpleNamespace
+
+    from hybrid_optimization.distill import setup
+    monkeypatch.setenv("HYBRID_CACHE_DIR", str(tmp_path))
+    texts = [f"the {w} sat on the {v} mat number {i}" for i, (w, v) in
+             enumerate(zip(["cat", "dog", "bird", "fish"] * 10, ["red", "blue", "green"] * 14))]
+    data = SimpleNamespace(train=SimpleNamespace(texts=texts[:32]), val=SimpleNamespace(texts=texts[32:]))
+
+    def plan(seed=0):
+        return SimpleNamespace(options=SimpleNamespace(embedder="tfidf"),
+                               config=SimpleNamespace(seed=seed, data_clusters=3))
+    first = setup.cluster_samples(data, plan())
+    assert len(list((tmp_path / "clusters").glob("*.npz"))) == 1
+    real_fit = setup._fit_clusters
+
+    def no_fit(*args):
+        raise AssertionError("refitted")
+    monkeypatch.setattr(setup, "_fit_clusters", no_fit)
+    again = setup.cluster_samples(data, plan())
+    for key in setup.CLUSTER_KEYS:
+        assert np.array_equal(again[key], first[key]) and again[key].dtype == first[key].dtype, key
+    with pytest.raises(AssertionError, match="refitted"):
+        setup.cluster_samples(data, plan(seed=1))
+    other = SimpleNamespace(train=SimpleNamespace(texts=texts[:31] + ["a different text"]), val=data.val)
+    with pytest.raises(AssertionError, match="refitted"):
+        setup.cluster_samples(other, plan())
+    (cached,) = (tmp_path / "clusters").glob("*.npz")
+    cached.write_bytes(cached.read_bytes()[:100])            # torn
+    monkeypatch.setattr(setup, "_fit_clusters", real_fit)
+    recomputed = setup.cluster_samples(data, plan())
+    assert all(np.array_equal(recomputed[key], first[key]) for key in setup.CLUSTER_KEYS)

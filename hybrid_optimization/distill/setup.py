@@ -15,8 +15,11 @@ the Live page) and `say(line)`; both default to nothing / print, so a notebook c
 from __future__ import annotations
 
 import gc
+import hashlib
 import math
+import os
 import time
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -38,7 +41,7 @@ from .options import OptionsError
 from .plan import RunPlan, RunResumeError
 from .samplers import ShuffleBatchSampler
 from .student import StudentConfig, StudentLM
-from .teacher import EXPECTED_TOKENS_PER_S, load_teacher, smollm2_gguf_path, teacher_topk_cache
+from .teacher import EXPECTED_TOKENS_PER_S, cache_dir, load_teacher, smollm2_gguf_path, teacher_topk_cache
 from .tiny import tiny_teacher_dir, tiny_tokenizer
 
 Say = Callable[[str], None]
@@ -223,9 +226,44 @@ def prepare_data(plan: RunPlan, inputs: Inputs, *, device: torch.device, ctx: di
         samples=clustering if clustering.get("xy_train") is not None else None, fingerprint=inputs.fingerprint(plan))
 
 
+CLUSTER_KEYS = ("train", "val", "xy_train", "xy_val", "features_train", "features_val")
+CLUSTER_CACHE_VERSION = 1      # bump when the featurizer, K-means or the projection changes what they return
+
+
 def cluster_samples(dataset: Dataset, plan: RunPlan) -> dict:
     """K-means labels of the training texts (and of the validation texts, by the same model), their 2-D
-    projection and features (for the workbench's cluster plot)."""
+    projection and features (for the workbench's cluster plot). Cached by content (the texts, the embedder, the
+    seed, the number of clusters), like the teacher's logits: every step of it is seeded, so a second run on the
+    same data reads the arrays the first computed instead of refitting the featurizer and K-means (~3 CPU-s for a
+    tiny run; far more with MiniLM embeddings)."""
+    path = cache_dir() / "clusters" / f"{_clusters_key(dataset, plan)}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            return {key: cached[key] for key in CLUSTER_KEYS}
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):   # absent, torn or foreign: computed again
+        pass
+    result = _fit_clusters(dataset, plan)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
+        np.savez(partial, **result)
+        os.replace(partial, path)                    # readers see the whole file or none (as the logits cache)
+    except OSError:                                  # a read-only or full cache costs the next run the time, no more
+        pass
+    return result
+
+
+def _clusters_key(dataset: Dataset, plan: RunPlan) -> str:
+    digest = hashlib.sha256(repr((CLUSTER_CACHE_VERSION, plan.options.embedder, plan.config.seed,
+                                  plan.config.data_clusters)).encode())
+    for split in (dataset.train.texts, dataset.val.texts):
+        digest.update(f"\x00{len(split)}".encode())
+        for text in split:
+            digest.update(text.encode("utf-8", "surrogatepass") + b"\x1e")
+    return digest.hexdigest()[:24]
+
+
+def _fit_clusters(dataset: Dataset, plan: RunPlan) -> dict:
     cfg = plan.config
     featurizer = make_featurizer(plan.options.embedder, seed=cfg.seed, device="cpu")
     train_features = featurizer.fit_transform(dataset.train.texts)
