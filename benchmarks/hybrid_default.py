@@ -89,7 +89,7 @@ def complete_seeds(rows: dict[tuple, dict], method: str, key: str) -> set[int]:
 def table(workload: str, metric: str, methods: list[str] | None = None, n_boot: int = 4000) -> list[dict]:
     """Per method: worst-LR and median-over-grid of (median over seeds) ÷ the best (method, LR) median of any
     of these methods, on the seeds all of them finished at every LR, with paired-bootstrap 95 % intervals; and the
-    worst-LR value ÷ H-absolute's (today's default), paired likewise."""
+    worst-LR value ÷ H-absolute's (the default before rms), paired likewise."""
     key = METRICS[metric]
     rows = load_rows(workload)
     seed_sets = {m: complete_seeds(rows, m, key) for m in (methods or METHODS)}

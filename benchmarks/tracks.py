@@ -47,7 +47,8 @@ MUON = Method("Muon", "Muon (hidden matrices) + AdamW (embedding, norms, head), 
 # relative to the guide's 1e-3 (methods.build_optimizer), so "an LR set 100× wrong" means the same for it.
 PRODIGY = Method("Prodigy", "Prodigy (LR-free; grid LR / 1e-3 = factor on its own estimate), warmup + cosine",
                  "prodigy", "warmup_cosine")
-HYB = replace(H, key="H", label="Hybrid = distillation.py --hybrid (aux net, trust region, clusters, plan)")
+HYB = replace(H, key="H", label="Hybrid = distillation.py --hybrid --trust_region_mode absolute (aux net, trust region, "
+                                        "clusters, plan)")
 HYB_SCHED = replace(H, key="H-sched", label="H + its built-in warmup + cosine (optimizer's own schedule)",
                     builtin_schedule=True)
 # An attempt against the greedy one-step hypergradient's short-horizon bias (Wu et al. 2018): the LR head's signal

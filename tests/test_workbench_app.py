@@ -629,18 +629,20 @@ def test_format_cell_leaves_empty_cells_empty():
 def test_live_y_titles_follow_the_trust_region_mode_and_fit(runs_root):
     store = RunStore(runs_root)
     relative = write_synthetic_run(store, 60, "finished", name="rel", seed=0, config={"trust_region_mode": "relative"})
-    absolute = write_synthetic_run(store, 60, "finished", name="abs", seed=1)
+    absolute = write_synthetic_run(store, 60, "finished", name="abs", seed=1, config={"trust_region_mode": "absolute"})
+    default = write_synthetic_run(store, 60, "finished", name="default", seed=2)       # --hybrid's default: rms
     at = _app().run()
     titles = {}
     at.session_state["selected_run"] = relative
     at.session_state["live_charts.hybrid"] = ["Trust radius", "Tokens/s"]
     _open(at, "live")
-    for run_id in (relative, absolute):
+    for run_id in (relative, absolute, default):
         at.selectbox(key="live_run").set_value(run_id).run()
         assert not at.exception
         titles[run_id] = {title: panel["yaxis"]["title"]["text"] for title, panel in _live_panels(at).items()}
     assert titles[relative]["Trust radius"].startswith("μ (fraction of ‖W‖₂")
     assert titles[absolute]["Trust radius"] == "μ (L2 norm)"
+    assert titles[default]["Trust radius"] == "μ (update RMS ÷ 1e-3)"
     # Both charts are subplots of one figure on one x axis (zoom and hover together), not separate charts.
     assert len(at.get("plotly_chart")) == 1 and set(titles[absolute]) == {"Trust radius", "Tokens/s"}
     at.multiselect(key="live_charts.hybrid").set_value(["Tokens/s"]).run()

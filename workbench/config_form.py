@@ -47,7 +47,7 @@ HELP: dict[str, str] = {
                          "obeys ‖ΔW‖₂ ≤ μ·‖W‖₂ (LAMB-like), so one large layer cannot take the whole budget. "
                          "bounded: relative, and no tensor's update RMS above 1e-3 (an LR set too high is held there). "
                          "rms: absolute in update-RMS units, ‖ΔΘ‖₂ ≤ μ·1e-3·√N over all N parameters, so μ means the "
-                         "same per-entry step at any model size.",
+                         "same per-entry step at any model size (the default).",
     "base_learning_rate": "Base learning rate (the auxiliary NN multiplies it by 0.1×–10×).",
     "max_steps": "Maximum training steps.",
     "batch_size": "Batch size.",

@@ -108,7 +108,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     a.add_argument("--trust_region_mode", choices=TRUST_REGION_MODES,
                    help="trust region over all parameters (absolute), per tensor relative to its norm (relative), "
                         "or relative with each tensor's update RMS capped at 1e-3 (bounded), or over all "
-                        "parameters in update-RMS units, ‖ΔΘ‖ ≤ μ·1e-3·√N, the same per-entry step at any size (rms)")
+                        "parameters in update-RMS units, ‖ΔΘ‖ ≤ μ·1e-3·√N, the same per-entry step at any size "
+                        "(rms, the default)")
     a.add_argument("--embedder", choices=EMBEDDERS,
                    help="sample features for data clustering: TF-IDF+SVD (default) or MiniLM sentence embeddings")
     a.add_argument("--cluster_batches", choices=CLUSTER_BATCHES,
