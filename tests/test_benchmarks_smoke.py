@@ -30,8 +30,10 @@ def prepared():
 def test_harness_loop_reproduces_the_pipeline(prepared, method, hybrid):
     steps = 12                            # the precision plan is made at step 1 (10 % of 12): covered too
     ours = run(prepared, RunSpec("W2", ALL[method], 1.58, 1e-3, 0, steps, 32, steps))
+    # H pins the trust region its committed runs used (methods.RECOMMENDED): the CLI is given the same one
     theirs = train(TrainOptions(hybrid=hybrid, ternary=True, qat=True, max_steps=steps, quiet=True, track=False,
-                                progress=False, seed=0, eval_windows=len(prepared.eval_index)))
+                                progress=False, seed=0, eval_windows=len(prepared.eval_index),
+                                trust_region_mode=ALL[method].config.get("trust_region_mode")))
     assert ours.evals[-1]["step"] == theirs.evals[-1]["step"] == steps
     assert ours.evals[-1]["val_loss"] == pytest.approx(theirs.evals[-1]["val_loss"], rel=1e-6)
     assert ours.evals[-1]["val_loss_fp"] == pytest.approx(theirs.evals[-1]["val_loss_fp"], rel=1e-6)

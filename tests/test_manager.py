@@ -77,7 +77,9 @@ def test_use_switches_turn_parts_off():
 
 
 def test_everything_on_uses_every_part():
-    manager, model, data, targets = setup(initial_trust_radius=0.001, log_interval=1)
+    # the guide's formula, ‖ΔΘ‖ ≤ μ: at μ = 0.001 it binds on some steps of this toy model and not all (the rms
+    # default's μ·1e-3·√N is far smaller for a model this size and would bind on every step)
+    manager, model, data, targets = setup(initial_trust_radius=0.001, log_interval=1, trust_region_mode="absolute")
     labels = manager.setup_data_clustering(data)
     assert len(set(labels)) == 3
     run(manager, model, data, targets, steps=60)
