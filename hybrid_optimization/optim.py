@@ -255,7 +255,10 @@ class HybridOptimizer(Optimizer):
         measured.add("grad_dot_update", [_dot(g, u) for g, u in zip(grad_list, updates)])
         relative = settings["trust_region"] in PER_TENSOR_TRUST_REGIONS      # per-tensor regions need ‖W‖
         if relative:
-            measured.add("param_norm", torch._foreach_norm(params))
+            # ‖W‖ of a view (a non-contiguous parameter) is summed in another order than its contiguous copy's,
+            # which can differ in the last bit on some CPUs: read it through a contiguous copy, as the buffers are
+            measured.add("param_norm", torch._foreach_norm([p if p.is_contiguous() else p.contiguous()
+                                                            for p in params]))
         values = measured.read()                                    # the one host sync of the step
         if not _finite(values, loss):
             return self._skip(values, schedule)
