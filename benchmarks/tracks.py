@@ -85,7 +85,10 @@ ALL_TRACK = {m.key: m for m in (*TRACK_METHODS, *TRACK_ABLATIONS, HYB_HORIZON, *
 # region and over Muon; the two workloads are the chat data the workbench trains by default and python-docs.
 ROBUST_METHODS = ("AdamW", "H-abs", "H-rms", "H-bounded", "SF-AdamW", "Prodigy", "Muon", "AdamW-cos", "H-rel",
                   "H-muon")
-ROBUST_WORKLOADS = {"robust-chat": "quick", "robust-docs": "docs-quick"}
+# mode → (workload, steps). 400 steps: the protocol's first budget; 1600 steps: the budget at which tuned cosine
+# beats tuned constant LR on python-docs (results/budget-probe/docs-1600), the one issue 16's targets are read at.
+ROBUST_WORKLOADS = {"robust-chat": ("quick", 400), "robust-docs": ("docs-quick", 400),
+                    "robust-chat-1600": ("quick", 1600), "robust-docs-1600": ("docs-quick", 1600)}
 REFERENCE = "AdamW-cos"          # the target's source, AlgoPerf's tuned reference
 BITS = 1.58                      # W2: ternary QAT
 
@@ -135,8 +138,9 @@ def track_budget(mode: str) -> TrackBudget:
     if mode == "horizon":          # the meta-horizon experiment: quick workload, small budget, 3 seeds
         return TrackBudget("horizon", "quick", (0, 1, 2), 100, 100, 16, 5, (1e-4, 1e-3, 1e-2),
                            ("AdamW", "AdamW-cos", "H", "H-h8"), ())
-    if mode in ROBUST_WORKLOADS:   # issue 16: 400 steps, the budget at which tuned cosine beats tuned constant
-        return TrackBudget(mode, ROBUST_WORKLOADS[mode], (0, 1, 2, 3, 4), 100, 400, 16, 20, grid, ROBUST_METHODS, ())
+    if mode in ROBUST_WORKLOADS:   # issue 16: an evaluation every 5 % of the budget, as the budget probe's
+        workload, steps = ROBUST_WORKLOADS[mode]
+        return TrackBudget(mode, workload, (0, 1, 2, 3, 4), 100, steps, 16, steps // 20, grid, ROBUST_METHODS, ())
     if mode == "smoke":
         return TrackBudget("smoke", "tiny", (0,), 100, 4, 4, 2, (1e-3, 1e-2), methods, ablations, n_boot=100)
     raise ValueError(f"unknown tracks mode {mode!r}: use smoke, medium, variants, full, horizon, "

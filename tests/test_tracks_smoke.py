@@ -225,6 +225,39 @@ def test_robustness_report_has_a_row_per_method_and_per_issue16_target_from_a_pa
     assert (tmp_path / "robustness" / "figures.html").stat().st_size > 1000
 
 
+def test_robustness_report_reads_its_verdict_at_the_longest_budget_complete_on_both_workloads(tmp_path):
+    """Issue 16 reads its targets at the budget that decides (tuned cosine beats tuned constant). With 1600-step runs
+    on python-docs only, the verdict stays at 400 steps and the 1600-step targets table says it has one workload;
+    once both workloads have a complete set at 1600 steps, the verdict and the first targets table move there."""
+    from benchmarks import robustness
+
+    def rows(mode, steps, methods=("AdamW", "H-abs", "H-rms", "Muon")):
+        def end(m, lr):
+            return 5.0 if m.startswith("H") else (4.9 if lr == 1e-3 else 6.0)
+        return [{"method": m, "lr": lr, "seed": s, "steps": steps, "diverged": False, "cpu_ms_per_step": 10.0,
+                 "optimizer_state_mb": 1.0, "mean_multiplier": 1.0, "train_cpu_s": 4.0,
+                 "evals": [{"step": steps, "val_loss": end(m, lr) + 0.001 * s, "val_loss_fp": 5.0,
+                            "kl_teacher": 1.0}]} for m in methods for lr in robustness.CORE_LRS for s in (0, 1, 2)]
+    base = {"robust-chat": rows("robust-chat", 400), "robust-docs": rows("robust-docs", 400)}
+    one = robustness.report(tmp_path / "one", n_boot=100, results=tmp_path,
+                            rows={**base, "robust-docs-1600": rows("robust-docs-1600", 1600)}).read_text()
+    assert one.index("Read at 400 steps") < one.index("## Targets at 400 steps") < one.index(
+        "## Targets at 1600 steps") < one.index("## python-docs, 1600 steps")
+    at_1600 = one[one.index("## Targets at 1600 steps"):one.index("A target is **yes**")]
+    assert "the protocol has runs here on python-docs only" in at_1600 and "chat" not in at_1600
+    assert "| **no** on python-docs only |" in at_1600          # the median row: H-rms 5.0 ÷ AdamW 4.9 > 1.01
+    both = robustness.report(tmp_path / "both", n_boot=100, results=tmp_path,
+                             rows={**base, "robust-docs-1600": rows("robust-docs-1600", 1600),
+                                   "robust-chat-1600": rows("robust-chat-1600", 1600)}).read_text()
+    assert both.index("Read at 1600 steps") < both.index("## Targets at 1600 steps") < both.index(
+        "## Targets at 400 steps")
+    assert "## chat (chatterbot-corpus), 1600 steps" in both and "## chat (chatterbot-corpus), 400 steps" in both
+    import json
+    saved = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert saved["steps"] == 1600 and [b["steps"] for b in saved["other_budgets"]] == [400]
+    assert tracks.track_budget("robust-docs-1600").eval_every == 80        # 5 % of the budget, as the probe's
+
+
 def test_robustness_protocol_runs_the_decision_first():
     """The journal's order: the grid's ends and middle on seeds 0–2 (seed by seed) for the six methods the targets
     need, then for the other three, then the tuning seed there, then the other two LRs, then seeds 3–4 — so a cut
