@@ -33,11 +33,12 @@ import numpy as np
 
 from benchmarks import tracks
 from benchmarks.harness import RunSpec
+from hybrid_optimization.schema import TRUST_REGION_MODES
 
 OUT = Path(__file__).resolve().parent / "results" / "hybrid-default"
 GRID = (1e-4, 1e-3, 1e-2)
 BITS = 1.58
-MODES = ("absolute", "relative", "bounded", "rms")
+MODES = TRUST_REGION_MODES               # every trust region the product offers (schema.py)
 METHODS = {"AdamW": tracks.ADAMW,
            **{f"H-{mode}": replace(tracks.HYB, key=f"H-{mode}", label=f"--hybrid --trust_region_mode {mode}",
                                    config={"trust_region_mode": mode}) for mode in MODES}}
