@@ -63,7 +63,7 @@ from torch.optim.sgd import sgd as sgd_functional
 from .auxiliary_nn import RADIUS_RANGE, AuxiliaryNeuralNetwork
 from .config import HybridTrainingConfig
 from .controller import HybridController
-from .schema import HYBRID_BASES, PER_TENSOR_TRUST_REGIONS, TRUST_REGION_MODES
+from .schema import HYBRID_BASES, MAX_UPDATE_RMS, PER_TENSOR_TRUST_REGIONS, TRUST_REGION_MODES
 
 BASES = HYBRID_BASES                   # the bases whose direction the hybrid steers (schema: the one list)
 # Muon's quintic Newton–Schulz coefficients and step count (Jordan et al. 2024; torch.optim.Muon's defaults).
@@ -73,9 +73,6 @@ TRUST_REGIONS = (*TRUST_REGION_MODES, None)
 RHO_SOURCES = ("gradients", "losses")
 AUX_RADIUS_MODES = ("scaled", "direct")
 FUSED_DEVICES = ("cpu", "cuda")
-# The "bounded" trust region's cap on each tensor's update RMS, and the "rms" region's unit (μ = 1 caps the whole
-# update's RMS there): the guide's LR (AdamW's update RMS is about its LR).
-MAX_UPDATE_RMS = 1e-3
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Settings of the whole optimizer (every group holds the same value; step reads the first group's). The rest —
 # lr, betas, eps, weight_decay, momentum, base, foreach, fused — may differ per group.

@@ -55,6 +55,9 @@ TRUST_REGION_MODES = ("absolute", "relative", "bounded", "rms")
 # The modes whose region is per tensor (‖ΔW‖ against each ‖W‖): the optimizer measures ‖W‖ for them and μ is a
 # fraction of ‖W‖₂ (the Live page's axis title).
 PER_TENSOR_TRUST_REGIONS = frozenset({"relative", "bounded"})
+# The "bounded" region's cap on each tensor's update RMS, and the "rms" region's unit (μ = 1 caps the whole update's
+# RMS there): the guide's LR (AdamW's update RMS is about its LR). HybridOptimizer's max_update_rms default.
+MAX_UPDATE_RMS = 1e-3
 # --optimizer: the optimizer a run trains with (optimizers.build_optimizer). muon = torch.optim.Muon on the 2-D
 # hidden matrices + AdamW on embeddings, norms and head; schedule-free = PyPI schedulefree AdamWScheduleFree;
 # prodigy = PyPI prodigyopt (LR-free: --lr is the factor on its estimated step size, default 1.0).

@@ -642,7 +642,7 @@ def test_live_y_titles_follow_the_trust_region_mode_and_fit(runs_root):
         titles[run_id] = {title: panel["yaxis"]["title"]["text"] for title, panel in _live_panels(at).items()}
     assert titles[relative]["Trust radius"].startswith("μ (fraction of ‖W‖₂")
     assert titles[absolute]["Trust radius"] == "μ (L2 norm)"
-    assert titles[default]["Trust radius"] == "μ (update RMS ÷ 1e-3)"
+    assert titles[default]["Trust radius"] == "μ (update RMS ÷ 0.001)"          # schema.MAX_UPDATE_RMS
     # Both charts are subplots of one figure on one x axis (zoom and hover together), not separate charts.
     assert len(at.get("plotly_chart")) == 1 and set(titles[absolute]) == {"Trust radius", "Tokens/s"}
     at.multiselect(key="live_charts.hybrid").set_value(["Tokens/s"]).run()

@@ -13,6 +13,7 @@ from typing import Any
 from hybrid_optimization.config import (HYBRID_BASES, SUPPORTED_BITS, TRUST_REGION_MODES, HybridTrainingConfig,
                                         config_errors)
 from hybrid_optimization.distill.options import MAX_SEQ_LEN, MIN_SEQ_LEN
+from hybrid_optimization.schema import MAX_UPDATE_RMS
 
 # The guide's groups, in the guide's order; fields the guide leaves implicit join the group they belong to.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -45,8 +46,9 @@ HELP: dict[str, str] = {
     "trust_radius_adaptation": "Adapt radius during training.",
     "trust_region_mode": "absolute: ‖ΔΘ‖₂ ≤ μ over all parameters (the guide's formula). relative: every tensor W "
                          "obeys ‖ΔW‖₂ ≤ μ·‖W‖₂ (LAMB-like), so one large layer cannot take the whole budget. "
-                         "bounded: relative, and no tensor's update RMS above 1e-3 (an LR set too high is held there). "
-                         "rms: absolute in update-RMS units, ‖ΔΘ‖₂ ≤ μ·1e-3·√N over all N parameters, so μ means the "
+                         f"bounded: relative, and no tensor's update RMS above {MAX_UPDATE_RMS:g} (an LR set too high "
+                         f"is held there). rms: absolute in update-RMS units, ‖ΔΘ‖₂ ≤ μ·{MAX_UPDATE_RMS:g}·√N over "
+                         "all N parameters, so μ means the "
                          "same per-entry step at any model size (the default).",
     "base_learning_rate": "Base learning rate (the auxiliary NN multiplies it by 0.1×–10×).",
     "max_steps": "Maximum training steps.",

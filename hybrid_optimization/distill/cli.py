@@ -16,8 +16,8 @@ import threading
 import traceback
 from dataclasses import fields
 
-from ..schema import (BASE_OPTIMIZERS, CLUSTER_BATCHES, DEVICES, EMBEDDERS, EXPORT_FORMATS, SCHEDULES,
-                      TRUST_REGION_MODES)
+from ..schema import (BASE_OPTIMIZERS, CLUSTER_BATCHES, DEVICES, EMBEDDERS, EXPORT_FORMATS, MAX_UPDATE_RMS,
+                      SCHEDULES, TRUST_REGION_MODES)
 from ..config import ConfigError, HybridTrainingConfig
 from .options import (DATA_SOURCES, MAX_BATCH_SIZE, MAX_EPOCHS, MAX_OPTIONS_FILE_BYTES, MAX_SEQ_LEN, MAX_STEPS,
                       MIN_SEQ_LEN, PYTHON_ONLY, OneLineParser, OptionsError, TrainOptions, read_json_file,
@@ -107,9 +107,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     a.add_argument("--warmup_steps", type=int, metavar="N", help=f"steps of linear LR warmup ({_O.warmup_steps})")
     a.add_argument("--trust_region_mode", choices=TRUST_REGION_MODES,
                    help="trust region over all parameters (absolute), per tensor relative to its norm (relative), "
-                        "or relative with each tensor's update RMS capped at 1e-3 (bounded), or over all "
-                        "parameters in update-RMS units, ‖ΔΘ‖ ≤ μ·1e-3·√N, the same per-entry step at any size "
-                        "(rms, the default)")
+                        f"or relative with each tensor's update RMS capped at {MAX_UPDATE_RMS:g} (bounded), or over "
+                        f"all parameters in update-RMS units, ‖ΔΘ‖ ≤ μ·{MAX_UPDATE_RMS:g}·√N, the same per-entry step "
+                        f"at any size (rms, the default)")
     a.add_argument("--embedder", choices=EMBEDDERS,
                    help="sample features for data clustering: TF-IDF+SVD (default) or MiniLM sentence embeddings")
     a.add_argument("--cluster_batches", choices=CLUSTER_BATCHES,

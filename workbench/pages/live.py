@@ -14,7 +14,7 @@ import time
 import pandas as pd
 import streamlit as st
 
-from hybrid_optimization.schema import PER_TENSOR_TRUST_REGIONS
+from hybrid_optimization.schema import MAX_UPDATE_RMS, PER_TENSOR_TRUST_REGIONS
 from hybrid_optimization.system_metrics import SYSTEM_METRICS_FILE, read_system_metrics
 from hybrid_optimization.tracking import ACTIVE_STATUSES, StoreError
 from workbench import charts, headline, launcher, queries, ui
@@ -217,7 +217,7 @@ def y_title(title: str, run: dict) -> str | None:
     if title == "Trust radius" and (run.get("config") or {}).get("trust_region_mode") in PER_TENSOR_TRUST_REGIONS:
         return "μ (fraction of ‖W‖₂, per tensor)"        # bounded: the same μ, with each update's RMS capped
     if title == "Trust radius" and (run.get("config") or {}).get("trust_region_mode") == "rms":
-        return "μ (update RMS ÷ 1e-3)"                     # ‖ΔΘ‖ ≤ μ·1e-3·√N
+        return f"μ (update RMS ÷ {MAX_UPDATE_RMS:g})"      # ‖ΔΘ‖ ≤ μ·MAX_UPDATE_RMS·√N
     return Y_TITLES.get(title)
 
 
