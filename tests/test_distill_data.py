@@ -1,5 +1,7 @@
 """Data loading for distillation: chatterbot corpus, .txt, chat .jsonl, errors, split, packing, featurisers."""
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -394,6 +396,25 @@ def test_clusters_are_cached_by_content_and_read_back_identical(tmp_path, monkey
         setup.cluster_samples(other, plan())
     (cached,) = (tmp_path / "clusters").glob("*.npz")
     cached.write_bytes(cached.read_bytes()[:100])            # torn
+    # a writer killed before its rename left its partial file; a live writer's is its own business
+    import subprocess
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    killed = cached.with_name(f"{cached.stem}.{dead.pid}.partial.npz")
+    live = cached.with_name(f"{cached.stem}.{os.getppid()}.partial.npz")
+    for f in (killed, live):
+        f.write_bytes(b"half")
     monkeypatch.setattr(setup, "_fit_clusters", real_fit)
     recomputed = setup.cluster_samples(data, plan())
     assert all(np.array_equal(recomputed[key], first[key]) for key in setup.CLUSTER_KEYS)
+    assert not killed.exists() and live.exists()
+    live.unlink()
+    # a full disk: the write fails, the arrays are still returned, and no partial file stays
+    cached.unlink()
+
+    def full_disk(file, **arrays):
+        Path(file).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(setup.np, "savez", full_disk)
+    assert np.array_equal(setup.cluster_samples(data, plan())["train"], first["train"])
+    assert list((tmp_path / "clusters").iterdir()) == []

@@ -21,6 +21,7 @@ import os
 import time
 import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -243,14 +244,34 @@ def cluster_samples(dataset: Dataset, plan: RunPlan) -> dict:
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):   # absent, torn or foreign: computed again
         pass
     result = _fit_clusters(dataset, plan)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
+        _remove_dead_writers_partials(path)
         np.savez(partial, **result)
         os.replace(partial, path)                    # readers see the whole file or none (as the logits cache)
     except OSError:                                  # a read-only or full cache costs the next run the time, no more
-        pass
+        partial.unlink(missing_ok=True)              # (and leaves no half-written file behind)
     return result
+
+
+def _remove_dead_writers_partials(path: Path) -> None:
+    """A writer killed between savez and the rename (kill -9) leaves its <key>.<pid>.partial.npz: the next writer of
+    the same key removes those whose process is gone (a live writer's file is left to it)."""
+    for stale in path.parent.glob(f"{path.stem}.*.partial.npz"):
+        pid = stale.name[len(path.stem) + 1:-len(".partial.npz")]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                          # another user's live process
+        return True
+    return True
 
 
 def _clusters_key(dataset: Dataset, plan: RunPlan) -> str:
