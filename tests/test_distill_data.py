@@ -1,7 +1,6 @@
 """Data loading for distillation: chatterbot corpus, .txt, chat .jsonl, errors, split, packing, featurisers."""
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -400,8 +399,8 @@ def test_clusters_are_cached_by_content_and_read_back_identical(tmp_path, monkey
     import subprocess
     dead = subprocess.Popen(["true"])
     dead.wait()
-    killed = cached.with_name(f"{cached.stem}.{dead.pid}.partial.npz")
-    live = cached.with_name(f"{cached.stem}.{os.getppid()}.partial.npz")
+    killed = cached.with_name(f"{cached.name}.tmp{dead.pid}")
+    live = cached.with_name(f"{cached.name}.tmp{os.getppid()}")
     for f in (killed, live):
         f.write_bytes(b"half")
     monkeypatch.setattr(setup, "_fit_clusters", real_fit)
@@ -412,8 +411,8 @@ def test_clusters_are_cached_by_content_and_read_back_identical(tmp_path, monkey
     # a full disk: the write fails, the arrays are still returned, and no partial file stays
     cached.unlink()
 
-    def full_disk(file, **arrays):
-        Path(file).write_bytes(b"half")
+    def full_disk(sink, **arrays):
+        sink.write(b"half")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(setup.np, "savez", full_disk)
     assert np.array_equal(setup.cluster_samples(data, plan())["train"], first["train"])

@@ -21,13 +21,13 @@ import os
 import time
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from .. import distributed as dist_utils
+from ..tracking.files import remove_stale_temps, temp_path
 from ..clustering import ClusterBalancedSampler, KMeansClustering
 from ..featurize import make_featurizer, project_2d
 from ..precision import build_precision_plan
@@ -244,34 +244,16 @@ def cluster_samples(dataset: Dataset, plan: RunPlan) -> dict:
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):   # absent, torn or foreign: computed again
         pass
     result = _fit_clusters(dataset, plan)
-    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
+    partial = temp_path(path)                        # <key>.npz.tmp<pid>, renamed whole (as the run store's files)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_dead_writers_partials(path)
-        np.savez(partial, **result)
+        remove_stale_temps(path.parent, depth=0)     # what writers killed before their rename left
+        with open(partial, "wb") as sink:
+            np.savez(sink, **result)
         os.replace(partial, path)                    # readers see the whole file or none (as the logits cache)
     except OSError:                                  # a read-only or full cache costs the next run the time, no more
         partial.unlink(missing_ok=True)              # (and leaves no half-written file behind)
     return result
-
-
-def _remove_dead_writers_partials(path: Path) -> None:
-    """A writer killed between savez and the rename (kill -9) leaves its <key>.<pid>.partial.npz: the next writer of
-    the same key removes those whose process is gone (a live writer's file is left to it)."""
-    for stale in path.parent.glob(f"{path.stem}.*.partial.npz"):
-        pid = stale.name[len(path.stem) + 1:-len(".partial.npz")]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            stale.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:                          # another user's live process
-        return True
-    return True
 
 
 def _clusters_key(dataset: Dataset, plan: RunPlan) -> str:
