@@ -200,3 +200,41 @@ def test_a_crashed_or_interrupted_run_does_not_stay_running_in_mlflow(tmp_path, 
     assert sorted(history) == [1, 2, 3]
     scalars, _, _ = _tensorboard(run_dir)                             # flushed and closed: readable, all 3 steps
     assert sorted(scalars["train/loss"]) == [1, 2, 3]
+
+
+def test_a_run_killed_with_sigkill_ends_its_mlflow_run_when_the_store_marks_it_lost(tmp_path, monkeypatch):
+    """kill -9 gives a run no chance to end its MLflow run. The workbench's upkeep (launcher.mark_lost) marks the run
+    lost in the store and ends the MLflow run it recorded as KILLED, with the reason in tag hybrid.error; a run still
+    alive, or one that reported to MLflow nothing, is left alone, and a second upkeep changes nothing."""
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    from hybrid_optimization.tracking import RunStore
+    from workbench import launcher
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = RunStore(tmp_path / "runs")
+    uri = tracking_uri(store.root)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("kill9", artifact_location=reporting.local_artifacts(uri))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    runs = {}
+    for name, pid, mirrored in (("killed", dead.pid, True), ("alive", os.getpid(), True),
+                                ("unmirrored", dead.pid, False)):
+        rid = store.create_run({}, {}, "tiny", name=name, status="running")
+        store.update_run(rid, pid=pid)
+        if mirrored:                                   # what reporting._open_mlflow records in the run folder
+            mlflow_id = client.create_run(experiment).info.run_id
+            (store.root / rid / MLFLOW_RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": mlflow_id}))
+            runs[name] = (rid, mlflow_id)
+        else:
+            runs[name] = (rid, None)
+    assert sorted(launcher.mark_lost(store)) == sorted([runs["killed"][0], runs["unmirrored"][0]])
+    killed = client.get_run(runs["killed"][1])
+    assert killed.info.status == "KILLED" and killed.info.end_time is not None
+    assert killed.data.tags["hybrid.error"].startswith("lost: ") and str(dead.pid) in killed.data.tags["hybrid.error"]
+    assert client.get_run(runs["alive"][1]).info.status == "RUNNING"
+    assert store.get_run(runs["alive"][0])["status"] == "running"
+    assert launcher.mark_lost(store) == []
+    assert reporting.end_lost_mlflow_runs({runs["killed"][0]: store.root / runs["killed"][0]}) == []   # once only

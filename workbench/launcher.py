@@ -32,6 +32,7 @@ from typing import Any
 
 from hybrid_optimization import launch as launch_path
 from hybrid_optimization.config import HybridTrainingConfig
+from hybrid_optimization.distill import reporting
 from hybrid_optimization.distill.options import PYTHON_ONLY, TrainOptions
 from hybrid_optimization.distill.presets import PRESETS as _PRESETS
 from hybrid_optimization.distill.presets import STUDENT_SIZES as _STUDENT_SIZES
@@ -245,6 +246,17 @@ def stop(store: RunStore, run_id: str, grace_s: float = STOP_GRACE_S) -> bool:
 
     threading.Thread(target=fallback, name=f"stop-{run_id}", daemon=True).start()
     return True
+
+
+def mark_lost(store: RunStore) -> list[str]:
+    """Mark runs whose process died as lost (RunStore.refresh_liveness), and end the MLflow run each of them
+    reported to (`--report_to mlflow`): a run killed with SIGKILL cannot end its own, which stayed RUNNING in MLflow
+    for ever. Returns the ids marked lost."""
+    lost = store.refresh_liveness()
+    if lost:
+        reporting.end_lost_mlflow_runs({rid: store.root / rid for rid in lost},
+                                       {rid: store.get_run(rid).get("error") or "" for rid in lost})
+    return lost
 
 
 def reap(store: RunStore | None = None) -> list[str]:

@@ -87,7 +87,7 @@ def upkeep(store: RunStore) -> None:
     st.session_state["_upkeep_at"] = now
     try:
         launcher.reap(store)
-        store.refresh_liveness()
+        launcher.mark_lost(store)
     except StoreError as exc:  # e.g. a read-only runs root: show the runs, say why liveness is unknown
         st.caption(f"could not update run liveness: {plain(exc)}")
 

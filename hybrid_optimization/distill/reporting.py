@@ -9,7 +9,9 @@ What is written, for both back-ends (same names in both):
     summary/<name>   the final summary's numbers at the last step, and the summary block as text
                      (TensorBoard text `summary`, MLflow artifact `summary.txt`); MLflow's run ends FINISHED, KILLED
                      (stopped) or FAILED (diverged); a run that crashes or is interrupted without a summary ends
-                     FAILED / KILLED too, with tag `hybrid.error` (on_failure, from RunSession's exit)
+                     FAILED / KILLED too, with tag `hybrid.error` (on_failure, from RunSession's exit); a run
+                     killed with SIGKILL cannot: when the store marks it lost, the workbench ends its MLflow run
+                     KILLED with tag `hybrid.error` "lost: …" (end_lost_mlflow_runs)
 
 Where: TensorBoard event files in `<run folder>/tensorboard/` (`tensorboard --logdir <runs root>` shows every run).
 MLflow: `$MLFLOW_TRACKING_URI` when set, else a local SQLite store `<runs root>/mlflow.db`; a SQLite store's
@@ -225,6 +227,40 @@ class ReportTo:
         client.log_batch(run_id, tags=[RunTag("mlflow.note.content", f"hybrid_optimization run {self.run_id}")])
         record.write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}) + "\n")
         self.mlflow = (client, run_id)
+
+
+def end_lost_mlflow_runs(run_dirs: dict[str, Path], reasons: dict[str, str] | None = None) -> list[str]:
+    """A run killed with SIGKILL (or whose machine went down) never reaches on_failure, so its MLflow run would stay
+    RUNNING for ever. When the run store marks such runs lost (RunStore.refresh_liveness), this ends the MLflow run
+    each one recorded in its folder's mlflow_run.json as KILLED, with the reason in tag `hybrid.error` — the same
+    ending a stopped run gets. Runs without a record cost nothing (mlflow is imported only for a record); one that
+    cannot be reached is skipped, never raised: the caller is the workbench's page upkeep. Returns the store run ids
+    whose MLflow run it ended."""
+    records = {}
+    for run_id, run_dir in run_dirs.items():
+        try:
+            records[run_id] = json.loads((Path(run_dir) / MLFLOW_RUN_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+    if not records:
+        return []
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:                 # the extra is not installed here: nothing this process can end
+        return []
+    ended = []
+    for run_id, record in records.items():
+        try:
+            client = MlflowClient(tracking_uri=record["tracking_uri"])
+            if client.get_run(record["run_id"]).info.status != "RUNNING":
+                continue
+            why = (reasons or {}).get(run_id) or "the run's process is gone"
+            client.set_tag(record["run_id"], "hybrid.error", f"lost: {why}"[:PARAM_VALUE_LIMIT])
+            client.set_terminated(record["run_id"], "KILLED")
+            ended.append(run_id)
+        except Exception:               # a server that is down, a deleted run: the next upkeep tries again
+            continue
+    return ended
 
 
 def tracking_uri(runs_root: str | Path) -> str:
