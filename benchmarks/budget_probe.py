@@ -40,10 +40,18 @@ def sanity(rows: list[dict], b: tracks.TrackBudget) -> dict | None:
         return None
     cos, const = (runs.values(m, tuned[m], seeds, tracks.final) for m in (tracks.REFERENCE, "AdamW"))
     v = tracks.paired_bootstrap(cos, const, stats.median, b.n_boot)
+    # A constant LR whose held-out loss bottomed out before half the budget and rose after has overfit: cosine's
+    # decay then "wins" by overfitting less, which says nothing about the schedule as an optimizer. No decision.
+    best = stats.median([tracks.best_step(runs.get("AdamW", tuned["AdamW"], s)) for s in seeds])
+    overfit = best < b.steps / 2
     return {"target": "sanity: the tuned cosine reference beats constant LR at this budget",
             "measured": f"{tracks.fmt_ci(v, 3)} over {len(seeds)} seeds (AdamW-cos {stats.median(cos):.4f} "
                         f"at lr {tuned[tracks.REFERENCE]:g} vs AdamW {stats.median(const):.4f} at lr "
-                        f"{tuned['AdamW']:g})", "ratio": v, "seeds": seeds, "tuned_lr": tuned, "met": v[2] < 1}
+                        f"{tuned['AdamW']:g}; the tuned constant LR's held-out loss lowest at step {best:g} of "
+                        f"{b.steps}" + (", then rising: the final losses measure overfitting, not the schedule"
+                                        if overfit else "") + ")",
+            "ratio": v, "seeds": seeds, "tuned_lr": tuned, "met": v[2] < 1, "constant_best_step": best,
+            "overfit": overfit, "decides": v[2] < 1 and not overfit}
 
 
 def main(out: Path, workload: str = "quick", steps: int = 400, seeds: int = 3,
@@ -54,6 +62,7 @@ def main(out: Path, workload: str = "quick", steps: int = 400, seeds: int = 3,
     journal = out / "runs.jsonl"
     started, cpu0 = time.perf_counter(), time.process_time()
     prepared = tracks.prepare_workload(b.workload, "cpu", log)   # once (the teacher of the workload is cached)
+    info = tracks.workload_info(prepared, b)
     specs = tracks.specs_for(b, "cpu")
     if bits != tracks.BITS:      # a diagnostic probe: the same runs without ternary QAT (W1, full precision)
         specs = [replace(s, workload="W1", bits=bits) for s in specs]
@@ -61,6 +70,7 @@ def main(out: Path, workload: str = "quick", steps: int = 400, seeds: int = 3,
     def record(rows: list[dict], complete: bool) -> dict:
         row = sanity(rows, b)
         data = {"budget": dict(b.__dict__), "bits": bits, "sanity": row, "complete_grid": complete, "runs": len(rows),
+                "workload": info, "passes": b.steps * b.batch_size * info["seq_len"] / info["train_tokens"],
                 "runs_cpu_seconds": float(sum(r["train_cpu_s"] for r in rows)),
                 "this_invocation_wall_s": time.perf_counter() - started,
                 "this_invocation_cpu_s_main_process": time.process_time() - cpu0}

@@ -223,8 +223,10 @@ def tuned_ratio(runs: Runs, b: TrackBudget, a: str, ref: str) -> dict | None:
     fa = runs.values(a, lr_a, seeds, tracks.final)
     fr = runs.values(ref, lr_r, seeds, tracks.final)
     v = tracks.paired_bootstrap(fa, fr, lambda x: float(np.median(x)), b.n_boot)
+    # where `ref`'s held-out loss bottomed out (budget_probe.sanity: before half the budget = overfit since)
+    best = float(np.median([tracks.best_step(runs.get(ref, lr_r, s)) for s in seeds]))
     return {"ratio": v, "lr": lr_a, "ref_lr": lr_r, "final": float(np.median(fa)), "ref_final": float(np.median(fr)),
-            "grid": list(grid), "seeds": seeds}
+            "grid": list(grid), "seeds": seeds, "ref_best_step": best, "ref_overfit": best < b.steps / 2}
 
 
 def cost_ratio(rows: list[dict], a: str, ref: str = "AdamW", n_boot: int = 4000) -> dict | None:
@@ -316,9 +318,13 @@ def target_cells(w: dict) -> list[tuple[str, bool | None]]:
                   f"{len(e['seeds'])} seeds)", e["ratio"][0] <= 1.0) if e else
                  ("not measured (no tuning-seed runs for both)", None))
     s = w.get("sanity")
+    overfit = bool(s and s.get("ref_overfit"))
     cells.append((f"{fmt_ci(s['ratio'], 3)} (AdamW-cos {s['final']:.4f} at lr {s['lr']:g} vs AdamW "
                    f"{s['ref_final']:.4f} at lr {s['ref_lr']:g}; {len(s['seeds'])} seeds, grid of "
-                   f"{len(s['grid'])})", s["ratio"][2] < 1) if s else ("not measured", None))
+                   f"{len(s['grid'])}" + ("; AdamW's held-out loss lowest at step "
+                                          f"{s['ref_best_step']:g} of {w['budget']['steps']}, then rising: "
+                                          "overfitting, not a decision" if overfit else "") + ")",
+                   s["ratio"][2] < 1 and not overfit) if s else ("not measured", None))
     cost = w.get("cost")
     cells.append((f"{fmt_ci(cost['ratio'], 3)} ({cost['ms']:.0f} vs {cost['ref_ms']:.0f} ms, {cost['runs']} paired "
                   "runs; a shared, loaded machine)", cost["ratio"][0] <= 1.05) if cost else ("not measured", None))
@@ -449,7 +455,7 @@ def probes_md(probes: list[dict]) -> list[str]:
     """The report's budget paragraph: whether a probed budget decides, then one line per probe."""
     if not probes:
         return []
-    decided = [p for p in probes if (p.get("sanity") or {}).get("met")]
+    decided = [p for p in probes if (p.get("sanity") or {}).get("decides", (p.get("sanity") or {}).get("met"))]
     lines = ["**A budget that decides** (tuned warmup + cosine ÷ tuned constant LR, final validation loss, "
              "interval below 1; `benchmarks/budget_probe.py`, each folder's NOTE.md): "
              + (f"found at {', '.join(p['name'] for p in decided)}." if decided else
@@ -458,8 +464,9 @@ def probes_md(probes: list[dict]) -> list[str]:
                 "allows 8 before the GPU `--full` mode must decide)."), ""]
     for p in probes:
         s = p.get("sanity") or {}
-        lines.append(f"- {p['name']} (`{p['command']}`): {s.get('measured', 'not decided yet')}; {p.get('runs')} "
-                     f"runs, {p.get('runs_cpu_seconds', 0) / 3600:.2f} CPU-h.")
+        passes = f" ({p['passes']:.1f} passes over the training tokens)" if p.get("passes") else ""
+        lines.append(f"- {p['name']}{passes} (`{p['command']}`): {s.get('measured', 'not decided yet')}; "
+                     f"{p.get('runs')} runs, {p.get('runs_cpu_seconds', 0) / 3600:.2f} CPU-h.")
     return lines + [""]
 
 
@@ -492,9 +499,10 @@ def render(budgets: list[tuple[int, list[dict]]], probes: list[dict], status: st
               f"Read at {steps} steps, the longest budget with complete sets of runs on both workloads. `--hybrid` "
               f"today = **{d}** (trust region `{[k for k, v in DEFAULT_KEY.items() if v == d][0]}`).", ""]
     for i, (st, ws) in enumerate(budgets):
-        sanity = [(w.get("sanity") or {}).get("ratio") for w in ws]
+        sanity = [w.get("sanity") or {} for w in ws]
         lines += targets_md(st, ws, decides=len(ws) == len({w for w, _ in ROBUST_WORKLOADS.values()})
-                            and all(r is not None and r[2] < 1 for r in sanity))
+                            and all(s.get("ratio") is not None and s["ratio"][2] < 1 and not s.get("ref_overfit")
+                                    for s in sanity))
     lines += ["A target is **yes** only when met on both workloads; a bar is never loosened. Issue 16 asks "
               "≥ 5 seeds: a table resting on fewer says so above it.", ""]
     lines += probes_md(probes)

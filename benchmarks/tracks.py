@@ -296,6 +296,13 @@ def best_val(row: dict) -> float:
     return min(vals) if vals else math.inf
 
 
+def best_step(row: dict) -> float:
+    """The step of a run's lowest held-out loss (inf when none is finite): long before the budget's end, and the
+    run's final loss measures how much it overfit since, not how well it optimised."""
+    finite = [e for e in row["evals"] if math.isfinite(e["val_loss"])]
+    return min(finite, key=lambda e: e["val_loss"])["step"] if finite else math.inf
+
+
 def final(row: dict, key: str = "val_loss") -> float:
     return row["evals"][-1].get(key, math.nan) if row["evals"] else math.nan
 

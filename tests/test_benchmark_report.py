@@ -136,3 +136,29 @@ def test_the_robustness_report_lists_every_budget_probe_and_says_whether_one_dec
     probe("docs-1600", "docs-quick", 1600, "0.980 [0.970, 0.990]", True)
     text = "\n".join(robustness.probes_md(robustness.read_probes(tmp_path / "budget-probe")))
     assert "found at python-docs, 1600 steps, ternary QAT." in text
+
+
+def test_a_budget_where_the_constant_lr_overfits_does_not_decide():
+    """budget_probe.sanity: tuned cosine ÷ tuned constant below 1 decides only when the constant LR's held-out loss
+    was still falling in the budget's second half. On chat at 1600 steps (37 passes over 45 k tokens) it bottoms out
+    near step 400 and rises: cosine's lower final loss is less overfitting, not a better schedule."""
+    from benchmarks import budget_probe, tracks
+    b = budget_probe.budget("quick", 1600, 3, (1e-3, 3e-3))
+    b.n_boot = 200
+
+    def rows(constant_curve):
+        out = []
+        for m in ("AdamW", "AdamW-cos"):
+            for lr in b.grid:
+                for s in (*b.seeds, b.tuning_seed):
+                    curve = constant_curve if m == "AdamW" else (lambda step: 5.0 - step / 1600)
+                    shift = 0.0 if lr == 1e-3 else 0.3
+                    out.append({"method": m, "lr": lr, "seed": s, "steps": 1600, "evals": [
+                        {"step": st, "val_loss": curve(st) + shift + 0.001 * s} for st in range(80, 1601, 80)]})
+        return out
+    overfit = budget_probe.sanity(rows(lambda step: 4.5 + abs(step - 400) / 1000), b)     # lowest at 400, then up
+    assert overfit["met"] and overfit["overfit"] and not overfit["decides"]
+    assert overfit["constant_best_step"] == 400 and "lowest at step 400 of 1600, then rising" in overfit["measured"]
+    falling = budget_probe.sanity(rows(lambda step: 5.0 - step / 2000), b)                 # still falling at 1600
+    assert falling["met"] and not falling["overfit"] and falling["decides"]
+    assert tracks.best_step({"evals": [{"step": 5, "val_loss": float("nan")}]}) == float("inf")
