@@ -176,13 +176,15 @@ class _Crash:
 
 @pytest.mark.parametrize("exc, status", [(RuntimeError("boom at step 3"), "FAILED"),
                                          (KeyboardInterrupt(), "KILLED")])
-def test_a_crashed_or_interrupted_run_does_not_stay_running_in_mlflow(tmp_path, monkeypatch, exc, status):
+def test_a_crashed_or_interrupted_run_does_not_stay_running_in_mlflow(tmp_path, monkeypatch, exc, status,
+                                                                      reported_run):
     """A run that ends without a summary (an exception in training; a second Ctrl-C) ends its MLflow run FAILED or
     KILLED — it used to stay RUNNING forever — with the steps it logged sent and its TensorBoard file closed."""
     from hybrid_optimization.distill.options import TrainOptions
     from hybrid_optimization.distill.train import train
     from hybrid_optimization.tracking import RunStore
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # the module's MLflow store (a new SQLite store costs its migrations, ~3 s); the default one is tested above
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", reported_run[3])
     runs = tmp_path / "runs"
     with pytest.raises(type(exc)):
         train(TrainOptions(max_steps=6, eval_every_steps=1000, eval_windows=8, quiet=True, progress=False,
@@ -202,7 +204,8 @@ def test_a_crashed_or_interrupted_run_does_not_stay_running_in_mlflow(tmp_path, 
     assert sorted(scalars["train/loss"]) == [1, 2, 3]
 
 
-def test_a_run_killed_with_sigkill_ends_its_mlflow_run_when_the_store_marks_it_lost(tmp_path, monkeypatch):
+def test_a_run_killed_with_sigkill_ends_its_mlflow_run_when_the_store_marks_it_lost(tmp_path, monkeypatch,
+                                                                                   reported_run):
     """kill -9 gives a run no chance to end its MLflow run. The workbench's upkeep (launcher.mark_lost) marks the run
     lost in the store and ends the MLflow run it recorded as KILLED, with the reason in tag hybrid.error; a run still
     alive, or one that reported to MLflow nothing, is left alone, and a second upkeep changes nothing."""
@@ -212,9 +215,8 @@ def test_a_run_killed_with_sigkill_ends_its_mlflow_run_when_the_store_marks_it_l
 
     from hybrid_optimization.tracking import RunStore
     from workbench import launcher
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = RunStore(tmp_path / "runs")
-    uri = tracking_uri(store.root)
+    uri = reported_run[3]              # the module's MLflow store (a new SQLite store costs its migrations, ~3 s)
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("kill9", artifact_location=reporting.local_artifacts(uri))
     dead = subprocess.Popen(["true"])
