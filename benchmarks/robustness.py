@@ -210,8 +210,11 @@ def _tuned(runs: Runs, b: TrackBudget, m: str) -> float:
 def tuned_ratio(runs: Runs, b: TrackBudget, a: str, ref: str) -> dict | None:
     """Final validation loss of `a` at its tuned LR ÷ `ref` at its own, median over the evaluation seeds both ran
     at their tuned LRs, paired bootstrap. Each LR is tuned on the tuning seed over the whole grid, or over its ends
-    and middle while the rest is missing (budget_probe runs exactly these first). None without those runs."""
-    for grid in grids(b):
+    and middle while the rest is missing (budget_probe runs exactly these first), or over any ≥ 3 LRs of it both
+    were tuned on (a budget probe's narrower grid). None without those runs."""
+    # the whole grid, its ends and middle, or (a budget probe's) any ≥ 3 LRs both tuned on — the widest first
+    both = tuple(lr for lr in b.grid if _complete(runs, [a, ref], [lr], [b.tuning_seed]))
+    for grid in (*grids(b), *([both] if len(both) >= 3 else [])):
         if _complete(runs, [a, ref], grid, [b.tuning_seed]):
             break
     else:

@@ -290,3 +290,22 @@ def test_a_partial_protocol_reports_the_methods_before_more_seeds():
     rows += [row(b.methods[6], lr, 0) for lr in robustness.CORE_LRS]
     methods, grid, seeds = robustness.complete_set(tracks.Runs(rows), b)
     assert set(methods) == set(six) and seeds == (0, 1, 2)
+
+
+def test_the_sanity_row_reads_a_budget_probes_narrower_tuning_grid():
+    """robustness.tuned_ratio tunes each method on the tuning seed over the whole grid, its ends and middle, or — a
+    budget probe's runs — any ≥ 3 grid LRs both methods were tuned on; fewer than 3 is no tuning at all."""
+    from benchmarks import robustness
+    b = tracks.track_budget("robust-docs-1600")
+
+    def row(m, lr, seed):
+        loss = (4.40 if m == "AdamW-cos" else 4.58) + abs(math.log10(lr) + 3) * 0.1 + 0.001 * seed
+        return {"method": m, "lr": lr, "seed": seed, "steps": 1600, "evals": [{"step": 1600, "val_loss": loss}]}
+    probe_grid = (3e-4, 1e-3, 3e-3)
+    rows = [row(m, lr, 100) for m in ("AdamW", "AdamW-cos") for lr in probe_grid]
+    rows += [row(m, 1e-3, s) for m in ("AdamW", "AdamW-cos") for s in (0, 1, 2)]
+    got = robustness.tuned_ratio(tracks.Runs(rows), b, "AdamW-cos", "AdamW")
+    assert got["grid"] == list(probe_grid) and got["lr"] == got["ref_lr"] == 1e-3 and got["seeds"] == [0, 1, 2]
+    assert got["ratio"][2] < 1 and not got["ref_overfit"]
+    two = [r for r in rows if r["lr"] != 3e-3]
+    assert robustness.tuned_ratio(tracks.Runs(two), b, "AdamW-cos", "AdamW") is None
