@@ -42,8 +42,7 @@ def sanity(rows: list[dict], b: tracks.TrackBudget) -> dict | None:
     v = tracks.paired_bootstrap(cos, const, stats.median, b.n_boot)
     # A constant LR whose held-out loss bottomed out before half the budget and rose after has overfit: cosine's
     # decay then "wins" by overfitting less, which says nothing about the schedule as an optimizer. No decision.
-    best = stats.median([tracks.best_step(runs.get("AdamW", tuned["AdamW"], s)) for s in seeds])
-    overfit = best < b.steps / 2
+    best, overfit = tracks.overfit(runs, "AdamW", tuned["AdamW"], seeds, b.steps)
     return {"target": "sanity: the tuned cosine reference beats constant LR at this budget",
             "measured": f"{tracks.fmt_ci(v, 3)} over {len(seeds)} seeds (AdamW-cos {stats.median(cos):.4f} "
                         f"at lr {tuned[tracks.REFERENCE]:g} vs AdamW {stats.median(const):.4f} at lr "

@@ -228,9 +228,9 @@ def tuned_ratio(runs: Runs, b: TrackBudget, a: str, ref: str) -> dict | None:
     fr = runs.values(ref, lr_r, seeds, tracks.final)
     v = tracks.paired_bootstrap(fa, fr, lambda x: float(np.median(x)), b.n_boot)
     # where `ref`'s held-out loss bottomed out (budget_probe.sanity: before half the budget = overfit since)
-    best = float(np.median([tracks.best_step(runs.get(ref, lr_r, s)) for s in seeds]))
+    best, overfit = tracks.overfit(runs, ref, lr_r, seeds, b.steps)
     return {"ratio": v, "lr": lr_a, "ref_lr": lr_r, "final": float(np.median(fa)), "ref_final": float(np.median(fr)),
-            "grid": list(grid), "seeds": seeds, "ref_best_step": best, "ref_overfit": best < b.steps / 2}
+            "grid": list(grid), "seeds": seeds, "ref_best_step": best, "ref_overfit": overfit}
 
 
 def cost_ratio(rows: list[dict], a: str, ref: str = "AdamW", n_boot: int = 4000) -> dict | None:

@@ -303,6 +303,14 @@ def best_step(row: dict) -> float:
     return min(finite, key=lambda e: e["val_loss"])["step"] if finite else math.inf
 
 
+def overfit(runs: "Runs", method: str, lr: float, seeds, steps: int) -> tuple[float, bool]:
+    """(median best step over the seeds, overfit): a run whose held-out loss bottomed out before half the budget
+    and rose after has overfit, and its final loss measures that, not the optimiser (the budget probe's and the
+    robustness report's sanity rule)."""
+    best = stats.median([best_step(runs.get(method, lr, s)) for s in seeds])
+    return best, best < steps / 2
+
+
 def final(row: dict, key: str = "val_loss") -> float:
     return row["evals"][-1].get(key, math.nan) if row["evals"] else math.nan
 
