@@ -649,15 +649,23 @@ def report(out: Path = REPORT_DIR, n_boot: int = 4000, status: str | None = None
     return out / "report.md"
 
 
-def run(mode: str, methods: tuple[str, ...] | None = None, log=print, limit: int | None = None) -> list[dict]:
+def run(mode: str, methods: tuple[str, ...] | None = None, log=print, limit: int | None = None,
+        seeds: tuple[int, ...] | None = None) -> list[dict]:
     """Run (or resume) one workload's protocol in priority order, journaled in results/<mode>/runs.jsonl; with
-    `limit`, only the next `limit` runs of that order (to interleave the two workloads)."""
+    `limit`, only the next `limit` runs of that order (to interleave the two workloads); with `methods` or `seeds`,
+    only those runs of the order (to fill one set first, e.g. the last two seeds the ≥ 5-seed targets need)."""
     b = track_budget(mode)
     if methods:
         unknown = [m for m in methods if m not in b.methods]
         if unknown:
             raise SystemExit(f"unknown method {', '.join(unknown)}: use {', '.join(b.methods)}")
         b.methods = tuple(methods)
+    if seeds:
+        allowed = (*b.seeds, b.tuning_seed)
+        unknown = [str(s) for s in seeds if s not in allowed]
+        if unknown:
+            raise SystemExit(f"unknown seed {', '.join(unknown)}: use {', '.join(map(str, allowed))} "
+                             f"({b.tuning_seed} is the tuning seed)")
     folder = RESULTS / mode
     folder.mkdir(parents=True, exist_ok=True)
     prepared = tracks.prepare_workload(b.workload, "cpu", log)
@@ -668,7 +676,7 @@ def run(mode: str, methods: tuple[str, ...] | None = None, log=print, limit: int
     done = read_rows(mode)
     have = {tracks._row_key(r["method"], r["lr"], r["seed"], r["steps"]) for r in done}
     specs = [s for s in tracks.specs_for(b, "cpu")
-             if tracks._row_key(s.method.key, s.lr, s.seed, s.steps) not in have]
+             if tracks._row_key(s.method.key, s.lr, s.seed, s.steps) not in have and (not seeds or s.seed in seeds)]
     order = sorted(specs, key=priority(b))
     log(f"{mode}: {len(done)} runs done (incl. {', '.join(map(str, ALSO_FROM.get(mode, []))) or 'none'}), "
         f"{len(order)} to run, in priority order" + (f"; the next {limit} now" if limit else ""))
@@ -682,6 +690,7 @@ if __name__ == "__main__":
     parser.add_argument("--mode", choices=tuple(ROBUST_WORKLOADS), help="run (resume) this workload's protocol")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the methods to run now")
     parser.add_argument("--limit", type=int, default=None, help="run only the next N runs of the priority order")
+    parser.add_argument("--seeds", default=None, help="comma-separated subset of the seeds to run now")
     parser.add_argument("--report", action="store_true", help="write the report from whatever finished")
     ns = parser.parse_args()
     if not ns.mode and not ns.report:
@@ -689,7 +698,11 @@ if __name__ == "__main__":
     if ns.mode:
         if ns.limit is not None and ns.limit < 1:
             parser.error(f"--limit must be a positive number of runs, got {ns.limit}")
+        try:
+            seeds = tuple(int(s) for s in ns.seeds.split(",")) if ns.seeds else None
+        except ValueError:
+            parser.error(f"--seeds must be comma-separated whole numbers, got {ns.seeds!r}")
         run(ns.mode, tuple(ns.methods.split(",")) if ns.methods else None, log=functools.partial(print, flush=True),
-            limit=ns.limit)
+            limit=ns.limit, seeds=seeds)
     if ns.report:
         print(report())
