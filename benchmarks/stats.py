@@ -41,6 +41,16 @@ def ratio(a: float, b: float) -> float:
     return a / b if b != 0 else (1.0 if a == 0 else INF)
 
 
+def ratios(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`ratio` elementwise, with the same conventions for misses."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(b != 0, a / np.where(b != 0, b, 1.0), np.where(a == 0, 1.0, INF))
+    out = np.where(np.isinf(a), INF, out)
+    out = np.where(np.isinf(b), 0.0, out)
+    return np.where(np.isinf(a) & np.isinf(b), 1.0, out)
+
+
 def paired_bootstrap_ratio(method: Sequence[float], reference: Sequence[float], n_boot: int = 4000,
                            seed: int = 0) -> tuple[float, float, float]:
     """(point, low, high): median(method)/median(reference) and its 95 % paired-bootstrap interval."""
@@ -50,7 +60,8 @@ def paired_bootstrap_ratio(method: Sequence[float], reference: Sequence[float], 
     point = ratio(median(m), median(r))
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(m), size=(n_boot, len(m)))
-    boot = np.array([ratio(float(np.median(m[i])), float(np.median(r[i]))) for i in idx])
+    # Every draw at once: the report computes ~170 of these intervals, a Python loop over draws took ~30 CPU-s.
+    boot = ratios(np.median(m[idx], axis=1), np.median(r[idx], axis=1))
     # "lower"/"higher": an order statistic, never an interpolation between two infinities
     low = float(np.percentile(boot, 2.5, method="lower"))
     high = float(np.percentile(boot, 97.5, method="higher"))

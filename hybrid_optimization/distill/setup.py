@@ -194,7 +194,7 @@ def prepare_data(plan: RunPlan, inputs: Inputs, *, device: torch.device, ctx: di
             folder = tiny_teacher_dir(inputs.tokenizer, dataset, hidden_size=preset.teacher_hidden,
                                       layers=preset.teacher_layers, steps=preset.teacher_steps, log=say,
                                       progress=lambda done, total: stage("teacher", done, total))
-            teacher = load_teacher(folder, log=say)
+            teacher = load_teacher(folder, log=say, tokenizer=inputs.tokenizer)
         stage("teacher", ended=True)
         stage("teacher_logits")
         logits = teacher_topk_cache(teacher, dataset, k=plan.top_k, device=str(device),

@@ -226,8 +226,11 @@ def gguf_to_hf_dir(gguf_path: Path, log: Callable[[str], None] = print) -> Path:
     return target
 
 
-def load_teacher(path: str | Path, log: Callable[[str], None] = print, load_model: bool = False) -> Teacher:
-    """A teacher from a HF directory or a .gguf file. The model itself is loaded lazily (`Teacher.load_model`)."""
+def load_teacher(path: str | Path, log: Callable[[str], None] = print, load_model: bool = False,
+                 tokenizer=None) -> Teacher:
+    """A teacher from a HF directory or a .gguf file. The model itself is loaded lazily (`Teacher.load_model`).
+    `tokenizer`: the teacher's tokenizer when the caller has it open already (the tiny teacher is saved with the
+    run's own tokenizer): reopening it through AutoTokenizer costs ~2.7 CPU-s of every training start."""
     path = check_teacher_path(path)
     if path.is_file():
         directory = gguf_to_hf_dir(path, log)
@@ -237,7 +240,8 @@ def load_teacher(path: str | Path, log: Callable[[str], None] = print, load_mode
         directory = path
         identity = f"hf:{directory_identity(path)}"
         description = str(path)
-    tokenizer = load_tokenizer(directory)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(directory)
     teacher = Teacher(model=None, tokenizer=tokenizer, identity=identity, description=description,
                       directory=directory)
     if load_model:

@@ -59,7 +59,9 @@ def tokenizer_sample(documents: list[Document], max_chars: int = TOKENIZER_SAMPL
 def tiny_tokenizer(documents: list[Document], fingerprint: str, vocab_size: int = 1024,
                    log: Callable[[str], None] = print):
     """A byte-level BPE tokenizer trained on `documents` or a sample of them (cached by their fingerprint)."""
-    from transformers import AutoTokenizer
+    # Saved as a PreTrainedTokenizerFast, so reopened as one: AutoTokenizer would first resolve the class through
+    # transformers' model registry (~1.1 CPU-s more of every training start) to arrive at the same object.
+    from transformers import PreTrainedTokenizerFast
 
     recipe = f"{RECIPE_VERSION}|{fingerprint}|{vocab_size}"
     if sum(doc.n_chars() for doc in documents) > TOKENIZER_SAMPLE_CHARS:
@@ -67,12 +69,12 @@ def tiny_tokenizer(documents: list[Document], fingerprint: str, vocab_size: int 
     key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     folder = cache_dir() / "tiny" / f"tokenizer-{key}"
     if (folder / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
     with cache_lock(folder, "the tokenizer", log):
         if not (folder / "tokenizer.json").is_file():     # else another run trained it while this one waited
             remove_leftovers(folder)
             _train_tokenizer(documents, folder, vocab_size, log)
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
 
 
 def _train_tokenizer(documents: list[Document], folder: Path, vocab_size: int, log: Callable[[str], None]) -> None:
