@@ -7,6 +7,7 @@ import time
 import pytest
 
 from hybrid_optimization.tracking import RunStore
+from tests.e2e.app_utils import settle
 
 # Points drawn in Live's chart `title` (-1: no such chart on the page). Live's charts are subplots of one figure;
 # each trace's `meta` names its chart, and plotly.js keeps the decoded traces (with their length) in _fullData.
@@ -72,7 +73,7 @@ def test_launch_watch_stop_in_a_real_browser(workbench_server, browser_page, scr
     assert run["status"] == "stopped" and 0 < run["step"] < MAX_STEPS
     page.get_by_text("stopped", exact=True).first.wait_for(timeout=30_000)
     page.get_by_role("button", name="Resume").wait_for()
-    page.wait_for_timeout(2500)          # let the full-page redraw after the status change settle
+    settle(page)                         # the full-page redraw after the status change
     page.screenshot(path=str(screenshots_dir / "3-live-stopped.png"), full_page=True)
 
     for n, (slug, heading) in enumerate((("clusters", "Clusters"), ("precision", "Precision"),
@@ -80,6 +81,6 @@ def test_launch_watch_stop_in_a_real_browser(workbench_server, browser_page, scr
                                          ("benchmarks", "Benchmarks")), start=4):
         page.goto(f"{url}/{slug}")
         page.get_by_role("heading", name=heading).wait_for()
-        page.wait_for_timeout(2500)          # let the charts draw
+        settle(page)                         # the charts drawn
         assert not page.locator("[data-testid=stException]").count(), slug
         page.screenshot(path=str(screenshots_dir / f"{n}-{slug}.png"), full_page=True)

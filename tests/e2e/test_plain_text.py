@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from hybrid_optimization.tracking import RunStore
+from tests.e2e.app_utils import settle
 from tests.fixtures.workbench_runs import write_synthetic_run
 
 PAGES = (("live", "Live run"), ("summary", "Run summary"), ("clusters", "Clusters"), ("precision", "Precision"))
@@ -38,7 +39,7 @@ def test_a_markdown_image_in_a_run_name_is_text_not_a_request(workbench_server, 
         for slug, heading in PAGES:
             page.goto(f"{url}/{slug}?run={run_id}")
             page.get_by_role("heading", name=heading).wait_for()
-            page.wait_for_timeout(1500)
+            settle(page)                     # drawn in full: a rendered image would have been requested by now
             main = page.locator("[data-testid=stMain]")
             if slug in ("live", "summary"):      # the pages that print the name in text, beside the picker
                 assert name in main.inner_text(), slug

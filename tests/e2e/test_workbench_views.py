@@ -10,6 +10,7 @@ import pytest
 
 from hybrid_optimization.config import HybridTrainingConfig
 from hybrid_optimization.tracking import RunStore
+from tests.e2e.app_utils import settle
 from tests.fixtures.workbench_runs import write_synthetic_run
 
 # The plotly figure titled `title` on the page: its traces (name, type, number of points) and y-axis range.
@@ -81,7 +82,7 @@ def test_links_compare_and_constant_lr_in_a_real_browser(workbench_server, brows
     names = {t["name"] for t in val["traces"] if t["n"] > 0}
     assert names == {f"adamw-baseline ({baseline})", f"hybrid-ternary ({hybrid})"}, val
     page.wait_for_function(PARCOORDS_JS, timeout=30_000)
-    page.wait_for_timeout(1500)
+    settle(page)
     page.screenshot(path=str(screenshots_dir / "compare-validation.png"), full_page=True)
     assert _foreign(requests) == [], _foreign(requests)
 
@@ -125,7 +126,7 @@ def test_tiny_sweep_from_the_sweep_page(workbench_server, browser_page, screensh
     page.get_by_role("button", name="Launch with this config").wait_for(timeout=180_000)
     page.wait_for_function(f"() => ({FIGURE_JS})('History: final validation loss per trial, best so far') !== null",
                            timeout=120_000, polling=1000)
-    page.wait_for_timeout(5000)          # the results refresh every 2 s while the sweep process lives
+    settle(page)                         # the results refresh every 2 s while the sweep process lives
     page.screenshot(path=str(screenshots_dir / "sweep-results.png"), full_page=True)
     assert _foreign(requests) == [], _foreign(requests)
     print(f"2-trial tiny sweep from the Sweep page: {elapsed:.0f} s")
