@@ -77,14 +77,20 @@ HYB_BOUNDED = replace(H, key="H-bounded", label="H with the bounded trust region
                       "capped)", config={"trust_region_mode": "bounded"})
 HYB_RMS = replace(H, key="H-rms", label="H with the rms trust region (‖ΔΘ‖ ≤ μ·1e-3·√N: the absolute region in update-RMS "
                   "units, the same per-entry step at any model size)", config={"trust_region_mode": "rms"})
+# Issue 16's candidate against the hybrid's worst LR (too high): under a whole-model region that binds, the update's
+# length does not depend on the multiplier, so the hypergradient over the "free" tensors is empty and the learned
+# multiplier stays at ×1.00 (robustness report, lr 1e-2). Here it learns from the whole update, bound or not.
+HYB_RMS_FREE = replace(HYB_RMS, key="H-rms-free", label="H-rms with the hypergradient over the whole update (the "
+                       "multiplier keeps learning while the region binds)",
+                       optimizer_kwargs={"projected_hypergradient": False})
 TRACK_METHODS = (ADAMW, ADAMW_COS, SF, MUON, PRODIGY, HYB, HYB_SCHED)
 TRACK_ABLATIONS = tuple(m for m in ABLATIONS if m.key in ("H-aux", "H-TR", "H-param", "H-frozen"))
 ALL_TRACK = {m.key: m for m in (*TRACK_METHODS, *TRACK_ABLATIONS, HYB_HORIZON, *VARIANTS, HYB_ABS, HYB_BOUNDED,
-                                   HYB_RMS)}
+                                   HYB_RMS, HYB_RMS_FREE)}
 # Issue 16's LR-robustness protocol: the product's menu at every LR of the 100× grid, the hybrid under each trust
 # region and over Muon; the two workloads are the chat data the workbench trains by default and python-docs.
 ROBUST_METHODS = ("AdamW", "H-abs", "H-rms", "H-bounded", "SF-AdamW", "Prodigy", "Muon", "AdamW-cos", "H-rel",
-                  "H-muon")
+                  "H-muon", "H-rms-free")
 # mode → (workload, steps). 400 steps: the protocol's first budget; 1600 steps: the budget at which tuned cosine
 # beats tuned constant LR on python-docs (results/budget-probe/docs-1600), the one issue 16's targets are read at.
 ROBUST_WORKLOADS = {"robust-chat": ("quick", 400), "robust-docs": ("docs-quick", 400),

@@ -37,10 +37,14 @@ ONE_WORKER_TESTS = {
 }
 # Node id prefixes, longest first (from `pytest --durations=0`, 2 workers); everything else keeps collection order.
 # First the two that can start on a cold cache side by side: the benchmark smoke module builds the tiny teacher
-# in-process while the bad-input table (teacher-free subprocesses) fills the other core.
+# in-process (~45 s) while the bad-input table (teacher-free subprocesses, ~25 s) fills the other core; then, on
+# that core, the teacher-free notebooks, so that it does not wait ~15 s on the teacher's build lock (the fault tests'
+# reference run needs the teacher).
 LONGEST_FIRST = (
     "tests/test_benchmarks_smoke.py",
     "tests/test_bad_inputs.py",
+    "tests/test_notebooks.py::test_notebook_runs_top_to_bottom_in_fast_mode[01_quantization]",
+    "tests/test_notebooks.py::test_notebook_runs_top_to_bottom_in_fast_mode[02_trust_region]",
     "tests/test_faults.py::test_interrupted_then_resumed_equals_the_uninterrupted_run",     # the group above
     "tests/test_faults.py::test_disk_full_during_a_checkpoint_is_one_line_recorded_and_the_last_checkpoint_resumes",
     "tests/test_notebooks.py::test_notebook_runs_top_to_bottom_in_fast_mode[05_precision_plan]",
