@@ -464,3 +464,24 @@ def test_muon_base_refuses_a_parameter_that_is_not_a_matrix():
     model = mlp()
     with pytest.raises(ValueError, match="base 'muon' orthogonalizes 2-D weight matrices.*shape \\(32,\\)"):
         HybridOptimizer([{"params": [model[0].weight, model[0].bias], "base": "muon"}])
+
+
+@pytest.mark.parametrize("projected", [True, False])
+def test_a_binding_rms_region_freezes_the_projected_hypergradients_multiplier_and_not_the_whole_update_one(projected):
+    """LR 100× the guide's under the rms region: the region binds every step, so the applied step's length does not
+    depend on the multiplier. Through the projection the LR head gets no signal and the multiplier stays at ×1.00
+    (the robustness report's lr 1e-2 column for H-abs and H-rms); over the whole update (projected_hypergradient=
+    False, the H-rms-free candidate) it keeps learning from the step actually applied. Here that step (update RMS
+    1e-3) is too short for this regression, so the multiplier rises; on the chat workload at lr 1e-2 it fell to
+    ×0.45 (benchmarks/results/robustness/report.md)."""
+    X, y = regression()
+    model = mlp(d_in=20)
+    opt = HybridOptimizer(model.parameters(), lr=1e-1, aux_net=AuxiliaryNeuralNetwork(), trust_region="rms",
+                          trust_radius=1.0, projected_hypergradient=projected)
+    infos = train(model, opt, 80, X, y)
+    assert all(i.constraint_active for i in infos)
+    last = [i.lr_multiplier for i in infos[-20:]]
+    if projected:
+        assert max(abs(m - 1.0) for m in last) < 1e-6, last
+    else:
+        assert min(last) > 1.5, last
