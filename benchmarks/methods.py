@@ -36,6 +36,10 @@ PRE_ISSUE6: dict = {"rho_from": "losses", "projected_hypergradient": False, "aux
 # and every variant built on it stay the runs those reports measured. The new default is measured as H-rms by the
 # robustness protocol (benchmarks/robustness.py).
 RECOMMENDED: dict = {"trust_region_mode": "absolute"}
+# HybridOptimizer arguments every committed hybrid run was made with, pinned under each method's own overrides for
+# the same reason: a later change of the optimizer's defaults must not change what a journal's method key means.
+# (The LR head's hypergradient through the trust-region projection; H-rms-free and H-noProj set it off.)
+PINNED_OPTIMIZER: dict = {"projected_hypergradient": True}
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,7 @@ def build_optimizer(method: Method, model: torch.nn.Module, cfg: HybridTrainingC
     if method.optimizer == "schedule-free":
         schedule, warmup_steps = "constant", warmup           # its own warmup, no schedule
     if method.is_hybrid:
-        overrides = dict(method.optimizer_kwargs)
+        overrides = {**PINNED_OPTIMIZER, **method.optimizer_kwargs}
         if method.builtin_schedule:                           # the optimizer's own warmup + cosine (H-sched)
             overrides.update(warmup_steps=warmup, decay_steps=steps)
         clusters = n_clusters if method.data_clustering else None
