@@ -59,10 +59,20 @@ DEFAULT_KEY = {"absolute": "H-abs", "relative": "H-rel", "bounded": "H-bounded",
 SF_KEY, PRODIGY_KEY = "SF-AdamW", "Prodigy"
 
 
+# ... and with the LR head's hypergradient over the whole update (HybridOptimizer(projected_hypergradient=False))
+FREE_KEY = {"rms": "H-rms-free"}
+
+
 def hybrid_default_key() -> str:
-    """The pinned method that is today's `--hybrid` (the product's default trust region)."""
-    from hybrid_optimization import HybridTrainingConfig
-    return DEFAULT_KEY[HybridTrainingConfig().trust_region_mode]
+    """The pinned method that is today's `--hybrid`: the product's default trust region, and whether the optimizer's
+    LR head learns through the projection by default (a mode measured only one way maps to its key + "-free",
+    which the report then shows as not measured)."""
+    import inspect
+
+    from hybrid_optimization import HybridOptimizer, HybridTrainingConfig
+    mode = HybridTrainingConfig().trust_region_mode
+    projected = inspect.signature(HybridOptimizer).parameters["projected_hypergradient"].default
+    return DEFAULT_KEY[mode] if projected else FREE_KEY.get(mode, DEFAULT_KEY[mode] + "-free")
 
 
 def priority(b: TrackBudget):
