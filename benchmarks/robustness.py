@@ -63,6 +63,14 @@ SF_KEY, PRODIGY_KEY = "SF-AdamW", "Prodigy"
 FREE_KEY = {"rms": "H-rms-free"}
 
 
+def default_words(key: str) -> str:
+    """'trust region `rms`, LR head's hypergradient over the whole update' for a default key."""
+    free = {v: k for k, v in FREE_KEY.items()}
+    mode = free.get(key) or {v: k for k, v in DEFAULT_KEY.items()}.get(key) or key
+    how = "over the whole update" if key in free else "through the trust-region projection"
+    return f"trust region `{mode}`, the LR head's hypergradient {how}"
+
+
 def hybrid_default_key() -> str:
     """The pinned method that is today's `--hybrid`: the product's default trust region, and whether the optimizer's
     LR head learns through the projection by default (a mode measured only one way maps to its key + "-free",
@@ -526,7 +534,7 @@ def render(budgets: list[tuple[int, list[dict]]], probes: list[dict], status: st
         lines += [f"> **{status}**", ""]
     lines += ["## Verdict", "", verdict(workloads), "",
               f"Read at {steps} steps, the longest budget with complete sets of runs on both workloads. `--hybrid` "
-              f"today = **{d}** (trust region `{[k for k, v in DEFAULT_KEY.items() if v == d][0]}`).", ""]
+              f"today = **{d}** ({default_words(d)}).", ""]
     for st, ws in budgets:
         lines += targets_md(st, ws)
     lines += ["A target is **yes** only when met on both workloads; a bar is never loosened. Issue 16 asks "

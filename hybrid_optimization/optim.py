@@ -19,7 +19,10 @@ One step, for all parameters together:
 3. θ ← θ + Δ.
 
 m and μ come from the AuxiliaryNeuralNetwork, which learns online from the hypergradient cos(g_t, Δ_{t-1}) and the
-trust-region agreement ratio ρ; without a net m = 1 and μ follows the classic ρ rule. With
+trust-region agreement ratio ρ; without a net m = 1 and μ follows the classic ρ rule. Δ_{t-1} is the whole update
+applied (projected_hypergradient=False, the default since issue 16): a whole-model region that binds makes the step's
+length independent of m, so a hypergradient over only the tensors the region left free (True, the default before)
+is empty there and m stayed at ×1.00 at an LR set 10× too high (benchmarks/results/robustness/report.md, H-rms-free). With
 `cluster_multipliers=True` each param group — a parameter cluster — also gets its own LR factor
 (`group["cluster_lr_scale"]`) by hypergradient descent on its own cos(g_c, Δ_c) (off by default). Those decisions
 are plain arithmetic on a few numbers and live in controller.py (HybridController, tested without tensors); this
@@ -110,7 +113,7 @@ class HybridOptimizer(Optimizer):
                  radius_range: tuple[float, float] = RADIUS_RANGE, aux_net: AuxiliaryNeuralNetwork | None = None,
                  meta_learning: bool = True, meta_horizon: int = 1, n_clusters: int | None = None,
                  quantization_bits: float | None = None, quantization_every: int = 1,
-                 quantization_scale: float = 1.0, rho_from: str = "gradients", projected_hypergradient: bool = True,
+                 quantization_scale: float = 1.0, rho_from: str = "gradients", projected_hypergradient: bool = False,
                  aux_radius: str = "scaled", warmup_steps: int = 0, decay_steps: int | None = None,
                  anneal_meta_learning: bool = True, cluster_multipliers: bool = False, cluster_meta_lr: float = 0.02,
                  max_update_rms: float = MAX_UPDATE_RMS, foreach: bool | None = None, fused: bool | None = None):

@@ -231,7 +231,7 @@ def test_robustness_report_reads_its_verdict_at_the_longest_budget_complete_on_b
     once both workloads have a complete set at 1600 steps, the verdict and the first targets table move there."""
     from benchmarks import robustness
 
-    def rows(mode, steps, methods=("AdamW", "H-abs", "H-rms", "Muon")):
+    def rows(mode, steps, methods=("AdamW", "H-abs", robustness.hybrid_default_key(), "Muon")):
         def end(m, lr):
             return 5.0 if m.startswith("H") else (4.9 if lr == 1e-3 else 6.0)
         return [{"method": m, "lr": lr, "seed": s, "steps": steps, "diverged": False, "cpu_ms_per_step": 10.0,
@@ -245,7 +245,7 @@ def test_robustness_report_reads_its_verdict_at_the_longest_budget_complete_on_b
         "## Targets at 1600 steps") < one.index("## python-docs, 1600 steps")
     at_1600 = one[one.index("## Targets at 1600 steps"):one.index("A target is **yes**")]
     assert "the protocol has runs here on python-docs only" in at_1600 and "chat" not in at_1600
-    assert "| **no** on python-docs only |" in at_1600          # the median row: H-rms 5.0 ÷ AdamW 4.9 > 1.01
+    assert "| **no** on python-docs only |" in at_1600          # the median row: the default 5.0 ÷ AdamW 4.9 > 1.01
     both = robustness.report(tmp_path / "both", n_boot=100, results=tmp_path,
                              rows={**base, "robust-docs-1600": rows("robust-docs-1600", 1600),
                                    "robust-chat-1600": rows("robust-chat-1600", 1600)}).read_text()
