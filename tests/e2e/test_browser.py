@@ -72,7 +72,7 @@ def test_launch_watch_stop_in_a_real_browser(workbench_server, browser_page, scr
     run = RunStore(runs_root, create=False).get_run(run_id)
     assert run["status"] == "stopped" and 0 < run["step"] < MAX_STEPS
     page.get_by_text("stopped", exact=True).first.wait_for(timeout=30_000)
-    page.get_by_role("button", name="Resume").wait_for()
+    page.get_by_role("button", name="Resume").first.wait_for()      # .first: a refresh may briefly keep a stale one
     settle(page)                         # the full-page redraw after the status change
     page.screenshot(path=str(screenshots_dir / "3-live-stopped.png"), full_page=True)
 

@@ -123,7 +123,9 @@ def test_tiny_sweep_from_the_sweep_page(workbench_server, browser_page, screensh
         time.sleep(1)                    # the sweep records the last trial's value after its run ends
     assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "COMPLETE"]
     page.get_by_role("tab", name="Results").click()
-    page.get_by_role("button", name="Launch with this config").wait_for(timeout=180_000)
+    # .first: the results refresh every 2 s while the sweep process lives, and during a refresh Streamlit briefly
+    # keeps the stale button beside the new one (one CI run saw two; the page has one, key "sweep_launch_best")
+    page.get_by_role("button", name="Launch with this config").first.wait_for(timeout=180_000)
     page.wait_for_function(f"() => ({FIGURE_JS})('History: final validation loss per trial, best so far') !== null",
                            timeout=120_000, polling=1000)
     settle(page)                         # the results refresh every 2 s while the sweep process lives
