@@ -59,28 +59,25 @@ DEFAULT_KEY = {"absolute": "H-abs", "relative": "H-rel", "bounded": "H-bounded",
 SF_KEY, PRODIGY_KEY = "SF-AdamW", "Prodigy"
 
 
-# ... and with the LR head's hypergradient over the whole update (HybridOptimizer(projected_hypergradient=False))
-FREE_KEY = {"rms": "H-rms-free"}
+FREE = "-free"    # suffix of the pinned method with the LR head's hypergradient over the whole update (H-rms-free)
 
 
 def default_words(key: str) -> str:
-    """'trust region `rms`, LR head's hypergradient over the whole update' for a default key."""
-    free = {v: k for k, v in FREE_KEY.items()}
-    mode = free.get(key) or {v: k for k, v in DEFAULT_KEY.items()}.get(key) or key
-    how = "over the whole update" if key in free else "through the trust-region projection"
+    """'trust region `rms`, the LR head's hypergradient over the whole update' for a default key."""
+    base = key.removesuffix(FREE)
+    mode = {v: k for k, v in DEFAULT_KEY.items()}.get(base, base)
+    how = "over the whole update" if key.endswith(FREE) else "through the trust-region projection"
     return f"trust region `{mode}`, the LR head's hypergradient {how}"
 
 
 def hybrid_default_key() -> str:
-    """The pinned method that is today's `--hybrid`: the product's default trust region, and whether the optimizer's
-    LR head learns through the projection by default (a mode measured only one way maps to its key + "-free",
-    which the report then shows as not measured)."""
+    """The pinned method that is today's `--hybrid`: the product's default trust region, + FREE when the optimizer's
+    LR head learns from the whole update by default (a key with no runs shows in the report as not measured)."""
     import inspect
 
     from hybrid_optimization import HybridOptimizer, HybridTrainingConfig
-    mode = HybridTrainingConfig().trust_region_mode
     projected = inspect.signature(HybridOptimizer).parameters["projected_hypergradient"].default
-    return DEFAULT_KEY[mode] if projected else FREE_KEY.get(mode, DEFAULT_KEY[mode] + "-free")
+    return DEFAULT_KEY[HybridTrainingConfig().trust_region_mode] + ("" if projected else FREE)
 
 
 def priority(b: TrackBudget):

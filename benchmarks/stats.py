@@ -32,17 +32,12 @@ def median(values: Sequence[float]) -> float:
 
 
 def ratio(a: float, b: float) -> float:
-    if math.isinf(a) and math.isinf(b):
-        return 1.0
-    if math.isinf(b):
-        return 0.0
-    if math.isinf(a):
-        return INF
-    return a / b if b != 0 else (1.0 if a == 0 else INF)
+    """One `ratios`."""
+    return float(ratios(a, b))
 
 
 def ratios(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """`ratio` elementwise, with the same conventions for misses."""
+    """a / b elementwise, with the conventions for misses: x/∞ = 0, ∞/x = ∞, ∞/∞ = 1, 0/0 = 1, x/0 = ∞."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.where(b != 0, a / np.where(b != 0, b, 1.0), np.where(a == 0, 1.0, INF))
