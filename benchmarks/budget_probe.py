@@ -55,9 +55,9 @@ def sanity(rows: list[dict], b: tracks.TrackBudget) -> dict | None:
 
 def main(out: Path, workload: str = "quick", steps: int = 400, seeds: int = 3,
          grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2), log=print, bits: float = tracks.BITS,
-         decisive_only: bool = False) -> dict:
+         decisive_only: bool = False, batch_size: int = 16) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    b = budget(workload, steps, seeds, grid)
+    b = budget(workload, steps, seeds, grid, batch_size)
     journal = out / "runs.jsonl"
     started, cpu0 = time.perf_counter(), time.process_time()
     prepared = tracks.prepare_workload(b.workload, "cpu", log)   # once (the teacher of the workload is cached)
@@ -105,8 +105,13 @@ if __name__ == "__main__":
     parser.add_argument("--grid", default="1e-3,3e-3,1e-2", help="comma-separated LRs")
     parser.add_argument("--bits", type=float, default=tracks.BITS, choices=(tracks.BITS, 32.0),
                         help="1.58: ternary QAT (the protocol's); 32: full precision (is QAT why a budget fails?)")
+    # A smaller batch takes more (noisier) steps over the same tokens: the lever for a corpus too small for more passes
+    parser.add_argument("--batch", type=int, default=16, help="sequences per step (default 16, the protocol's)")
     parser.add_argument("--decisive-only", action="store_true",
                         help="stop once the sanity row is decided (skip the rest of the grid)")
     ns = parser.parse_args()
+    if ns.batch < 1:
+        parser.error(f"--batch must be a positive number of sequences, got {ns.batch}")
     main(ns.out, ns.workload, ns.steps, ns.seeds, tuple(float(x) for x in ns.grid.split(",")),
-         log=functools.partial(print, flush=True), bits=ns.bits, decisive_only=ns.decisive_only)
+         log=functools.partial(print, flush=True), bits=ns.bits, decisive_only=ns.decisive_only,
+         batch_size=ns.batch)

@@ -7,19 +7,21 @@
 
     nice -n 19 python -m benchmarks.robustness --mode robust-docs-1600   # the budget that decides (see below)
 
-The two workloads (tracks.ROBUST_WORKLOADS), both at the tiny preset's shapes, batch 16, ternary QAT:
+The two workloads (tracks.ROBUST_WORKLOADS), both at the tiny preset's shapes, ternary QAT:
 - chat: the quick workload, the chatterbot-corpus conversations the workbench trains on by default (the pipeline's
   own `load_documents(None)`, benchmarks/workload.py);
 - python-docs: the pages of the Python 3.11 documentation (`--data_source python-docs`, Debian python3.11-doc),
   first 400 k tokens (medium.SCALES["docs-quick"]).
-Two budgets: 400 steps (the first protocol, where tuned warmup + cosine does not yet beat tuned constant LR, the
-AlgoPerf sanity check) and 1600 steps, where it does on python-docs (benchmarks/results/budget-probe/docs-1600).
+Two budgets: 400 steps at batch 16 (the first protocol, where tuned warmup + cosine does not yet beat tuned constant
+LR, the AlgoPerf sanity check) and 1600 steps, where it does: python-docs at batch 16
+(benchmarks/results/budget-probe/docs-1600), chat at batch 4 (budget-probe/quick-1600-b4: the chat corpus is too
+small for 1600 steps at batch 16, which overfit, budget-probe/quick-1600).
 The report reads the verdict and the targets at the longest budget with complete sets on both workloads, and
 shows every other budget's targets beside it (`budgets_of`, `headline`).
 
 The protocol is tracks.protocol's (same specs, same journal format, the same robustness statistics as
 tracks_report.robustness), with the runs ordered by how much the decision needs them (`priority`): the grid's ends
-and middle (1e-4, 1e-2, 1e-3) on seeds 0–2 first (seed by seed; the seven methods the targets need before AdamW-cos,
+and middle (1e-4, 1e-2, 1e-3) on seeds 0–2 first (seed by seed; the eight methods the targets need before AdamW-cos,
 H-rel and H-muon), then the tuning seed there, then the other two LRs, then seeds
 3–4. An interrupted protocol therefore leaves complete sets of runs, and the report is written from the largest
 complete set (`complete_set`): every table says which seeds and LRs it rests on and which methods it lacks.
@@ -44,15 +46,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REPORT_DIR = RESULTS / "robustness"
 WORKLOAD_NAMES = {"quick": "chat (chatterbot-corpus)", "docs-quick": "python-docs"}
 # Same workload, steps, batch, evaluation cadence and method definitions → the same runs (tracks._row_key).
-# (Not chat's 1600-step probe: at 1600 steps the chat runs overfit, budget-probe/quick-1600/NOTE.md, so the
-# protocol is not run there and its probe rows should not open a chat column at that budget.)
+# (Chat's 1600 steps are at batch 4, budget-probe/quick-1600-b4; the batch-16 probe, quick-1600, overfits.)
 ALSO_FROM = {"robust-chat": [RESULTS / "budget-probe" / "quick-400" / "runs.jsonl"],
+             "robust-chat-1600": [RESULTS / "budget-probe" / "quick-1600-b4" / "runs.jsonl"],
              "robust-docs": [RESULTS / "budget-probe" / "docs-400" / "runs.jsonl"],
              "robust-docs-1600": [RESULTS / "budget-probe" / "docs-1600" / "runs.jsonl"]}
 CORE_LRS = (1e-4, 1e-2, 1e-3)             # the 100× grid's ends and middle: worst and median need these first
-# The first methods of tracks.ROBUST_METHODS (AdamW, the hybrid's absolute, rms and bounded trust regions, the two
-# self-tuning anchors, Muon) are what the targets need; AdamW-cos, H-rel and H-muon follow them.
-FIRST_METHODS = 7
+# The first methods of tracks.ROBUST_METHODS (AdamW, the hybrid's absolute, rms and bounded trust regions, its
+# whole-update default H-rms-free, the two self-tuning anchors, Muon) are what the targets need; AdamW-cos, H-rel and
+# H-muon follow them.
+FIRST_METHODS = 8
 MIN_SEEDS = 3                             # fewer complete seeds: the verdict names the leaders, decides nothing
 # `--hybrid`'s trust region → the pinned method that runs it (tracks.HYB_ABS / H-rel / HYB_BOUNDED)
 DEFAULT_KEY = {"absolute": "H-abs", "relative": "H-rel", "bounded": "H-bounded", "rms": "H-rms"}
@@ -274,7 +277,8 @@ def analyse_workload(mode: str, rows: list[dict], n_boot: int = 4000) -> dict:
     b = track_budget(mode)
     b.n_boot = n_boot
     runs = Runs(rows)
-    out = {"mode": mode, "name": WORKLOAD_NAMES[b.workload], "runs": len(rows),
+    out = {"mode": mode, "name": WORKLOAD_NAMES[b.workload] + (f", batch {b.batch_size}" if b.batch_size != 16 else ""),
+           "runs": len(rows),
            "cpu_seconds": float(sum(r["train_cpu_s"] for r in rows)), "budget": b.__dict__}
     out["default_key"] = default = hybrid_default_key()
     out["sanity"] = tuned_ratio(runs, b, "AdamW-cos", "AdamW")
@@ -492,7 +496,7 @@ def probes_md(probes: list[dict]) -> list[str]:
 def why_not_deciding(workloads: list[dict]) -> str | None:
     """None when this budget decides (both workloads, tuned cosine beats tuned constant on each without the
     constant LR overfitting); else why not, in words."""
-    if len(workloads) < len({w for w, _ in ROBUST_WORKLOADS.values()}):
+    if len(workloads) < len({w for w, *_ in ROBUST_WORKLOADS.values()}):
         return "the protocol has runs here on " + ", ".join(w["name"] for w in workloads) + " only."
     reasons = []
     for w in workloads:
@@ -513,7 +517,7 @@ def targets_md(steps: int, workloads: list[dict]) -> list[str]:
         lines += [f"Not a budget that decides: {why}", ""]
     lines += ["| target (each on both workloads) | bar | " + " | ".join(w["name"] for w in workloads) + " | met |",
               "|---|---|" + "---|" * len(workloads) + "---|"]
-    both = len(workloads) == len({w for w, _ in ROBUST_WORKLOADS.values()})
+    both = len(workloads) == len({w for w, *_ in ROBUST_WORKLOADS.values()})
     for t in targets(workloads):
         met = {True: "**yes**", False: "**no**", None: "not measured"}[t["met"]]
         met = met if both or t["met"] is None else f"{met} on {workloads[0]['name']} only"
@@ -543,7 +547,9 @@ def render(budgets: list[tuple[int, list[dict]]], probes: list[dict], status: st
     lines += ["## Setup", "",
               "- Both workloads: the tiny preset's shapes (student d_model 256, 1 block, d_ff 512; teacher hidden 128,"
               " 2 layers), 64-token windows, 64 fixed held-out windows per evaluation, ternary (1.58-bit) QAT, "
-              "batch 16, " + " or ".join(f"{st} steps (an evaluation every {st // 20})" for st, _ in budgets)
+              " or ".join(f"{st} steps (an evaluation every {st // 20}; batch " + ", ".join(
+                  f"{track_budget(w['mode']).batch_size} on {WORKLOAD_NAMES[track_budget(w['mode']).workload]}"
+                  for w in ws) + ")" for st, ws in budgets)
               + "; LR grid 1e-4, 3e-4, 1e-3, 3e-3, 1e-2; tuning seed 100, evaluation seeds 0–4. Chat = "
               "chatterbot-corpus (the workbench's default data); python-docs = the first 400 k tokens of the Python "
               "3.11 documentation pages.",
@@ -589,10 +595,13 @@ def read_probes(folder: Path) -> list[dict]:
         p = json.loads(path.read_text())
         b, bits = p["budget"], float(p.get("bits", tracks.BITS))
         precision = "full precision" if bits >= 16 else "ternary QAT"
-        p["name"] = f"{PROBE_WORKLOADS.get(b['workload'], b['workload'])}, {b['steps']} steps, {precision}"
+        batch_size = b.get("batch_size", 16)
+        batch = f", batch {batch_size}" if batch_size != 16 else ""
+        p["name"] = f"{PROBE_WORKLOADS.get(b['workload'], b['workload'])}, {b['steps']} steps{batch}, {precision}"
         p["command"] = (f"python -m benchmarks.budget_probe --workload {b['workload']} --steps {b['steps']} --seeds "
                         f"{len(b['seeds'])} --grid " + ",".join(f"{x:g}" for x in b["grid"])
                         + (f" --bits {bits:g}" if bits != tracks.BITS else "")
+                        + (f" --batch {batch_size}" if batch_size != 16 else "")
                         + f" --out benchmarks/results/budget-probe/{path.parent.name}")
         probes.append(p)
     return sorted(probes, key=lambda p: (p["budget"]["workload"] != "quick", p["budget"]["steps"],
@@ -604,7 +613,7 @@ def budgets_of(modes: dict[str, list[dict]]) -> list[tuple[int, list[str]]]:
     longest budget at which every workload has a complete set of runs (tuned cosine beats tuned constant only from
     some budget on, and the targets are read there), else 400 steps; then the others, longest first."""
     by_steps: dict[int, list[str]] = {}
-    for mode, (_, steps) in ROBUST_WORKLOADS.items():
+    for mode, (_, steps, _) in ROBUST_WORKLOADS.items():
         if steps == 400 or modes.get(mode):
             by_steps.setdefault(steps, []).append(mode)
     return sorted(by_steps.items(), key=lambda kv: -kv[0])
@@ -613,7 +622,7 @@ def budgets_of(modes: dict[str, list[dict]]) -> list[tuple[int, list[str]]]:
 def headline(budgets: list[tuple[int, list[dict]]]) -> int:
     """Index of the budget the verdict is read at (see budgets_of)."""
     for i, (_, workloads) in enumerate(budgets):
-        if len(workloads) == len({w for w, _ in ROBUST_WORKLOADS.values()}) and all(w.get("complete")
+        if len(workloads) == len({w for w, *_ in ROBUST_WORKLOADS.values()}) and all(w.get("complete")
                                                                                       for w in workloads):
             return i
     return next(i for i, (steps, _) in enumerate(budgets) if steps == 400)

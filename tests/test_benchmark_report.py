@@ -115,13 +115,15 @@ def test_the_robustness_report_lists_every_budget_probe_and_says_whether_one_dec
 
     from benchmarks import robustness
 
-    def probe(name, workload, steps, measured, met, bits=None, cpu=360.0):
+    def probe(name, workload, steps, measured, met, bits=None, cpu=360.0, batch=None):
         folder = tmp_path / "budget-probe" / name
         folder.mkdir(parents=True)
         data = {"budget": {"workload": workload, "steps": steps, "seeds": [0, 1, 2], "grid": [1e-3, 3e-3]},
                 "sanity": {"measured": measured, "met": met}, "runs": 10, "runs_cpu_seconds": cpu}
         if bits is not None:
             data["bits"] = bits
+        if batch is not None:           # probes before --batch existed have no batch_size: they ran at 16
+            data["budget"]["batch_size"] = batch
         (folder / "probe.json").write_text(json.dumps(data))
     probe("docs-400-fp32", "docs-quick", 400, "1.047 [1.041, 1.048]", False, bits=32.0)
     probe("quick-400", "quick", 400, "0.997 [0.990, 1.009]", False)
@@ -136,6 +138,12 @@ def test_the_robustness_report_lists_every_budget_probe_and_says_whether_one_dec
     probe("docs-1600", "docs-quick", 1600, "0.980 [0.970, 0.990]", True)
     text = "\n".join(robustness.probes_md(robustness.read_probes(tmp_path / "budget-probe")))
     assert "found at python-docs, 1600 steps, ternary QAT." in text
+    probe("quick-1600-b4", "quick", 1600, "0.973 [0.969, 0.979]", True, batch=4)
+    probes = robustness.read_probes(tmp_path / "budget-probe")
+    b4 = next(p for p in probes if p["budget"].get("batch_size") == 4)
+    assert b4["name"] == "chat, 1600 steps, batch 4, ternary QAT"
+    assert b4["command"].endswith("--grid 0.001,0.003 --batch 4 --out benchmarks/results/budget-probe/quick-1600-b4")
+    assert all("--batch" not in p["command"] for p in probes if p is not b4)
 
 
 def test_a_budget_where_the_constant_lr_overfits_does_not_decide():

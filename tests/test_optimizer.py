@@ -70,12 +70,12 @@ def test_rosenbrock_converges():
     xy = torch.tensor([-1.5, 2.0], requires_grad=True)
     opt = HybridOptimizer([xy], lr=1e-2, aux_net=AuxiliaryNeuralNetwork(), trust_region="absolute",
                           trust_radius=0.1)
-    for _ in range(3000):
+    for _ in range(1500):               # within 1e-3 of the minimum by step ~1000 (3e-7 by 1500)
         opt.zero_grad()
         loss = (1 - xy[0]) ** 2 + 100 * (xy[1] - xy[0] ** 2) ** 2
         loss.backward()
         opt.step(loss=loss)
-    assert torch.allclose(xy.detach(), torch.tensor([1.0, 1.0]), atol=2e-2), xy
+    assert torch.allclose(xy.detach(), torch.tensor([1.0, 1.0]), atol=1e-3), xy
 
 
 @pytest.mark.parametrize("base,torch_cls,kwargs", [

@@ -251,7 +251,7 @@ def test_robustness_report_reads_its_verdict_at_the_longest_budget_complete_on_b
                                    "robust-chat-1600": rows("robust-chat-1600", 1600)}).read_text()
     assert both.index("Read at 1600 steps") < both.index("## Targets at 1600 steps") < both.index(
         "## Targets at 400 steps")
-    assert "## chat (chatterbot-corpus), 1600 steps" in both and "## chat (chatterbot-corpus), 400 steps" in both
+    assert "## chat (chatterbot-corpus), batch 4, 1600 steps" in both and "## chat (chatterbot-corpus), 400 steps" in both
     import json
     saved = json.loads((tmp_path / "both" / "results.json").read_text())
     assert saved["steps"] == 1600 and [b["steps"] for b in saved["other_budgets"]] == [400]

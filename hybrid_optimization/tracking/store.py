@@ -19,8 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-import numpy as np
-
 from . import liveness
 from .errors import RunNotFound, StoreError
 from .files import describe_write_error, remove_stale_temps
@@ -277,6 +275,7 @@ class RunStore:
         columns = ", ".join(SAMPLE_COLUMNS) + (", features" if features else "")
         rows = self._rows(f"SELECT {columns} FROM samples WHERE run_id = ? ORDER BY split, idx", (run_id,))
         if features:
+            import numpy as np      # here, not at import: the store opens in every CLI probe, which never reads these
             rows.values = [(*r[:-1], None if r[-1] is None else np.frombuffer(r[-1], dtype=np.float32))
                            for r in rows.values]
         return rows

@@ -25,8 +25,6 @@ import threading
 import time
 from typing import Any, Callable
 
-import numpy as np
-
 from .errors import RunNotFound, StoreError
 from .files import describe_write_error
 from .schema import (LAYER_COLUMNS, PLAN_COLUMNS, SAMPLE_COLUMNS, STATUSES, STEP_COLUMNS, apply_status, connect,
@@ -226,6 +224,7 @@ class RunWriter:
                 raise ValueError(f"unknown sample field(s) {unknown}; allowed: {', '.join(SAMPLE_COLUMNS)}, features")
             features = row.get("features")
             if features is not None:
+                import numpy as np      # here, not at import: the CLI's argument checks open the store without numpy
                 if hasattr(features, "detach"):
                     features = features.detach().cpu().numpy()
                 features = np.asarray(features, dtype=np.float32).ravel().tobytes()
