@@ -1,4 +1,6 @@
 """Every statement of the benchmark report comes from the run that wrote it (issue 9, defect 6)."""
+import pytest
+
 from benchmarks import report
 
 
@@ -170,3 +172,19 @@ def test_a_budget_where_the_constant_lr_overfits_does_not_decide():
     falling = budget_probe.sanity(rows(lambda step: 5.0 - step / 2000), b)                 # still falling at 1600
     assert falling["met"] and not falling["overfit"] and falling["decides"]
     assert tracks.best_step({"evals": [{"step": 5, "val_loss": float("nan")}]}) == float("inf")
+
+
+def test_the_cost_row_prefers_the_interleaved_measurement_of_todays_default(tmp_path):
+    """robustness.cost_from_file: cost.json's alternating pairs (measure_cost) → the paired ratio of medians; a file
+    that measured another method than today's default is not used (the report falls back to the journal's rows)."""
+    import json
+
+    from benchmarks import robustness
+    path = tmp_path / "cost.json"
+    assert robustness.cost_from_file(path, "H-rms-free") is None
+    path.write_text(json.dumps({"method": "H-rms-free", "ref": "AdamW", "steps": 200,
+                                "pairs": [[102.0, 100.0], [104.0, 100.0], [103.0, 100.0]]}))
+    cost = robustness.cost_from_file(path, "H-rms-free", n_boot=200)
+    assert cost["ratio"][0] == pytest.approx(1.03) and cost["runs"] == 3 and cost["interleaved"]
+    assert 1.02 <= cost["ratio"][1] <= cost["ratio"][0] <= cost["ratio"][2] <= 1.04
+    assert robustness.cost_from_file(path, "H-abs") is None
