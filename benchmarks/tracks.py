@@ -211,11 +211,22 @@ def read_journal(path) -> dict[tuple, dict]:
     return done
 
 
+def append_row(journal, row: dict) -> None:
+    """One finished run onto the journal, durably. The file is opened for each row, not held for the whole
+    protocol: a journal replaced underneath a long run (a `git stash` / `checkout` of the committed results) would
+    otherwise take every later row into the replaced, unlinked file — lost, silently (it happened: three 1600-step
+    runs, issue 16)."""
+    import json
+    with open(journal, "a") as sink:
+        sink.write(json.dumps(row) + "\n")
+        sink.flush()
+        os.fsync(sink.fileno())
+
+
 def run_all(specs: list[RunSpec], workload: str, device: str, jobs: int, threads: int, log,
             journal=None, priority=None) -> list[dict]:
     """Every spec's row. With `journal` (a .jsonl path) each finished row is appended at once and rows already
     there are reused, so an interrupted 100-minute protocol resumes where it stopped instead of starting over."""
-    import json
     done = read_journal(journal)
     wanted = {_row_key(s.method.key, s.lr, s.seed, s.steps) for s in specs}
     out = [row for key, row in done.items() if key in wanted]
@@ -225,20 +236,13 @@ def run_all(specs: list[RunSpec], workload: str, device: str, jobs: int, threads
     # long jobs first (parallel workers finish together), or, with `priority`, the most decision-relevant first so
     # that an interrupted protocol leaves complete sets of runs (robustness.priority)
     order = sorted(specs, key=priority or (lambda s: -(s.steps * (1.3 if s.method.is_hybrid else 1.0))))
-    sink = open(journal, "a") if journal is not None else None
 
     def keep(row: dict) -> None:
         out.append(row)
-        if sink is not None:
-            sink.write(json.dumps(row) + "\n")
-            sink.flush()
-            os.fsync(sink.fileno())
+        if journal is not None:
+            append_row(journal, row)
         _log_row(log, len(out), len(wanted), row)
-    try:
-        _run_specs(order, workload, device, jobs, threads, keep)
-    finally:
-        if sink is not None:
-            sink.close()
+    _run_specs(order, workload, device, jobs, threads, keep)
     return out
 
 
@@ -246,7 +250,6 @@ def run_prepared(specs: list[RunSpec], prepared, log, journal) -> list[dict]:
     """run_all in this process on a workload already prepared (run_all's worker would prepare it again, and
     recompute each seed's clustering): the specs in the given order, the journal's rows reused, each finished row
     appended at once. Returns every spec's row."""
-    import json
     done = read_journal(journal)
     out = [done[k] for k in (_row_key(s.method.key, s.lr, s.seed, s.steps) for s in specs) if k in done]
     todo = [s for s in specs if _row_key(s.method.key, s.lr, s.seed, s.steps) not in done]
@@ -254,14 +257,11 @@ def run_prepared(specs: list[RunSpec], prepared, log, journal) -> list[dict]:
     _PREPARED, before = prepared, torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with open(journal, "a") as sink:
-            for spec in todo:
-                row = run_one(spec)
-                sink.write(json.dumps(row) + "\n")
-                sink.flush()
-                os.fsync(sink.fileno())
-                out.append(row)
-                _log_row(log, len(out), len(specs), row)
+        for spec in todo:
+            row = run_one(spec)
+            append_row(journal, row)
+            out.append(row)
+            _log_row(log, len(out), len(specs), row)
     finally:
         torch.set_num_threads(before)
     return out

@@ -188,3 +188,28 @@ def test_the_cost_row_prefers_the_interleaved_measurement_of_todays_default(tmp_
     assert cost["ratio"][0] == pytest.approx(1.03) and cost["runs"] == 3 and cost["interleaved"]
     assert 1.02 <= cost["ratio"][1] <= cost["ratio"][0] <= cost["ratio"][2] <= 1.04
     assert robustness.cost_from_file(path, "H-abs") is None
+
+
+def test_a_journal_replaced_during_a_protocol_keeps_every_later_row(tmp_path, monkeypatch):
+    """tracks.run_prepared appends each finished run by opening the journal anew: when the file is replaced
+    underneath it (as `git stash` / `git checkout` of committed results does), the next rows land in the file on
+    disk, not in the unlinked one the protocol held open."""
+    import json
+    import os
+
+    from benchmarks import tracks
+    from benchmarks.harness import RunSpec
+    journal = tmp_path / "runs.jsonl"
+    journal.write_text("")
+    specs = [RunSpec("W2", tracks.ALL_TRACK["AdamW"], tracks.BITS, 1e-3, seed, 4, 4, 4) for seed in range(3)]
+
+    def fake_run(spec):
+        if spec.seed == 1:                    # between the first and the second row: the file is replaced
+            copy = tmp_path / "replacement"
+            copy.write_text(journal.read_text())
+            os.replace(copy, journal)
+        return {"method": spec.method.key, "lr": spec.lr, "seed": spec.seed, "steps": spec.steps, "evals": [],
+                "train_cpu_s": 0.0}
+    monkeypatch.setattr(tracks, "run_one", fake_run)
+    tracks.run_prepared(specs, None, lambda m: None, journal)
+    assert [json.loads(line)["seed"] for line in journal.read_text().splitlines()] == [0, 1, 2]
