@@ -22,7 +22,7 @@ from pathlib import Path
 from benchmarks import stats, tracks
 
 
-def budget(workload: str, steps: int, seeds: int, grid: tuple[float, ...], batch_size: int = 16) -> tracks.TrackBudget:
+def budget(workload: str, steps: int, seeds: int, grid: tuple[float, ...], batch_size: int = tracks.BATCH) -> tracks.TrackBudget:
     return tracks.TrackBudget(f"budget-probe-{workload}-{steps}", workload, tuple(range(seeds)), 100, steps,
                               batch_size, max(1, steps // 20), grid, ("AdamW", tracks.REFERENCE), ())
 
@@ -55,7 +55,7 @@ def sanity(rows: list[dict], b: tracks.TrackBudget) -> dict | None:
 
 def main(out: Path, workload: str = "quick", steps: int = 400, seeds: int = 3,
          grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2), log=print, bits: float = tracks.BITS,
-         decisive_only: bool = False, batch_size: int = 16) -> dict:
+         decisive_only: bool = False, batch_size: int = tracks.BATCH) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     b = budget(workload, steps, seeds, grid, batch_size)
     journal = out / "runs.jsonl"
@@ -106,7 +106,8 @@ if __name__ == "__main__":
     parser.add_argument("--bits", type=float, default=tracks.BITS, choices=(tracks.BITS, 32.0),
                         help="1.58: ternary QAT (the protocol's); 32: full precision (is QAT why a budget fails?)")
     # A smaller batch takes more (noisier) steps over the same tokens: the lever for a corpus too small for more passes
-    parser.add_argument("--batch", type=int, default=16, help="sequences per step (default 16, the protocol's)")
+    parser.add_argument("--batch", type=int, default=tracks.BATCH,
+                        help=f"sequences per step (default {tracks.BATCH}, the protocol's)")
     parser.add_argument("--decisive-only", action="store_true",
                         help="stop once the sanity row is decided (skip the rest of the grid)")
     ns = parser.parse_args()

@@ -96,8 +96,9 @@ ROBUST_METHODS = ("AdamW", "H-abs", "H-rms", "H-bounded", "H-rms-free", "SF-Adam
 # batch 16 (results/budget-probe/docs-1600), chat at batch 4 (results/budget-probe/quick-1600-b4): the chat corpus
 # has 44.7 k training tokens, so at batch 16 its 1600 steps are 37 passes and overfit (quick-1600); batch 4 takes
 # the same 1600 steps over 9 passes, and the tuned constant LR still improves at step 1360.
-ROBUST_WORKLOADS = {"robust-chat": ("quick", 400, 16), "robust-docs": ("docs-quick", 400, 16),
-                    "robust-chat-1600": ("quick", 1600, 4), "robust-docs-1600": ("docs-quick", 1600, 16)}
+BATCH = 16                       # the protocol's sequences per step, unless a workload's budget says otherwise
+ROBUST_WORKLOADS = {"robust-chat": ("quick", 400, BATCH), "robust-docs": ("docs-quick", 400, BATCH),
+                    "robust-chat-1600": ("quick", 1600, 4), "robust-docs-1600": ("docs-quick", 1600, BATCH)}
 REFERENCE = "AdamW-cos"          # the target's source, AlgoPerf's tuned reference
 BITS = 1.58                      # W2: ternary QAT
 
