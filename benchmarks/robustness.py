@@ -324,7 +324,7 @@ def analyse_workload(mode: str, rows: list[dict], n_boot: int = 4000) -> dict:
     b = track_budget(mode)
     b.n_boot = n_boot
     runs = Runs(rows)
-    out = {"mode": mode, "name": WORKLOAD_NAMES[b.workload] + (f", batch {b.batch_size}" if b.batch_size != tracks.BATCH else ""),
+    out = {"mode": mode, "name": WORKLOAD_NAMES[b.workload] + tracks.batch_suffix(b.batch_size),
            "runs": len(rows),
            "cpu_seconds": float(sum(r["train_cpu_s"] for r in rows)), "budget": b.__dict__}
     out["default_key"] = default = hybrid_default_key()
@@ -646,8 +646,8 @@ def read_probes(folder: Path) -> list[dict]:
         b, bits = p["budget"], float(p.get("bits", tracks.BITS))
         precision = "full precision" if bits >= 16 else "ternary QAT"
         batch_size = b.get("batch_size", tracks.BATCH)
-        batch = f", batch {batch_size}" if batch_size != tracks.BATCH else ""
-        p["name"] = f"{PROBE_WORKLOADS.get(b['workload'], b['workload'])}, {b['steps']} steps{batch}, {precision}"
+        workload = PROBE_WORKLOADS.get(b["workload"], b["workload"])
+        p["name"] = f"{workload}, {b['steps']} steps{tracks.batch_suffix(batch_size)}, {precision}"
         p["command"] = (f"python -m benchmarks.budget_probe --workload {b['workload']} --steps {b['steps']} --seeds "
                         f"{len(b['seeds'])} --grid " + ",".join(f"{x:g}" for x in b["grid"])
                         + (f" --bits {bits:g}" if bits != tracks.BITS else "")

@@ -103,6 +103,11 @@ REFERENCE = "AdamW-cos"          # the target's source, AlgoPerf's tuned referen
 BITS = 1.58                      # W2: ternary QAT
 
 
+def batch_suffix(batch_size: int) -> str:
+    """How a workload or probe name says its batch: nothing at the protocol's BATCH, else ", batch N"."""
+    return f", batch {batch_size}" if batch_size != BATCH else ""
+
+
 @dataclass
 class TrackBudget:
     mode: str
