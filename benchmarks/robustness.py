@@ -268,6 +268,16 @@ def measure_cost(mode: str, pairs: int = 6, steps: int = 200, log=print, results
     index), one torch thread. The protocol's journal rows also carry a CPU time per step, but its runs are hours
     apart on a shared machine (a run started beside the test suite costs ~40 % more CPU per step), so their ratio
     measures the machine's load as much as the method. Writes results/MODE/cost.json, which the report prefers."""
+    from hybrid_optimization.distill.teacher import cache_lock
+    target = results / mode / "cost.json"
+    # Two cost measurements at once would each slow the other (their ratio would measure the contention) and the
+    # later would overwrite the earlier's file: a second one waits for the first (its lock, cost.json.lock), and
+    # says so.
+    with cache_lock(target, f"the cost row of {mode}", log):
+        return _measure_cost(mode, pairs, steps, log, target)
+
+
+def _measure_cost(mode: str, pairs: int, steps: int, log, target: Path) -> dict:
     import os
 
     import torch
@@ -292,8 +302,7 @@ def measure_cost(mode: str, pairs: int = 6, steps: int = 200, log=print, results
         torch.set_num_threads(threads)
     out = {"method": default, "ref": "AdamW", "steps": steps, "lr": 1e-3, "batch_size": b.batch_size,
            "pairs": measured, "loadavg_1min": [load_before, os.getloadavg()[0]]}
-    (results / mode).mkdir(parents=True, exist_ok=True)
-    (results / mode / "cost.json").write_text(json.dumps(out, indent=1))
+    target.write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -724,6 +733,25 @@ def report(out: Path = REPORT_DIR, n_boot: int = 4000, status: str | None = None
     return out / "report.md"
 
 
+def write_workload_info(folder: Path, info: dict) -> bool:
+    """results/MODE/workload.json, rewritten only when the workload itself changed. Its `prepare_s` is the time
+    this invocation took to prepare (seconds on a warm cache, minutes on a cold one): compared too, every resume
+    would rewrite the committed file for nothing but that timing. Returns whether it wrote."""
+    path = folder / "workload.json"
+    text = json.dumps(info, indent=1, default=str)
+    try:
+        old = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        old = None
+    if old is not None:
+        new = json.loads(text)
+        old.pop("prepare_s", None), new.pop("prepare_s", None)
+        if old == new:
+            return False
+    path.write_text(text)
+    return True
+
+
 def run(mode: str, methods: tuple[str, ...] | None = None, log=print, limit: int | None = None,
         seeds: tuple[int, ...] | None = None) -> list[dict]:
     """Run (or resume) one workload's protocol in priority order, journaled in results/<mode>/runs.jsonl; with
@@ -747,7 +775,7 @@ def run(mode: str, methods: tuple[str, ...] | None = None, log=print, limit: int
     info = tracks.workload_info(prepared, b)
     teacher_loss = getattr(prepared.logits, "val_loss", None)
     info["teacher_val_loss"] = teacher_loss(prepared.eval_index) if callable(teacher_loss) else None
-    (folder / "workload.json").write_text(json.dumps(info, indent=1, default=str))
+    write_workload_info(folder, info)
     done = read_rows(mode)
     have = {tracks._row_key(r["method"], r["lr"], r["seed"], r["steps"]) for r in done}
     specs = [s for s in tracks.specs_for(b, "cpu")

@@ -309,3 +309,54 @@ def test_the_sanity_row_reads_a_budget_probes_narrower_tuning_grid():
     assert got["ratio"][2] < 1 and not got["ref_overfit"]
     two = [r for r in rows if r["lr"] != 3e-3]
     assert robustness.tuned_ratio(tracks.Runs(two), b, "AdamW-cos", "AdamW") is None
+
+
+def test_workload_info_is_rewritten_only_when_the_workload_changes(tmp_path):
+    """A resumed protocol prepares its workload again (seconds on a warm cache): that timing alone must not rewrite
+    the committed workload.json; a changed workload must."""
+    import json
+
+    from benchmarks.robustness import write_workload_info
+    info = {"train_tokens": 1000, "vocab": 887, "teacher_val_loss": 3.646, "prepare_s": 95.2}
+    assert write_workload_info(tmp_path, info)
+    assert not write_workload_info(tmp_path, dict(info, prepare_s=3.1))           # a warm resume
+    assert json.loads((tmp_path / "workload.json").read_text())["prepare_s"] == 95.2
+    assert write_workload_info(tmp_path, dict(info, train_tokens=2000, prepare_s=3.1))
+    assert json.loads((tmp_path / "workload.json").read_text()) == dict(info, train_tokens=2000, prepare_s=3.1)
+    (tmp_path / "workload.json").write_text("{torn")                               # unreadable: written again
+    assert write_workload_info(tmp_path, info)
+
+
+def test_a_second_cost_measurement_waits_for_the_first(tmp_path, monkeypatch):
+    """Two `--cost` measurements of one workload at once would disturb each other and the later would overwrite the
+    earlier's cost.json: the second waits for the first's lock, says so, then measures."""
+    import threading
+
+    from benchmarks import robustness
+    events, first_inside, release = [], threading.Event(), threading.Event()
+
+    def fake_measure(mode, pairs, steps, log, target):
+        events.append(("start", threading.current_thread().name))
+        if threading.current_thread().name == "first":
+            first_inside.set()
+            assert release.wait(30)
+        target.write_text(threading.current_thread().name)
+        events.append(("end", threading.current_thread().name))
+        return {}
+
+    monkeypatch.setattr(robustness, "_measure_cost", fake_measure)
+    said = []
+    first = threading.Thread(target=robustness.measure_cost, args=("robust-chat",), name="first",
+                             kwargs={"results": tmp_path, "log": lambda m: None})
+    second = threading.Thread(target=robustness.measure_cost, args=("robust-chat",), name="second",
+                              kwargs={"results": tmp_path, "log": said.append})
+    first.start()
+    assert first_inside.wait(30)
+    second.start()
+    second.join(1.0)
+    assert second.is_alive() and events == [("start", "first")]       # waiting on the lock, not measuring
+    release.set()
+    first.join(30), second.join(30)
+    assert events == [("start", "first"), ("end", "first"), ("start", "second"), ("end", "second")]
+    assert any("waiting for another run" in m and "cost row of robust-chat" in m for m in said)
+    assert (tmp_path / "robust-chat" / "cost.json").read_text() == "second"
