@@ -83,14 +83,27 @@ HYB_RMS = replace(H, key="H-rms", label="H with the rms trust region (‖ΔΘ‖
 HYB_RMS_FREE = replace(HYB_RMS, key="H-rms-free", label="H-rms with the hypergradient over the whole update (the "
                        "multiplier keeps learning while the region binds)",
                        optimizer_kwargs={"projected_hypergradient": False})
+# Issue 16's "tuned ÷ tuned Muon" gap: Muon and AdamW-cos decay their LR (warmup + cosine), every hybrid above runs
+# a constant base LR under its learned multiplier. These give the hybrid the same schedule through the product's
+# menu (`--hybrid --schedule cosine --warmup_steps 5 %`), over AdamW and over Muon, the default trust region (rms)
+# and LR-head hypergradient (over the whole update).
+HYB_COS = replace(HYB_RMS_FREE, key="H-cos", label="H-rms-free + warmup + cosine (`--hybrid --schedule cosine`)",
+                  schedule="warmup_cosine")
+HYB_MUON_COS = replace(HYB_COS, key="H-muon-cos", label="H-cos over Muon's direction for the hidden matrices "
+                       "(`--hybrid --optimizer muon --schedule cosine`)", groups="muon")
+# The same decay through the optimizer's own warmup + cosine, whose schedule also anneals the aux net's meta-learning
+# rate (HybridOptimizer warmup_steps/decay_steps, anneal_meta_learning): the learned multiplier cannot undo the decay
+# the way H-cos's can.
+HYB_SCHED_FREE = replace(HYB_RMS_FREE, key="H-sched-free", label="H-rms-free + the optimizer's own warmup + cosine, "
+                         "meta-learning annealed with it", builtin_schedule=True)
 TRACK_METHODS = (ADAMW, ADAMW_COS, SF, MUON, PRODIGY, HYB, HYB_SCHED)
 TRACK_ABLATIONS = tuple(m for m in ABLATIONS if m.key in ("H-aux", "H-TR", "H-param", "H-frozen"))
 ALL_TRACK = {m.key: m for m in (*TRACK_METHODS, *TRACK_ABLATIONS, HYB_HORIZON, *VARIANTS, HYB_ABS, HYB_BOUNDED,
-                                   HYB_RMS, HYB_RMS_FREE)}
+                                   HYB_RMS, HYB_RMS_FREE, HYB_COS, HYB_MUON_COS, HYB_SCHED_FREE)}
 # Issue 16's LR-robustness protocol: the product's menu at every LR of the 100× grid, the hybrid under each trust
 # region and over Muon; the two workloads are the chat data the workbench trains by default and python-docs.
 ROBUST_METHODS = ("AdamW", "H-abs", "H-rms", "H-bounded", "H-rms-free", "SF-AdamW", "Prodigy", "Muon", "AdamW-cos",
-                  "H-rel", "H-muon")
+                  "H-rel", "H-muon", "H-cos", "H-muon-cos", "H-sched-free")
 # mode → (workload, steps, batch). 400 steps: the protocol's first budget; 1600 steps: the budget at which tuned
 # cosine beats tuned constant LR (the AlgoPerf sanity check), the one issue 16's targets are read at — python-docs at
 # batch 16 (results/budget-probe/docs-1600), chat at batch 4 (results/budget-probe/quick-1600-b4): the chat corpus
