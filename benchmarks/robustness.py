@@ -21,8 +21,8 @@ shows every other budget's targets beside it (`budgets_of`, `headline`).
 
 The protocol is tracks.protocol's (same specs, same journal format, the same robustness statistics as
 tracks_report.robustness), with the runs ordered by how much the decision needs them (`priority`): the grid's ends
-and middle (1e-4, 1e-2, 1e-3) on seeds 0–2 first (seed by seed; the eight methods the targets need before AdamW-cos,
-H-rel and H-muon), then the tuning seed there, then the other two LRs, then seeds
+and middle (1e-4, 1e-2, 1e-3) on seeds 0–2 first (seed by seed; the eight methods the targets need before the other
+candidates of tracks.ROBUST_METHODS), then the tuning seed there, then the other two LRs, then seeds
 3–4. An interrupted protocol therefore leaves complete sets of runs, and the report is written from the largest
 complete set (`complete_set`): every table says which seeds and LRs it rests on and which methods it lacks.
 
@@ -53,8 +53,8 @@ ALSO_FROM = {"robust-chat": [RESULTS / "budget-probe" / "quick-400" / "runs.json
              "robust-docs-1600": [RESULTS / "budget-probe" / "docs-1600" / "runs.jsonl"]}
 CORE_LRS = (1e-4, 1e-2, 1e-3)             # the 100× grid's ends and middle: worst and median need these first
 # The first methods of tracks.ROBUST_METHODS (AdamW, the hybrid's absolute, rms and bounded trust regions, its
-# whole-update default H-rms-free, the two self-tuning anchors, Muon) are what the targets need; AdamW-cos, H-rel and
-# H-muon follow them.
+# whole-update default H-rms-free, the two self-tuning anchors, Muon) are what the targets need; the other candidates
+# (AdamW-cos, H-rel, the hybrid over Muon and with a schedule) follow them.
 FIRST_METHODS = 8
 MIN_SEEDS = 3                             # fewer complete seeds: the verdict names the leaders, decides nothing
 # `--hybrid`'s trust region → the pinned method that runs it (tracks.HYB_ABS / H-rel / HYB_BOUNDED)
@@ -302,7 +302,9 @@ def _measure_cost(mode: str, pairs: int, steps: int, log, target: Path) -> dict:
         torch.set_num_threads(threads)
     out = {"method": default, "ref": "AdamW", "steps": steps, "lr": 1e-3, "batch_size": b.batch_size,
            "pairs": measured, "loadavg_1min": [load_before, os.getloadavg()[0]]}
-    target.write_text(json.dumps(out, indent=1))
+    from hybrid_optimization.distill.export import atomic_file
+    with atomic_file(target) as tmp:         # a kill mid-write leaves the previous cost.json, never a torn one
+        tmp.write_text(json.dumps(out, indent=1))
     return out
 
 
