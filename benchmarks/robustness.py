@@ -430,25 +430,62 @@ def targets(workloads: list[dict]) -> list[dict]:
 
 
 # -- the report ------------------------------------------------------------------------------------------------------
-def _best_by(w: dict, which: str) -> str | None:
-    ce = (w.get("robustness") or {}).get("val_loss")
-    if not ce:
+def _best_by(w: dict, which: str, key: str = "val_loss") -> str | None:
+    r = (w.get("robustness") or {}).get(key)
+    if not r:
         return None
     if which == "tuned":
-        return ce["best_method"]
-    return min(ce["methods"], key=lambda m: ce["methods"][m]["worst"][0])
+        return r["best_method"]
+    return min(r["methods"], key=lambda m: r["methods"][m]["worst"][0])
 
 
-def _leader(w: dict, which: str) -> dict | None:
-    return ((w.get("robustness") or {}).get("val_loss") or {}).get(f"leader_{which}")
+def _leader(w: dict, which: str, key: str = "val_loss") -> dict | None:
+    return ((w.get("robustness") or {}).get(key) or {}).get(f"leader_{which}")
 
 
-def _level_leaders(w: dict, which: str) -> list[str]:
+def _level_leaders(w: dict, which: str, key: str = "val_loss") -> list[str]:
     """[leader] or, when its paired interval against the runner-up holds 1, [leader, runner-up]."""
-    lead = _leader(w, which)
+    lead = _leader(w, which, key)
     if lead is None:                        # a report without the paired leader rows: the point estimate alone
-        return [_best_by(w, which)]
+        return [_best_by(w, which, key)]
     return [lead["method"]] + ([lead["runner_up"]] if lead["ratio"][2] >= 1 else [])
+
+
+# The verdict's two metrics: the held-out cross-entropy decides "which optimizer"; the KL to the teacher (how close
+# the student gets to the model it distils) is said beside it, because the two can disagree (issue 16).
+VERDICT_WORDS = {
+    "val_loss": (("unknown", "When you do not know the learning rate"), ("tuned", "With a tuned learning rate")),
+    "kl_teacher": (("unknown", "Closest to the teacher when you do not know the learning rate"),
+                   ("tuned", "Closest to the teacher with a tuned learning rate")),
+}
+
+
+def _advice(have: list[dict], key: str) -> list[str]:
+    """One sentence per situation (LR unknown, LR tuned) by one metric: the method that leads on every workload,
+    "X or Y" when a paired interval cannot tell the leader from its runner-up, or "no single method"."""
+    parts = []
+    metric = "loss" if key == "val_loss" else "KL to the teacher"
+    for which, words in VERDICT_WORDS[key]:
+        what = (f"the smallest worst-case {metric} over the 100× grid" if which == "unknown" else
+                f"the lowest {metric} at its best LR")
+        # per workload: the leader, and its runner-up too when the paired interval between them holds 1
+        level = {w["name"]: _level_leaders(w, which, key) for w in have}
+        common = [m for m in level[have[0]["name"]] if all(m in ms for ms in level.values())]
+        ties = [f"{n}: {' ÷ '.join(ms)} {fmt_ci(_leader(w, which, key)['ratio'], 3)}"
+                for (n, ms), w in zip(level.items(), have) if len(ms) > 1]
+        # (the page quotes the sentence up to its first full stop: the numbers go in the next sentence)
+        paired = f" Level (paired 95 % interval holding 1): {'; '.join(ties)}." if ties else ""
+        if len(common) == 1:
+            m = common[0]
+            parts.append(f"**{words}: {m}** ({ALL_TRACK[m].label}) — {what} on both workloads"
+                         + (", level with its runner-up on " + ", ".join(n for n, ms in level.items() if len(ms) > 1)
+                            if ties else "") + "." + paired)
+        elif common:
+            parts.append(f"**{words}: {' or '.join(common)}** — not told apart, {what} on both workloads." + paired)
+        else:
+            parts.append(f"**{words}: no single method on both workloads** — "
+                         + "; ".join(f"{n}: {' or '.join(ms)}" for n, ms in level.items()) + ".")
+    return parts
 
 
 def verdict(workloads: list[dict]) -> str:
@@ -466,39 +503,25 @@ def verdict(workloads: list[dict]) -> str:
                      f"method and LR (a decision needs ≥ {MIN_SEEDS}; issue 16 asks 5). Leading so far — LR unknown: "
                      + "; ".join(f"{w['name']} {_best_by(w, 'unknown')}" for w in have) + "; LR tuned: "
                      + "; ".join(f"{w['name']} {_best_by(w, 'tuned')}" for w in have) + ".")
-    for which, words in (("unknown", "When you do not know the learning rate"), ("tuned", "With a tuned learning rate")):
-        if seeds < MIN_SEEDS:
-            break
-        what = ("the smallest worst-case loss over the 100× grid" if which == "unknown" else
-                "the lowest loss at its best LR")
-        # per workload: the leader, and its runner-up too when the paired interval between them holds 1
-        level = {w["name"]: _level_leaders(w, which) for w in have}
-        common = [m for m in level[have[0]["name"]] if all(m in ms for ms in level.values())]
-        ties = [f"{n}: {' ÷ '.join(ms)} {fmt_ci(_leader(w, which)['ratio'], 3)}"
-                for (n, ms), w in zip(level.items(), have) if len(ms) > 1]
-        # (the page quotes the sentence up to its first full stop: the numbers go in the next sentence)
-        paired = f" Level (paired 95 % interval holding 1): {'; '.join(ties)}." if ties else ""
-        if len(common) == 1:
-            m = common[0]
-            parts.append(f"**{words}: {m}** ({ALL_TRACK[m].label}) — {what} on both workloads"
-                         + (", level with its runner-up on " + ", ".join(n for n, ms in level.items() if len(ms) > 1)
-                            if ties else "") + "." + paired)
-        elif common:
-            parts.append(f"**{words}: {' or '.join(common)}** — not told apart, {what} on both workloads." + paired)
-        else:
-            parts.append(f"**{words}: no single method on both workloads** — "
-                         + "; ".join(f"{n}: {' or '.join(ms)}" for n, ms in level.items()) + ".")
+    else:
+        parts += _advice(have, "val_loss")
+        if all((w.get("robustness") or {}).get("kl_teacher") for w in have):
+            parts += _advice(have, "kl_teacher")
     for w in have:
-        ce = w["robustness"]["val_loss"]
-        ranked = sorted(ce["methods"], key=lambda m: ce["methods"][m]["worst"][0])
-        top = ranked[0]
-        nxt = ranked[1] if len(ranked) > 1 else None
-        vs = ""
-        if nxt:
-            a, b_ = ce["methods"][top]["worst"], ce["methods"][nxt]["worst"]
-            vs = f", then {nxt} {fmt_ci(b_, 3)}" + (" (the intervals overlap)" if b_[1] <= a[2] else "")
-        parts.append(f"{w['name']}: worst LR ÷ best tuned — {top} {fmt_ci(ce['methods'][top]['worst'], 3)}{vs}; "
-                     f"best tuned run {ce['best_method']} at lr {ce['best_lr']:g} ({ce['best']:.4f}).")
+        said = []
+        for key, what in (("val_loss", "worst LR ÷ best tuned"), ("kl_teacher", "by KL to the teacher")):
+            r = w["robustness"].get(key)
+            if not r:
+                continue
+            ranked = sorted(r["methods"], key=lambda m: r["methods"][m]["worst"][0])
+            top = ranked[0]
+            vs = ""
+            if len(ranked) > 1:
+                a, b_ = r["methods"][top]["worst"], r["methods"][ranked[1]]["worst"]
+                vs = f", then {ranked[1]} {fmt_ci(b_, 3)}" + (" (the intervals overlap)" if b_[1] <= a[2] else "")
+            said.append(f"{what} — {top} {fmt_ci(r['methods'][top]['worst'], 3)}{vs}; best tuned run "
+                        f"{r['best_method']} at lr {r['best_lr']:g} ({r['best']:.4f})")
+        parts.append(f"{w['name']}: " + "; ".join(said) + ".")
     return " ".join(parts)
 
 

@@ -213,3 +213,29 @@ def test_a_journal_replaced_during_a_protocol_keeps_every_later_row(tmp_path, mo
     monkeypatch.setattr(tracks, "run_one", fake_run)
     tracks.run_prepared(specs, None, lambda m: None, journal)
     assert [json.loads(line)["seed"] for line in journal.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_the_verdict_says_beside_the_loss_which_method_ends_closest_to_the_teacher():
+    """A distillation result needs both metrics (issue 16): when every workload has the KL robustness, the verdict
+    adds "closest to the teacher" advice for each situation from those numbers (here they disagree with the
+    cross-entropy's), and the page shows it as two more "What to use" lines."""
+    from benchmarks.robustness import verdict
+    from workbench import bench_view
+    ce = {"best": 4.0, "best_method": "Muon", "best_lr": 1e-2,
+          "methods": {"H-abs": {"worst": (1.02, 1.01, 1.03)}, "Muon": {"worst": (1.20, 1.15, 1.25)}}}
+    kl = {"best": 0.4, "best_method": "H-abs", "best_lr": 1e-3,
+          "methods": {"H-abs": {"worst": (1.50, 1.45, 1.55)}, "Muon": {"worst": (1.10, 1.05, 1.12)}}}
+    workloads = [{"name": n, "robustness": {"val_loss": ce, "kl_teacher": kl}, "complete": {"seeds": [0, 1, 2]}}
+                 for n in ("chat", "python-docs")]
+    text = verdict(workloads)
+    assert "**When you do not know the learning rate: H-abs**" in text
+    assert "**Closest to the teacher when you do not know the learning rate: Muon**" in text
+    assert "**Closest to the teacher with a tuned learning rate: H-abs**" in text
+    assert "by KL to the teacher — Muon 1.100 [1.050, 1.120], then H-abs" in text
+    advice = bench_view.situations(f"# r\n\n## Verdict\n\n{text}\n")
+    assert [a.split(" → ")[0] for a in advice] == ["**LR unknown**", "**LR tuned**",
+                                                    "**LR unknown, closest to the teacher**",
+                                                    "**LR tuned, closest to the teacher**"]
+    assert advice[2].startswith("**LR unknown, closest to the teacher** → Muon (")
+    without = [dict(w, robustness={"val_loss": ce}) for w in workloads]     # no KL measured: no KL advice
+    assert "Closest to the teacher" not in verdict(without)

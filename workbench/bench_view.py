@@ -73,14 +73,18 @@ def tidy_ratios(markdown: str) -> str:
 
 
 def situations(markdown: str) -> list[str]:
-    """One plain sentence per situation, from the report's own verdict: "LR tuned → …", "LR unknown → …". Empty
+    """One plain sentence per situation, from the report's own verdict: "LR tuned → …", "LR unknown → …" (and the
+    same by KL to the teacher, when the report says it: "LR unknown, closest to the teacher → …"). Empty
     when the report has no such verdict (e.g. the quick report)."""
     _, sections = split_report(markdown)
     text = dict(sections).get("Verdict", "")
     found = []
     # the robustness report's form (benchmarks/robustness.py): "**With a tuned learning rate: X** (label) — …"
     for words, label in (("When you do not know the learning rate", "LR unknown"),
-                         ("With a tuned learning rate", "LR tuned")):
+                         ("With a tuned learning rate", "LR tuned"),
+                         ("Closest to the teacher when you do not know the learning rate",
+                          "LR unknown, closest to the teacher"),
+                         ("Closest to the teacher with a tuned learning rate", "LR tuned, closest to the teacher")):
         match = re.search(r"\*\*" + words + r": ([^*]+)\*\*\s*([^.]*\.)?", text)
         if match:
             found.append(f"**{label}** → {match.group(1).strip()}" + (f" {match.group(2).strip()}"
