@@ -25,9 +25,10 @@ import torch
 
 from hybrid_optimization import HybridOptimizer, HybridTrainingConfig
 from hybrid_optimization.optimizers import build_optimizer as menu_build
+from hybrid_optimization.schema import DEFAULT_WARMUP_FRACTION
 
 GUIDE_LR = 1e-3
-WARMUP_FRACTION = 0.05          # AlgoPerf's NAdamW baseline warms up over ~5 % of the steps
+WARMUP_FRACTION = DEFAULT_WARMUP_FRACTION   # the product's unset --warmup_steps (AlgoPerf's NAdamW: ~5 % of the steps)
 CLIP_NORM = 1.0
 # HybridOptimizer keyword arguments that restore its behaviour before issue 6 (the "before" of before/after).
 PRE_ISSUE6: dict = {"rho_from": "losses", "projected_hypergradient": False, "aux_radius": "direct"}

@@ -30,6 +30,7 @@ from functools import partial
 from typing import Any
 
 from .schema import optimizer_combination_error as combination_error  # noqa: F401  (the menu's one rule)
+from .schema import default_warmup_steps
 
 WSD_DECAY_FRACTION = 0.2        # wsd: the share of the steps spent decaying (Hägele et al. 2024 use 10–20 %)
 MUON_MOMENTUM = 0.95            # torch.optim.Muon's default (Nesterov)
@@ -77,7 +78,7 @@ def hybrid_param_groups(model, base: str) -> list[dict]:
 
 
 def build_optimizer(model, *, optimizer: str = "adamw", schedule: str = "constant", lr: float = 1e-3,
-                    warmup_steps: int = 0, total_steps: int = 1, weight_decay: float = 1e-5,
+                    warmup_steps: int | None = 0, total_steps: int = 1, weight_decay: float = 1e-5,
                     betas: tuple[float, float] = (0.9, 0.999), hybrid=None, n_clusters: int | None = None,
                     hybrid_overrides: dict | None = None):
     """(optimizer, LambdaLR or None) for `model`.
@@ -85,10 +86,14 @@ def build_optimizer(model, *, optimizer: str = "adamw", schedule: str = "constan
     hybrid : a HybridTrainingConfig to wrap the `optimizer` base in the HybridOptimizer (its aux net, trust region
              and clusters from the config; lr and weight decay from the arguments); None: the plain optimizer.
     n_clusters : data clusters fed to the hybrid's aux net (None: no cluster feature).
-    hybrid_overrides : extra HybridOptimizer keyword arguments (the benchmark's ablations)."""
+    hybrid_overrides : extra HybridOptimizer keyword arguments (the benchmark's ablations).
+    warmup_steps : None = the CLI's unset --warmup_steps (schema.default_warmup_steps: 5 % of total_steps with a
+             schedule or Schedule-Free, else 0)."""
     message = combination_error(optimizer, schedule, hybrid is not None, warmup_steps, total_steps)
     if message:
         raise ValueError(message)
+    if warmup_steps is None:
+        warmup_steps = default_warmup_steps(optimizer, schedule, total_steps)
     import torch
     params = [p for p in model.parameters() if p.requires_grad]
     own_warmup = False

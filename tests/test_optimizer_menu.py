@@ -187,6 +187,32 @@ def test_a_bad_combination_is_refused_with_one_line_naming_the_allowed_ones(opti
                         hybrid=HybridTrainingConfig() if hybrid else None)
 
 
+@pytest.mark.parametrize("optimizer,schedule,hybrid,warmup", [
+    ("muon", "cosine", False, 2), ("adamw", "wsd", True, 2), ("muon", "cosine", True, 2), ("schedule-free", "constant",
+                                                                                           False, 2),
+    ("adamw", "constant", False, 0), ("adamw", "constant", True, 0),
+])
+def test_an_unset_warmup_builds_the_benchmarks_five_percent(optimizer, schedule, hybrid, warmup):
+    """The run's optimizer (setup.make_optimizer, from the plan) with --warmup_steps unset: 5 % of a 40-step run
+    with a schedule or Schedule-Free, as the benchmark measured it; none at a constant LR."""
+    from hybrid_optimization.distill.options import TrainOptions
+    from hybrid_optimization.distill.plan import plan_run
+    from hybrid_optimization.distill.setup import make_optimizer
+    plan = plan_run(TrainOptions(track=False, max_steps=40, optimizer=optimizer, schedule=schedule, hybrid=hybrid))
+    assert plan.warmup_steps == warmup
+    unset, scheduler = make_optimizer(plan, _tiny_lm(), n_clusters=8)
+    given, _ = build_optimizer(_tiny_lm(), optimizer=optimizer, schedule=schedule, warmup_steps=warmup,
+                               total_steps=40, hybrid=HybridTrainingConfig() if hybrid else None,
+                               n_clusters=8 if hybrid else None)
+    assert [g["lr"] for g in unset.param_groups] == [g["lr"] for g in given.param_groups]
+    if warmup and optimizer != "schedule-free":
+        assert scheduler.get_last_lr()[0] == pytest.approx(1e-3 / warmup)    # step 0 of a 2-step linear warmup
+    elif optimizer == "schedule-free":
+        assert unset.param_groups[0]["warmup_steps"] == warmup
+    else:
+        assert scheduler is None
+
+
 # -- through the CLI (distillation.py's main), tiny preset -------------------------------------------------------
 def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
     from hybrid_optimization.distill.cli import main

@@ -153,6 +153,25 @@ def test_the_cli_refuses_cheap_mistakes_in_under_2_seconds(tmp_path, argv, messa
     assert not (tmp_path / "runs.db").exists()                     # nothing started, no store created
 
 
+def test_an_unset_warmup_is_five_percent_of_the_steps_with_a_schedule_or_schedule_free_and_none_without():
+    # what the benchmark measured (5 % warmup) is what `--optimizer muon --schedule cosine` runs, with no flag more
+    assert plan(max_steps=1600, optimizer="muon", schedule="cosine").warmup_steps == 80
+    assert plan(max_steps=1600, hybrid=True, schedule="wsd").warmup_steps == 80
+    assert plan(max_steps=200, optimizer="schedule-free").warmup_steps == 10     # its own warmup, constant schedule
+    assert plan(max_steps=1600).warmup_steps == 0                                 # AdamW at a constant LR: as before
+    assert plan(max_steps=1600, hybrid=True).warmup_steps == 0                    # --hybrid's default: as before
+    assert plan(max_steps=1600, optimizer="prodigy").warmup_steps == 0
+    assert plan(max_steps=10, schedule="cosine").warmup_steps == 1                # at least one step …
+    assert plan(max_steps=1, schedule="cosine").warmup_steps == 0                 # … and always less than the run
+    assert plan(max_steps=1600, schedule="cosine", warmup_steps=0).warmup_steps == 0   # set: as given
+    one_pass = plan(preset="smollm2", epochs=1, batch_size=16, schedule="cosine").for_data(1000, 1000)
+    assert one_pass.warmup_steps == 3                                             # 5 % of 63 steps, once known
+    # unset is its own value in the options document (not frozen into a number) and in the checkpoint's hash
+    assert plan(max_steps=1600, schedule="cosine").options.to_dict()["warmup_steps"] is None
+    assert plan(max_steps=40, schedule="cosine").options_hash() != \
+        plan(max_steps=40, schedule="cosine", warmup_steps=2).options_hash()
+
+
 def test_a_warmup_longer_than_an_epochs_run_is_refused_in_one_line():
     # With --max_steps the options check the warmup; with --epochs the run's length is known only to the plan (tiny:
     # 10 steps per epoch) or, for one-pass epochs, once the data is split — the same rule applies at both points.

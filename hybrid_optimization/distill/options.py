@@ -93,7 +93,7 @@ class TrainOptions:
     trust_region_mode: str | None = None
     optimizer: str | None = None         # schema.BASE_OPTIMIZERS (None: adamw; with --hybrid: the config's base)
     schedule: str = "constant"           # schema.SCHEDULES, after warmup_steps of linear warmup
-    warmup_steps: int = 0
+    warmup_steps: int | None = None      # None: schema.default_warmup_steps (5 % of the steps with a schedule)
     embedder: str = "tfidf"
     cluster_batches: str = "mixed"       # --hybrid batches: balanced across clusters (mixed) or one cluster each
     alpha: float = 0.5

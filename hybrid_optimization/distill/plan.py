@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import HybridTrainingConfig
-from ..schema import SUPPORTED_BITS, optimizer_combination_error
+from ..schema import SUPPORTED_BITS, default_warmup_steps, optimizer_combination_error
 from .options import MAX_STEPS, RESUME_ALWAYS_ALLOWED, RESUME_OVERRIDABLE, OptionsError, TrainOptions
 from .presets import Preset
 
@@ -72,6 +72,15 @@ class RunPlan:
     def plan_at_step(self) -> int:
         """The step before which the precision plan is made."""
         return max(1, round(PLAN_WARMUP_FRACTION * self.total_steps))
+
+    @property
+    def warmup_steps(self) -> int:
+        """--warmup_steps, or what it means unset (schema.default_warmup_steps: 5 % of the steps when the LR has a
+        schedule or the optimizer is Schedule-Free, else 0). Needs the run's length (for_data when per epoch)."""
+        opts = self.options
+        if opts.warmup_steps is not None:
+            return opts.warmup_steps
+        return default_warmup_steps(opts.optimizer, opts.schedule, self.total_steps)
 
     @property
     def checkpoint_every_s(self) -> float:

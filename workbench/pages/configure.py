@@ -6,7 +6,7 @@ import streamlit as st
 
 from hybrid_optimization.config import ConfigError, HybridTrainingConfig
 from hybrid_optimization.distill.reporting import REPORT_TO
-from hybrid_optimization.schema import BASE_OPTIMIZERS, SCHEDULES
+from hybrid_optimization.schema import BASE_OPTIMIZERS, SCHEDULES, WARMUP_WORDS
 from hybrid_optimization.tracking import RunStore, StoreError, StoreMissing
 from workbench import config_form, datasets, launcher, presets, ui
 from workbench.launcher import LaunchError
@@ -17,7 +17,7 @@ OPTION_DEFAULTS = launcher.form_defaults()
 PRESET_DEFAULT = "preset default"
 OPTIMIZER_DEFAULT = "default"       # optimizer None: AdamW for the baseline, the config's base_optimizer for --hybrid
 # Options of the optimizer menu and the reporting back-ends (TrainOptions fields), with the form's starting values.
-MENU_DEFAULTS = {"optimizer": OPTIMIZER_DEFAULT, "schedule": SCHEDULES[0], "warmup_steps": 0, "report_to": []}   # shown for options where None means "what the preset says"
+MENU_DEFAULTS = {"optimizer": OPTIMIZER_DEFAULT, "schedule": SCHEDULES[0], "warmup_steps": None, "report_to": []}   # shown for options where None means "what the preset says"
 
 
 # Switches of the hybrid-only groups (the auxiliary NN, trust region and clustering, adaptation included): a
@@ -104,7 +104,7 @@ def _options(data_path: str | None) -> tuple[dict, dict[str, str]]:
                    embedder=get("embedder"), cluster_batches=get("cluster_batches"), export=get("export"), save_metrics=get("save_metrics"),
                    run_name=get("run_name").strip() or None, tags=tags,
                    optimizer=None if get("optimizer") == OPTIMIZER_DEFAULT else get("optimizer"),
-                   schedule=get("schedule"), warmup_steps=int(get("warmup_steps")), report_to=list(get("report_to")),
+                   schedule=get("schedule"), warmup_steps=None if get("warmup_steps") is None else int(get("warmup_steps")), report_to=list(get("report_to")),
                    **parsed)
     return options, errors
 
@@ -286,7 +286,8 @@ with st.container(border=True):
                       "1.0 by default). Which ones combine with --hybrid and a schedule is checked here.")
     h2.selectbox("LR schedule", SCHEDULES, key="opt.schedule",
                  help="--schedule, after the warmup: constant, cosine decay, or warmup-stable-decay (wsd).")
-    h3.number_input("Warmup steps", key="opt.warmup_steps", step=1, help="Linear LR warmup steps (--warmup_steps).")
+    h3.number_input("Warmup steps", key="opt.warmup_steps", step=1, value=None, placeholder="auto",
+                    help=f"Linear LR warmup steps (--warmup_steps). Empty (auto): {WARMUP_WORDS}.")
     h4.multiselect("Also report to", REPORT_TO, key="opt.report_to",
                    help="Write the run's metrics to these trackers too (--report_to), besides this workbench; "
                         "each needs its package installed.")
