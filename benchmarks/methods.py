@@ -141,12 +141,14 @@ def build_optimizer(method: Method, model: torch.nn.Module, cfg: HybridTrainingC
         schedule, warmup_steps = "constant", warmup           # its own warmup, no schedule
     if method.is_hybrid:
         overrides = {**PINNED_OPTIMIZER, **method.optimizer_kwargs}
-        if method.builtin_schedule:                           # the optimizer's own warmup + cosine (H-sched)
-            overrides.update(warmup_steps=warmup, decay_steps=steps)
         clusters = n_clusters if method.data_clustering else None
         if method.groups == "roles":
+            if method.builtin_schedule:                       # the optimizer's own warmup + cosine
+                overrides.update(warmup_steps=warmup, decay_steps=steps)
             return HybridOptimizer.from_config(role_param_groups(model), cfg, quantization_bits=None,
                                                n_clusters=clusters, **overrides), None
+        if method.builtin_schedule:          # the hybrid's own warmup + cosine: `--schedule hybrid-cosine` (H-sched)
+            schedule, warmup_steps = "hybrid-cosine", warmup
         base = {"one": "adamw", "muon": "muon"}.get(method.groups)
         if base is None:
             raise ValueError(f"unknown param grouping {method.groups!r}: use one, muon or roles")

@@ -65,22 +65,33 @@ SF_KEY, PRODIGY_KEY = "SF-AdamW", "Prodigy"
 FREE = "-free"    # suffix of the pinned method with the LR head's hypergradient over the whole update (H-rms-free)
 
 
+# `--hybrid`'s default schedule (schema.HYBRID_DEFAULT_SCHEDULE) over a pinned default → the pinned method that runs
+# both (a pair not listed has no pinned method: the report shows the default as not measured).
+SCHEDULED_KEY = {("H-rms-free", "cosine"): "H-cos", ("H-rms-free", "hybrid-cosine"): "H-sched-free"}
+
+
 def default_words(key: str) -> str:
-    """'trust region `rms`, the LR head's hypergradient over the whole update' for a default key."""
-    base = key.removesuffix(FREE)
+    """'trust region `rms`, the LR head's hypergradient over the whole update' for a default key (+ its schedule)."""
+    unscheduled = {v: k for k, v in SCHEDULED_KEY.items()}.get(key, (key, "constant"))
+    base = unscheduled[0].removesuffix(FREE)
     mode = {v: k for k, v in DEFAULT_KEY.items()}.get(base, base)
-    how = "over the whole update" if key.endswith(FREE) else "through the trust-region projection"
-    return f"trust region `{mode}`, the LR head's hypergradient {how}"
+    how = "over the whole update" if unscheduled[0].endswith(FREE) else "through the trust-region projection"
+    return f"trust region `{mode}`, the LR head's hypergradient {how}, schedule `{unscheduled[1]}`"
 
 
 def hybrid_default_key() -> str:
     """The pinned method that is today's `--hybrid`: the product's default trust region, + FREE when the optimizer's
-    LR head learns from the whole update by default (a key with no runs shows in the report as not measured)."""
+    LR head learns from the whole update by default, under its default schedule (SCHEDULED_KEY); a key with no runs
+    shows in the report as not measured."""
     import inspect
 
     from hybrid_optimization import HybridOptimizer, HybridTrainingConfig
+    from hybrid_optimization.schema import HYBRID_DEFAULT_SCHEDULE
     projected = inspect.signature(HybridOptimizer).parameters["projected_hypergradient"].default
-    return DEFAULT_KEY[HybridTrainingConfig().trust_region_mode] + ("" if projected else FREE)
+    key = DEFAULT_KEY[HybridTrainingConfig().trust_region_mode] + ("" if projected else FREE)
+    if HYBRID_DEFAULT_SCHEDULE == "constant":
+        return key
+    return SCHEDULED_KEY.get((key, HYBRID_DEFAULT_SCHEDULE), f"{key}+{HYBRID_DEFAULT_SCHEDULE}")
 
 
 def priority(b: TrackBudget):

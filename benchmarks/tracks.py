@@ -95,7 +95,7 @@ HYB_MUON_COS = replace(HYB_COS, key="H-muon-cos", label="H-cos over Muon's direc
 # rate (HybridOptimizer warmup_steps/decay_steps, anneal_meta_learning): the learned multiplier cannot undo the decay
 # the way H-cos's can.
 HYB_SCHED_FREE = replace(HYB_RMS_FREE, key="H-sched-free", label="H-rms-free + the optimizer's own warmup + cosine, "
-                         "meta-learning annealed with it", builtin_schedule=True)
+                         "meta-learning annealed with it (`--hybrid --schedule hybrid-cosine`)", builtin_schedule=True)
 TRACK_METHODS = (ADAMW, ADAMW_COS, SF, MUON, PRODIGY, HYB, HYB_SCHED)
 TRACK_ABLATIONS = tuple(m for m in ABLATIONS if m.key in ("H-aux", "H-TR", "H-param", "H-frozen"))
 ALL_TRACK = {m.key: m for m in (*TRACK_METHODS, *TRACK_ABLATIONS, HYB_HORIZON, *VARIANTS, HYB_ABS, HYB_BOUNDED,

@@ -15,7 +15,9 @@ The menu (schema.BASE_OPTIMIZERS, schema.SCHEDULES):
                     itself; `lr` is the factor on that estimate (1.0 is the method's own choice)
     schedules       constant | cosine (to 0 at the last step) | wsd (warmup, stable, linear decay to 0 over the
                     last 20 %), each after `warmup_steps` of linear warmup, as a torch LambdaLR so that its state
-                    is one integer in the checkpoint and a resumed run continues exactly
+                    is one integer in the checkpoint and a resumed run continues exactly; hybrid-cosine (hybrid
+                    only): the same warmup + cosine inside the HybridOptimizer (warmup_steps, decay_steps), which
+                    anneals its aux net's meta-learning rate by the same factor (state: the optimizer's step)
     hybrid          HybridOptimizer (optim.py) on the adamw, sgd or muon base: its learned LR multiplier and its
                     trust region act on that base's direction (muon: hidden matrices with base="muon", AdamW for
                     the rest — the same split as `--optimizer muon`)
@@ -99,9 +101,13 @@ def build_optimizer(model, *, optimizer: str = "adamw", schedule: str = "constan
     own_warmup = False
     if hybrid is not None:
         from .optim import HybridOptimizer
+        overrides = dict(hybrid_overrides or {})
+        if schedule == "hybrid-cosine":       # the hybrid's own warmup + cosine (its meta-learning annealed with it)
+            overrides.update(warmup_steps=int(warmup_steps), decay_steps=int(total_steps))
+            own_warmup = True
         opt = HybridOptimizer.from_config(hybrid_param_groups(model, optimizer), hybrid, quantization_bits=None,
                                           n_clusters=n_clusters, lr=lr, weight_decay=weight_decay, base=optimizer,
-                                          **(hybrid_overrides or {}))
+                                          **overrides)
     elif optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
     elif optimizer == "sgd":

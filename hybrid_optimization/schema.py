@@ -65,8 +65,21 @@ BASE_OPTIMIZERS = ("adamw", "sgd", "muon", "schedule-free", "prodigy")
 # The bases whose direction the hybrid (--hybrid) can steer with its learned multiplier and trust region.
 HYBRID_BASES = ("adamw", "sgd", "muon")
 # --schedule: the LR schedule after --warmup_steps of linear warmup (wsd: warmup, stable, linear decay to 0 over
-# the last 20 % of the steps). Schedule-Free has its own averaging and takes constant only.
-SCHEDULES = ("constant", "cosine", "wsd")
+# the last 20 % of the steps). Schedule-Free has its own averaging and takes constant only. hybrid-cosine (--hybrid
+# only) is the same warmup + cosine applied inside the hybrid, which also anneals its aux net's meta-learning rate
+# by the same factor: under a plain cosine the learned multiplier rises as the LR decays and undoes part of the
+# decay (issue 16's robustness report, H-cos vs H-sched-free).
+SCHEDULES = ("constant", "cosine", "wsd", "hybrid-cosine")
+HYBRID_ONLY_SCHEDULES = ("hybrid-cosine",)
+# --schedule unset: constant for a plain optimizer; this for --hybrid (what the robustness report supports).
+HYBRID_DEFAULT_SCHEDULE = "constant"
+
+
+def resolved_schedule(schedule: str | None, hybrid: bool) -> str:
+    """What an unset --schedule means for the run (None → constant, or HYBRID_DEFAULT_SCHEDULE with --hybrid)."""
+    if schedule is not None:
+        return schedule
+    return HYBRID_DEFAULT_SCHEDULE if hybrid else "constant"
 # --warmup_steps left unset: this fraction of the run's steps whenever the LR has a schedule (cosine, wsd) or the
 # optimizer is Schedule-Free (its own warmup), else no warmup. It is the benchmark's setting (AlgoPerf's NAdamW
 # baseline warms up over ~5 % of the steps), so `--optimizer muon --schedule cosine` runs what the report measured.
@@ -97,6 +110,9 @@ def optimizer_combination_error(optimizer: str, schedule: str, hybrid: bool, war
     elif total_steps is not None and warmup_steps >= total_steps > 0 and warmup_steps > 0:
         return (f"--warmup_steps {warmup_steps} is invalid: it must be less than the run's {total_steps} steps "
                 "(warmup is a part of the run)")
+    if schedule in HYBRID_ONLY_SCHEDULES and not hybrid:
+        return (f"--schedule {schedule} is invalid without --hybrid: it anneals the hybrid's meta-learning with the "
+                "LR; add --hybrid, or use --schedule cosine")
     if optimizer == "schedule-free" and schedule != "constant":
         return (f"--schedule {schedule} cannot be combined with --optimizer schedule-free: Schedule-Free replaces "
                 "the schedule by averaging; use --schedule constant (its warmup: --warmup_steps)")

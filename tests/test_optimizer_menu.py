@@ -16,7 +16,7 @@ from hybrid_optimization.schema import BASE_OPTIMIZERS, HYBRID_BASES, SCHEDULES,
 pytestmark = pytest.mark.timeout(1800)
 
 VALID = [(o, s) for o in BASE_OPTIMIZERS for s in SCHEDULES if combination_error(o, s, False) is None]
-HYBRID = [(o, s) for o in HYBRID_BASES for s in ("constant", "cosine")]
+HYBRID = [(o, s) for o in HYBRID_BASES for s in ("constant", "cosine", "hybrid-cosine")]
 
 
 def _tiny_lm(seed: int = 0):
@@ -57,7 +57,8 @@ def test_every_optimizer_and_schedule_trains_and_resumes_exactly_from_its_state_
     in a new process's worth of objects: the same losses and bit-identical weights."""
     model = _tiny_lm()
     opt, sched = _build(model, optimizer, schedule, hybrid)
-    assert (sched is None) == (optimizer == "schedule-free")      # warmup 2: a LambdaLR even for constant
+    # warmup 2: a LambdaLR even for constant; Schedule-Free and the hybrid's own cosine schedule themselves
+    assert (sched is None) == (optimizer == "schedule-free" or schedule == "hybrid-cosine")
     full = _steps(model, opt, sched, 0, 8, hybrid)
     assert full[-1] < full[0] or optimizer == "sgd", full          # it learns (SGD at this LR: slowly)
 
@@ -175,6 +176,7 @@ def test_hybrid_over_muon_scales_muons_own_direction_by_the_multiplier_inside_th
     ("lion", "constant", False, 0, "--optimizer 'lion' is invalid: it must be one of adamw, sgd, muon, "
                                    "schedule-free, prodigy"),
     ("adamw", "linear", False, 0, "--schedule 'linear' is invalid: it must be one of constant, cosine, wsd"),
+    ("adamw", "hybrid-cosine", False, 0, "--schedule hybrid-cosine is invalid without --hybrid"),
     ("adamw", "cosine", False, -1, "--warmup_steps -1 is invalid: it must be an integer ≥ 0"),
     ("adamw", "cosine", False, 4, "--warmup_steps 4 is invalid: it must be less than the run's 4 steps"),
 ])
@@ -211,6 +213,23 @@ def test_an_unset_warmup_builds_the_benchmarks_five_percent(optimizer, schedule,
         assert unset.param_groups[0]["warmup_steps"] == warmup
     else:
         assert scheduler is None
+
+
+def test_hybrid_cosine_is_the_hybrids_own_schedule_as_the_benchmark_built_h_sched_free():
+    """--hybrid --schedule hybrid-cosine: no LambdaLR; the HybridOptimizer's own warmup + cosine (its settings, in
+    the checkpoint's param groups) — the same optimizer the robustness report's H-sched-free method builds."""
+    from benchmarks.methods import build_optimizer as method_build
+    from benchmarks.tracks import HYB_SCHED_FREE
+    cfg = HybridTrainingConfig()
+    menu, scheduler = build_optimizer(_tiny_lm(), optimizer="adamw", schedule="hybrid-cosine", warmup_steps=None,
+                                      total_steps=200, hybrid=cfg, n_clusters=8)
+    assert scheduler is None
+    group = menu.param_groups[0]
+    assert (group["warmup_steps"], group["decay_steps"], group["anneal_meta_learning"]) == (10, 200, True)
+    bench, bench_scheduler = method_build(HYB_SCHED_FREE, _tiny_lm(), cfg, 200, 8)
+    assert bench_scheduler is None
+    assert {k: v for k, v in bench.param_groups[0].items() if k != "params"} == \
+        {k: v for k, v in group.items() if k != "params"}
 
 
 # -- through the CLI (distillation.py's main), tiny preset -------------------------------------------------------

@@ -154,12 +154,14 @@ def test_the_cli_refuses_cheap_mistakes_in_under_2_seconds(tmp_path, argv, messa
 
 
 def test_an_unset_warmup_is_five_percent_of_the_steps_with_a_schedule_or_schedule_free_and_none_without():
+    from hybrid_optimization.schema import HYBRID_DEFAULT_SCHEDULE
     # what the benchmark measured (5 % warmup) is what `--optimizer muon --schedule cosine` runs, with no flag more
     assert plan(max_steps=1600, optimizer="muon", schedule="cosine").warmup_steps == 80
     assert plan(max_steps=1600, hybrid=True, schedule="wsd").warmup_steps == 80
     assert plan(max_steps=200, optimizer="schedule-free").warmup_steps == 10     # its own warmup, constant schedule
     assert plan(max_steps=1600).warmup_steps == 0                                 # AdamW at a constant LR: as before
-    assert plan(max_steps=1600, hybrid=True).warmup_steps == 0                    # --hybrid's default: as before
+    assert plan(max_steps=1600, hybrid=True, schedule="constant").warmup_steps == 0
+    assert plan(max_steps=1600, hybrid=True).warmup_steps == (0 if HYBRID_DEFAULT_SCHEDULE == "constant" else 80)
     assert plan(max_steps=1600, optimizer="prodigy").warmup_steps == 0
     assert plan(max_steps=10, schedule="cosine").warmup_steps == 1                # at least one step …
     assert plan(max_steps=1, schedule="cosine").warmup_steps == 0                 # … and always less than the run
@@ -170,6 +172,16 @@ def test_an_unset_warmup_is_five_percent_of_the_steps_with_a_schedule_or_schedul
     assert plan(max_steps=1600, schedule="cosine").options.to_dict()["warmup_steps"] is None
     assert plan(max_steps=40, schedule="cosine").options_hash() != \
         plan(max_steps=40, schedule="cosine", warmup_steps=2).options_hash()
+
+
+def test_an_unset_schedule_is_constant_and_the_hybrids_default_with_hybrid():
+    from hybrid_optimization.schema import HYBRID_DEFAULT_SCHEDULE
+    assert plan(max_steps=100).schedule == "constant"
+    assert plan(max_steps=100, hybrid=True).schedule == HYBRID_DEFAULT_SCHEDULE
+    assert plan(max_steps=100, hybrid=True, schedule="constant").schedule == "constant"
+    assert plan(max_steps=100, hybrid=True, schedule="hybrid-cosine").warmup_steps == 5
+    with pytest.raises(OptionsError, match="--schedule hybrid-cosine is invalid without --hybrid"):
+        plan(max_steps=100, schedule="hybrid-cosine")
 
 
 def test_a_warmup_longer_than_an_epochs_run_is_refused_in_one_line():

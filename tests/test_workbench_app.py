@@ -737,7 +737,7 @@ def test_form_launches_with_the_optimizer_menu_and_report_to(runs_root, started)
     from hybrid_optimization.schema import BASE_OPTIMIZERS, SCHEDULES
     at = _app().run()
     assert at.selectbox(key="opt.optimizer").options[1:] == list(BASE_OPTIMIZERS)
-    assert at.selectbox(key="opt.schedule").options == list(SCHEDULES)
+    assert at.selectbox(key="opt.schedule").options == ["default", *SCHEDULES]
     assert at.number_input(key="opt.warmup_steps").value is None      # auto: 5 % of the steps with a schedule
     at.toggle(key="opt.hybrid").set_value(False).run()
     at.selectbox(key="opt.optimizer").set_value("sgd").run()

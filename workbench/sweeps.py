@@ -40,7 +40,9 @@ def default_range(name: str) -> dict:
         return {"choices": "true,false"}
     if kind is str or name in ("target_bits",):
         menus = {"trust_region_mode": schema.TRUST_REGION_MODES, "base_optimizer": schema.HYBRID_BASES,
-                 "optimizer": schema.BASE_OPTIMIZERS, "schedule": schema.SCHEDULES,
+                 "optimizer": schema.BASE_OPTIMIZERS,
+                 # (hybrid-cosine only with hybrid=true: typed in by hand, not offered to every sweep)
+                 "schedule": tuple(s for s in schema.SCHEDULES if s not in schema.HYBRID_ONLY_SCHEDULES),
                  "cluster_batches": schema.CLUSTER_BATCHES, "embedder": schema.EMBEDDERS}
         return {"choices": {"target_bits": "1,1.58,2", "student_size": "tiny,small",
                             **{k: ",".join(v) for k, v in menus.items()}}.get(name, "")}

@@ -17,7 +17,7 @@ import traceback
 from dataclasses import fields
 
 from ..schema import (BASE_OPTIMIZERS, CLUSTER_BATCHES, DEVICES, EMBEDDERS, EXPORT_FORMATS, MAX_UPDATE_RMS,
-                      SCHEDULES, TRUST_REGION_MODES, WARMUP_WORDS)
+                      HYBRID_DEFAULT_SCHEDULE, SCHEDULES, TRUST_REGION_MODES, WARMUP_WORDS)
 from ..config import ConfigError, HybridTrainingConfig
 from .options import (DATA_SOURCES, MAX_BATCH_SIZE, MAX_EPOCHS, MAX_OPTIONS_FILE_BYTES, MAX_SEQ_LEN, MAX_STEPS,
                       MIN_SEQ_LEN, PYTHON_ONLY, OneLineParser, OptionsError, TrainOptions, read_json_file,
@@ -102,9 +102,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "prodigy (LR-free: --lr is the factor on its estimated step, default 1.0); with --hybrid: "
                         "the base direction the hybrid steers (adamw, sgd or muon)")
     a.add_argument("--schedule", choices=SCHEDULES,
-                   help="LR schedule after --warmup_steps: constant (default), cosine (to 0 at the last step) or wsd "
-                        "(warmup-stable-decay: linear decay to 0 over the last 20 %% of the steps)")
-    a.add_argument("--warmup_steps", type=int, metavar="N", help="steps of linear LR warmup (default: " + WARMUP_WORDS.replace("%", "%%") + ")")
+                   help="LR schedule after --warmup_steps: constant, cosine (to 0 at the last step), wsd "
+                        "(warmup-stable-decay: linear decay to 0 over the last 20 %% of the steps) or, with --hybrid, "
+                        "hybrid-cosine (the same cosine inside the hybrid, its meta-learning annealed with the LR); "
+                        f"default: {HYBRID_DEFAULT_SCHEDULE} with --hybrid, else constant")
+    a.add_argument("--warmup_steps", type=int, metavar="N",
+                   help="steps of linear LR warmup (default: " + WARMUP_WORDS.replace("%", "%%") + ")")
     a.add_argument("--trust_region_mode", choices=TRUST_REGION_MODES,
                    help="trust region over all parameters (absolute), per tensor relative to its norm (relative), "
                         f"or relative with each tensor's update RMS capped at {MAX_UPDATE_RMS:g} (bounded), or over "

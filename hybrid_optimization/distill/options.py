@@ -92,7 +92,7 @@ class TrainOptions:
     precision_budget: float | None = None
     trust_region_mode: str | None = None
     optimizer: str | None = None         # schema.BASE_OPTIMIZERS (None: adamw; with --hybrid: the config's base)
-    schedule: str = "constant"           # schema.SCHEDULES, after warmup_steps of linear warmup
+    schedule: str | None = None          # schema.SCHEDULES after warmup_steps of warmup (None: resolved_schedule)
     warmup_steps: int | None = None      # None: schema.default_warmup_steps (5 % of the steps with a schedule)
     embedder: str = "tfidf"
     cluster_batches: str = "mixed"       # --hybrid batches: balanced across clusters (mixed) or one cluster each
@@ -222,8 +222,9 @@ class TrainOptions:
         choice("embedder", self.embedder, EMBEDDERS)
         choice("cluster_batches", self.cluster_batches, CLUSTER_BATCHES)
         config_rule("trust_region_mode", "trust_region_mode", self.trust_region_mode)   # the config's one rule
-        from ..schema import optimizer_combination_error    # the optimizer menu's one rule for what combines
-        menu = optimizer_combination_error(self.optimizer or "adamw", self.schedule, self.hybrid, self.warmup_steps,
+        from ..schema import optimizer_combination_error, resolved_schedule   # the menu's one rule for what combines
+        menu = optimizer_combination_error(self.optimizer or "adamw", resolved_schedule(self.schedule, self.hybrid),
+                                           self.hybrid, self.warmup_steps,
                                            self.max_steps if isinstance(self.max_steps, int) else None)
         if menu:
             found.setdefault(menu.split()[0].lstrip("-"), menu)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import HybridTrainingConfig
-from ..schema import SUPPORTED_BITS, default_warmup_steps, optimizer_combination_error
+from ..schema import SUPPORTED_BITS, default_warmup_steps, optimizer_combination_error, resolved_schedule
 from .options import MAX_STEPS, RESUME_ALWAYS_ALLOWED, RESUME_OVERRIDABLE, OptionsError, TrainOptions
 from .presets import Preset
 
@@ -74,13 +74,18 @@ class RunPlan:
         return max(1, round(PLAN_WARMUP_FRACTION * self.total_steps))
 
     @property
+    def schedule(self) -> str:
+        """--schedule, or what it means unset (schema.resolved_schedule: constant; --hybrid's default with it)."""
+        return resolved_schedule(self.options.schedule, self.options.hybrid)
+
+    @property
     def warmup_steps(self) -> int:
         """--warmup_steps, or what it means unset (schema.default_warmup_steps: 5 % of the steps when the LR has a
         schedule or the optimizer is Schedule-Free, else 0). Needs the run's length (for_data when per epoch)."""
         opts = self.options
         if opts.warmup_steps is not None:
             return opts.warmup_steps
-        return default_warmup_steps(opts.optimizer, opts.schedule, self.total_steps)
+        return default_warmup_steps(opts.optimizer, self.schedule, self.total_steps)
 
     @property
     def checkpoint_every_s(self) -> float:
@@ -166,7 +171,8 @@ def _check_warmup(options: TrainOptions, total_steps: int) -> None:
     known only here (at plan time, or once the data is split), so the same rule is applied again with it."""
     if options.optimizer_factory is not None:
         return
-    message = optimizer_combination_error(options.optimizer or "adamw", options.schedule, options.hybrid,
+    message = optimizer_combination_error(options.optimizer or "adamw",
+                                          resolved_schedule(options.schedule, options.hybrid), options.hybrid,
                                           options.warmup_steps, total_steps)
     if message:
         raise OptionsError(message)

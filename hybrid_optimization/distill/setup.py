@@ -348,7 +348,7 @@ def make_optimizer(plan: RunPlan, model: torch.nn.Module, n_clusters: int):
     lr = cfg.base_learning_rate
     if name == "prodigy" and opts.lr is None:      # LR-free: its own estimate × 1.0 unless --lr says otherwise
         lr = PRODIGY_DEFAULT_LR
-    return build_optimizer(model, optimizer=name, schedule=opts.schedule, lr=lr, warmup_steps=plan.warmup_steps,
+    return build_optimizer(model, optimizer=name, schedule=plan.schedule, lr=lr, warmup_steps=plan.warmup_steps,
                            total_steps=plan.total_steps, weight_decay=cfg.weight_decay,
                            hybrid=cfg if opts.hybrid else None,
                            n_clusters=n_clusters if opts.hybrid and plan.data_clustering else None)

@@ -127,14 +127,14 @@ def announce(plan: RunPlan, prepared: Prepared, state: TrainState, session: RunS
                                                           if session.ctx.enabled else ""))
     if opts.hybrid:
         aux = "auxiliary NN guidance" if cfg.use_auxiliary_nn else "no auxiliary NN"
-        menu = (f" (base {opts.optimizer or cfg.base_optimizer}, --schedule {opts.schedule}, --warmup_steps "
-                f"{plan.warmup_steps})" if opts.optimizer or opts.schedule != "constant" or plan.warmup_steps else "")
+        menu = (f" (base {opts.optimizer or cfg.base_optimizer}, --schedule {plan.schedule}, --warmup_steps "
+                f"{plan.warmup_steps})" if opts.optimizer or plan.schedule != "constant" or plan.warmup_steps else "")
         say(f"Initialized hybrid optimization with {prepared.n_clusters if plan.data_clustering else 0} data "
             f"clusters and {aux}{menu}")
     elif plan.optimizer == "custom":
         say(f"Initialized custom optimizer {type(state.optimizer).__name__}")
-    elif plan.optimizer != "adamw" or opts.schedule != "constant" or plan.warmup_steps:
-        say(f"Initialized {type(state.optimizer).__name__} (--optimizer {plan.optimizer}, --schedule {opts.schedule}"
+    elif plan.optimizer != "adamw" or plan.schedule != "constant" or plan.warmup_steps:
+        say(f"Initialized {type(state.optimizer).__name__} (--optimizer {plan.optimizer}, --schedule {plan.schedule}"
             f", --warmup_steps {plan.warmup_steps}) at LR {state.optimizer.param_groups[0]['lr']:g}")
     else:
         say(f"Initialized baseline AdamW at constant LR {cfg.base_learning_rate:g}")

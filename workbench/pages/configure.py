@@ -6,7 +6,7 @@ import streamlit as st
 
 from hybrid_optimization.config import ConfigError, HybridTrainingConfig
 from hybrid_optimization.distill.reporting import REPORT_TO
-from hybrid_optimization.schema import BASE_OPTIMIZERS, SCHEDULES, WARMUP_WORDS
+from hybrid_optimization.schema import BASE_OPTIMIZERS, HYBRID_DEFAULT_SCHEDULE, SCHEDULES, WARMUP_WORDS
 from hybrid_optimization.tracking import RunStore, StoreError, StoreMissing
 from workbench import config_form, datasets, launcher, presets, ui
 from workbench.launcher import LaunchError
@@ -17,7 +17,8 @@ OPTION_DEFAULTS = launcher.form_defaults()
 PRESET_DEFAULT = "preset default"
 OPTIMIZER_DEFAULT = "default"       # optimizer None: AdamW for the baseline, the config's base_optimizer for --hybrid
 # Options of the optimizer menu and the reporting back-ends (TrainOptions fields), with the form's starting values.
-MENU_DEFAULTS = {"optimizer": OPTIMIZER_DEFAULT, "schedule": SCHEDULES[0], "warmup_steps": None, "report_to": []}   # shown for options where None means "what the preset says"
+SCHEDULE_DEFAULT = "default"        # schedule None: constant for the baseline, schema.HYBRID_DEFAULT_SCHEDULE for --hybrid
+MENU_DEFAULTS = {"optimizer": OPTIMIZER_DEFAULT, "schedule": SCHEDULE_DEFAULT, "warmup_steps": None, "report_to": []}   # shown for options where None means "what the preset says"
 
 
 # Switches of the hybrid-only groups (the auxiliary NN, trust region and clustering, adaptation included): a
@@ -104,7 +105,7 @@ def _options(data_path: str | None) -> tuple[dict, dict[str, str]]:
                    embedder=get("embedder"), cluster_batches=get("cluster_batches"), export=get("export"), save_metrics=get("save_metrics"),
                    run_name=get("run_name").strip() or None, tags=tags,
                    optimizer=None if get("optimizer") == OPTIMIZER_DEFAULT else get("optimizer"),
-                   schedule=get("schedule"), warmup_steps=None if get("warmup_steps") is None else int(get("warmup_steps")), report_to=list(get("report_to")),
+                   schedule=None if get("schedule") == SCHEDULE_DEFAULT else get("schedule"), warmup_steps=None if get("warmup_steps") is None else int(get("warmup_steps")), report_to=list(get("report_to")),
                    **parsed)
     return options, errors
 
@@ -284,8 +285,10 @@ with st.container(border=True):
                       "base_optimizer below. muon: Muon on the hidden matrices + AdamW for the rest; schedule-free: "
                       "constant schedule only; prodigy: LR-free (the learning rate is a factor on its own step size, "
                       "1.0 by default). Which ones combine with --hybrid and a schedule is checked here.")
-    h2.selectbox("LR schedule", SCHEDULES, key="opt.schedule",
-                 help="--schedule, after the warmup: constant, cosine decay, or warmup-stable-decay (wsd).")
+    h2.selectbox("LR schedule", [SCHEDULE_DEFAULT, *SCHEDULES], key="opt.schedule",
+                 help="--schedule, after the warmup: constant, cosine decay, warmup-stable-decay (wsd), or for a "
+                      "hybrid run hybrid-cosine (the cosine inside the hybrid, its meta-learning annealed with the "
+                      f"LR). default: constant for the baseline, {HYBRID_DEFAULT_SCHEDULE} for a hybrid run.")
     h3.number_input("Warmup steps", key="opt.warmup_steps", step=1, value=None, placeholder="auto",
                     help=f"Linear LR warmup steps (--warmup_steps). Empty (auto): {WARMUP_WORDS}.")
     h4.multiselect("Also report to", REPORT_TO, key="opt.report_to",
