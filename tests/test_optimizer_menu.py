@@ -292,7 +292,8 @@ def _checkpoint(root, run_id: str) -> dict:
 # (~10 s per CLI run on a loaded 2-core machine, three runs per case); the rest of the optimizer × schedule matrix
 # with `pytest -m slow` (every pair already resumes exactly at the state-dict level above).
 FAST = {("adamw", "cosine", False), ("sgd", "wsd", False), ("muon", "wsd", False), ("schedule-free", "constant", False),
-        ("prodigy", "cosine", False), ("adamw", "constant", True), ("muon", "cosine", True)}
+        ("prodigy", "cosine", False), ("adamw", "constant", True), ("muon", "cosine", True),
+        ("adamw", "hybrid-cosine", True)}       # --hybrid's default schedule
 CLI_CASES = [pytest.param(*case, marks=() if case in FAST else pytest.mark.slow)
              for case in [(o, s, False) for o, s in VALID] + [(o, s, True) for o, s in HYBRID]]
 

@@ -61,7 +61,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g = p.add_argument_group("the guide's flags")
     g.add_argument("--hybrid", action="store_true",
                    help="hybrid optimization: aux-NN LR multiplier, trust region, cluster-balanced batches, "
-                        "per-layer precision plan (default: AdamW at constant --lr, the guide's baseline)")
+                        f"per-layer precision plan, --schedule {HYBRID_DEFAULT_SCHEDULE} unless told otherwise "
+                        "(default: AdamW at constant --lr, the guide's baseline)")
     g.add_argument("--ternary", action="store_true", help="with --qat: 1.58-bit ternary weights (BitNet b1.58)")
     g.add_argument("--qat", action="store_true",
                    help="quantization-aware training: 1-bit weights alone, 1.58-bit with --ternary "
