@@ -108,7 +108,8 @@ def test_searched_values_are_shown_one_way(runs_root):
 
 def test_launch_with_this_config_carries_options_and_evaluation_cadence(runs_root):
     options = {"preset": "tiny", "hybrid": True, "seq_len": 32, "alpha": 0.3, "cluster_batches": "single",
-               "max_steps": 60, "epochs": 3, "export": "packed"}
+               "max_steps": 60, "epochs": 3, "export": "packed", "optimizer": None, "schedule": None,
+               "warmup_steps": None}
     _study(runs_root, "opts", [(1e-3, 4, 4.2), (3e-3, 2, 4.6)], options=options)
     at = _open(sweep="opts")
     at.button(key="sweep_launch_best").click().run()
@@ -120,6 +121,11 @@ def test_launch_with_this_config_carries_options_and_evaluation_cadence(runs_roo
     assert state["opt.seq_len"] == "32" and state["opt.alpha"] == "0.3"
     assert state["opt.cluster_batches"] == "single" and state["opt.run_name"] == "opts-best"
     assert state["opt.epochs"] == ""                         # its length is its max_steps, not 3 epochs
+    # the optimizer menu unset = its defaults (with --hybrid: the hybrid's own schedule), not what the form showed
+    assert (state["opt.optimizer"], state["opt.schedule"], state["opt.warmup_steps"]) == ("default", "default", None)
+    menu = sweeps.launch_values({"run_id": "x", "args": {"options": {"schedule": None, "seed": None}}, "config": {}},
+                                None, "n")["options"]
+    assert "schedule" in menu and menu["schedule"] is None and "seed" not in menu
     values = sweeps.launch_values({"run_id": "x", "args": {"options": {"eval_every_steps": 7}}, "config": {}},
                                   None, "n")
     assert values["config"]["eval_interval"] == 7

@@ -295,6 +295,7 @@ def _figure(study, kind: str, objective_label: str, importance_params: list[str]
     return fig, None
 
 
+MENU_OPTIONS = ("optimizer", "schedule", "warmup_steps")
 # The Configure form's launch options a trial carries over (its name, tags and process count are the new run's own).
 FORM_OPTIONS = ("preset", "hybrid", "data", "teacher", "student_size", "epochs", "seq_len", "device", "embedder",
                 "cluster_batches", "alpha", "temperature", "export", "save_metrics", "optimizer", "schedule",
@@ -312,7 +313,9 @@ def launch_values(run: dict, store, name: str) -> dict:
     options = args.get("options") if isinstance(args.get("options"), dict) else {}
     config = dict(options.get("hybrid_config") or run.get("config") or {})
     known = set(FORM_FIELDS) - {"tags", "run_name", "nproc"}
-    form = {k: v for k, v in options.items() if k in known and v is not None}
+    # None = the option's default; kept for the optimizer menu, whose "default" differs with --hybrid (else the
+    # form would keep whatever optimizer, schedule or warmup it showed before, and launch another run)
+    form = {k: v for k, v in options.items() if k in known and (v is not None or k in MENU_OPTIONS)}
     if options.get("max_steps"):        # the trial's length is its config's max_steps, not a number of epochs
         form.pop("epochs", None)
     if "export" in options:

@@ -68,6 +68,8 @@ def _set_form(config: dict, options: dict) -> None:
             value = "" if value is None else str(value)
         elif name == "optimizer" and value is None:
             value = OPTIMIZER_DEFAULT
+        elif name == "schedule" and value is None:
+            value = SCHEDULE_DEFAULT
         elif name == "report_to":
             value = list(value or [])
         elif name == "student_size" and value is None:
