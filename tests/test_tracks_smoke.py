@@ -321,6 +321,9 @@ def test_workload_info_is_rewritten_only_when_the_workload_changes(tmp_path):
     assert write_workload_info(tmp_path, info)
     assert not write_workload_info(tmp_path, dict(info, prepare_s=3.1))           # a warm resume
     assert json.loads((tmp_path / "workload.json").read_text())["prepare_s"] == 95.2
+    assert not write_workload_info(tmp_path, dict(info, teacher_val_loss=3.646 + 4e-7))  # a float sum's last digits
+    assert write_workload_info(tmp_path, dict(info, teacher_val_loss=3.7))            # another teacher: rewritten
+    assert write_workload_info(tmp_path, info)
     assert write_workload_info(tmp_path, dict(info, train_tokens=2000, prepare_s=3.1))
     assert json.loads((tmp_path / "workload.json").read_text()) == dict(info, train_tokens=2000, prepare_s=3.1)
     (tmp_path / "workload.json").write_text("{torn")                               # unreadable: written again
