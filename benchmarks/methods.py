@@ -25,10 +25,9 @@ import torch
 
 from hybrid_optimization import HybridOptimizer, HybridTrainingConfig
 from hybrid_optimization.optimizers import build_optimizer as menu_build
-from hybrid_optimization.schema import DEFAULT_WARMUP_FRACTION
+from hybrid_optimization.schema import scheduled_warmup_steps
 
 GUIDE_LR = 1e-3
-WARMUP_FRACTION = DEFAULT_WARMUP_FRACTION   # the product's unset --warmup_steps (AlgoPerf's NAdamW: ~5 % of the steps)
 CLIP_NORM = 1.0
 # HybridOptimizer keyword arguments that restore its behaviour before issue 6 (the "before" of before/after).
 PRE_ISSUE6: dict = {"rho_from": "losses", "projected_hypergradient": False, "aux_radius": "direct"}
@@ -135,7 +134,7 @@ def build_optimizer(method: Method, model: torch.nn.Module, cfg: HybridTrainingC
     """(optimizer, lr_scheduler or None) for `method` on `model`: the product's own menu
     (hybrid_optimization.optimizers.build_optimizer, what `distillation.py --optimizer … --schedule … --hybrid`
     builds), so what the report measures is what a user runs. Only H-cm's per-role groups are built here."""
-    warmup = max(1, round(WARMUP_FRACTION * steps))
+    warmup = scheduled_warmup_steps(steps)     # the product's unset --warmup_steps (AlgoPerf's NAdamW: ~5 %)
     schedule, warmup_steps = ("cosine", warmup) if method.schedule == "warmup_cosine" else ("constant", 0)
     if method.optimizer == "schedule-free":
         schedule, warmup_steps = "constant", warmup           # its own warmup, no schedule

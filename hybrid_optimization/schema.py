@@ -94,6 +94,11 @@ def default_warmup_steps(optimizer: str | None, schedule: str, total_steps: int)
     one step when there is any, and always less than the run."""
     if schedule == "constant" and optimizer != "schedule-free":
         return 0
+    return scheduled_warmup_steps(total_steps)
+
+
+def scheduled_warmup_steps(total_steps: int) -> int:
+    """DEFAULT_WARMUP_FRACTION of a run with a schedule: at least one step, always less than the run."""
     return max(0, min(max(1, round(DEFAULT_WARMUP_FRACTION * total_steps)), total_steps - 1))
 
 
