@@ -96,14 +96,19 @@ HYB_MUON_COS = replace(HYB_COS, key="H-muon-cos", label="H-cos over Muon's direc
 # the way H-cos's can.
 HYB_SCHED_FREE = replace(HYB_RMS_FREE, key="H-sched-free", label="H-rms-free + the optimizer's own warmup + cosine, "
                          "meta-learning annealed with it (`--hybrid --schedule hybrid-cosine`)", builtin_schedule=True)
+# `--hybrid --optimizer muon` with no `--schedule`: H-sched-free over Muon's direction, the product's default for
+# that combination since H-sched-free became `--hybrid`'s default (H-muon-cos is the same over a plain cosine).
+HYB_MUON_SCHED_FREE = replace(HYB_SCHED_FREE, key="H-muon-sched-free", label="H-sched-free over Muon's direction for "
+                              "the hidden matrices (`--hybrid --optimizer muon`, its default schedule)", groups="muon")
 TRACK_METHODS = (ADAMW, ADAMW_COS, SF, MUON, PRODIGY, HYB, HYB_SCHED)
 TRACK_ABLATIONS = tuple(m for m in ABLATIONS if m.key in ("H-aux", "H-TR", "H-param", "H-frozen"))
 ALL_TRACK = {m.key: m for m in (*TRACK_METHODS, *TRACK_ABLATIONS, HYB_HORIZON, *VARIANTS, HYB_ABS, HYB_BOUNDED,
-                                   HYB_RMS, HYB_RMS_FREE, HYB_COS, HYB_MUON_COS, HYB_SCHED_FREE)}
+                                   HYB_RMS, HYB_RMS_FREE, HYB_COS, HYB_MUON_COS, HYB_SCHED_FREE,
+                                   HYB_MUON_SCHED_FREE)}
 # Issue 16's LR-robustness protocol: the product's menu at every LR of the 100× grid, the hybrid under each trust
 # region and over Muon; the two workloads are the chat data the workbench trains by default and python-docs.
 ROBUST_METHODS = ("AdamW", "H-abs", "H-rms", "H-bounded", "H-rms-free", "SF-AdamW", "Prodigy", "Muon", "AdamW-cos",
-                  "H-rel", "H-muon", "H-cos", "H-muon-cos", "H-sched-free")
+                  "H-rel", "H-muon", "H-cos", "H-muon-cos", "H-sched-free", "H-muon-sched-free")
 # mode → (workload, steps, batch). 400 steps: the protocol's first budget; 1600 steps: the budget at which tuned
 # cosine beats tuned constant LR (the AlgoPerf sanity check), the one issue 16's targets are read at — python-docs at
 # batch 16 (results/budget-probe/docs-1600), chat at batch 4 (results/budget-probe/quick-1600-b4): the chat corpus
