@@ -19,7 +19,7 @@ pipeline's defaults (HybridTrainingConfig: 1e-5, (0.9, 0.999)) for every method,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -140,6 +140,8 @@ def build_optimizer(method: Method, model: torch.nn.Module, cfg: HybridTrainingC
         schedule, warmup_steps = "constant", warmup           # its own warmup, no schedule
     if method.is_hybrid:
         overrides = {**PINNED_OPTIMIZER, **method.optimizer_kwargs}
+        # settings that are HybridTrainingConfig fields reach the optimizer through the config, as a user's do
+        cfg = replace(cfg, **{k: overrides.pop(k) for k in list(overrides) if k in CONFIG_FIELDS})
         clusters = n_clusters if method.data_clustering else None
         if method.groups == "roles":
             if method.builtin_schedule:                       # the optimizer's own warmup + cosine
@@ -159,3 +161,40 @@ def build_optimizer(method: Method, model: torch.nn.Module, cfg: HybridTrainingC
         lr = lr / GUIDE_LR                   # (the guide's LR ↦ 1.0, the method's own setting; the grid spans 100×)
     return menu_build(model, optimizer=method.optimizer, schedule=schedule, lr=lr, warmup_steps=warmup_steps,
                       total_steps=steps, weight_decay=cfg.weight_decay)
+
+
+CONFIG_FIELDS = frozenset(f.name for f in fields(HybridTrainingConfig))
+# Pipeline settings the product's flags cannot express; a method that needs one has no product command.
+_NOT_A_FLAG = ("clip", "plan_fraction")
+
+
+def product_flags(method: Method, lr: float) -> tuple[list[str], dict]:
+    """(flags, config): the `distillation.py` flags that train `method` at `lr` as the benchmark does — on top of
+    the workload's own data, size and length flags and --ternary --qat — and the HybridTrainingConfig fields a
+    `--config FILE.json` must add ({} when none). The robustness report prints them, and
+    tests/test_tracks_smoke.py checks that the product builds the same optimizer from them. Raises ValueError for a
+    method only the benchmark can build (an ablation of the optimizer's internals, clipping, a later plan)."""
+    plain = Method(method.key, "", method.optimizer)
+    if method.groups == "roles" or any(getattr(method, name) != getattr(plain, name) for name in _NOT_A_FLAG):
+        raise ValueError(f"{method.key} has no product command (benchmark-only settings)")
+    if not method.is_hybrid:
+        flags = ["--optimizer", method.optimizer] if method.optimizer != "adamw" else []
+        if method.schedule == "warmup_cosine":
+            flags += ["--schedule", "cosine"]
+        # Prodigy: the grid's LR is the factor on its own estimate (build_optimizer above)
+        return flags + ["--lr", f"{lr / GUIDE_LR if method.optimizer == 'prodigy' else lr:g}"], {}
+    extra = {**PINNED_OPTIMIZER, **method.optimizer_kwargs}
+    unknown = sorted(set(extra) - CONFIG_FIELDS)
+    if unknown or not (method.data_clustering and method.param_clustering and method.mixed_batches):
+        raise ValueError(f"{method.key} has no product command (benchmark-only settings: "
+                         f"{', '.join(unknown) or 'clustering'})")
+    schedule = "hybrid-cosine" if method.builtin_schedule else \
+        "cosine" if method.schedule == "warmup_cosine" else "constant"
+    flags = ["--hybrid", *(["--optimizer", "muon"] if method.groups == "muon" else []), "--schedule", schedule,
+             "--lr", f"{lr:g}"]
+    config = dict(method.config)
+    if "trust_region_mode" in config:
+        flags += ["--trust_region_mode", config.pop("trust_region_mode")]
+    defaults = HybridTrainingConfig()
+    config.update({k: v for k, v in extra.items() if v != getattr(defaults, k)})
+    return flags, config

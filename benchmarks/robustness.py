@@ -654,7 +654,24 @@ def render(budgets: list[tuple[int, list[dict]]], probes: list[dict], status: st
               "(tuned on the evaluation seeds: an optimistic reference, which makes every ratio conservative).",
               "- Wall and CPU times were measured on a 2-core machine shared with other jobs (`nice -n 19`): "
               "pessimistic.", ""]
+    lines += product_commands_md(track_budget("robust-chat").methods)
     return "\n".join(lines) + "\n"
+
+
+def product_commands_md(keys) -> list[str]:
+    """Every method as a user runs it: the `distillation.py` flags that build the optimizer and schedule the
+    benchmark built (methods.product_flags; tests/test_tracks_smoke.py checks the two build the same)."""
+    from .methods import GUIDE_LR, product_flags
+    lines = ["## Run any method yourself", "",
+             "Each method is a `distillation.py` command: these flags build the optimizer and LR schedule the "
+             "benchmark ran (shown at LR 1e-3; the grid changes `--lr`), on top of `--ternary --qat --max_steps N "
+             "--batch_size B` and your data (`--data FILE`; the chat workload is the default data). Fields under "
+             "`--config` go in a JSON file passed as `--config FILE.json`.", "",
+             "| method | flags | `--config FILE.json` |", "|---|---|---|"]
+    for key in keys:
+        flags, config = product_flags(ALL_TRACK[key], GUIDE_LR)
+        lines.append(f"| {key} | `{' '.join(flags)}` | " + (f"`{json.dumps(config)}`" if config else "") + " |")
+    return lines + [""]
 
 
 def figures_html(workloads: list[dict]) -> str:

@@ -85,6 +85,10 @@ class HybridTrainingConfig:
     # Horizon (in steps) of the hypergradient that trains the LR head: 1 is the classic one-step hypergradient
     # g_t·Δ_{t-1}; H > 1 uses an exponential average of the last ~H updates (less greedy).
     meta_horizon: int = 1
+    # The update the LR head's hypergradient looks at: False (the default since issue 16) the whole update applied;
+    # True only the tensors the trust region left free, the default before — under a whole-model region that binds,
+    # that signal is empty and the learned multiplier stays at ×1.00 (benchmarks/results/robustness/report.md).
+    projected_hypergradient: bool = False
     # Cluster-balanced sampling: a sample may be drawn at most this many times per epoch, so tiny clusters are
     # not endlessly repeated (ClusterClip).
     max_sample_repeats: int = 2
@@ -201,6 +205,7 @@ FIELD_RULES: dict[str, tuple] = {
     "trust_region_mode": (lambda v: v in TRUST_REGION_MODES, "one of " + ", ".join(TRUST_REGION_MODES)),
     "base_optimizer": (lambda v: v in HYBRID_BASES, "one of " + ", ".join(HYBRID_BASES)),
     "meta_horizon": _int_at_least(1),
+    "projected_hypergradient": _boolean(),
     "max_sample_repeats": _int_at_least(1),
     "precision_budget": (lambda v: v is None or (_is_number(v) and 1 <= v <= 8),
                          "empty (no budget) or a number of average bits in [1, 8]"),

@@ -149,6 +149,7 @@ class HybridOptimizer(Optimizer):
             trust_region=config.trust_region_mode if config.use_trust_region else None,
             trust_radius=config.initial_trust_radius, radius_adaptation=config.trust_radius_adaptation,
             aux_net=aux_net if config.use_auxiliary_nn else None, meta_horizon=config.meta_horizon,
+            projected_hypergradient=config.projected_hypergradient,
             n_clusters=config.data_clusters if config.use_clustering else None,
             quantization_bits=config.target_bits if config.use_quantization else None,
             quantization_every=max(int(config.log_interval), 1), quantization_scale=config.quantizer_scale,

@@ -39,7 +39,8 @@ INVALID = {
     "auxiliary_nn_learning_rate": -1e-3, "use_trust_region": "true", "initial_trust_radius": 5.0,
     "trust_radius_adaptation": 0, "base_learning_rate": 0.0, "max_steps": -1, "batch_size": 0, "momentum": 1.0,
     "weight_decay": -1e-5, "log_interval": 0, "eval_interval": 1.5, "trust_region_mode": "global",
-    "base_optimizer": "lion", "meta_horizon": 0, "max_sample_repeats": 0, "precision_budget": 0.5, "seed": -3,
+    "base_optimizer": "lion", "meta_horizon": 0, "projected_hypergradient": "no", "max_sample_repeats": 0,
+    "precision_budget": 0.5, "seed": -3,
 }
 
 

@@ -220,6 +220,11 @@ def test_robustness_report_has_a_row_per_method_and_per_issue16_target_from_a_pa
     assert "not measured (no tuning-seed runs for both)" in external and external.endswith("| not measured |")
     assert "**Not decided**: the complete runs have only 2 seeds" in text           # python-docs' two seeds
     assert "Leading so far — LR unknown: chat (chatterbot-corpus) H-abs; python-docs H-abs" in text
+    commands = text[text.index("## Run any method yourself"):]      # every method, as a distillation.py command
+    assert [r.split(" | ")[0].lstrip("| ") for r in commands.splitlines()[6:]
+            if r.startswith("| ")] == list(tracks.ROBUST_METHODS)
+    assert "| H-abs | `--hybrid --schedule constant --lr 0.001 --trust_region_mode absolute` | " \
+           '`{"projected_hypergradient": true}` |' in commands
     saved = (tmp_path / "robustness" / "results.json").read_text()
     assert '"protocol": "robustness"' in saved and '"H-muon": "H with Muon' in saved       # labels travel
     assert (tmp_path / "robustness" / "figures.html").stat().st_size > 1000
@@ -363,3 +368,37 @@ def test_a_second_cost_measurement_waits_for_the_first(tmp_path, monkeypatch):
     assert events == [("start", "first"), ("end", "first"), ("start", "second"), ("end", "second")]
     assert any("waiting for another run" in m and "cost row of robust-chat" in m for m in said)
     assert (tmp_path / "robust-chat" / "cost.json").read_text() == "second"
+
+
+def _described(optimizer, scheduler) -> tuple:
+    """What two optimizers must share to train alike: their class, their state_dict before any step (param groups
+    with every hyperparameter, nested for Muon + AdamW), the aux net's settings, and the LR factor per step."""
+    aux = getattr(optimizer, "aux_net", None)
+    factors = [] if scheduler is None else [[f(s) for f in scheduler.lr_lambdas] for s in range(0, 201, 5)]
+    return (type(optimizer).__name__, repr(optimizer.state_dict()), factors,
+            None if aux is None else (aux.hidden_size, aux.learning_rate, repr(aux.state_dict())))
+
+
+@pytest.mark.parametrize("key", tracks.ROBUST_METHODS)
+def test_every_robustness_method_is_a_product_command_that_builds_the_optimizer_the_report_measured(key, tmp_path):
+    """Issue 16's "a user can run every method of the report": the flags the report prints for a method, parsed by
+    `distillation.py`'s own parser and planned like a run, build the optimizer and schedule the benchmark built
+    for that method — the same class, hyperparameters in every param group, aux net and LR factor at every step."""
+    import json
+
+    from benchmarks.methods import build_optimizer, hybrid_config, product_flags
+    from hybrid_optimization.distill.cli import parse_options
+    from hybrid_optimization.distill.plan import plan_run
+    from hybrid_optimization.distill.setup import make_optimizer
+    method, lr, steps = tracks.ALL_TRACK[key], 3e-3, 200
+    flags, config = product_flags(method, lr)
+    if config:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        flags += ["--config", str(tmp_path / "config.json")]
+    plan = plan_run(parse_options([*flags, "--ternary", "--qat", "--max_steps", str(steps)]))
+    torch.manual_seed(0)
+    product = make_optimizer(plan, _tiny_lm(), n_clusters=8)
+    cfg = hybrid_config(method, lr, tracks.BITS, steps, 32, 0)
+    torch.manual_seed(0)
+    bench = build_optimizer(method, _tiny_lm(), cfg, steps, 8)
+    assert _described(*product) == _described(*bench)

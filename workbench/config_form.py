@@ -19,7 +19,8 @@ from hybrid_optimization.schema import MAX_UPDATE_RMS
 GROUPS: dict[str, tuple[str, ...]] = {
     "Quantization": ("use_quantization", "quantizer_scale", "target_bits", "precision_budget"),
     "Clustering": ("use_clustering", "data_clusters", "parameter_clusters", "max_sample_repeats"),
-    "Auxiliary NN": ("use_auxiliary_nn", "auxiliary_nn_hidden_size", "auxiliary_nn_learning_rate", "meta_horizon"),
+    "Auxiliary NN": ("use_auxiliary_nn", "auxiliary_nn_hidden_size", "auxiliary_nn_learning_rate", "meta_horizon",
+                     "projected_hypergradient"),
     "Trust Region": ("use_trust_region", "initial_trust_radius", "trust_radius_adaptation", "trust_region_mode"),
     "Optimization": ("base_learning_rate", "max_steps", "batch_size", "momentum", "weight_decay", "base_optimizer",
                      "seed"),
@@ -41,6 +42,9 @@ HELP: dict[str, str] = {
     "auxiliary_nn_hidden_size": "Hidden layer size of the auxiliary network.",
     "auxiliary_nn_learning_rate": "Meta-learner LR.",
     "meta_horizon": "Horizon in steps of the hypergradient that trains the LR head (1 = one-step hypergradient).",
+    "projected_hypergradient": "The LR head learns from the tensors the trust region left free only (the default "
+                               "before issue 16), instead of the whole update applied. Under a region that binds "
+                               "on every tensor, that signal is empty and the learned multiplier stays at ×1.",
     "use_trust_region": "Enable trust region: ‖ΔΘ‖₂ ≤ μ_t.",
     "initial_trust_radius": "Initial constraint radius μ₀ (range 0.001–1.0).",
     "trust_radius_adaptation": "Adapt radius during training.",
