@@ -135,9 +135,9 @@ def build_optimizer(method: Method, model: torch.nn.Module, cfg: HybridTrainingC
     (hybrid_optimization.optimizers.build_optimizer, what `distillation.py --optimizer … --schedule … --hybrid`
     builds), so what the report measures is what a user runs. Only H-cm's per-role groups are built here."""
     warmup = scheduled_warmup_steps(steps)     # the product's unset --warmup_steps (AlgoPerf's NAdamW: ~5 %)
-    schedule, warmup_steps = ("cosine", warmup) if method.schedule == "warmup_cosine" else ("constant", 0)
-    if method.optimizer == "schedule-free":
-        schedule, warmup_steps = "constant", warmup           # its own warmup, no schedule
+    schedule = menu_schedule(method)
+    # schedule-free: its own warmup, no schedule
+    warmup_steps = warmup if schedule != "constant" or method.optimizer == "schedule-free" else 0
     if method.is_hybrid:
         overrides = {**PINNED_OPTIMIZER, **method.optimizer_kwargs}
         # settings that are HybridTrainingConfig fields reach the optimizer through the config, as a user's do
@@ -148,8 +148,6 @@ def build_optimizer(method: Method, model: torch.nn.Module, cfg: HybridTrainingC
                 overrides.update(warmup_steps=warmup, decay_steps=steps)
             return HybridOptimizer.from_config(role_param_groups(model), cfg, quantization_bits=None,
                                                n_clusters=clusters, **overrides), None
-        if method.builtin_schedule:          # the hybrid's own warmup + cosine: `--schedule hybrid-cosine` (H-sched)
-            schedule, warmup_steps = "hybrid-cosine", warmup
         base = {"one": "adamw", "muon": "muon"}.get(method.groups)
         if base is None:
             raise ValueError(f"unknown param grouping {method.groups!r}: use one, muon or roles")
@@ -168,6 +166,14 @@ CONFIG_FIELDS = frozenset(f.name for f in fields(HybridTrainingConfig))
 _NOT_A_FLAG = ("clip", "plan_fraction")
 
 
+def menu_schedule(method: Method) -> str:
+    """The product's --schedule that runs `method`'s LR schedule: hybrid-cosine for the hybrid's own warmup + cosine
+    (H-sched), cosine for warmup + cosine on the base LR, else constant (Schedule-Free: its own warmup only)."""
+    if method.is_hybrid and method.builtin_schedule:
+        return "hybrid-cosine"
+    return "cosine" if method.schedule == "warmup_cosine" and method.optimizer != "schedule-free" else "constant"
+
+
 def product_flags(method: Method, lr: float) -> tuple[list[str], dict]:
     """(flags, config): the `distillation.py` flags that train `method` at `lr` as the benchmark does — on top of
     the workload's own data, size and length flags and --ternary --qat — and the HybridTrainingConfig fields a
@@ -179,8 +185,8 @@ def product_flags(method: Method, lr: float) -> tuple[list[str], dict]:
         raise ValueError(f"{method.key} has no product command (benchmark-only settings)")
     if not method.is_hybrid:
         flags = ["--optimizer", method.optimizer] if method.optimizer != "adamw" else []
-        if method.schedule == "warmup_cosine":
-            flags += ["--schedule", "cosine"]
+        if menu_schedule(method) != "constant":
+            flags += ["--schedule", menu_schedule(method)]
         # Prodigy: the grid's LR is the factor on its own estimate (build_optimizer above)
         return flags + ["--lr", f"{lr / GUIDE_LR if method.optimizer == 'prodigy' else lr:g}"], {}
     extra = {**PINNED_OPTIMIZER, **method.optimizer_kwargs}
@@ -188,9 +194,7 @@ def product_flags(method: Method, lr: float) -> tuple[list[str], dict]:
     if unknown or not (method.data_clustering and method.param_clustering and method.mixed_batches):
         raise ValueError(f"{method.key} has no product command (benchmark-only settings: "
                          f"{', '.join(unknown) or 'clustering'})")
-    schedule = "hybrid-cosine" if method.builtin_schedule else \
-        "cosine" if method.schedule == "warmup_cosine" else "constant"
-    flags = ["--hybrid", *(["--optimizer", "muon"] if method.groups == "muon" else []), "--schedule", schedule,
+    flags = ["--hybrid", *(["--optimizer", "muon"] if method.groups == "muon" else []), "--schedule", menu_schedule(method),
              "--lr", f"{lr:g}"]
     config = dict(method.config)
     if "trust_region_mode" in config:
