@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import tracks
+from benchmarks.methods import GUIDE_LR, product_flags
 from benchmarks.tracks import ALL_TRACK, ROBUST_WORKLOADS, Runs, TrackBudget, fmt_ci, track_budget
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -661,7 +662,6 @@ def render(budgets: list[tuple[int, list[dict]]], probes: list[dict], status: st
 def product_commands_md(keys) -> list[str]:
     """Every method as a user runs it: the `distillation.py` flags that build the optimizer and schedule the
     benchmark built (methods.product_flags; tests/test_tracks_smoke.py checks the two build the same)."""
-    from .methods import GUIDE_LR, product_flags
     lines = ["## Run any method yourself", "",
              "Each method is a `distillation.py` command: these flags build the optimizer and LR schedule the "
              "benchmark ran (shown at LR 1e-3; the grid changes `--lr`), on top of `--ternary --qat --max_steps N "

@@ -66,12 +66,10 @@ def _set_form(config: dict, options: dict) -> None:
             name, value = "data_path", value or ""
         elif name in ("epochs", "seq_len", "alpha", "temperature", "teacher", "run_name"):
             value = "" if value is None else str(value)
-        elif name == "optimizer" and value is None:
-            value = OPTIMIZER_DEFAULT
-        elif name == "schedule" and value is None:
-            value = SCHEDULE_DEFAULT
         elif name == "report_to":
             value = list(value or [])
+        elif value is None and name in MENU_DEFAULTS:       # unset: the menu's "default" entry (warmup: empty)
+            value = MENU_DEFAULTS[name]
         elif name == "student_size" and value is None:
             value = PRESET_DEFAULT
         form[_key("opt", name)] = value
