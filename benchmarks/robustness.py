@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import tracks
+from benchmarks import stats, tracks
 from benchmarks.methods import GUIDE_LR, product_flags
 from benchmarks.tracks import ALL_TRACK, ROBUST_WORKLOADS, Runs, TrackBudget, fmt_ci, track_budget
 
@@ -256,7 +256,7 @@ def tuned_ratio(runs: Runs, b: TrackBudget, a: str, ref: str) -> dict | None:
         return None
     fa = runs.values(a, lr_a, seeds, tracks.final)
     fr = runs.values(ref, lr_r, seeds, tracks.final)
-    v = tracks.paired_bootstrap(fa, fr, lambda x: float(np.median(x)), b.n_boot)
+    v = tracks.paired_bootstrap(fa, fr, stats.median, b.n_boot)
     # where `ref`'s held-out loss bottomed out (budget_probe.sanity: before half the budget = overfit since)
     best, overfit = tracks.overfit(runs, ref, lr_r, seeds, b.steps)
     return {"ratio": v, "lr": lr_a, "ref_lr": lr_r, "final": float(np.median(fa)), "ref_final": float(np.median(fr)),
@@ -270,7 +270,7 @@ def cost_ratio(rows: list[dict], a: str, ref: str = "AdamW", n_boot: int = 4000)
     if len(pairs) < 2:
         return None
     x, y = np.array(pairs).T
-    return {"ratio": tracks.paired_bootstrap(x, y, lambda v: float(np.median(v)), n_boot), "runs": len(pairs),
+    return {"ratio": tracks.paired_bootstrap(x, y, stats.median, n_boot), "runs": len(pairs),
             "ms": float(np.median(x)), "ref_ms": float(np.median(y))}
 
 
@@ -328,7 +328,7 @@ def cost_from_file(path: Path, default: str, n_boot: int = 4000) -> dict | None:
     if data.get("method") != default or len(data.get("pairs", [])) < 2:
         return None
     x, y = np.array(data["pairs"], dtype=float).T
-    return {"ratio": tracks.paired_bootstrap(x, y, lambda v: float(np.median(v)), n_boot), "runs": len(x),
+    return {"ratio": tracks.paired_bootstrap(x, y, stats.median, n_boot), "runs": len(x),
             "ms": float(np.median(x)), "ref_ms": float(np.median(y)), "interleaved": True, "steps": data["steps"]}
 
 

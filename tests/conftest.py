@@ -11,6 +11,7 @@ Speed on 2 cores (issue 18: the default suite in ≤ 6 min), with nothing tested
 - the longest tests and groups start first (LONGEST_FIRST): a long test picked up last keeps one worker busy while
   the other has nothing left to do.
 """
+import functools
 import gc
 import os
 from pathlib import Path
@@ -76,10 +77,21 @@ def _workers() -> int:
 
 
 def pytest_configure(config):
+    _scan_installed_components_once()
     if _workers():
         threads = max(1, len(os.sched_getaffinity(0)) // _workers())
         torch.set_num_threads(threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))      # inherited by the CLI runs, kernels, servers
+
+
+def _scan_installed_components_once() -> None:
+    """Every new AppTest scans the metadata of every installed distribution for Streamlit v2 components on its first
+    run (`BidiComponentManager.discover_and_register_components`: ~600 METADATA files parsed, ~0.5 CPU-s here), and
+    the suite makes ~200 AppTests (~90 CPU-s). The installed packages do not change during a session: scan once.
+    The e2e tests' real `streamlit run` servers still scan at their start, as a user's does."""
+    from streamlit.components.v2 import manifest_scanner
+
+    manifest_scanner.scan_component_manifests = functools.cache(manifest_scanner.scan_component_manifests)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,6 +3,7 @@ the CLI whose trials are ordinary runs in the run store, tagged with the sweep."
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -311,7 +312,11 @@ def test_median_pruner_stops_a_trailing_trial_through_the_store(tmp_path, monkey
     import optuna
 
     fake = REPO / "tests" / "fixtures" / "fake_trainer.py"
-    monkeypatch.setattr(sweep.launch, "cli_argv", lambda path, *a, **kw: [sys.executable, str(fake), f"--options={path}"])
+    # The two good trials need not pause between evaluations (the sweep reads a finished run's evaluations too); the
+    # bad one pauses 1.5 s per evaluation, so the sweep sees its first one and requests the stop while it runs.
+    launches = itertools.count()
+    monkeypatch.setattr(sweep.launch, "cli_argv", lambda path, *a, **kw: [
+        sys.executable, str(fake), f"--options={path}", "0.05" if next(launches) < 2 else "1.5"])
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     spec = sweep.SweepSpec(name="prune", params=[sweep.parse_param("base_learning_rate=1e-4:1e-1:log")],
                            max_steps=30)

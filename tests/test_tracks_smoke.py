@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import tracks
+from benchmarks import stats, tracks
 from benchmarks.tracks_report import targets_table, verdict
 from hybrid_optimization.optim import MuonWithAdamW, is_hidden_matrix
 
@@ -66,6 +66,27 @@ def test_grid_score_profile_and_bootstrap():
     a = np.array([[10, 11, 12, 10, 11]] * 3, dtype=float)
     point, low, high = tracks.paired_bootstrap(a, 2 * a, tracks.grid_score, n_boot=200)
     assert point == pytest.approx(0.5) and high < 1
+
+
+@pytest.mark.parametrize("score", [tracks.grid_score, stats.median], ids=["grid_score", "median"])
+def test_batched_bootstrap_equals_one_draw_at_a_time(score):
+    """The reports' scores run on every bootstrap draw at once (tracks.BATCHED_SCORES); the same draws scored one at
+    a time must give the same (point, low, high), bit for bit, with misses (inf), zeros and NaN in the samples."""
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        shape = (int(rng.integers(1, 5)), int(rng.integers(1, 7))) if score is tracks.grid_score \
+            else (int(rng.integers(1, 7)),)
+        a, b = (rng.normal(1.0, 0.3, size=shape) for _ in range(2))
+        for x in (a, b):
+            mask = rng.random(shape)
+            x[mask < 0.15], x[(mask >= 0.15) & (mask < 0.2)] = math.inf, 0.0
+            if trial % 10 == 0:
+                x[mask > 0.95] = math.nan
+        one_at_a_time = lambda x: score(x)  # noqa: E731  (not a key of BATCHED_SCORES: the loop)
+        assert one_at_a_time not in tracks.BATCHED_SCORES
+        batched = tracks.paired_bootstrap(a, b, score, n_boot=300, seed=trial)
+        looped = tracks.paired_bootstrap(a, b, one_at_a_time, n_boot=300, seed=trial)
+        np.testing.assert_array_equal(batched, looped)
 
 
 def _analysis(hybrid_wins: bool) -> tuple[dict, tracks.TrackBudget]:

@@ -163,9 +163,11 @@ class Teacher:
             self.model = _load_hf_model(self.directory)
         return self.model
 
-    def release(self) -> None:
-        """Free the teacher's weights (1.2 GiB for SmolLM2) once its logits are cached."""
-        self.model = None
+    def release(self) -> bool:
+        """Free the teacher's weights (1.2 GiB for SmolLM2) once its logits are cached; whether it held any (on a
+        logits-cache hit the model was never loaded)."""
+        held, self.model = self.model is not None, None
+        return held
 
 
 def _load_hf_model(directory: Path) -> torch.nn.Module:
