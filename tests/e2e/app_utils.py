@@ -11,3 +11,15 @@ def settle(page, timeout_ms: int = 60_000) -> None:
     ("let the charts draw") guessed, without paying the guess on a fast page or failing it on a slow one."""
     page.wait_for_selector(APP_IDLE, timeout=timeout_ms)
     page.wait_for_function(CHARTS_DRAWN_JS, timeout=timeout_ms, polling=100)
+
+
+def runs_so_far(runs_root) -> list[dict]:
+    """The runs in a runs root, [] until its store exists *and has its tables*: the launcher's first write creates the
+    runs.db file an instant before its schema, and a reader opening it in between is told the store is empty
+    (StoreMissing), as the workbench's own pages are."""
+    from hybrid_optimization.tracking import RunStore, StoreMissing
+
+    try:
+        return RunStore(runs_root, create=False).list_runs()
+    except StoreMissing:
+        return []

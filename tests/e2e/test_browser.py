@@ -7,7 +7,7 @@ import time
 import pytest
 
 from hybrid_optimization.tracking import RunStore
-from tests.e2e.app_utils import settle
+from tests.e2e.app_utils import runs_so_far, settle
 
 # Points drawn in Live's chart `title` (-1: no such chart on the page). Live's charts are subplots of one figure;
 # each trace's `meta` names its chart, and plotly.js keeps the decoded traces (with their length) in _fullData.
@@ -48,7 +48,7 @@ def test_launch_watch_stop_in_a_real_browser(workbench_server, browser_page, scr
     deadline, runs = time.monotonic() + 60, []
     while not runs and time.monotonic() < deadline:
         time.sleep(0.2)
-        runs = RunStore(runs_root, create=False).list_runs() if (runs_root / "runs.db").exists() else []
+        runs = runs_so_far(runs_root)
     assert len(runs) == 1, runs
     run_id = runs[0]["run_id"]
     assert runs[0]["created_at"] - clicked < 10, runs[0]["created_at"] - clicked

@@ -10,7 +10,7 @@ import pytest
 
 from hybrid_optimization.config import HybridTrainingConfig
 from hybrid_optimization.tracking import RunStore
-from tests.e2e.app_utils import settle
+from tests.e2e.app_utils import runs_so_far, settle
 from tests.fixtures.workbench_runs import write_synthetic_run
 
 # The plotly figure titled `title` on the page: its traces (name, type, number of points) and y-axis range.
@@ -110,7 +110,7 @@ def test_tiny_sweep_from_the_sweep_page(workbench_server, browser_page, screensh
     # Both trials finish (each a tiny training run); the page refreshes itself while the sweep runs.
     deadline = time.monotonic() + 1200
     while time.monotonic() < deadline:
-        runs = RunStore(runs_root, create=False).list_runs() if (runs_root / "runs.db").exists() else []
+        runs = runs_so_far(runs_root)
         if len(runs) == 2 and all(r["status"] in ("finished", "stopped", "failed") for r in runs):
             break
         time.sleep(2)
