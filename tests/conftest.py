@@ -86,8 +86,9 @@ def pytest_configure(config):
 
 def _scan_installed_components_once() -> None:
     """Every new AppTest scans the metadata of every installed distribution for Streamlit v2 components on its first
-    run (`BidiComponentManager.discover_and_register_components`: ~600 METADATA files parsed, ~0.5 CPU-s here), and
-    the suite makes ~200 AppTests (~90 CPU-s). The installed packages do not change during a session: scan once.
+    run (`BidiComponentManager.discover_and_register_components`: the METADATA of ~200 distributions parsed, ~0.25
+    CPU-s here), and the workers make ~100 AppTests (~25-30 CPU-s). The installed packages do not change during a
+    session: scan once.
     The e2e tests' real `streamlit run` servers still scan at their start, as a user's does."""
     from streamlit.components.v2 import manifest_scanner
 
